@@ -1,0 +1,551 @@
+"""The shared benchmark harness: timing, counters, roofline and reports.
+
+A benchmark module (``bench_<stage>.py``) describes its problems as ``Case``
+objects; ``run.py`` hands them to ``run_cases`` with a ``GpuTimer`` (or a
+``CpuTimer`` where there is no GPU), then ``derive`` turns the raw times into
+GB/s, TFLOP/s, fractions of the roofline and speed-ups, and ``write_results``
+writes the JSON, Markdown and plots.
+
+Conventions a module follows:
+- the implementation named ``naive`` is the plain PyTorch baseline every other
+  one is compared with, and comes first in ``Case.impls``;
+- the one named ``native`` is torch's own op for the same job, where one exists.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
+from typing import Callable
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# One graph replays at most this many input sets in turn. Past it a set is
+# smaller than 2 x L2 / 64 (under 2 MB on a 60 MB L2), so the sets would not
+# evict each other and rotating them buys nothing: one set is reused instead.
+MAX_SETS = 64
+# One graph holds at most this many calls: a naive router is ~15 kernels a
+# call, so 500 calls keep a graph under ~10k nodes and its capture under a second.
+MAX_CALLS = 500
+# Fewest calls per timed replay, so the two events' ~1 us resolution stays
+# well under the replay's length.
+MIN_CALLS = 10
+
+
+# ---------------------------------------------------------------- the machine
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+_VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro"}
+
+
+def gpu_slug(device_name: str) -> str:
+    """'NVIDIA H200' -> 'h200', 'NVIDIA H100 80GB HBM3' -> 'h100', else a dashed slug."""
+    words = [w for w in re.split(r"[^a-z0-9]+", device_name.lower()) if w and w not in _VENDOR_WORDS]
+    # A data-centre part is named by one model word first (H200, A100, L40S, GH200).
+    if words and re.fullmatch(r"[a-z]{1,3}[0-9]+[a-z]*", words[0]):
+        return words[0]
+    return "-".join(words) or "gpu"
+
+
+def gpu_name() -> str:
+    """The short name results are filed under: 'h200', 'h100', ... or 'cpu'."""
+    return gpu_slug(torch.cuda.get_device_name()) if has_gpu() else "cpu"
+
+
+def l2_bytes() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def metadata(quick: bool) -> dict:
+    import moekernels
+
+    gpu = has_gpu()
+    meta = {
+        "gpu": gpu_name(),
+        "device_name": torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine()),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "moekernels": getattr(moekernels, "__version__", None),
+        "has_cuda_ext": bool(moekernels.HAS_CUDA_EXT),
+        "git_commit": git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+    }
+    if gpu:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        meta["l2_bytes"] = props.L2_cache_size
+        meta["sm_count"] = props.multi_processor_count
+    return meta
+
+
+# ---------------------------------------------------------------- the cases
+
+@dataclass
+class Case:
+    """One problem, timed once per implementation.
+
+    ``flops`` and ``bytes`` are the least the problem needs: each input read
+    once, each output written once. A case with no meaningful arithmetic
+    (routing, permutes) gives ``flops=0``.
+    """
+
+    bench: str                      # the registry name in run.py, e.g. "route"
+    group: str                      # one line of the plots and tables, e.g. "deepseek-v3 fp32"
+    x: int                          # the swept size, the token count T so far
+    make_inputs: Callable[[], tuple]  # one fresh random input set, on the device
+    impls: dict[str, Callable]      # name -> fn(*inputs); "naive" first
+    flops: int
+    bytes: int
+    bound: str                      # "memory" or "compute": which roofline the fraction is taken against
+    params: dict = field(default_factory=dict)  # the rest of the problem, for the JSON
+    x_name: str = "T"
+    # (out, naive_out) -> {"ok": bool, ...}: checked once, outside the timing,
+    # because a fast wrong kernel makes a meaningless row.
+    compare: Callable[[object, object], dict] | None = None
+
+
+@dataclass
+class Timing:
+    samples_us: list[float]         # one per repetition, each the mean of `calls` calls
+    calls: int
+    method: str                     # "graph", "events" (graph capture failed) or "wall" (CPU)
+
+    def summary(self) -> dict:
+        s = np.asarray(self.samples_us)
+        return {"median": float(np.median(s)), "min": float(s.min()),
+                "p20": float(np.percentile(s, 20)), "p80": float(np.percentile(s, 80))}
+
+
+# ---------------------------------------------------------------- timing
+
+class GpuTimer:
+    """Times fn(*inputs) on the GPU.
+
+    ``calls`` calls, cycling through the input sets, are captured into one
+    CUDA graph, so launch gaps stay out; each of ``reps`` replays is timed with
+    two events, and the L2 is flushed (a write of 2 x L2 bytes) before each.
+    Within a replay the sets evict each other when together they pass 2 x L2
+    ("cold" in the records); smaller sets stay L2-resident after the first call
+    ("warm"), which for routing is also what a model sees: its gate GEMM has
+    just written the logits.
+    """
+
+    def __init__(self, reps: int, target_ms: float):
+        self.reps = reps
+        self.target_ms = target_ms
+        self.l2_bytes = l2_bytes()
+        self._flush = torch.empty(2 * self.l2_bytes, dtype=torch.int8, device="cuda")
+
+    def n_sets(self, set_bytes: int) -> int:
+        need = math.ceil(2 * self.l2_bytes / max(set_bytes, 1))
+        return need if need <= MAX_SETS else 1
+
+    def time(self, fn: Callable, sets: list[tuple]) -> Timing:
+        stream = torch.cuda.current_stream()
+        # Warm-up on a side stream, as torch asks before a capture; it also
+        # keeps Triton's JIT compile and any first-call setup out of the numbers.
+        side = torch.cuda.Stream()
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            for inputs in sets + sets[:2]:
+                fn(*inputs)
+        stream.wait_stream(side)
+
+        # Eager estimate of one call, launch overhead included, to size the graph.
+        n_est = max(3, len(sets))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(n_est):
+            fn(*sets[i % len(sets)])
+        end.record()
+        end.synchronize()
+        est_ms = max(start.elapsed_time(end) / n_est, 1e-3)
+        calls = min(max(math.ceil(self.target_ms / est_ms), MIN_CALLS), MAX_CALLS)
+        calls = math.ceil(calls / len(sets)) * len(sets)
+
+        def eager():
+            for i in range(calls):
+                fn(*sets[i % len(sets)])
+
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                eager()
+            run, method = graph.replay, "graph"
+        except RuntimeError:
+            # Something in fn cannot be captured (a host sync, say): time it eagerly.
+            torch.cuda.synchronize()
+            graph = None
+            run, method = eager, "events"
+
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(self.reps)]
+        for start, end in events:
+            self._flush.zero_()
+            start.record()
+            run()
+            end.record()
+        torch.cuda.synchronize()
+        samples = [start.elapsed_time(end) * 1e3 / calls for start, end in events]
+        del graph
+        return Timing(samples, calls, method)
+
+
+class CpuTimer:
+    """Wall-clock timing for the no-GPU path: median of ``reps`` loops of ~``target_ms``."""
+
+    l2_bytes = None
+
+    def __init__(self, reps: int, target_ms: float):
+        self.reps = reps
+        self.target_ms = target_ms
+
+    def n_sets(self, set_bytes: int) -> int:
+        return 1
+
+    def time(self, fn: Callable, sets: list[tuple]) -> Timing:
+        # One thread: with two cores shared with another busy process, torch's
+        # intra-op threads waited on each other for whole scheduler slices
+        # (a 40 us router read 8,000 us). These numbers are a dry run, not a result.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            inputs = sets[0]
+            fn(*inputs)
+            t0 = perf_counter()
+            fn(*inputs)
+            est_ms = max((perf_counter() - t0) * 1e3, 1e-3)
+            calls = min(max(math.ceil(self.target_ms / est_ms), 1), MAX_CALLS)
+            samples = []
+            for _ in range(self.reps):
+                t0 = perf_counter()
+                for _ in range(calls):
+                    fn(*inputs)
+                samples.append((perf_counter() - t0) * 1e6 / calls)
+        finally:
+            torch.set_num_threads(threads)
+        return Timing(samples, calls, "wall")
+
+
+def measure_roofline(timer: GpuTimer) -> dict:
+    """The two ceilings, measured now on this GPU: dense bf16 mm and device copy."""
+    n = 8192
+    # Random operands: an H200 ran this product 13% faster on zeros.
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    # ~0.1 s of products first, so the clocks have left idle (345 MHz seen) before anything is timed.
+    for _ in range(70):
+        torch.mm(a, b)
+    mm = timer.time(torch.mm, [(a, b)]).summary()
+    mm_tflops = 2 * n**3 / (mm["median"] * 1e-6) / 1e12
+    del a, b
+
+    # 1 GiB each way, ~18x a 60 MB L2, so the copy runs from HBM.
+    free, _ = torch.cuda.mem_get_info()
+    nbytes = min(1 << 30, free // 8) // 4 * 4
+    src = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    copy = timer.time(lambda s, d: d.copy_(s), [(src, dst)]).summary()
+    copy_gbps = 2 * nbytes / (copy["median"] * 1e-6) / 1e9
+    del src, dst
+    return {"mm_bf16_tflops": mm_tflops, "mm_shape": [n, n, n], "mm_time_us": mm,
+            "copy_gbps": copy_gbps, "copy_bytes_each_way": nbytes, "copy_time_us": copy}
+
+
+# ---------------------------------------------------------------- running
+
+class Progress:
+    """A plain stderr progress line: rewritten in place on a terminal, one line per step in a log."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self.tty = sys.stderr.isatty()
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        line = f"[{self.done:>{len(str(self.total))}}/{self.total}] {text}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line + ("\n" if self.done == self.total else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _free_device_memory() -> None:
+    if has_gpu():
+        torch.cuda.empty_cache()
+
+
+def run_cases(cases: list[Case], timer) -> list[dict]:
+    """Times every implementation of every case; an implementation that raises is recorded, not fatal."""
+    records = []
+    progress = Progress(sum(len(c.impls) for c in cases))
+    for case in cases:
+        n_sets = timer.n_sets(case.bytes)
+        sets = [case.make_inputs() for _ in range(n_sets)]
+        if timer.l2_bytes is None:
+            l2 = "n/a"
+        else:
+            l2 = "cold" if n_sets * case.bytes >= 2 * timer.l2_bytes else "warm"
+        naive_out = None
+        for impl, fn in case.impls.items():
+            progress.step(f"{case.bench} {case.group} {case.x_name}={case.x} {impl}")
+            rec = {"bench": case.bench, "group": case.group, "x_name": case.x_name, "x": case.x,
+                   "impl": impl, "params": case.params, "flops": case.flops, "bytes": case.bytes,
+                   "bound": case.bound, "input_sets": n_sets, "l2": l2, "error": None}
+            try:
+                out = fn(*sets[0])
+                if impl == "naive":
+                    naive_out = out
+                elif case.compare is not None and naive_out is not None:
+                    rec["check"] = case.compare(out, naive_out)
+                del out
+                timing = timer.time(fn, sets)
+                rec.update(time_us=timing.summary(), reps=len(timing.samples_us),
+                           calls_per_rep=timing.calls, method=timing.method)
+            except Exception as exc:  # one broken implementation must not stop the suite
+                rec["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            records.append(rec)
+        del sets, naive_out
+        _free_device_memory()
+    return records
+
+
+def derive(records: list[dict], roofline: dict | None) -> None:
+    """Adds GB/s, TFLOP/s, the fraction of the roofline and the speed-ups, in place."""
+    medians = {}
+    for r in records:
+        if r["error"] is None:
+            medians[(r["bench"], r["group"], r["x"], r["impl"])] = r["time_us"]["median"]
+    for r in records:
+        if r["error"] is not None:
+            continue
+        seconds = r["time_us"]["median"] * 1e-6
+        r["gbps"] = r["bytes"] / seconds / 1e9 if r["bytes"] else None
+        r["tflops"] = r["flops"] / seconds / 1e12 if r["flops"] else None
+        r["roofline_fraction"] = None
+        if roofline is not None:
+            if r["bound"] == "memory" and r["gbps"] is not None:
+                r["roofline_fraction"] = r["gbps"] / roofline["copy_gbps"]
+            elif r["bound"] == "compute" and r["tflops"] is not None:
+                r["roofline_fraction"] = r["tflops"] / roofline["mm_bf16_tflops"]
+        for other in ("naive", "native"):
+            base = medians.get((r["bench"], r["group"], r["x"], other))
+            r[f"speedup_vs_{other}"] = base / r["time_us"]["median"] if base else None
+
+
+# ---------------------------------------------------------------- reports
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "us":
+        return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:,.0f}"
+    if kind == "rate":
+        return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+    if kind == "pct":
+        return f"{100 * value:.1f}%" if value < 0.1 else f"{100 * value:.0f}%"
+    if kind == "x":
+        return f"{value:.2f}x"
+    return str(value)
+
+
+COLUMNS = [  # (key, header)
+    ("group", "case"), ("x", "T"), ("impl", "impl"), ("us", "median us"), ("spread", "p20-p80 us"),
+    ("gbps", "GB/s"), ("tflops", "TFLOP/s"), ("roof", "of roofline"),
+    ("vs_naive", "x naive"), ("vs_native", "x native"), ("check", "check"), ("timing", "timing"),
+]
+
+
+def table_rows(records: list[dict]) -> list[dict[str, str]]:
+    rows = []
+    for r in records:
+        row = {"group": r["group"], "x": str(r["x"]), "impl": r["impl"]}
+        if r["error"] is not None:
+            row["us"] = "error"
+        else:
+            t = r["time_us"]
+            check = r.get("check")
+            row.update(
+                us=_fmt(t["median"], "us"),
+                spread=f"{_fmt(t['p20'], 'us')}-{_fmt(t['p80'], 'us')}",
+                gbps=_fmt(r["gbps"], "rate"), tflops=_fmt(r["tflops"], "rate"),
+                roof=_fmt(r["roofline_fraction"], "pct"),
+                vs_naive=_fmt(r["speedup_vs_naive"], "x"), vs_native=_fmt(r["speedup_vs_native"], "x"),
+                check="-" if check is None else ("ok" if check["ok"] else "DIFFERS"),
+                timing=f"{r['method']}/{r['l2']}",
+            )
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict[str, str]], x_name: str) -> list[tuple[str, str]]:
+    """The columns with something in them; the size column is named after the swept size."""
+    cols = [(k, x_name if k == "x" else h) for k, h in COLUMNS]
+    return [(k, h) for k, h in cols if any(row.get(k, "-") != "-" for row in rows)]
+
+
+def format_table(rows: list[dict[str, str]], x_name: str = "T") -> str:
+    """A plain aligned console table: text columns left, numbers right."""
+    cols = _columns(rows, x_name)
+    left = {"group", "impl", "check", "timing"}
+    widths = {k: max([len(h)] + [len(row.get(k, "-")) for row in rows]) for k, h in cols}
+
+    def line(cells: dict[str, str]) -> str:
+        return "  ".join(cells.get(k, "-").ljust(widths[k]) if k in left else cells.get(k, "-").rjust(widths[k])
+                         for k, _ in cols).rstrip()
+
+    header = line({k: h for k, h in cols})
+    return "\n".join([header, "-" * len(header)] + [line(row) for row in rows])
+
+
+def markdown_table(rows: list[dict[str, str]], x_name: str = "T") -> str:
+    cols = _columns(rows, x_name)
+    left = {"group", "impl", "check", "timing"}
+    out = ["| " + " | ".join(h for _, h in cols) + " |",
+           "|" + "|".join(":---" if k in left else "---:" for k, _ in cols) + "|"]
+    out += ["| " + " | ".join(row.get(k, "-") for k, _ in cols) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _by_bench(records: list[dict]) -> dict[str, list[dict]]:
+    benches: dict[str, list[dict]] = {}
+    for r in records:
+        benches.setdefault(r["bench"], []).append(r)
+    return benches
+
+
+def error_lines(records: list[dict]) -> list[str]:
+    return [f"{r['bench']} {r['group']} {r['x_name']}={r['x']} {r['impl']}: {r['error']}"
+            for r in records if r["error"] is not None]
+
+
+def console_report(records: list[dict]) -> str:
+    parts = []
+    for bench, recs in _by_bench(records).items():
+        parts.append(f"== {bench}\n" + format_table(table_rows(recs), recs[0]["x_name"]))
+    return "\n\n".join(parts)
+
+
+def _header_lines(meta: dict, roofline: dict | None) -> list[str]:
+    ext = "yes" if meta["has_cuda_ext"] else "no"
+    lines = [
+        f"- device: {meta['device_name']} ({meta['gpu']}); torch {meta['torch']}, CUDA {meta['cuda']}, "
+        f"triton {meta['triton']}, moekernels {meta['moekernels']} (CUDA extension: {ext})",
+        f"- commit {meta['git_commit'] or 'unknown'}, {meta['timestamp']}, {'quick' if meta['quick'] else 'full'} suite",
+    ]
+    if roofline is not None:
+        lines.append(
+            f"- roofline, measured in this run: bf16 torch.mm 8192^3 {roofline['mm_bf16_tflops']:.0f} TFLOP/s; "
+            f"device copy {roofline['copy_gbps']:.0f} GB/s (bytes read + written)")
+        lines.append("- timing: CUDA graph of N calls, median of the replays, L2 flushed before each replay; "
+                     "'cold': the rotated input sets together pass 2x L2")
+    else:
+        lines.append("- timing: wall clock on the CPU, median of the repetitions; no roofline without a GPU")
+    return lines
+
+
+def markdown_report(meta: dict, roofline: dict | None, records: list[dict], notes: list[str]) -> str:
+    parts = [f"# moekernels benchmarks: {meta['gpu']}", "\n".join(_header_lines(meta, roofline))]
+    for bench, recs in _by_bench(records).items():
+        parts.append(f"## {bench}\n\n" + markdown_table(table_rows(recs), recs[0]["x_name"]))
+    if notes:
+        parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
+    return "\n\n".join(parts) + "\n"
+
+
+def write_plots(out_dir: Path, records: list[dict], roofline: dict | None) -> list[Path]:
+    """One PNG per benchmark: time (top) and achieved rate against the roofline (bottom), one column per case."""
+    try:
+        import matplotlib
+    except ImportError:  # matplotlib is the optional "bench" extra
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for bench, recs in _by_bench(records).items():
+        recs = [r for r in recs if r["error"] is None]
+        if not recs:
+            continue
+        groups = list(dict.fromkeys(r["group"] for r in recs))
+        fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
+        for col, group in enumerate(groups):
+            in_group = [r for r in recs if r["group"] == group]
+            memory = in_group[0]["bound"] == "memory"
+            rate_key, rate_name = ("gbps", "GB/s") if memory else ("tflops", "TFLOP/s")
+            top, bottom = axes[0][col], axes[1][col]
+            for impl in dict.fromkeys(r["impl"] for r in in_group):
+                pts = sorted((r["x"], r["time_us"]["median"], r[rate_key]) for r in in_group if r["impl"] == impl)
+                top.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+                bottom.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=impl)
+            if roofline is not None:
+                ceiling = roofline["copy_gbps"] if memory else roofline["mm_bf16_tflops"]
+                bottom.axhline(ceiling, color="grey", linestyle="--",
+                               label="device copy" if memory else "bf16 torch.mm")
+            top.set_title(group)
+            top.set_ylabel("median time (us)")
+            bottom.set_ylabel(rate_name)
+            for ax in (top, bottom):
+                ax.set_xscale("log")
+                ax.set_yscale("log")  # rates span 0.1 to 4,000 GB/s across T
+                ax.set_xlabel(in_group[0]["x_name"])
+                ax.grid(True, which="both", alpha=0.3)
+            bottom.legend(fontsize="small")
+        fig.suptitle(f"{bench} on {'the CPU' if roofline is None else 'the GPU'}")
+        fig.tight_layout()
+        path = out_dir / f"{bench}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_results(out_dir: Path, meta: dict, roofline: dict | None,
+                  records: list[dict], notes: list[str]) -> list[Path]:
+    """bench.json (every raw number), bench.md, and one PNG per benchmark where matplotlib is there.
+
+    Few files on purpose: the device machine returns at most 8 from its output folder.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "roofline": roofline, "results": records, "notes": notes}
+    json_path = out_dir / "bench.json"
+    json_path.write_text(json.dumps(payload, indent=1) + "\n")
+    md_path = out_dir / "bench.md"
+    md_path.write_text(markdown_report(meta, roofline, records, notes))
+    return [json_path, md_path] + write_plots(out_dir, records, roofline)

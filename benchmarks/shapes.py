@@ -1,0 +1,37 @@
+"""MoE layer shapes of real models, as their Hugging Face configs give them.
+
+Every benchmark names its cases after these, so a number reads as
+"DeepSeek-V3's routing at 40k tokens", not "E=256, k=8".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    name: str
+    hidden: int                 # H, the model width
+    intermediate: int           # I, one expert's FFN width (moe_intermediate_size)
+    experts: int                # E, routed experts
+    top_k: int                  # k, experts per token
+    scoring: str = "softmax"    # "softmax" or "sigmoid" over the router logits
+    renormalize: bool = True    # divide the top-k weights by their sum
+    n_group: int | None = None  # grouped top-k: experts split into n_group groups ...
+    topk_group: int | None = None  # ... of which the topk_group best are searched
+    correction_bias: bool = False  # e_score_correction_bias: biases the choice, not the weights
+    routed_scaling_factor: float = 1.0
+
+
+DEEPSEEK_V3 = MoEShape("deepseek-v3", hidden=7168, intermediate=2048, experts=256, top_k=8,
+                       scoring="sigmoid", n_group=8, topk_group=4, correction_bias=True,
+                       routed_scaling_factor=2.5)
+MIXTRAL_8X7B = MoEShape("mixtral-8x7b", hidden=4096, intermediate=14336, experts=8, top_k=2)
+QWEN3_30B_A3B = MoEShape("qwen3-30b-a3b", hidden=2048, intermediate=768, experts=128, top_k=8)
+QWEN3_235B_A22B = MoEShape("qwen3-235b-a22b", hidden=4096, intermediate=1536, experts=128, top_k=8)
+# gpt-oss takes the softmax over the top-k logits only, which is the softmax
+# over all E followed by renormalizing the top k.
+GPT_OSS_120B = MoEShape("gpt-oss-120b", hidden=2880, intermediate=2880, experts=128, top_k=4)
+
+SHAPES = {s.name: s for s in (DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, QWEN3_235B_A22B, GPT_OSS_120B)}

@@ -1,0 +1,51 @@
+"""Which backend runs an op: ``torch`` (the reference), ``triton`` or ``cuda`` (csrc/).
+
+The choice, in order:
+1. the op's ``backend=`` argument, else the ``MOEKERNELS_BACKEND`` environment variable;
+2. otherwise CUDA tensors take the op's fastest built backend and CPU tensors ``torch``.
+``triton`` on CPU tensors runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
+before moekernels is imported (``triton.jit`` reads it when the kernel is defined).
+The backend never changes results beyond rounding, and index outputs not at all.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def choose(op: str, device: torch.device, requested: str | None, *, cuda_reason: str | None = None) -> str:
+    """Resolve the backend for one call of ``op`` on ``device``.
+
+    ``cuda_reason`` is set when the op's CUDA kernel cannot take this call (say, too many
+    groups); the automatic choice then falls back to ``triton``, and a forced ``cuda`` raises.
+    """
+    name = requested or os.environ.get("MOEKERNELS_BACKEND") or None
+    if name is None or name == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return "cuda" if _ext.HAS_CUDA_EXT and cuda_reason is None else "triton"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    if name == "triton" and device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{op}: backend='triton' on {device.type} tensors needs Triton's interpreter: "
+            "set TRITON_INTERPRET=1 before importing moekernels"
+        )
+    if name == "cuda":
+        if not _ext.HAS_CUDA_EXT:
+            raise RuntimeError(f"{op}: backend='cuda' but moekernels._C is not built ({_ext.LOAD_ERROR})")
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type} tensors")
+        if cuda_reason is not None:
+            raise ValueError(f"{op}: backend='cuda' cannot run this call: {cuda_reason}")
+    return name

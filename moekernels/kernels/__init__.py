@@ -1,0 +1,1 @@
+"""@triton.jit code only: no allocation, no launching (that is the launchers' job)."""

@@ -1,0 +1,52 @@
+"""Shared @triton.jit math helpers.
+
+``exp_f32`` is the kernel twin of :func:`moekernels.reference.exp_f32`: the same float32
+operations in the same order, so that routing choices are bit-identical across backends.
+Kernels that call it must be launched with ``enable_fp_fusion=False``; a fused multiply-add
+rounds once instead of twice and would change the bits (the sm_90 compile test checks the
+PTX for ``fma``).
+"""
+
+import triton
+import triton.language as tl
+
+from ..reference import EXP_COEFFS, EXP_MAX, EXP_MIN, LN2_HI, LN2_LO, LOG2E
+
+_C0: tl.constexpr = tl.constexpr(EXP_COEFFS[0])
+_C1: tl.constexpr = tl.constexpr(EXP_COEFFS[1])
+_C2: tl.constexpr = tl.constexpr(EXP_COEFFS[2])
+_C3: tl.constexpr = tl.constexpr(EXP_COEFFS[3])
+_C4: tl.constexpr = tl.constexpr(EXP_COEFFS[4])
+_C5: tl.constexpr = tl.constexpr(EXP_COEFFS[5])
+_C6: tl.constexpr = tl.constexpr(EXP_COEFFS[6])
+_C7: tl.constexpr = tl.constexpr(EXP_COEFFS[7])
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
+_LN2_HI: tl.constexpr = tl.constexpr(LN2_HI)
+_LN2_LO: tl.constexpr = tl.constexpr(LN2_LO)
+_EXP_MIN: tl.constexpr = tl.constexpr(EXP_MIN)
+_EXP_MAX: tl.constexpr = tl.constexpr(EXP_MAX)
+
+
+@triton.jit
+def exp_f32(x):
+    xc = tl.minimum(tl.maximum(x, _EXP_MIN), _EXP_MAX)
+    n = tl.floor(xc * _LOG2E + 0.5)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = r * _C0 + _C1
+    p = p * r + _C2
+    p = p * r + _C3
+    p = p * r + _C4
+    p = p * r + _C5
+    p = p * r + _C6
+    p = p * r + _C7
+    two_n = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    y = p * two_n
+    y = tl.where(x < _EXP_MIN, 0.0, y)
+    return tl.where(x > _EXP_MAX, float("inf"), y)
+
+
+@triton.jit
+def order_key(x):
+    """float32 -> int32 whose signed order is the float order (-0.0 must be normalised first)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)

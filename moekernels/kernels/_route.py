@@ -1,0 +1,107 @@
+"""Fused expert routing: scores, group selection, top-k, renormalisation, in one kernel.
+
+A program routes BLOCK_T tokens. Each token's E logits are held as a [BLOCK_G, BLOCK_S] tile
+(groups x experts per group), so expert groups of any size (DeepSeek-V2: 160 = 8 x 20) are
+plain row reductions, and routing without groups is the case n_group = 1.
+
+Selection uses one int64 key per expert: the float32 choice mapped to an order-preserving
+int32 in the high half, and E - 1 - expert in the low half. One max-reduction then yields the
+best expert and breaks ties to the lower id, and each key is unique within a token, so
+``key == max`` marks exactly one expert.
+"""
+
+import triton
+import triton.language as tl
+
+from ._math import exp_f32, order_key
+
+_NONE: tl.constexpr = tl.constexpr(-9223372036854775808)  # key of an ineligible expert
+
+
+@triton.jit
+def _pack(choice, low):
+    return (order_key(choice + 0.0).to(tl.int64) << 32) | low.to(tl.int64)
+
+
+@triton.jit
+def topk_routing_kernel(
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    num_tokens, num_experts, stride_t, top_k,
+    n_group, group_size, topk_group, routed_scaling_factor,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # int64 token offsets: T * E passes 2**31 at 2M tokens of 1024 experts.
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    grp = tl.arange(0, BLOCK_G)
+    sub = tl.arange(0, BLOCK_S)
+    expert = grp[:, None] * group_size + sub[None, :]  # [G, S]
+    valid = (grp[:, None] < n_group) & (sub[None, :] < group_size)
+    tmask = tok < num_tokens
+    ptrs = logits_ptr + tok[:, None, None] * stride_t + expert[None, :, :]
+    x = tl.load(ptrs, mask=tmask[:, None, None] & valid[None, :, :], other=0.0).to(tl.float32)
+    # Padding experts get -inf: a zero score, and never chosen. Padding tokens keep 0 logits,
+    # so their (unstored) rows stay finite.
+    x = tl.where(valid[None, :, :], x, float("-inf"))
+
+    if SOFTMAX:
+        row_max = tl.max(tl.max(x, axis=2), axis=1)
+        e = exp_f32(x - row_max[:, None, None])
+        # float64 sum, rounded once: the summation order cannot change the bits.
+        denom = tl.sum(tl.sum(e.to(tl.float64), axis=2), axis=1).to(tl.float32)
+        scores = tl.math.div_rn(e, denom[:, None, None])
+    else:
+        scores = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp_f32(-x))
+
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + expert, mask=valid, other=0.0)
+        choice = scores + b[None, :, :]
+        choice = tl.where(valid[None, :, :], choice, float("-inf"))
+    else:
+        choice = x  # softmax and sigmoid are monotone: rank the logits, no rounding involved
+    key = _pack(choice, num_experts - 1 - expert[None, :, :])
+    key = tl.where(valid[None, :, :], key, _NONE)
+
+    if GROUPED:
+        if HAS_BIAS:  # DeepSeek-V3: a group scores the sum of its two best experts
+            is_best = key == tl.max(key, axis=2)[:, :, None]  # one expert per group
+            top1 = tl.max(tl.where(is_best, choice, float("-inf")), axis=2)
+            top2 = tl.max(tl.where(is_best, float("-inf"), choice), axis=2)
+            group_score = top1 + top2
+        else:  # DeepSeek-V2: a group scores its best expert
+            group_score = tl.max(choice, axis=2)
+        gkey = _pack(group_score, n_group - 1 - grp[None, :])
+        gkey = tl.where(grp[None, :] < n_group, gkey, _NONE)
+        keep = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.int1)
+        for _ in range(topk_group):
+            gbest = tl.max(gkey, axis=1)
+            hit = gkey == gbest[:, None]
+            keep = keep | hit
+            gkey = tl.where(hit, _NONE, gkey)
+        key = tl.where(keep[:, :, None], key, _NONE)
+
+    # Each pick is stored as it is made: a [BLOCK_T, top_k] register tile would cost
+    # top_k * BLOCK_K selects per token (1M at top_k = 1024) and spill.
+    out = tok * top_k
+    total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for j in range(top_k):
+        kbest = tl.max(tl.max(key, axis=2), axis=1)
+        hit = key == kbest[:, None, None]
+        w = tl.max(tl.max(tl.where(hit, scores, -1.0), axis=2), axis=1)
+        eid = (num_experts - 1 - (kbest & 0xFFFFFFFF)).to(tl.int32)
+        total += w
+        if not RENORMALIZE:
+            w = w * routed_scaling_factor
+        tl.store(weights_ptr + out + j, w, mask=tmask)
+        tl.store(ids_ptr + out + j, eid, mask=tmask)
+        key = tl.where(hit, _NONE, key)
+
+    if RENORMALIZE:
+        tl.debug_barrier()  # the weights this block just stored are read back below
+        norm = routed_scaling_factor / (total + 1e-20)
+        for k0 in range(0, top_k, BLOCK_K):
+            slot = k0 + tl.arange(0, BLOCK_K)
+            offs = out[:, None] + slot[None, :]
+            m = tmask[:, None] & (slot[None, :] < top_k)
+            w = tl.load(weights_ptr + offs, mask=m, other=0.0)
+            tl.store(weights_ptr + offs, w * norm[:, None], mask=m)

@@ -1,0 +1,252 @@
+"""Stage 1, route: router logits -> (topk_weights, topk_ids).
+
+Launchers (torch / triton / cuda), the ``moekernels::topk_routing`` custom op with its fake
+and autograd, and the public :func:`topk_routing`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from . import _backend, _checks, _ext, configs, reference
+
+SCORINGS = ("softmax", "sigmoid")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# One warp holds the group scores of a token, a lane per group (csrc/route.cu).
+CUDA_MAX_GROUPS = 32
+CUDA_MAX_EXPERTS = 1024
+
+
+def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor):
+    _checks.tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    num_experts = logits.shape[1]
+    if num_experts < 1:
+        raise ValueError(f"logits must have at least one expert column, got shape {tuple(logits.shape)}")
+    _checks.integer("top_k", top_k, low=1, high=num_experts)
+    _checks.choice("scoring", scoring, SCORINGS)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
+        if bias.shape[0] != num_experts:
+            raise ValueError(f"bias must have shape [E] = [{num_experts}], got {tuple(bias.shape)}")
+    if (n_group is None) != (topk_group is None):
+        raise ValueError(f"n_group and topk_group go together; got n_group={n_group}, topk_group={topk_group}")
+    if n_group is not None:
+        _checks.integer("n_group", n_group, low=1, high=num_experts)
+        if num_experts % n_group:
+            raise ValueError(f"n_group={n_group} must divide the number of experts E={num_experts}")
+        _checks.integer("topk_group", topk_group, low=1, high=n_group)
+        group_size = num_experts // n_group
+        if topk_group * group_size < top_k:
+            raise ValueError(
+                f"top_k={top_k} exceeds the experts in the eligible groups: "
+                f"topk_group * E / n_group = {topk_group} * {group_size} = {topk_group * group_size}"
+            )
+        if bias is not None and group_size < 2 and n_group > 1:
+            raise ValueError(
+                f"with a bias a group scores its two best experts, so E / n_group must be >= 2; "
+                f"got n_group={n_group} for E={num_experts}"
+            )
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)):
+        raise TypeError(f"routed_scaling_factor must be a float, got {type(routed_scaling_factor).__name__}")
+    if not -math.inf < routed_scaling_factor < math.inf:  # math.isfinite is opaque to dynamo
+        raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor}")
+
+
+def _cuda_reason(num_experts: int, n_group: int) -> str | None:
+    if num_experts > CUDA_MAX_EXPERTS:
+        return f"E={num_experts} > {CUDA_MAX_EXPERTS} experts"
+    if n_group > CUDA_MAX_GROUPS:
+        return f"n_group={n_group} > {CUDA_MAX_GROUPS} groups"
+    return None
+
+
+def _launch_triton(logits, top_k, scoring, renormalize, bias, n_group, topk_group, scale, weights, ids):
+    from .kernels._route import topk_routing_kernel
+
+    num_tokens, num_experts = logits.shape
+    cfg = configs.route_config(num_experts, top_k, n_group)
+    grid = (triton.cdiv(num_tokens, cfg.BLOCK_T),)
+    topk_routing_kernel[grid](
+        logits, bias if bias is not None else logits, weights, ids,
+        num_tokens, num_experts, logits.stride(0), top_k,
+        n_group, num_experts // n_group, topk_group, scale,
+        SOFTMAX=scoring == "softmax", HAS_BIAS=bias is not None, GROUPED=n_group > 1,
+        RENORMALIZE=renormalize,
+        BLOCK_T=cfg.BLOCK_T, BLOCK_G=cfg.BLOCK_G, BLOCK_S=cfg.BLOCK_S, BLOCK_K=cfg.BLOCK_K,
+        num_warps=cfg.num_warps,
+        enable_fp_fusion=False,  # exp_f32 must round every step (see kernels/_math.py)
+    )
+
+
+def _launch_cuda(logits, top_k, scoring, renormalize, bias, n_group, topk_group, scale, weights, ids):
+    num_tokens, num_experts = logits.shape
+    with torch.cuda.device(logits.device):
+        _ext.C.topk_routing(
+            logits.data_ptr(), _ext.DTYPE_CODES[str(logits.dtype).removeprefix("torch.")],
+            bias.data_ptr() if bias is not None else 0, weights.data_ptr(), ids.data_ptr(),
+            num_tokens, num_experts, logits.stride(0), top_k, scoring == "softmax", renormalize,
+            n_group, topk_group, scale, torch.cuda.current_stream(logits.device).cuda_stream,
+        )
+
+
+@torch.library.custom_op("moekernels::topk_routing", mutates_args=())
+def _topk_routing_op(
+    logits: torch.Tensor,
+    top_k: int,
+    scoring: str,
+    renormalize: bool,
+    bias: torch.Tensor | None,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    num_tokens, num_experts = logits.shape
+    name = _backend.choose(
+        "topk_routing", logits.device, backend or None, cuda_reason=_cuda_reason(num_experts, n_group)
+    )
+    if name == "torch":
+        return reference.topk_routing(
+            logits, top_k, scoring=scoring, renormalize=renormalize, bias=bias,
+            n_group=n_group, topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+        )
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=logits.device)
+    if num_tokens == 0:
+        return weights, ids
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    launch = _launch_triton if name == "triton" else _launch_cuda
+    launch(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor, weights, ids)
+    return weights, ids
+
+
+@_topk_routing_op.register_fake
+def _(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor, backend):
+    num_tokens = logits.shape[0]
+    return (
+        logits.new_empty(num_tokens, top_k, dtype=torch.float32),
+        logits.new_empty(num_tokens, top_k, dtype=torch.int32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _, scoring, renormalize, _, _, _, routed_scaling_factor, _ = inputs
+    ctx.save_for_backward(logits, output[1])
+    ctx.scoring, ctx.renormalize, ctx.scale = scoring, renormalize, routed_scaling_factor
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_weights, _grad_ids):
+    """d topk_weights / d logits. The choice (bias, groups, top-k) is piecewise constant and
+    carries no gradient; the weights are scores gathered at the ids, renormalised, scaled."""
+    logits, ids = ctx.saved_tensors
+    x = logits.float()
+    scores = torch.softmax(x, dim=-1) if ctx.scoring == "softmax" else torch.sigmoid(x)
+    ids = ids.long()
+    g = grad_weights.float() * ctx.scale
+    if ctx.renormalize:
+        picked = scores.gather(1, ids)
+        total = picked.sum(dim=-1, keepdim=True) + reference.RENORM_EPS
+        g = g / total - (g * picked).sum(dim=-1, keepdim=True) / (total * total)
+    grad_scores = torch.zeros_like(scores).scatter_add_(1, ids, g)
+    if ctx.scoring == "softmax":
+        grad_x = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
+    else:
+        grad_x = grad_scores * scores * (1.0 - scores)
+    return grad_x.to(logits.dtype), None, None, None, None, None, None, None, None
+
+
+_topk_routing_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def topk_routing(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    scoring: str = "softmax",
+    renormalize: bool = False,
+    bias: torch.Tensor | None = None,
+    n_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``top_k`` experts per token and their weights, in one fused kernel.
+
+    Args:
+        logits: [T, E] float32, bfloat16 or float16 router logits.
+        top_k: experts per token, 1 <= top_k <= E.
+        scoring: ``"softmax"`` or ``"sigmoid"``; ``scores = scoring(logits.float())``.
+        renormalize: divide the chosen scores by (their sum + 1e-20).
+        bias: [E] float32 correction bias (DeepSeek-V3), added to the scores to choose experts
+            only; the weights stay unbiased.
+        n_group, topk_group: group-limited routing. The E experts form ``n_group`` equal groups;
+            a group scores its best choice (no bias: DeepSeek-V2) or the sum of its two best
+            (with bias: DeepSeek-V3); only the ``topk_group`` best groups stay eligible.
+        routed_scaling_factor: multiplies the final weights.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic; see
+            ``moekernels._backend``).
+
+    Returns:
+        ``topk_weights`` float32 [T, top_k], differentiable with respect to ``logits``, and
+        ``topk_ids`` int32 [T, top_k], in descending order of choice, ties to the lower id.
+        Ids are bit-identical across backends (see ``moekernels.reference``).
+    """
+    _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor)
+    return _topk_routing_op(
+        logits, top_k, scoring, renormalize, bias,
+        n_group or 1, topk_group or 1, float(routed_scaling_factor), backend or "",
+    )
+
+
+# The routers of the models the library targets, plus the extremes of the supported range:
+# every Triton variant they need is compiled for sm_90 by the test suite (moekernels/_sm90.py).
+SM90_ROUTERS = {
+    "mixtral_e8_k2": dict(dtype=torch.bfloat16, num_experts=8, top_k=2, scoring="softmax", renormalize=True),
+    "qwen3_e128_k8": dict(dtype=torch.bfloat16, num_experts=128, top_k=8, scoring="softmax", renormalize=True),
+    "gptoss_e128_k4": dict(dtype=torch.float32, num_experts=128, top_k=4, scoring="softmax", renormalize=True),
+    "deepseek_v2_e160_k6_g8_3": dict(
+        dtype=torch.float32, num_experts=160, top_k=6, scoring="softmax", n_group=8, topk_group=3
+    ),
+    "deepseek_v3_e256_k8_g8_4_bias": dict(
+        dtype=torch.float32, num_experts=256, top_k=8, scoring="sigmoid", renormalize=True, bias=True,
+        n_group=8, topk_group=4,
+    ),
+    "sigmoid_e1024_k16_fp16": dict(dtype=torch.float16, num_experts=1024, top_k=16, scoring="sigmoid"),
+    "softmax_e1024_k1024_bias": dict(
+        dtype=torch.float32, num_experts=1024, top_k=1024, scoring="softmax", bias=True, renormalize=True
+    ),
+}
+
+_TRITON_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def sm90_variants():
+    from ._sm90 import Variant
+    from .kernels._route import topk_routing_kernel
+
+    out = []
+    for name, r in SM90_ROUTERS.items():
+        n_group = r.get("n_group", 1)
+        cfg = configs.route_config(r["num_experts"], r["top_k"], n_group)
+        constexprs = dict(
+            SOFTMAX=r["scoring"] == "softmax", HAS_BIAS=r.get("bias", False), GROUPED=n_group > 1,
+            RENORMALIZE=r.get("renormalize", False),
+            BLOCK_T=cfg.BLOCK_T, BLOCK_G=cfg.BLOCK_G, BLOCK_S=cfg.BLOCK_S, BLOCK_K=cfg.BLOCK_K,
+        )
+        signature = dict(
+            logits_ptr=_TRITON_PTR[r["dtype"]], bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",
+            num_tokens="i32", num_experts="i32", stride_t="i32", top_k="i32", n_group="i32",
+            group_size="i32", topk_group="i32", routed_scaling_factor="fp32",
+            **{k: "constexpr" for k in constexprs},
+        )
+        options = dict(num_warps=cfg.num_warps, enable_fp_fusion=False)
+        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, signature, constexprs, options))
+    return out

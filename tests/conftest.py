@@ -1,0 +1,46 @@
+"""Picks the backends the suite can run here.
+
+Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter: that needs
+TRITON_INTERPRET=1 before moekernels (and so triton.jit) is imported, which is why it is set
+here, at the top of the first file pytest loads. With a GPU the kernels run compiled, and the
+tests marked ``gpu`` run too (benchmarks/device_check.sh runs them).
+"""
+
+import os
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import moekernels  # noqa: E402
+from moekernels import _backend  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_GPU:
+            item.add_marker(skip)
+
+
+def cpu_backends():
+    """Backends that run CPU tensors here: the reference, and Triton when interpreting."""
+    marks = [] if _backend.interpreting() else [pytest.mark.skip(reason="needs TRITON_INTERPRET=1")]
+    return ["torch", pytest.param("triton", marks=marks)]
+
+
+def gpu_backends():
+    marks = [] if moekernels.HAS_CUDA_EXT else [pytest.mark.skip(reason="moekernels._C not built")]
+    return ["triton", pytest.param("cuda", marks=marks)]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (0 when both are empty or zero)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den else num

@@ -1,0 +1,59 @@
+"""The CUDA extension moekernels._C: built where nvcc is, exposes every kernel, no spills."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import moekernels
+from moekernels import _ext, _sm90
+
+BUILD_EXPECTED = shutil.which("nvcc") is not None and os.environ.get("MOEKERNELS_BUILD_CUDA", "auto") != "0"
+CUDA_OPS = {"topk_routing"}  # the ops with a csrc/ kernel
+needs_ext = pytest.mark.skipif(not moekernels.HAS_CUDA_EXT, reason="moekernels._C not built")
+
+
+@pytest.mark.skipif(not BUILD_EXPECTED, reason="no nvcc here, or MOEKERNELS_BUILD_CUDA=0")
+def test_extension_was_built():
+    assert moekernels.HAS_CUDA_EXT, f"nvcc is on the PATH but moekernels._C did not load: {_ext.LOAD_ERROR}"
+
+
+@needs_ext
+def test_extension_exposes_every_kernel():
+    assert set(_ext.C.KERNELS) == CUDA_OPS
+    for name in CUDA_OPS:
+        assert callable(getattr(_ext.C, name))
+
+
+def _cuobjdump(*args):
+    tool = os.path.join(os.path.dirname(_sm90.ptxas_path()), "cuobjdump")
+    return subprocess.run([tool, *args, _ext.C.__file__], capture_output=True, text=True, check=True).stdout
+
+
+@needs_ext
+def test_no_local_memory_in_any_kernel():
+    usage = _cuobjdump("-res-usage")
+    kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    assert len(kernels) >= 18 * 2  # 6 VPT x 3 dtypes of topk_routing, for sm_90a and sm_80
+    for name, _reg, stack, _shared, local in kernels:
+        assert stack == "0" and local == "0", f"{name} uses local memory"
+    sass = _cuobjdump("-sass")
+    assert not re.search(r"\b(LDL|STL)\b", sass)
+
+
+@needs_ext
+def test_built_for_hopper_and_ampere():
+    elfs = _cuobjdump("-lelf")
+    assert "sm_90a" in elfs or "sm_90" in elfs
+    assert "sm_80" in elfs
+
+
+@needs_ext
+def test_errors_surface_as_python_exceptions():
+    # Rejected by the extension's own guard before any CUDA call: works without a GPU.
+    with pytest.raises(ValueError, match="num_experts"):
+        _ext.C.topk_routing(0, 0, 0, 0, 0, 1, 2000, 2000, 1, True, False, 1, 1, 1.0, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        _ext.C.topk_routing(0, 7, 0, 0, 0, 1, 8, 8, 1, True, False, 1, 1, 1.0, 0)

@@ -1,0 +1,312 @@
+"""moekernels.topk_routing against its reference, on every backend this machine can run."""
+
+import math
+
+import pytest
+import torch
+from conftest import cpu_backends, gpu_backends, rel_err
+
+import moekernels
+from moekernels import reference
+
+# name -> (E, top_k, keyword arguments); covers every mode of the op: softmax / sigmoid,
+# with and without bias, groups with and without bias, renormalisation, scaling, odd E.
+MODES = {
+    "mixtral_softmax_e8_k2": (8, 2, dict(renormalize=True)),
+    "softmax_e8_k8_all": (8, 8, dict(renormalize=True)),
+    "qwen3_softmax_e128_k8": (128, 8, dict(renormalize=True)),
+    "softmax_e60_k4_plain": (60, 4, dict()),
+    "sigmoid_e64_k4": (64, 4, dict(scoring="sigmoid")),
+    "softmax_bias_e60_k4": (60, 4, dict(bias=True, routed_scaling_factor=1.5)),
+    "deepseek_v3_e256_k8": (
+        256, 8, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4, renormalize=True, routed_scaling_factor=2.5)
+    ),
+    "deepseek_v2_e160_k6": (160, 6, dict(n_group=8, topk_group=3, routed_scaling_factor=16.0)),
+    "sigmoid_groups_e96_k32_whole": (96, 32, dict(scoring="sigmoid", bias=True, n_group=3, topk_group=1)),
+    "sigmoid_groups_e64_k3_nobias": (64, 3, dict(scoring="sigmoid", n_group=4, topk_group=2, renormalize=True)),
+    "single_expert": (1, 1, dict()),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(num_tokens, num_experts, kwargs, dtype, device="cpu", *, seed=None):
+    """Fresh random logits with planted exact ties (duplicated columns and rows), and a bias."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    x = torch.randn(num_tokens, num_experts, generator=gen) * 3
+    if num_experts >= 4:
+        x[:, num_experts - 1] = x[:, 1]  # same logit for a low and a high id: ties go low
+        x[:, 2] = x[:, 0]
+    if num_tokens >= 3:
+        x[num_tokens - 1] = x[0]
+    kw = dict(kwargs)
+    if kw.pop("bias", False):
+        bias = torch.randn(num_experts, generator=gen) * 0.1
+        if num_experts >= 4:
+            bias[num_experts - 1] = bias[1]
+        kw["bias"] = bias.to(device)
+    return x.to(dtype).to(device), kw
+
+
+def assert_same_routing(out, ref):
+    (w, ids), (w_ref, ids_ref) = out, ref
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert ids.shape == ids_ref.shape and w.shape == w_ref.shape
+    assert torch.equal(ids.cpu(), ids_ref.cpu()), "expert ids differ"
+    assert rel_err(w, w_ref) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference(mode, dtype, backend):
+    num_experts, top_k, kwargs = MODES[mode]
+    for num_tokens in (1, 37):
+        logits, kw = make_inputs(num_tokens, num_experts, kwargs, dtype)
+        out = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+        assert_same_routing(out, reference.topk_routing(logits, top_k, **kw))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_strided_logits_and_empty_input(backend):
+    num_experts, top_k, kwargs = MODES["deepseek_v3_e256_k8"]
+    wide, kw = make_inputs(19, num_experts + 8, kwargs, torch.float32)
+    logits = wide[:, :num_experts]  # row stride E + 8: read in place, not copied
+    kw["bias"] = kw["bias"][:num_experts].contiguous()
+    out = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    assert_same_routing(out, reference.topk_routing(logits.contiguous(), top_k, **kw))
+
+    w, ids = moekernels.topk_routing(logits[:0], top_k, backend=backend, **kw)
+    assert w.shape == (0, top_k) and ids.shape == (0, top_k) and ids.dtype == torch.int32
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_deterministic(backend):
+    num_experts, top_k, kwargs = MODES["deepseek_v3_e256_k8"]
+    logits, kw = make_inputs(23, num_experts, kwargs, torch.float32)
+    w1, i1 = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    w2, i2 = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    assert torch.equal(i1, i2) and torch.equal(w1.view(torch.int32), w2.view(torch.int32))
+
+
+# ----------------------------------------------------------------------------- the reference
+
+
+def oracle(logits, top_k, scoring="softmax", renormalize=False, bias=None, n_group=None, topk_group=None,
+           routed_scaling_factor=1.0):
+    """The op's specification, written out per token in float64 Python."""
+    weights, ids = [], []
+    for row in logits.double().tolist():
+        if scoring == "softmax":
+            m = max(row)
+            ex = [math.exp(v - m) for v in row]
+            scores = [v / sum(ex) for v in ex]
+        else:
+            scores = [1 / (1 + math.exp(-v)) for v in row]
+        choice = [s + b for s, b in zip(scores, bias.tolist())] if bias is not None else list(row)
+        eligible = range(len(row))
+        if n_group:
+            size = len(row) // n_group
+            groups = [sorted(choice[g * size:(g + 1) * size], reverse=True) for g in range(n_group)]
+            gscore = [sum(g[:2]) if bias is not None else g[0] for g in groups]
+            kept = sorted(range(n_group), key=lambda g: (-gscore[g], g))[:topk_group]
+            eligible = [e for e in eligible if e // size in kept]
+        chosen = sorted(eligible, key=lambda e: (-choice[e], e))[:top_k]
+        w = [scores[e] for e in chosen]
+        if renormalize:
+            w = [v / (sum(w) + 1e-20) for v in w]
+        weights.append([v * routed_scaling_factor for v in w])
+        ids.append(chosen)
+    return torch.tensor(weights, dtype=torch.float64), torch.tensor(ids, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "softmax_bias_e60_k4"])
+def test_reference_matches_the_specification(mode):
+    """Integer logits and a bias on a 1/8 grid: many exact ties, and no near-tie that float32
+    rounding could flip (softmax with a bias is left out: its choices near-tie at random)."""
+    num_experts, top_k, kwargs = MODES[mode]
+    kw = dict(kwargs)
+    logits = torch.randint(-3, 4, (29, num_experts)).float()
+    if kw.pop("bias", False):
+        kw["bias"] = torch.randint(-2, 3, (num_experts,)).float() / 8
+    w, ids = reference.topk_routing(logits, top_k, **kw)
+    w_ref, ids_ref = oracle(logits, top_k, **kw)
+    assert torch.equal(ids, ids_ref)
+    assert rel_err(w, w_ref) <= 1e-6
+
+
+def test_exp_f32_is_accurate():
+    x = torch.cat([torch.linspace(-87, 88, 200_001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    got = reference.exp_f32(x)
+    want = torch.exp(x.double())
+    ulp = (want.float().nextafter(torch.tensor(float("inf"))) - want.float()).double()
+    assert ((got.double() - want).abs() / ulp).max() <= 2.0
+    assert reference.exp_f32(torch.tensor(0.0)).item() == 1.0
+    edges = reference.exp_f32(torch.tensor([float("-inf"), -100.0, 100.0, float("inf")]))
+    assert edges.tolist() == [0.0, 0.0, float("inf"), float("inf")]
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_routing_scores_match_torch(scoring):
+    x = torch.randn(64, 160) * 4
+    want = torch.softmax(x.double(), -1) if scoring == "softmax" else torch.sigmoid(x.double())
+    assert rel_err(reference.routing_scores(x, scoring), want) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def torch_autograd_weights(logits, ids, scoring, renormalize, scale):
+    """topk_weights as differentiable torch ops, given the chosen ids."""
+    x = logits.float()
+    scores = torch.softmax(x, -1) if scoring == "softmax" else torch.sigmoid(x)
+    w = scores.gather(1, ids.long())
+    if renormalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scale
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("mode", ["qwen3_softmax_e128_k8", "deepseek_v3_e256_k8", "softmax_e60_k4_plain",
+                                  "sigmoid_e64_k4"])
+def test_weights_gradient(mode, backend):
+    num_experts, top_k, kwargs = MODES[mode]
+    logits, kw = make_inputs(13, num_experts, kwargs, torch.float32)
+    logits.requires_grad_(True)
+    w, ids = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    grad_out = torch.randn_like(w)
+    (grad,) = torch.autograd.grad((w * grad_out).sum(), logits)
+
+    x = logits.detach().clone().requires_grad_(True)
+    w_ref = torch_autograd_weights(x, ids, kw.get("scoring", "softmax"), kw.get("renormalize", False),
+                                   kw.get("routed_scaling_factor", 1.0))
+    (grad_ref,) = torch.autograd.grad((w_ref * grad_out).sum(), x)
+    assert rel_err(grad, grad_ref) <= 1e-5
+
+
+def test_weights_gradient_low_precision():
+    logits = (torch.randn(9, 128) * 2).bfloat16().requires_grad_(True)
+    w, ids = moekernels.topk_routing(logits, 8, renormalize=True)
+    (grad,) = torch.autograd.grad((w * w).sum(), logits)
+    assert grad.dtype == torch.bfloat16
+    x = logits.detach().float().requires_grad_(True)
+    w_ref = torch_autograd_weights(x, ids, "softmax", True, 1.0)
+    (grad_ref,) = torch.autograd.grad((w_ref * w_ref).sum(), x)
+    assert rel_err(grad, grad_ref) <= 1e-2  # bf16 rounding of the gradient: 2**-8
+
+
+# ----------------------------------------------------------------------------- the custom op
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck(backend):
+    logits, kw = make_inputs(11, 64, dict(bias=True), torch.float32)
+    logits.requires_grad_(True)
+    args = (logits, 6, "sigmoid", True, kw["bias"], 4, 2, 2.5, backend)
+    torch.library.opcheck(torch.ops.moekernels.topk_routing.default, args)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_torch_compile_fullgraph(backend):
+    num_experts, top_k, kwargs = MODES["deepseek_v3_e256_k8"]
+
+    def layer(x, bias):
+        w, ids = moekernels.topk_routing(x, top_k, backend=backend, **{**kwargs, "bias": bias})
+        return (w * w).sum(), ids
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
+    for num_tokens in (5, 17):
+        logits, kw = make_inputs(num_tokens, num_experts, kwargs, torch.float32)
+        x1 = logits.clone().requires_grad_(True)
+        x2 = logits.clone().requires_grad_(True)
+        loss1, ids1 = compiled(x1, kw["bias"])
+        loss2, ids2 = layer(x2, kw["bias"])
+        assert torch.equal(ids1, ids2)
+        loss1.backward()
+        loss2.backward()
+        assert rel_err(loss1, loss2) <= 1e-6 and rel_err(x1.grad, x2.grad) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD = [
+    ("logits", dict(logits=[[1.0, 2.0]]), TypeError),
+    ("logits", dict(logits=torch.randn(4, 8, 2)), ValueError),
+    ("logits", dict(logits=torch.randn(4, 8).double()), TypeError),
+    ("logits", dict(logits=torch.randint(0, 3, (4, 8))), TypeError),
+    ("top_k", dict(top_k=0), ValueError),
+    ("top_k", dict(top_k=9), ValueError),
+    ("top_k", dict(top_k=2.0), TypeError),
+    ("scoring", dict(scoring="relu"), ValueError),
+    ("n_group", dict(n_group=3, topk_group=1), ValueError),
+    ("topk_group", dict(n_group=4, topk_group=5), ValueError),
+    ("topk_group", dict(n_group=4), ValueError),
+    ("top_k", dict(top_k=5, n_group=4, topk_group=2), ValueError),  # 2 groups of 2 experts hold 4
+    ("bias", dict(bias=torch.randn(7)), ValueError),
+    ("bias", dict(bias=torch.randn(8).half()), TypeError),
+    ("bias", dict(bias=torch.randn(8, device="meta")), ValueError),  # another device
+    ("n_group", dict(bias=torch.randn(8), n_group=8, topk_group=2), ValueError),  # groups of 1, top-2 sum
+    ("routed_scaling_factor", dict(routed_scaling_factor=float("nan")), ValueError),
+    ("backend", dict(backend="tpu"), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,change,error", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_names_the_argument(name, change, error):
+    args = dict(logits=torch.randn(4, 8), top_k=2)
+    args.update(change)
+    with pytest.raises(error, match=name):
+        moekernels.topk_routing(args.pop("logits"), args.pop("top_k"), **args)
+
+
+# ----------------------------------------------------------------------------- on the GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_matches_reference(mode, dtype, backend):
+    num_experts, top_k, kwargs = MODES[mode]
+    for num_tokens in (1, 5003):
+        logits, kw = make_inputs(num_tokens, num_experts, kwargs, dtype, "cuda")
+        out = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+        assert out[0].is_cuda and out[1].is_cuda
+        assert_same_routing(out, reference.topk_routing(logits, top_k, **kw))
+        # the reference itself is device-independent, bit for bit
+        cpu_kw = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in kw.items()}
+        assert_same_routing(out, reference.topk_routing(logits.cpu(), top_k, **cpu_kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_gpu_cuda_graph_and_compile(backend):
+    num_experts, top_k, kwargs = MODES["deepseek_v3_e256_k8"]
+    logits, kw = make_inputs(40000, num_experts, kwargs, torch.float32, "cuda")
+    want = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # capture fails on any host sync
+        got = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    got[0].fill_(-1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+    compiled = torch.compile(
+        lambda x: moekernels.topk_routing(x, top_k, backend=backend, **kw), fullgraph=True
+    )
+    assert_same_routing(compiled(logits), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_gpu_weights_gradient(backend):
+    num_experts, top_k, kwargs = MODES["deepseek_v3_e256_k8"]
+    logits, kw = make_inputs(300, num_experts, kwargs, torch.float32, "cuda")
+    logits.requires_grad_(True)
+    w, ids = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    grad_out = torch.randn_like(w)
+    (grad,) = torch.autograd.grad((w * grad_out).sum(), logits)
+    x = logits.detach().clone().requires_grad_(True)
+    w_ref = torch_autograd_weights(x, ids, "sigmoid", True, 2.5)
+    (grad_ref,) = torch.autograd.grad((w_ref * grad_out).sum(), x)
+    assert rel_err(grad, grad_ref) <= 1e-5
