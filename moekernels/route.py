@@ -73,11 +73,10 @@ def _launch_triton(logits, top_k, scoring, renormalize, bias, n_group, topk_grou
     grid = (triton.cdiv(num_tokens, cfg.BLOCK_T),)
     topk_routing_kernel[grid](
         logits, bias if bias is not None else logits, weights, ids,
-        num_tokens, num_experts, logits.stride(0), top_k,
-        n_group, num_experts // n_group, topk_group, scale,
+        num_tokens, num_experts, logits.stride(0), top_k, n_group, cfg.row_len, topk_group, scale,
         SOFTMAX=scoring == "softmax", HAS_BIAS=bias is not None, GROUPED=n_group > 1,
         RENORMALIZE=renormalize,
-        BLOCK_T=cfg.BLOCK_T, BLOCK_G=cfg.BLOCK_G, BLOCK_S=cfg.BLOCK_S, BLOCK_K=cfg.BLOCK_K,
+        BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
         num_warps=cfg.num_warps,
         enable_fp_fusion=False,  # exp_f32 must round every step (see kernels/_math.py)
     )
@@ -239,12 +238,12 @@ def sm90_variants():
         constexprs = dict(
             SOFTMAX=r["scoring"] == "softmax", HAS_BIAS=r.get("bias", False), GROUPED=n_group > 1,
             RENORMALIZE=r.get("renormalize", False),
-            BLOCK_T=cfg.BLOCK_T, BLOCK_G=cfg.BLOCK_G, BLOCK_S=cfg.BLOCK_S, BLOCK_K=cfg.BLOCK_K,
+            BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
         )
         signature = dict(
             logits_ptr=_TRITON_PTR[r["dtype"]], bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",
             num_tokens="i32", num_experts="i32", stride_t="i32", top_k="i32", n_group="i32",
-            group_size="i32", topk_group="i32", routed_scaling_factor="fp32",
+            row_len="i32", topk_group="i32", routed_scaling_factor="fp32",
             **{k: "constexpr" for k in constexprs},
         )
         options = dict(num_warps=cfg.num_warps, enable_fp_fusion=False)
