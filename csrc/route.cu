@@ -2,14 +2,18 @@
 // The same algorithm and the same float32 operations as moekernels/kernels/_route.py, so ids
 // are bit-identical and weights equal to rounding (see moekernels/reference.py).
 //
-// Layout: a token gets a segment of LANES lanes (8 for E <= 8, so 4 tokens share a warp;
-// else the whole warp), and lane l of it holds experts l, l + LANES, ... (VPT of them), so the
-// loads of a logits row are coalesced. Groups (n_group <= LANES): lane g holds group g's score;
-// a ballot turns the chosen groups into a bitmask every lane can test. Each expert's group is
-// computed once: a division per (expert, group) pair cost ~2,500 instructions per token at
-// DeepSeek-V3's 256 experts in 8 groups.
-// Resources: see tests/test_cuda_ext.py, which asserts no local memory in any instantiation
-// (ptxas -v at VPT = 8: ~90 registers, no shared memory).
+// Layout: a token gets a segment of LANES lanes (8 for E <= 8, so 4 tokens share a warp; else
+// the whole warp), and lane l of it holds the VPT consecutive experts l*VPT .. l*VPT + VPT - 1,
+// loaded 16 bytes at a time where the row allows. Shuffles are the cost that matters: the first
+// version (strided experts, 64-bit keys through every reduction) spent ~320 warp shuffles per
+// DeepSeek-V3 token and took 195 us at T = 40,000 on an H200. Here:
+// - a group of 32 experts is 4 neighbouring lanes (VPT = 8), so every group's top-2 is a local
+//   top-2 and two xor-shuffle steps, for all groups at once;
+// - a group's rank is counted by each lane against the n_group group scores (n_group shuffles);
+// - each top-k pick is one float max over the segment (5 shuffles), a ballot for the lowest lane
+//   holding it (lower lanes hold lower ids, and a lane scans its slots in order: ties go to the
+//   lower id), and two shuffles for the winner's slot and score.
+// Resources: tests/test_cuda_ext.py asserts no local memory in any instantiation.
 #include "common.cuh"
 
 namespace moekernels {
@@ -17,20 +21,13 @@ namespace {
 
 constexpr int kThreads = 128;
 
-template <int LANES>
-__device__ __forceinline__ long long seg_max(long long v) {
+template <int LANES, typename V>
+__device__ __forceinline__ V seg_max(V v) {
 #pragma unroll
   for (int o = LANES / 2; o > 0; o >>= 1) {  // xor by o < LANES stays inside the segment
-    long long other = __shfl_xor_sync(kFullMask, v, o);
+    const V other = __shfl_xor_sync(kFullMask, v, o);
     v = other > v ? other : v;
   }
-  return v;
-}
-
-template <int LANES>
-__device__ __forceinline__ float seg_max(float v) {
-#pragma unroll
-  for (int o = LANES / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
   return v;
 }
 
@@ -41,25 +38,60 @@ __device__ __forceinline__ double seg_sum(double v) {
   return v;
 }
 
+// Two 32-bit words -> float values, per logits dtype (a 16-byte load holds 4, 8 or 8 values).
+__device__ __forceinline__ void unpack(uint32_t w, float* out, float) { out[0] = __uint_as_float(w); }
+__device__ __forceinline__ void unpack(uint32_t w, float* out, __nv_bfloat16) {
+  out[0] = __uint_as_float(w << 16);
+  out[1] = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ void unpack(uint32_t w, float* out, __half) {
+  out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+  out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+
+template <typename T, int VPT>
+__device__ __forceinline__ void load_row(const T* row, int first, int num_experts, float (&x)[VPT]) {
+  constexpr int kPerWord = 4 / sizeof(T);
+  constexpr int kPerVec = 4 * kPerWord;  // values per 16-byte load
+  if constexpr (VPT % kPerVec == 0) {
+    if (first + VPT <= num_experts && reinterpret_cast<uintptr_t>(row + first) % 16 == 0) {
+#pragma unroll
+      for (int c = 0; c < VPT / kPerVec; ++c) {
+        const uint4 v = *reinterpret_cast<const uint4*>(row + first + c * kPerVec);
+        unpack(v.x, &x[c * kPerVec + 0 * kPerWord], T());
+        unpack(v.y, &x[c * kPerVec + 1 * kPerWord], T());
+        unpack(v.z, &x[c * kPerVec + 2 * kPerWord], T());
+        unpack(v.w, &x[c * kPerVec + 3 * kPerWord], T());
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) x[i] = first + i < num_experts ? to_float(row[first + i]) : -INFINITY;
+}
+
+// Top-2 of a multiset, kept as (t1 >= t2); merging two keeps the top-2 of the four.
+__device__ __forceinline__ void merge_top2(float& t1, float& t2, float o1, float o2) {
+  const float lo = fminf(t1, o1);
+  t1 = fmaxf(t1, o1);
+  t2 = fmaxf(lo, fmaxf(t2, o2));
+}
+
 template <typename T, int VPT, int LANES>
 __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
     const T* __restrict__ logits, const float* __restrict__ bias, float* __restrict__ weights,
     int32_t* __restrict__ ids, int64_t num_tokens, int num_experts, int64_t stride_t, int top_k,
     bool softmax, bool renormalize, int n_group, int topk_group, float scale) {
   const int lane = threadIdx.x % LANES;
-  const int seg_base = (threadIdx.x & 31) - lane;  // first lane of this token's segment
+  const int seg_base = (threadIdx.x & 31) - lane;  // first warp lane of this token's segment
+  const unsigned seg_mask = LANES == 32 ? kFullMask : ((1u << LANES) - 1u) << seg_base;
   const int64_t token = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / LANES;
   // No early return: every lane of the warp must reach the shuffles.
   const bool live = token < num_tokens;
-  const T* row = logits + (live ? token : 0) * stride_t;
+  const int first = lane * VPT;
 
-  float x[VPT], score[VPT];
-  long long key[VPT];
-#pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int e = lane + LANES * i;
-    x[i] = e < num_experts ? to_float(row[e]) : -INFINITY;
-  }
+  float x[VPT], score[VPT], choice[VPT];
+  load_row<T, VPT>(logits + (live ? token : 0) * stride_t, first, num_experts, x);
 
   if (softmax) {
     float m = -INFINITY;
@@ -80,71 +112,77 @@ __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
     for (int i = 0; i < VPT; ++i) score[i] = __fdiv_rn(1.0f, __fadd_rn(1.0f, exp_f32(-x[i])));
   }
 
+  unsigned avail = 0;  // bit i: expert first + i may still be picked
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
-    const int e = lane + LANES * i;
+    const int e = first + i;
     // Without a bias rank the logits: softmax and sigmoid are monotone.
-    const float choice = bias != nullptr ? __fadd_rn(score[i], e < num_experts ? bias[e] : 0.0f) : x[i];
-    key[i] = e < num_experts ? pack_key(choice, num_experts - 1 - e) : kNone;
+    choice[i] = bias != nullptr ? __fadd_rn(score[i], e < num_experts ? bias[e] : 0.0f) : x[i];
+    if (e < num_experts) avail |= 1u << i;
   }
 
   if (n_group > 1) {
     const int group_size = num_experts / n_group;
-    int gid[VPT];
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) gid[i] = (lane + LANES * i) / group_size;
-    long long my_group = kNone;
-    for (int g = 0; g < n_group; ++g) {
-      long long best = kNone;
+    const int lanes_per_group = group_size / VPT;
+    float my_group = -INFINITY;  // lane g < n_group: group g's score
+    if (group_size % VPT == 0 && (lanes_per_group & (lanes_per_group - 1)) == 0) {
+      // Groups of whole, power-of-two lane runs (DeepSeek-V3: 4 lanes): all groups at once.
+      float t1 = -INFINITY, t2 = -INFINITY;
 #pragma unroll
       for (int i = 0; i < VPT; ++i)
-        if (gid[i] == g && key[i] > best) best = key[i];
-      best = seg_max<LANES>(best);
-      float group_score = key_value(best);
-      if (bias != nullptr) {  // DeepSeek-V3: the sum of the group's two best choices
-        long long second = kNone;
+        if ((avail >> i) & 1u) merge_top2(t1, t2, choice[i], -INFINITY);
+      for (int o = 1; o < lanes_per_group; o <<= 1)
+        merge_top2(t1, t2, __shfl_xor_sync(kFullMask, t1, o), __shfl_xor_sync(kFullMask, t2, o));
+      const float group_score = bias != nullptr ? __fadd_rn(t1, t2) : t1;
+      my_group = __shfl_sync(kFullMask, group_score, seg_base + (lane % n_group) * lanes_per_group);
+    } else {  // any other group size (DeepSeek-V2: 20 experts), a group at a time
+      for (int g = 0; g < n_group; ++g) {
+        float t1 = -INFINITY, t2 = -INFINITY;
 #pragma unroll
         for (int i = 0; i < VPT; ++i)
-          if (gid[i] == g && key[i] != best && key[i] > second) second = key[i];
-        group_score = __fadd_rn(group_score, key_value(seg_max<LANES>(second)));
-      }
-      if (lane == g) my_group = pack_key(group_score, n_group - 1 - g);
-    }
-    bool kept = false;
-    for (int r = 0; r < topk_group; ++r) {
-      if (my_group == seg_max<LANES>(my_group)) {
-        kept = true;
-        my_group = kNone;
+          if (((avail >> i) & 1u) && (first + i) / group_size == g) merge_top2(t1, t2, choice[i], -INFINITY);
+#pragma unroll
+        for (int o = LANES / 2; o > 0; o >>= 1)
+          merge_top2(t1, t2, __shfl_xor_sync(kFullMask, t1, o), __shfl_xor_sync(kFullMask, t2, o));
+        if (lane == g) my_group = bias != nullptr ? __fadd_rn(t1, t2) : t1;
       }
     }
-    const unsigned keep = __ballot_sync(kFullMask, kept) >> seg_base;
+    // Rank my group against every group: better score, or equal and a lower group id.
+    const long long mine = pack_key(my_group, n_group - 1 - lane);
+    int rank = 0;
+    for (int h = 0; h < n_group; ++h)
+      rank += pack_key(__shfl_sync(kFullMask, my_group, seg_base + h), n_group - 1 - h) > mine;
+    const unsigned keep = __ballot_sync(kFullMask, lane < n_group && rank < topk_group) >> seg_base;
 #pragma unroll
     for (int i = 0; i < VPT; ++i)
-      if (key[i] != kNone && !((keep >> gid[i]) & 1u)) key[i] = kNone;
+      if (((avail >> i) & 1u) && !((keep >> ((first + i) / group_size)) & 1u)) avail &= ~(1u << i);
   }
 
   float* out_w = weights + token * top_k;
   int32_t* out_id = ids + token * top_k;
   float total = 0.0f;
   for (int j = 0; j < top_k; ++j) {
-    long long best = kNone;
-#pragma unroll
-    for (int i = 0; i < VPT; ++i) best = key[i] > best ? key[i] : best;
-    best = seg_max<LANES>(best);
-    const int e = num_experts - 1 - static_cast<int>(best & 0xffffffffll);
-    float w = -1.0f;
+    float best = -INFINITY, best_score = 0.0f;
+    int slot = -1;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      if (key[i] == best) {  // exactly one lane, one slot
-        w = score[i];
-        key[i] = kNone;
+      if (((avail >> i) & 1u) && (slot < 0 || choice[i] > best)) {
+        best = choice[i];
+        best_score = score[i];
+        slot = i;
       }
     }
-    w = seg_max<LANES>(w);  // scores are >= 0: the owner's score wins
+    const float m = seg_max<LANES>(slot >= 0 ? best : -INFINITY);
+    const unsigned hits = __ballot_sync(kFullMask, slot >= 0 && best == m) & seg_mask;
+    const unsigned any = __ballot_sync(kFullMask, slot >= 0) & seg_mask;  // NaN choices
+    const int src = __ffs(hits ? hits : any) - 1;  // the lowest lane: the lowest ids
+    const int win_slot = __shfl_sync(kFullMask, slot, src);
+    const float w = __shfl_sync(kFullMask, best_score, src);
+    if ((threadIdx.x & 31) == src) avail &= ~(1u << slot);
     total = __fadd_rn(total, w);
     if (live && lane == 0) {
       out_w[j] = renormalize ? w : __fmul_rn(w, scale);
-      out_id[j] = e;
+      out_id[j] = (src - seg_base) * VPT + win_slot;
     }
   }
   if (renormalize) {
