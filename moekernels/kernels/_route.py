@@ -31,6 +31,14 @@ def _pack(choice, low):
     return (order_key(choice + 0.0).to(tl.int64) << 32) | low.to(tl.int64)
 
 
+@triton.jit
+def _score(x, row_max, denom, SOFTMAX: tl.constexpr):
+    """The score of logit x, bit-identical to reference.routing_scores."""
+    if SOFTMAX:
+        return tl.math.div_rn(exp_f32(x - row_max), denom)
+    return tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp_f32(-x))
+
+
 @triton.jit(do_not_specialize=["row_len"])
 def topk_routing_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
@@ -60,7 +68,9 @@ def topk_routing_kernel(
         denom = tl.sum(tl.sum(e.to(tl.float64), axis=1), axis=1).to(tl.float32)
         scores = tl.math.div_rn(e, denom[:, None, None])
     else:
-        scores = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp_f32(-x))
+        row_max = tl.zeros([BLOCK_T], dtype=tl.float32)  # unused: sigmoid needs no row terms
+        denom = row_max
+        scores = _score(x, row_max[:, None, None], denom[:, None, None], SOFTMAX)
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + expert, mask=valid, other=0.0)
@@ -93,19 +103,22 @@ def topk_routing_kernel(
     # top_k * BLOCK_K selects per token (1M at top_k = 1024) and spill.
     out = tok * top_k
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    row_ptr = logits_ptr + tok * stride_t
     for j in range(top_k):
         # Rows first: the lanes span a row and each thread holds its column of every row, so
         # this order shuffles once per token instead of once per row (80 -> 10 SHFL at E = 256).
         kbest = tl.max(tl.max(key, axis=1), axis=1)
-        hit = key == kbest[:, None, None]
-        w = tl.max(tl.max(tl.where(hit, scores, -1.0), axis=1), axis=1)
+        key = tl.where(key == kbest[:, None, None], _NONE, key)
         eid = (num_experts - 1 - (kbest & 0xFFFFFFFF)).to(tl.int32)
+        # The winner's score is recomputed from its logit (an L1 hit, same bits) rather than
+        # pulled out of the tile by another cross-lane reduction (5 shuffles per pick).
+        x_pick = tl.load(row_ptr + eid, mask=tmask, other=0.0).to(tl.float32)
+        w = _score(x_pick, row_max, denom, SOFTMAX)
         total += w
         if not RENORMALIZE:
             w = w * routed_scaling_factor
         tl.store(weights_ptr + out + j, w, mask=tmask)
         tl.store(ids_ptr + out + j, eid, mask=tmask)
-        key = tl.where(hit, _NONE, key)
 
     if RENORMALIZE:
         tl.debug_barrier()  # the weights this block just stored are read back below
