@@ -124,9 +124,12 @@ __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
   if (n_group > 1) {
     const int group_size = num_experts / n_group;
     const int lanes_per_group = group_size / VPT;
+    // A lane's experts all sit in one group when groups are whole, power-of-two lane runs
+    // (DeepSeek-V3: 32 experts = 4 lanes of 8). Otherwise groups are tested by range: a
+    // division per (expert, group) pair cost ~2,500 instructions per token at E = 256.
+    const bool aligned = group_size % VPT == 0 && (lanes_per_group & (lanes_per_group - 1)) == 0;
     float my_group = -INFINITY;  // lane g < n_group: group g's score
-    if (group_size % VPT == 0 && (lanes_per_group & (lanes_per_group - 1)) == 0) {
-      // Groups of whole, power-of-two lane runs (DeepSeek-V3: 4 lanes): all groups at once.
+    if (aligned) {  // every group's top-2 at once
       float t1 = -INFINITY, t2 = -INFINITY;
 #pragma unroll
       for (int i = 0; i < VPT; ++i)
@@ -137,10 +140,11 @@ __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
       my_group = __shfl_sync(kFullMask, group_score, seg_base + (lane % n_group) * lanes_per_group);
     } else {  // any other group size (DeepSeek-V2: 20 experts), a group at a time
       for (int g = 0; g < n_group; ++g) {
+        const int lo = g * group_size - first, hi = lo + group_size;  // slots of group g
         float t1 = -INFINITY, t2 = -INFINITY;
 #pragma unroll
         for (int i = 0; i < VPT; ++i)
-          if (((avail >> i) & 1u) && (first + i) / group_size == g) merge_top2(t1, t2, choice[i], -INFINITY);
+          if (((avail >> i) & 1u) && i >= lo && i < hi) merge_top2(t1, t2, choice[i], -INFINITY);
 #pragma unroll
         for (int o = LANES / 2; o > 0; o >>= 1)
           merge_top2(t1, t2, __shfl_xor_sync(kFullMask, t1, o), __shfl_xor_sync(kFullMask, t2, o));
@@ -153,14 +157,27 @@ __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
     for (int h = 0; h < n_group; ++h)
       rank += pack_key(__shfl_sync(kFullMask, my_group, seg_base + h), n_group - 1 - h) > mine;
     const unsigned keep = __ballot_sync(kFullMask, lane < n_group && rank < topk_group) >> seg_base;
+    if (avail != 0) {
+      int g = first / group_size, end = (g + 1) * group_size - first;  // my first slot's group
 #pragma unroll
-    for (int i = 0; i < VPT; ++i)
-      if (((avail >> i) & 1u) && !((keep >> ((first + i) / group_size)) & 1u)) avail &= ~(1u << i);
+      for (int i = 0; i < VPT; ++i) {
+        if (i == end) {
+          ++g;
+          end += group_size;
+        }
+        if (((avail >> i) & 1u) && !((keep >> g) & 1u)) avail &= ~(1u << i);
+      }
+    }
   }
 
+  // Pick j is kept by lane j of the segment when top_k <= LANES and stored once at the end, in
+  // one coalesced store; storing each pick from lane 0 and reading it back to renormalise put a
+  // global write-read round trip on every token's critical path.
+  const bool in_regs = top_k <= LANES;
   float* out_w = weights + token * top_k;
   int32_t* out_id = ids + token * top_k;
-  float total = 0.0f;
+  float total = 0.0f, my_w = 0.0f;
+  int my_id = 0;
   for (int j = 0; j < top_k; ++j) {
     float best = -INFINITY, best_score = 0.0f;
     int slot = -1;
@@ -178,16 +195,29 @@ __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
     const int src = __ffs(hits ? hits : any) - 1;  // the lowest lane: the lowest ids
     const int win_slot = __shfl_sync(kFullMask, slot, src);
     const float w = __shfl_sync(kFullMask, best_score, src);
+    const int e = (src - seg_base) * VPT + win_slot;
     if ((threadIdx.x & 31) == src) avail &= ~(1u << slot);
     total = __fadd_rn(total, w);
-    if (live && lane == 0) {
+    if (in_regs) {
+      if (lane == j) {
+        my_w = w;
+        my_id = e;
+      }
+    } else if (live && lane == 0) {
       out_w[j] = renormalize ? w : __fmul_rn(w, scale);
-      out_id[j] = (src - seg_base) * VPT + win_slot;
+      out_id[j] = e;
     }
+  }
+  const float norm = renormalize ? __fdiv_rn(scale, __fadd_rn(total, 1e-20f)) : scale;
+  if (in_regs) {
+    if (live && lane < top_k) {
+      out_w[lane] = __fmul_rn(my_w, norm);
+      out_id[lane] = my_id;
+    }
+    return;
   }
   if (renormalize) {
     __syncwarp();  // lane 0's stores above are read back by the whole segment
-    const float norm = __fdiv_rn(scale, __fadd_rn(total, 1e-20f));
     if (live)
       for (int j = lane; j < top_k; j += LANES) out_w[j] = __fmul_rn(out_w[j], norm);
   }

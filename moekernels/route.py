@@ -77,7 +77,7 @@ def _launch_triton(logits, top_k, scoring, renormalize, bias, n_group, topk_grou
         SOFTMAX=scoring == "softmax", HAS_BIAS=bias is not None, GROUPED=n_group > 1,
         RENORMALIZE=renormalize,
         BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
-        num_warps=cfg.num_warps,
+        K_IN_TILE=top_k <= cfg.BLOCK_K, num_warps=cfg.num_warps,
         enable_fp_fusion=False,  # exp_f32 must round every step (see kernels/_math.py)
     )
 
@@ -239,6 +239,7 @@ def sm90_variants():
             SOFTMAX=r["scoring"] == "softmax", HAS_BIAS=r.get("bias", False), GROUPED=n_group > 1,
             RENORMALIZE=r.get("renormalize", False),
             BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
+            K_IN_TILE=r["top_k"] <= cfg.BLOCK_K,
         )
         signature = dict(
             logits_ptr=_TRITON_PTR[r["dtype"]], bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",

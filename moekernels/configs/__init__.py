@@ -17,7 +17,7 @@ class RouteConfig:
     BLOCK_T: int  # tokens per program
     BLOCK_R: int  # rows (groups), padded to a power of two
     BLOCK_C: int  # columns, padded to a power of two
-    BLOCK_K: int  # weights rescaled per step of the renormalisation pass
+    BLOCK_K: int  # top_k padded to a power of two, at most 32: the register tile of picks
     num_warps: int
 
 

@@ -46,7 +46,7 @@ def topk_routing_kernel(
     n_group, row_len, topk_group, routed_scaling_factor,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr,
 ):
     # int64 token offsets: T * E passes 2**31 at 2M tokens of 1024 experts.
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -99,9 +99,14 @@ def topk_routing_kernel(
             gkey = tl.where(hit, _NONE, gkey)
         key = tl.where(keep[:, :, None], key, _NONE)
 
-    # Each pick is stored as it is made: a [BLOCK_T, top_k] register tile would cost
-    # top_k * BLOCK_K selects per token (1M at top_k = 1024) and spill.
+    # top_k <= BLOCK_K (config: up to 32): the picks gather in a [BLOCK_T, BLOCK_K] register tile,
+    # stored once. Larger top_k stores each pick as it is made (a tile would cost
+    # top_k * BLOCK_K selects per token, 1M at top_k = 1024, and spill) and renormalises by
+    # reading the row back.
     out = tok * top_k
+    slot = tl.arange(0, BLOCK_K)
+    tile_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+    tile_id = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
     row_ptr = logits_ptr + tok * stride_t
     for j in range(top_k):
@@ -115,17 +120,29 @@ def topk_routing_kernel(
         x_pick = tl.load(row_ptr + eid, mask=tmask, other=0.0).to(tl.float32)
         w = _score(x_pick, row_max, denom, SOFTMAX)
         total += w
-        if not RENORMALIZE:
-            w = w * routed_scaling_factor
-        tl.store(weights_ptr + out + j, w, mask=tmask)
-        tl.store(ids_ptr + out + j, eid, mask=tmask)
+        if K_IN_TILE:
+            tile_w = tl.where(slot[None, :] == j, w[:, None], tile_w)
+            tile_id = tl.where(slot[None, :] == j, eid[:, None], tile_id)
+        else:
+            if not RENORMALIZE:
+                w = w * routed_scaling_factor
+            tl.store(weights_ptr + out + j, w, mask=tmask)
+            tl.store(ids_ptr + out + j, eid, mask=tmask)
 
     if RENORMALIZE:
-        tl.debug_barrier()  # the weights this block just stored are read back below
         norm = routed_scaling_factor / (total + 1e-20)
+    else:
+        norm = tl.full([BLOCK_T], 1.0, tl.float32) * routed_scaling_factor
+    if K_IN_TILE:
+        offs = out[:, None] + slot[None, :]
+        m = tmask[:, None] & (slot[None, :] < top_k)
+        tl.store(weights_ptr + offs, tile_w * norm[:, None], mask=m)
+        tl.store(ids_ptr + offs, tile_id, mask=m)
+    elif RENORMALIZE:
+        tl.debug_barrier()  # the weights this block just stored are read back below
         for k0 in range(0, top_k, BLOCK_K):
-            slot = k0 + tl.arange(0, BLOCK_K)
-            offs = out[:, None] + slot[None, :]
-            m = tmask[:, None] & (slot[None, :] < top_k)
+            slot_k = k0 + slot
+            offs = out[:, None] + slot_k[None, :]
+            m = tmask[:, None] & (slot_k[None, :] < top_k)
             w = tl.load(weights_ptr + offs, mask=m, other=0.0)
             tl.store(weights_ptr + offs, w * norm[:, None], mask=m)
