@@ -80,6 +80,19 @@ def test_strided_logits_and_empty_input(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_masked_experts(backend):
+    """-inf logits (experts a model masks out) stay eligible, and rank below every finite one."""
+    logits, _ = make_inputs(21, 64, {}, torch.float32)
+    logits[:, 40:] = float("-inf")
+    logits[3, :] = float("-inf")
+    logits[3, 5] = 0.0
+    for kw in (dict(renormalize=True), dict(n_group=4, topk_group=3), dict(scoring="sigmoid", n_group=4, topk_group=2)):
+        out = moekernels.topk_routing(logits, 30, backend=backend, **kw)
+        assert_same_routing(out, reference.topk_routing(logits, 30, **kw))
+        assert (out[1][:, :24] < 40).all()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_deterministic(backend):
     num_experts, top_k, kwargs = MODES["deepseek_v3_e256_k8"]
     logits, kw = make_inputs(23, num_experts, kwargs, torch.float32)
