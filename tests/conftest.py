@@ -27,15 +27,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_NEEDS_INTERPRETER = () if _backend.interpreting() else (pytest.mark.skip(reason="needs TRITON_INTERPRET=1"),)
+_NEEDS_EXT = () if moekernels.HAS_CUDA_EXT else (pytest.mark.skip(reason="moekernels._C not built"),)
+
+
 def cpu_backends():
     """Backends that run CPU tensors here: the reference, and Triton when interpreting."""
-    marks = [] if _backend.interpreting() else [pytest.mark.skip(reason="needs TRITON_INTERPRET=1")]
-    return ["torch", pytest.param("triton", marks=marks)]
+    return ["torch", pytest.param("triton", marks=_NEEDS_INTERPRETER)]
 
 
 def gpu_backends():
-    marks = [] if moekernels.HAS_CUDA_EXT else [pytest.mark.skip(reason="moekernels._C not built")]
-    return ["triton", pytest.param("cuda", marks=marks)]
+    return ["triton", pytest.param("cuda", marks=_NEEDS_EXT)]
+
+
+def device_backends():
+    """(device, backend) pairs: every backend on CPU tensors here, and on CUDA tensors (``gpu``)."""
+    return [
+        pytest.param("cpu", "torch", id="cpu-torch"),
+        pytest.param("cpu", "triton", marks=_NEEDS_INTERPRETER, id="cpu-triton"),
+        pytest.param("cuda", "triton", marks=pytest.mark.gpu, id="cuda-triton"),
+        pytest.param("cuda", "cuda", marks=(pytest.mark.gpu, *_NEEDS_EXT), id="cuda-cuda"),
+    ]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
