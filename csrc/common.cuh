@@ -29,24 +29,22 @@ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ long long warp_max(long long v) {
+// Reductions over a segment of LANES lanes (a power of two <= 32) of one warp: xor by
+// o < LANES stays inside the segment, so each of a warp's 32 / LANES tokens reduces its own.
+template <int LANES, typename V>
+__device__ __forceinline__ V seg_max(V v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    long long other = __shfl_xor_sync(kFullMask, v, o);
+  for (int o = LANES / 2; o > 0; o >>= 1) {
+    const V other = __shfl_xor_sync(kFullMask, v, o);
     v = other > v ? other : v;
   }
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+template <int LANES>
+__device__ __forceinline__ double seg_sum(double v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
-  return v;
-}
-
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  for (int o = LANES / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
   return v;
 }
 
@@ -76,16 +74,10 @@ __device__ __forceinline__ int order_key(float v) {
   return bits ^ ((bits >> 31) & 0x7fffffff);
 }
 
-__device__ __forceinline__ float key_value(long long key) {
-  const int k = static_cast<int>(key >> 32);
-  return __int_as_float(k ^ ((k >> 31) & 0x7fffffff));
-}
-
-// 64-bit selection key: the choice in the high half, `low` (E - 1 - id) breaks ties to the
-// lower id. kNone marks an ineligible entry.
+// 64-bit ranking key: the value in the high half; `low` (count - 1 - index) breaks ties to the
+// lower index, as the Triton kernel and the reference rank.
 __device__ __forceinline__ long long pack_key(float v, int low) {
   return (static_cast<long long>(order_key(v)) << 32) | static_cast<unsigned>(low);
 }
-constexpr long long kNone = static_cast<long long>(0x8000000000000000ull);
 
 }  // namespace moekernels

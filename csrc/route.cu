@@ -4,9 +4,10 @@
 //
 // Layout: a token gets a segment of LANES lanes (8 for E <= 8, so 4 tokens share a warp; else
 // the whole warp), and lane l of it holds the VPT consecutive experts l*VPT .. l*VPT + VPT - 1,
-// loaded 16 bytes at a time where the row allows. Shuffles are the cost that matters: the first
-// version (strided experts, 64-bit keys through every reduction) spent ~320 warp shuffles per
-// DeepSeek-V3 token and took 195 us at T = 40,000 on an H200. Here:
+// loaded 16 bytes at a time where the row allows. Shuffles are the cost that matters: with
+// strided experts and 64-bit keys in every reduction (commit 4d93921) a DeepSeek-V3 token took
+// ~320 warp shuffles, and T = 40,000 took 195 us on an H200; this layout takes 83 us (01310c1),
+// still issue-bound (ncu: 83% SM throughput, 11% of DRAM bandwidth). Here:
 // - a group of 32 experts is 4 neighbouring lanes (VPT = 8), so every group's top-2 is a local
 //   top-2 and two xor-shuffle steps, for all groups at once;
 // - a group's rank is counted by each lane against the n_group group scores (n_group shuffles);
@@ -20,23 +21,6 @@ namespace moekernels {
 namespace {
 
 constexpr int kThreads = 128;
-
-template <int LANES, typename V>
-__device__ __forceinline__ V seg_max(V v) {
-#pragma unroll
-  for (int o = LANES / 2; o > 0; o >>= 1) {  // xor by o < LANES stays inside the segment
-    const V other = __shfl_xor_sync(kFullMask, v, o);
-    v = other > v ? other : v;
-  }
-  return v;
-}
-
-template <int LANES>
-__device__ __forceinline__ double seg_sum(double v) {
-#pragma unroll
-  for (int o = LANES / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
 
 // Two 32-bit words -> float values, per logits dtype (a 16-byte load holds 4, 8 or 8 values).
 __device__ __forceinline__ void unpack(uint32_t w, float* out, float) { out[0] = __uint_as_float(w); }
