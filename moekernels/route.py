@@ -218,6 +218,10 @@ SM90_ROUTERS = {
         dtype=torch.float32, num_experts=256, top_k=8, scoring="sigmoid", renormalize=True, bias=True,
         n_group=8, topk_group=4,
     ),
+    "qwen15_e60_k4_odd": dict(dtype=torch.bfloat16, num_experts=60, top_k=4, scoring="softmax"),
+    "sigmoid_e96_k32_g3_1_bias": dict(
+        dtype=torch.float16, num_experts=96, top_k=32, scoring="sigmoid", bias=True, n_group=3, topk_group=1
+    ),
     "sigmoid_e1024_k16_fp16": dict(dtype=torch.float16, num_experts=1024, top_k=16, scoring="sigmoid"),
     "softmax_e1024_k1024_bias": dict(
         dtype=torch.float32, num_experts=1024, top_k=1024, scoring="softmax", bias=True, renormalize=True
