@@ -6,6 +6,7 @@ and autograd, and the public :func:`topk_routing`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -84,13 +85,12 @@ def _launch_triton(logits, top_k, scoring, renormalize, bias, n_group, topk_grou
 
 def _launch_cuda(logits, top_k, scoring, renormalize, bias, n_group, topk_group, scale, weights, ids):
     num_tokens, num_experts = logits.shape
-    with torch.cuda.device(logits.device):
-        _ext.C.topk_routing(
-            logits.data_ptr(), _ext.DTYPE_CODES[str(logits.dtype).removeprefix("torch.")],
-            bias.data_ptr() if bias is not None else 0, weights.data_ptr(), ids.data_ptr(),
-            num_tokens, num_experts, logits.stride(0), top_k, scoring == "softmax", renormalize,
-            n_group, topk_group, scale, torch.cuda.current_stream(logits.device).cuda_stream,
-        )
+    _ext.C.topk_routing(
+        logits.data_ptr(), _ext.DTYPE_CODES[str(logits.dtype).removeprefix("torch.")],
+        bias.data_ptr() if bias is not None else 0, weights.data_ptr(), ids.data_ptr(),
+        num_tokens, num_experts, logits.stride(0), top_k, scoring == "softmax", renormalize,
+        n_group, topk_group, scale, torch.cuda.current_stream(logits.device).cuda_stream,
+    )
 
 
 @torch.library.custom_op("moekernels::topk_routing", mutates_args=())
@@ -122,7 +122,9 @@ def _topk_routing_op(
         logits = logits.contiguous()
     bias = bias.contiguous() if bias is not None else None
     launch = _launch_triton if name == "triton" else _launch_cuda
-    launch(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor, weights, ids)
+    # Both launchers use the current device: make it the tensors' (cuda:1 tensors, say).
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        launch(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor, weights, ids)
     return weights, ids
 
 

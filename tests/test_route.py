@@ -24,6 +24,8 @@ MODES = {
     "deepseek_v2_e160_k6": (160, 6, dict(n_group=8, topk_group=3, routed_scaling_factor=16.0)),
     "sigmoid_groups_e96_k32_whole": (96, 32, dict(scoring="sigmoid", bias=True, n_group=3, topk_group=1)),
     "sigmoid_groups_e64_k3_nobias": (64, 3, dict(scoring="sigmoid", n_group=4, topk_group=2, renormalize=True)),
+    "sigmoid_e128_k48_picks_stored": (128, 48, dict(scoring="sigmoid", renormalize=True, routed_scaling_factor=2.0)),
+    "softmax_e200_k40_plain": (200, 40, dict()),
     "single_expert": (1, 1, dict()),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
