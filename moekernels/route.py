@@ -66,20 +66,28 @@ def _cuda_reason(num_experts: int, n_group: int) -> str | None:
     return None
 
 
+def _triton_variant(num_experts, top_k, scoring, renormalize, has_bias, n_group):
+    """The config, constexprs and compile options of one launch: shared by the launcher and
+    the sm_90 compile test, so that the test compiles exactly what ships."""
+    cfg = configs.route_config(num_experts, top_k, n_group)
+    constexprs = dict(
+        SOFTMAX=scoring == "softmax", HAS_BIAS=has_bias, GROUPED=n_group > 1, RENORMALIZE=renormalize,
+        BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
+        K_IN_TILE=top_k <= cfg.BLOCK_K,
+    )
+    # enable_fp_fusion=False: exp_f32 must round every step (see kernels/_math.py)
+    return cfg, constexprs, dict(num_warps=cfg.num_warps, enable_fp_fusion=False)
+
+
 def _launch_triton(logits, top_k, scoring, renormalize, bias, n_group, topk_group, scale, weights, ids):
     from .kernels._route import topk_routing_kernel
 
     num_tokens, num_experts = logits.shape
-    cfg = configs.route_config(num_experts, top_k, n_group)
-    grid = (triton.cdiv(num_tokens, cfg.BLOCK_T),)
-    topk_routing_kernel[grid](
+    cfg, constexprs, options = _triton_variant(num_experts, top_k, scoring, renormalize, bias is not None, n_group)
+    topk_routing_kernel[(triton.cdiv(num_tokens, cfg.BLOCK_T),)](
         logits, bias if bias is not None else logits, weights, ids,
         num_tokens, num_experts, logits.stride(0), top_k, n_group, cfg.row_len, topk_group, scale,
-        SOFTMAX=scoring == "softmax", HAS_BIAS=bias is not None, GROUPED=n_group > 1,
-        RENORMALIZE=renormalize,
-        BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
-        K_IN_TILE=top_k <= cfg.BLOCK_K, num_warps=cfg.num_warps,
-        enable_fp_fusion=False,  # exp_f32 must round every step (see kernels/_math.py)
+        **constexprs, **options,
     )
 
 
@@ -239,13 +247,9 @@ def sm90_variants():
 
     out = []
     for name, r in SM90_ROUTERS.items():
-        n_group = r.get("n_group", 1)
-        cfg = configs.route_config(r["num_experts"], r["top_k"], n_group)
-        constexprs = dict(
-            SOFTMAX=r["scoring"] == "softmax", HAS_BIAS=r.get("bias", False), GROUPED=n_group > 1,
-            RENORMALIZE=r.get("renormalize", False),
-            BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
-            K_IN_TILE=r["top_k"] <= cfg.BLOCK_K,
+        _, constexprs, options = _triton_variant(
+            r["num_experts"], r["top_k"], r["scoring"], r.get("renormalize", False), r.get("bias", False),
+            r.get("n_group", 1),
         )
         signature = dict(
             logits_ptr=_TRITON_PTR[r["dtype"]], bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",
@@ -253,6 +257,5 @@ def sm90_variants():
             row_len="i32", topk_group="i32", routed_scaling_factor="fp32",
             **{k: "constexpr" for k in constexprs},
         )
-        options = dict(num_warps=cfg.num_warps, enable_fp_fusion=False)
         out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, signature, constexprs, options))
     return out
