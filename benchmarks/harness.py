@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import os
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -205,17 +205,17 @@ class GpuTimer:
             for i in range(calls):
                 fn(*sets[i % len(sets)])
 
-        run, method = eager, "events"
+        run, method, captured = eager, "events", None
         if graph:
-            graph = torch.cuda.CUDAGraph()
+            captured = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
+                with torch.cuda.graph(captured):
                     eager()
-                run, method = graph.replay, "graph"
+                run, method = captured.replay, "graph"
             except RuntimeError:
                 # Something in fn cannot be captured (a host sync, say): time it eagerly.
                 torch.cuda.synchronize()
-                graph = None
+                captured = None
 
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(self.reps)]
@@ -226,7 +226,7 @@ class GpuTimer:
             end.record()
         torch.cuda.synchronize()
         samples = [start.elapsed_time(end) * 1e3 / calls for start, end in events]
-        del graph
+        del captured
         return Timing(samples, calls, method)
 
 
