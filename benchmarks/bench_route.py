@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import moekernels
 from benchmarks.harness import Case
-from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape
+from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, token_sweep
 
 TOKENS_FULL = [1, 16, 128, 1024, 4096, 16384, 40000, 65536]
 # The two targets sit at 40000 and 65536 tokens; 16 stands for decode.
@@ -109,8 +109,7 @@ def _inputs(shape: MoEShape, tokens: int, dtype: torch.dtype, device: str):
 
 def cases(device: str, quick: bool, tokens: list[int] | None = None) -> list[Case]:
     gpu = device == "cuda"
-    if tokens is None:
-        tokens = (TOKENS_QUICK if quick else TOKENS_FULL) if gpu else TOKENS_CPU
+    tokens = token_sweep(device, quick, tokens, TOKENS_FULL, TOKENS_QUICK, TOKENS_CPU)
     backends = ["torch"]
     if gpu:
         backends.append("triton")

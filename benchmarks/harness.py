@@ -140,6 +140,9 @@ class Case:
     # (out, naive_out) -> {"ok": bool, ...}: checked once, outside the timing,
     # because a fast wrong kernel makes a meaningless row.
     compare: Callable[[object, object], dict] | None = None
+    # Implementations that sync with the host (torch.bincount, nonzero): timed eagerly with
+    # events, never captured, since a failed capture is not worth risking on a device run.
+    eager: tuple[str, ...] = ()
 
 
 @dataclass
@@ -242,7 +245,7 @@ class CpuTimer:
     def n_sets(self, set_bytes: int) -> int:
         return 1
 
-    def time(self, fn: Callable, sets: list[tuple]) -> Timing:
+    def time(self, fn: Callable, sets: list[tuple], *, graph: bool = False) -> Timing:  # no graphs on a CPU
         # One thread: with two cores shared with another busy process, torch's
         # intra-op threads waited on each other for whole scheduler slices
         # (a 40 us router read 8,000 us). These numbers are a dry run, not a result.
@@ -342,7 +345,7 @@ def run_cases(cases: list[Case], timer) -> list[dict]:
                 elif case.compare is not None and naive_out is not None:
                     rec["check"] = case.compare(out, naive_out)
                 del out
-                timing = timer.time(fn, sets)
+                timing = timer.time(fn, sets, graph=impl not in case.eager)
                 rec.update(time_us=timing.summary(), reps=len(timing.samples_us),
                            calls_per_rep=timing.calls, method=timing.method)
             except Exception as exc:  # one broken implementation must not stop the suite

@@ -27,6 +27,8 @@ from benchmarks import harness
 
 BENCHMARKS = {
     "route": "benchmarks.bench_route",
+    "plan": "benchmarks.bench_plan",
+    "permute": "benchmarks.bench_permute",
 }
 
 NO_GPU = ("no CUDA GPU found: kernel timings (triton, cuda) need a CUDA GPU; "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class MoEShape:
@@ -35,3 +37,18 @@ QWEN3_235B_A22B = MoEShape("qwen3-235b-a22b", hidden=4096, intermediate=1536, ex
 GPT_OSS_120B = MoEShape("gpt-oss-120b", hidden=2880, intermediate=2880, experts=128, top_k=4)
 
 SHAPES = {s.name: s for s in (DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, QWEN3_235B_A22B, GPT_OSS_120B)}
+
+
+def balanced_ids(shape: MoEShape, tokens: int, device: str) -> torch.Tensor:
+    """int32 [T, k] expert ids, k distinct per token and uniform over E: a balanced router's."""
+    return torch.rand(tokens, shape.experts, device=device).topk(shape.top_k, dim=1).indices.int()
+
+
+def token_sweep(device: str, quick: bool, tokens: list[int] | None, full: list[int], quick_set: list[int],
+                cpu: list[int]) -> list[int]:
+    """The token counts a benchmark runs: ``--tokens`` if given, else its GPU (full or quick) or CPU list."""
+    if tokens is not None:
+        return tokens
+    if device == "cuda":
+        return quick_set if quick else full
+    return cpu

@@ -1,7 +1,8 @@
 """Which backend runs an op: ``torch`` (the reference), ``triton`` or ``cuda`` (csrc/).
 
 The choice, in order:
-1. the op's ``backend=`` argument, else the ``MOEKERNELS_BACKEND`` environment variable;
+1. the op's ``backend=`` argument, else the ``MOEKERNELS_BACKEND`` environment variable
+   (``cuda`` there runs every op that has a CUDA kernel, and ``triton`` the others);
 2. otherwise CUDA tensors take the op's fastest built backend and CPU tensors ``torch``.
 ``triton`` on CPU tensors runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
 before moekernels is imported (``triton.jit`` reads it when the kernel is defined).
@@ -30,6 +31,9 @@ def choose(op: str, device: torch.device, requested: str | None, *, cuda_reason:
     groups); the automatic choice then falls back to ``triton``, and a forced ``cuda`` raises.
     """
     name = requested or os.environ.get("MOEKERNELS_BACKEND") or None
+    if not requested and name == "cuda" and cuda_reason is not None and device.type == "cuda":
+        # The variable means "cuda for every op that has a CUDA kernel"; an argument means this op.
+        name = "triton"
     if name is None or name == "auto":
         if device.type != "cuda":
             return "torch"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -30,3 +32,21 @@ def choice(name: str, value, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
+
+
+def debug() -> bool:
+    """``MOEKERNELS_DEBUG=1``: check data (ids in range) on CUDA too, at the cost of a host sync."""
+    return os.environ.get("MOEKERNELS_DEBUG", "0") == "1"
+
+
+def ids_in_range(name: str, ids: torch.Tensor, num_experts: int) -> None:
+    """Raise if an id is outside [0, E). Reads the data, so it runs on CPU tensors, and on CUDA
+    ones only under MOEKERNELS_DEBUG=1 (a host sync); otherwise CUDA kernels drop such pairs."""
+    if ids.device.type == "cuda" and not debug():
+        return
+    bad = (ids < 0) | (ids >= num_experts)
+    if bad.any():
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} holds ids outside [0, num_experts={num_experts}): {name}{where} = {ids[tuple(where)].item()}"
+        )

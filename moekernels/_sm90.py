@@ -32,6 +32,9 @@ class Variant:
     constexprs: dict
     options: dict  # num_warps, num_stages, enable_fp_fusion, ...
     matrix: bool = False  # a matrix kernel must use wgmma
+    # Arguments the launch specialises as divisible by 16, as Triton does for 16-byte-aligned
+    # pointers and integers that are multiples of 16: what the vectorised loads depend on.
+    aligned: tuple = ()
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Report:
     stack_frame: int
     wgmma: bool
     fma: bool
+    vector16: bool = False  # a 16-byte global load or store (ld/st.global.v4 of 32-bit words)
     error: str | None = None
 
 
@@ -84,7 +88,8 @@ def compile_variant(v: Variant) -> Report:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs)
+    attrs = {(v.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in v.aligned}
+    src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=v.options)
     ptx = kernel.asm["ptx"]
     return Report(
@@ -93,14 +98,24 @@ def compile_variant(v: Variant) -> Report:
         shared=kernel.metadata.shared,
         wgmma="wgmma" in ptx,
         fma=re.search(r"\bfma\.rn\.f32\b", ptx) is not None,
+        vector16=re.search(r"\b(ld|st)\.global(\.\w+)*\.v4\.(b32|f32|u32|s32)\b", ptx) is not None,
         **_ptxas_info(ptx),
     )
 
 
-def shipped_variants() -> list[Variant]:
-    from . import route
+def signature(fn, constexprs: dict, **types) -> dict:
+    """A kernel's Triton signature: ``types`` for the named arguments (pointers, floats), "i32"
+    for the other run-time ones, "constexpr" for the constexprs."""
+    return {
+        name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names
+    }
 
-    return route.sm90_variants()
+
+def shipped_variants() -> list[Variant]:
+    from . import plan, route
+    from .permute import sm90_variants as permute_variants  # moekernels.permute is the function
+
+    return route.sm90_variants() + plan.sm90_variants() + permute_variants()
 
 
 def main() -> int:
@@ -112,7 +127,8 @@ def main() -> int:
         try:
             reports.append(compile_variant(v))
         except Exception as exc:  # report every variant, not just the first failure
-            reports.append(Report(v.name, v.matrix, -1, -1, -1, -1, -1, False, False, f"{type(exc).__name__}: {exc}"))
+            reports.append(Report(v.name, v.matrix, -1, -1, -1, -1, -1, False, False, False,
+                                  f"{type(exc).__name__}: {exc}"))
     print(json.dumps([asdict(r) for r in reports], indent=1))
     return 0
 

@@ -127,3 +127,138 @@ def topk_routing(
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
     return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def padded_rows_bound(num_pairs: int, num_experts: int, block_size: int) -> int:
+    """Static upper bound on the rows of the block-padded layout, known without reading ids.
+
+    At most min(E, T*k) experts are non-empty and each pads fewer than B rows; the padded total
+    is a multiple of B, so the bound rounds down to one. DeepSeek-V3 decode (T*k = 8, E = 256,
+    B = 64): 8 + 8 * 63 = 512 rows, where N + E * (B - 1) would give 16136.
+    ``torch.sym_min`` keeps it traceable with a symbolic T under torch.compile.
+    """
+    rows = num_pairs + torch.sym_min(num_experts, num_pairs) * (block_size - 1)
+    return rows // block_size * block_size
+
+
+def plan_routing_fields(topk_ids: torch.Tensor, num_experts: int, block_size: int) -> tuple[torch.Tensor, ...]:
+    """The fields of :class:`moekernels.RoutingPlan`, in its order; ``block_size=0`` gives
+    empty padded fields. An id outside [0, E) is a dropped pair: it counts for no expert and
+    sits after ``expert_offsets[-1]`` in the sorted order (the op raises on CPU instead)."""
+    device, n = topk_ids.device, topk_ids.numel()
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    key = torch.where(valid, flat, num_experts)  # dropped pairs sort last, as one more expert
+    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    offsets = counts.cumsum(0)
+    source = torch.sort(key, stable=True).indices
+    dest = torch.empty_like(source)
+    dest[source] = torch.arange(n, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    if not block_size:
+        padded, block_expert, num_padded = (torch.empty(0, **i32) for _ in range(3))  # 3, not aliases
+    else:
+        rows = padded_rows_bound(n, num_experts, block_size)
+        padded_counts = (counts + block_size - 1) // block_size * block_size
+        padded_ends = padded_counts.cumsum(0)
+        sorted_key = key[source]
+        in_expert = sorted_key < num_experts
+        e = sorted_key.clamp(max=num_experts - 1)
+        within = torch.arange(n, device=device) - (offsets - counts)[e]
+        pos = torch.where(in_expert, (padded_ends - padded_counts)[e] + within, rows)  # dropped: to a spare slot
+        padded = torch.full((rows + 1,), n, **i32)
+        padded[pos] = source.to(torch.int32)
+        padded = padded[:rows]
+        starts = torch.arange(0, rows, block_size, device=device)
+        block_expert = torch.searchsorted(padded_ends, starts, right=True)
+        block_expert = torch.where(starts < padded_ends[-1], block_expert, -1).to(torch.int32)
+        num_padded = padded_ends[-1:].to(torch.int32)
+    return (counts.int(), offsets.int(), source.int(), dest.int(), padded, block_expert, num_padded)
+
+
+def plan_routing(topk_ids: torch.Tensor, num_experts: int, *, block_size: int | None = None):
+    """Reference of :func:`moekernels.plan_routing`."""
+    from .plan import RoutingPlan
+
+    fields = plan_routing_fields(topk_ids, num_experts, block_size or 0)
+    return RoutingPlan.from_fields(fields, num_experts, topk_ids.shape[1], block_size)
+
+
+# ----------------------------------------------------------------------------- permute and combine
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 accumulation, float64 for float64 inputs (so gradcheck can run on the reference)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def permute_rows(x: torch.Tensor, source_index: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x_sorted[r] = x[source_index[r] // k]."""
+    return x.index_select(0, source_index.long() // top_k)
+
+
+def combine_rows(y_sorted: torch.Tensor, dest_index: torch.Tensor, top_k: int,
+                 weights: torch.Tensor | None = None, num_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """y[t] = sum_j w[t, j] * y_sorted[dest[t*k + j]] over the pairs with dest < num_valid (all pairs
+    when num_valid is None), accumulated in float32 and returned in y_sorted's dtype.
+    Unweighted over all pairs, it is permute's backward."""
+    acc = _acc_dtype(y_sorted.dtype)
+    rows = y_sorted.to(acc).index_select(0, dest_index.long()).view(-1, top_k, y_sorted.shape[1])
+    if weights is not None:
+        rows = rows * weights.to(acc).unsqueeze(-1)
+    if num_valid is not None:  # where, not a multiply: a dropped row's inf or NaN must not leak
+        rows = torch.where((dest_index < num_valid).view(-1, top_k, 1), rows, 0.0)
+    return rows.sum(dim=1).to(y_sorted.dtype)
+
+
+def unpermute_backward(grad_y: torch.Tensor, y_sorted: torch.Tensor, dest_index: torch.Tensor,
+                       num_valid: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d unpermute: grad_y_sorted[dest[t*k+j]] = w[t, j] * grad_y[t] and
+    grad_w[t, j] = <grad_y[t], y_sorted[dest[t*k+j]]>, both zero for dropped pairs."""
+    acc = _acc_dtype(y_sorted.dtype)
+    num_tokens, top_k = topk_weights.shape
+    valid = (dest_index < num_valid).view(num_tokens, top_k)
+    g = grad_y.to(acc)
+    rows = y_sorted.to(acc).index_select(0, dest_index.long()).view(num_tokens, top_k, -1)
+    grad_w = torch.where(valid, (rows * g.unsqueeze(1)).sum(-1), 0.0)
+    grad_rows = torch.where(valid.unsqueeze(-1), topk_weights.to(acc).unsqueeze(-1) * g.unsqueeze(1), 0.0)
+    grad_sorted = torch.empty_like(y_sorted)
+    grad_sorted[dest_index.long()] = grad_rows.reshape(-1, y_sorted.shape[1]).to(y_sorted.dtype)
+    return grad_sorted, grad_w.to(topk_weights.dtype)
+
+
+def permute(x: torch.Tensor, plan) -> torch.Tensor:
+    """Reference of :func:`moekernels.permute`: row r of the result is x[source_index[r] // k]."""
+    return permute_rows(x, plan.source_index, plan.top_k)
+
+
+def unpermute(y_sorted: torch.Tensor, plan, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`moekernels.unpermute`: y[t] = sum_j w[t, j] * y_sorted[dest_index[t*k + j]],
+    over the pairs that were not dropped."""
+    return combine_rows(y_sorted, plan.dest_index, plan.top_k, topk_weights, plan.expert_offsets[-1])
+
+
+# ----------------------------------------------------------------------------- router losses
+
+
+def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """E * sum_e (c_e / T) * P_e: c_e the (token, slot) pairs routed to e, P_e the mean over tokens
+    of softmax(logits)[:, e]. transformers' ``load_balancing_loss_func`` without an attention
+    mask. Dropped ids count for no expert; no tokens give 0."""
+    acc = _acc_dtype(logits.dtype)
+    num_tokens = max(logits.shape[0], 1)
+    probs = torch.softmax(logits.to(acc), dim=-1)
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.zeros(num_experts, dtype=acc, device=logits.device)
+    counts = counts.scatter_add(0, torch.where(valid, flat, 0), valid.to(acc))
+    return num_experts * (counts / num_tokens * (probs.sum(0) / num_tokens)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """The mean over tokens of logsumexp(logits)**2 (ST-MoE); no tokens give 0."""
+    lse = torch.logsumexp(logits.to(_acc_dtype(logits.dtype)), dim=-1)
+    return lse.square().sum() / max(logits.shape[0], 1)

@@ -215,6 +215,162 @@ def topk_routing(
     )
 
 
+# ----------------------------------------------------------------------------- router losses
+
+LOSS_DTYPES = LOGIT_DTYPES + (torch.float64,)
+
+
+def _loss_acc(logits):
+    """Losses are float32, float64 for float64 logits (gradcheck runs there)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _loss_constexprs(num_experts, acc, balance):
+    """One loss launch's constexprs and options: shared by the launcher and the sm_90 test."""
+    import triton.language as tl
+
+    cfg = configs.loss_config(num_experts)
+    cx = dict(ACC=tl.float64 if acc == torch.float64 else tl.float32, BALANCE=balance,
+              BLOCK_T=cfg.BLOCK_T, BLOCK_E=cfg.BLOCK_E)
+    return cx, dict(num_warps=cfg.num_warps)
+
+
+def _launch_loss(logits, topk_ids, balance):
+    """Partial sums from kernels/_route.py's router_loss_kernel, summed by torch in a fixed order."""
+    from .kernels._route import router_loss_kernel
+
+    num_tokens, num_experts = logits.shape
+    acc = _loss_acc(logits)
+    cx, opts = _loss_constexprs(num_experts, acc, balance)
+    programs = triton.cdiv(num_tokens, cx["BLOCK_T"])
+    prob_sum = logits.new_empty(programs, cx["BLOCK_E"], dtype=acc)
+    counts = logits.new_empty(programs, cx["BLOCK_E"], dtype=torch.int32)
+    z = logits.new_empty(programs, dtype=acc)
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        router_loss_kernel[(programs,)](
+            logits, topk_ids.contiguous() if balance else logits, prob_sum, counts, z,
+            num_tokens, num_experts, topk_ids.shape[1] if balance else 0, logits.stride(0), **cx, **opts,
+        )
+    if balance:
+        return prob_sum.sum(0)[:num_experts], counts.sum(0)[:num_experts].to(acc)
+    return z.sum()
+
+
+def _expert_counts(topk_ids, num_experts, dtype):
+    flat = topk_ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.zeros(num_experts, dtype=dtype, device=topk_ids.device)
+    return counts.scatter_add(0, torch.where(valid, flat, 0), valid.to(dtype))
+
+
+@torch.library.custom_op("moekernels::load_balancing_loss", mutates_args=())
+def _load_balancing_loss_op(
+    logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, backend: str
+) -> torch.Tensor:
+    _checks.ids_in_range("topk_ids", topk_ids, num_experts)
+    name = _backend.choose("load_balancing_loss", logits.device, backend or None, cuda_reason="no CUDA kernel")
+    if name == "torch" or logits.shape[0] == 0:
+        return reference.load_balancing_loss(logits, topk_ids, num_experts)
+    prob_sum, counts = _launch_loss(logits, topk_ids, True)
+    num_tokens = logits.shape[0]
+    return num_experts * (counts / num_tokens * (prob_sum / num_tokens)).sum()
+
+
+@_load_balancing_loss_op.register_fake
+def _(logits, topk_ids, num_experts, backend):
+    return logits.new_empty((), dtype=_loss_acc(logits))
+
+
+def _balance_setup(ctx, inputs, output):
+    logits, topk_ids, num_experts, _ = inputs
+    ctx.save_for_backward(logits, topk_ids)
+    ctx.num_experts = num_experts
+
+
+def _balance_backward(ctx, grad):
+    """L = E / T**2 * sum_e c_e * sum_t p_te, so dL/dp_te = E c_e / T**2, through the softmax."""
+    logits, topk_ids = ctx.saved_tensors
+    acc = _loss_acc(logits)
+    p = torch.softmax(logits.to(acc), dim=-1)
+    num_tokens = max(logits.shape[0], 1)
+    grad_p = grad * ctx.num_experts / (num_tokens * num_tokens) * _expert_counts(topk_ids, ctx.num_experts, acc)
+    grad_x = p * (grad_p - (p * grad_p).sum(dim=-1, keepdim=True))
+    return grad_x.to(logits.dtype), None, None, None
+
+
+_load_balancing_loss_op.register_autograd(_balance_backward, setup_context=_balance_setup)
+
+
+@torch.library.custom_op("moekernels::router_z_loss", mutates_args=())
+def _router_z_loss_op(logits: torch.Tensor, backend: str) -> torch.Tensor:
+    name = _backend.choose("router_z_loss", logits.device, backend or None, cuda_reason="no CUDA kernel")
+    if name == "torch" or logits.shape[0] == 0:
+        return reference.router_z_loss(logits)
+    return _launch_loss(logits, None, False) / logits.shape[0]
+
+
+@_router_z_loss_op.register_fake
+def _(logits, backend):
+    return logits.new_empty((), dtype=_loss_acc(logits))
+
+
+def _z_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _z_backward(ctx, grad):
+    """L = mean_t lse_t**2, so dL/dx_t = 2 lse_t softmax(x_t) / T."""
+    (logits,) = ctx.saved_tensors
+    x = logits.to(_loss_acc(logits))
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    grad_x = grad * 2.0 / max(logits.shape[0], 1) * lse * torch.softmax(x, dim=-1)
+    return grad_x.to(logits.dtype), None
+
+
+_router_z_loss_op.register_autograd(_z_backward, setup_context=_z_setup)
+
+
+def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, *,
+                        backend: str | None = None) -> torch.Tensor:
+    """The auxiliary load-balancing loss of Switch / Mixtral: ``E * sum_e (c_e / T) * P_e``.
+
+    Args:
+        logits: [T, E] router logits, float32, bfloat16, float16 or float64.
+        topk_ids: [T, k] int32 or int64 chosen experts. c_e counts the (token, slot) pairs
+            routed to e; an id outside [0, E) raises on CPU and counts for none on CUDA.
+        num_experts: E, which must equal ``logits.shape[1]``.
+        backend: ``"torch"``, ``"triton"`` or None (automatic).
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), differentiable with respect to logits;
+        P_e is the mean over tokens of ``softmax(logits)[:, e]``. It equals transformers'
+        ``load_balancing_loss_func`` without an attention mask. No tokens give 0.
+    """
+    _checks.tensor("logits", logits, ndim=2, dtypes=LOSS_DTYPES)
+    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=logits.device)
+    _checks.integer("num_experts", num_experts, low=1)
+    if logits.shape[1] != num_experts:
+        raise ValueError(f"num_experts={num_experts} but logits has {logits.shape[1]} expert columns")
+    if topk_ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens but logits has {logits.shape[0]}")
+    return _load_balancing_loss_op(logits, topk_ids, num_experts, backend or "")
+
+
+def router_z_loss(logits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """The router z-loss of ST-MoE: the mean over tokens of ``logsumexp(logits)**2``.
+
+    Args:
+        logits: [T, E] router logits, float32, bfloat16, float16 or float64.
+        backend: ``"torch"``, ``"triton"`` or None (automatic).
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), differentiable; no tokens give 0.
+    """
+    _checks.tensor("logits", logits, ndim=2, dtypes=LOSS_DTYPES)
+    return _router_z_loss_op(logits, backend or "")
+
+
 # The routers of the models the library targets, plus the extremes of the supported range:
 # every Triton variant they need is compiled for sm_90 by the test suite (moekernels/_sm90.py).
 SM90_ROUTERS = {
@@ -239,11 +395,14 @@ SM90_ROUTERS = {
 }
 
 _TRITON_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+# (E, logits dtype) of the router losses compiled for sm_90: both losses each.
+SM90_LOSSES = {"mixtral_e8": (8, torch.bfloat16), "qwen3_e128": (128, torch.float32),
+               "deepseek_v3_e256": (256, torch.float32), "e1024": (1024, torch.bfloat16)}
 
 
 def sm90_variants():
-    from ._sm90 import Variant
-    from .kernels._route import topk_routing_kernel
+    from ._sm90 import Variant, signature
+    from .kernels._route import router_loss_kernel, topk_routing_kernel
 
     out = []
     for name, r in SM90_ROUTERS.items():
@@ -251,11 +410,14 @@ def sm90_variants():
             r["num_experts"], r["top_k"], r["scoring"], r.get("renormalize", False), r.get("bias", False),
             r.get("n_group", 1),
         )
-        signature = dict(
-            logits_ptr=_TRITON_PTR[r["dtype"]], bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32",
-            num_tokens="i32", num_experts="i32", stride_t="i32", top_k="i32", n_group="i32",
-            row_len="i32", topk_group="i32", routed_scaling_factor="fp32",
-            **{k: "constexpr" for k in constexprs},
-        )
-        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, signature, constexprs, options))
+        sig = signature(topk_routing_kernel, constexprs, logits_ptr=_TRITON_PTR[r["dtype"]], bias_ptr="*fp32",
+                        weights_ptr="*fp32", ids_ptr="*i32", routed_scaling_factor="fp32")
+        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, sig, constexprs, options))
+    for name, (num_experts, dtype) in SM90_LOSSES.items():
+        for balance in (True, False):
+            cx, opts = _loss_constexprs(num_experts, torch.float32, balance)
+            sig = signature(router_loss_kernel, cx, logits_ptr=_TRITON_PTR[dtype], ids_ptr="*i32",
+                            prob_sum_ptr="*fp32", count_ptr="*i32", z_ptr="*fp32")
+            label = "load_balancing_loss" if balance else "router_z_loss"
+            out.append(Variant(f"{label}/{name}", router_loss_kernel, sig, cx, opts))
     return out

@@ -65,3 +65,15 @@ def test_forced_cuda_backend_is_checked(monkeypatch):
         _backend.choose("op", torch.device("cpu"), "cuda")
     with pytest.raises(ValueError, match="groups"):
         _backend.choose("op", torch.device("cuda", 0), "cuda", cuda_reason="n_group=64 > 32 groups")
+
+
+def test_cuda_from_the_environment_skips_ops_without_a_cuda_kernel(monkeypatch):
+    """MOEKERNELS_BACKEND=cuda runs every op that has a CUDA kernel; the others take triton.
+    A backend="cuda" argument names one op, so there it raises."""
+    monkeypatch.setattr(_ext, "HAS_CUDA_EXT", True)
+    monkeypatch.setenv("MOEKERNELS_BACKEND", "cuda")
+    cuda = torch.device("cuda", 0)
+    assert _backend.choose("op", cuda, None) == "cuda"
+    assert _backend.choose("plan_routing", cuda, None, cuda_reason="no CUDA kernel for this op yet") == "triton"
+    with pytest.raises(ValueError, match="no CUDA kernel"):
+        _backend.choose("plan_routing", cuda, "cuda", cuda_reason="no CUDA kernel for this op yet")

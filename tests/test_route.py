@@ -314,3 +314,106 @@ def test_gpu_weights_gradient(backend):
     w_ref = torch_autograd_weights(x, ids, "sigmoid", True, 2.5)
     (grad_ref,) = torch.autograd.grad((w_ref * grad_out).sum(), x)
     assert rel_err(grad, grad_ref) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- router losses
+
+
+def transformers_load_balancing_loss(gate_logits, num_experts, top_k):
+    """transformers' ``load_balancing_loss_func`` (Mixtral, Qwen-MoE), no attention mask,
+    one layer: it routes by softmax top-k itself."""
+    routing_weights = torch.nn.functional.softmax(gate_logits, dim=-1)
+    _, selected_experts = torch.topk(routing_weights, top_k, dim=-1)
+    expert_mask = torch.nn.functional.one_hot(selected_experts, num_experts)
+    tokens_per_expert = torch.mean(expert_mask.float(), dim=0)
+    router_prob_per_expert = torch.mean(routing_weights, dim=0)
+    return torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * num_experts
+
+
+LOSS_SHAPES = [(1, 1, 1), (37, 8, 2), (70, 128, 8), (9, 60, 4), (3, 1024, 16)]
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LOSS_SHAPES, ids=lambda s: "T{}_E{}_k{}".format(*s))
+def test_losses_match_reference(shape, dtype, device, backend):
+    num_tokens, num_experts, top_k = shape
+    logits = (torch.randn(num_tokens, num_experts) * 3).to(dtype).to(device)
+    ids = torch.rand(num_tokens, num_experts).topk(top_k, dim=1).indices.to(device)
+    ids[0, 0] = 0  # the same expert twice for one token: counted twice
+    balance = moekernels.load_balancing_loss(logits, ids, num_experts, backend=backend)
+    z = moekernels.router_z_loss(logits, backend=backend)
+    assert balance.dtype == torch.float32 and balance.shape == () and z.dtype == torch.float32
+    # float64 references: the float32 sums differ by their own rounding only
+    assert rel_err(balance, reference.load_balancing_loss(logits.double(), ids, num_experts)) <= 1e-5
+    assert rel_err(z, reference.router_z_loss(logits.double())) <= 1e-5
+
+
+@pytest.mark.parametrize("num_experts,top_k", [(8, 2), (60, 4)])
+def test_load_balancing_loss_is_transformers(num_experts, top_k):
+    logits = torch.randn(41, num_experts, dtype=torch.float64)
+    ids = torch.softmax(logits, -1).topk(top_k, dim=-1).indices
+    want = transformers_load_balancing_loss(logits, num_experts, top_k)
+    got = moekernels.load_balancing_loss(logits, ids, num_experts)
+    assert rel_err(got, want) <= 1e-6  # transformers takes its token shares in float32
+    z = sum(torch.logsumexp(row, 0) ** 2 for row in logits) / len(logits)
+    assert rel_err(moekernels.router_z_loss(logits), z) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_losses_gradients(dtype, backend):
+    logits = (torch.randn(23, 40) * 2).to(dtype).requires_grad_(True)
+    ids = torch.rand(23, 40).topk(6, dim=1).indices.int()
+    got = torch.autograd.grad(moekernels.load_balancing_loss(logits, ids, 40, backend=backend) * 1.7
+                              + moekernels.router_z_loss(logits, backend=backend) * 0.3, logits)[0]
+    x = logits.detach().float().requires_grad_(True)
+    want = torch.autograd.grad(reference.load_balancing_loss(x, ids, 40) * 1.7
+                               + reference.router_z_loss(x) * 0.3, x)[0]
+    assert got.dtype == dtype
+    assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else 2**-7)
+
+
+def test_losses_gradcheck_on_the_reference_path():
+    logits = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    ids = torch.rand(7, 12).topk(3, dim=1).indices
+    assert torch.autograd.gradcheck(lambda x: moekernels.load_balancing_loss(x, ids, 12, backend="torch"), (logits,))
+    assert torch.autograd.gradcheck(lambda x: moekernels.router_z_loss(x, backend="torch"), (logits,))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_losses_empty_opcheck_and_compile(backend):
+    logits, ids = torch.randn(11, 16, requires_grad=True), torch.rand(11, 16).topk(2, dim=1).indices.int()
+    assert moekernels.load_balancing_loss(logits[:0], ids[:0], 16, backend=backend).item() == 0.0
+    assert moekernels.router_z_loss(logits[:0], backend=backend).item() == 0.0
+    torch.library.opcheck(torch.ops.moekernels.load_balancing_loss.default, (logits, ids, 16, backend))
+    torch.library.opcheck(torch.ops.moekernels.router_z_loss.default, (logits, backend))
+
+    def losses(x, topk_ids):
+        return (moekernels.load_balancing_loss(x, topk_ids, 16, backend=backend)
+                + moekernels.router_z_loss(x, backend=backend))
+
+    compiled = torch.compile(losses, fullgraph=True, backend="aot_eager", dynamic=True)
+    got = torch.autograd.grad(compiled(logits, ids), logits)[0]
+    want = torch.autograd.grad(losses(logits, ids), logits)[0]
+    assert rel_err(got, want) <= 1e-6
+
+
+LOSS_BAD = [
+    ("logits", dict(logits=torch.randn(4, 8).int()), TypeError),
+    ("logits", dict(logits=torch.randn(4, 8, 1)), ValueError),
+    ("topk_ids", dict(topk_ids=torch.zeros(4, 2)), TypeError),
+    ("topk_ids", dict(topk_ids=torch.zeros(5, 2, dtype=torch.int64)), ValueError),
+    ("topk_ids", dict(topk_ids=torch.full((4, 2), 8)), ValueError),  # an id out of range
+    ("topk_ids", dict(topk_ids=torch.full((4, 2), -1)), ValueError),
+    ("num_experts", dict(num_experts=7), ValueError),
+    ("num_experts", dict(num_experts="8"), TypeError),
+]
+
+
+@pytest.mark.parametrize("name,change,error", LOSS_BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(LOSS_BAD)])
+def test_losses_bad_input_names_the_argument(name, change, error):
+    args = dict(logits=torch.randn(4, 8), topk_ids=torch.zeros(4, 2, dtype=torch.int64), num_experts=8)
+    args.update(change)
+    with pytest.raises(error, match=name):
+        moekernels.load_balancing_loss(args["logits"], args["topk_ids"], args["num_experts"])

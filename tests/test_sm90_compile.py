@@ -12,9 +12,16 @@ import sys
 
 import pytest
 
-from moekernels import _sm90, route
+from moekernels import _sm90, plan, route
+from moekernels.permute import SM90_PERMUTES
 
-VARIANTS = [f"topk_routing/{name}" for name in route.SM90_ROUTERS]
+VARIANTS = (
+    [f"topk_routing/{name}" for name in route.SM90_ROUTERS]
+    + [f"{loss}/{name}" for name in route.SM90_LOSSES for loss in ("load_balancing_loss", "router_z_loss")]
+    + [f"plan_{part}/{name}" for name in plan.SM90_PLANS for part in ("count", "scan", "scatter", "pad")]
+    + [f"plan_scatter_single/{name}" for name in plan.SM90_PLANS]
+    + list(SM90_PERMUTES)
+)
 
 
 @functools.cache
@@ -45,3 +52,9 @@ def test_compiles_for_sm90(name):
 def test_routing_arithmetic_is_not_fused(name):
     """exp_f32 is bit-exact across backends only if no multiply-add is fused (kernels/_math.py)."""
     assert not reports()[name]["fma"], f"{name}: fma.rn.f32 in the PTX"
+
+
+@pytest.mark.parametrize("name", list(SM90_PERMUTES))
+def test_permutes_move_16_bytes_per_access(name):
+    """Row moves are memory-bound: with H a multiple of 16 they must use 16-byte vector accesses."""
+    assert reports()[name]["vector16"], f"{name}: no ld/st.global.v4 in the PTX"

@@ -146,3 +146,35 @@ def topk_routing_kernel(
             m = tmask[:, None] & (slot_k[None, :] < top_k)
             w = tl.load(weights_ptr + offs, mask=m, other=0.0)
             tl.store(weights_ptr + offs, w * norm[:, None], mask=m)
+
+
+@triton.jit
+def router_loss_kernel(logits_ptr, ids_ptr, prob_sum_ptr, count_ptr, z_ptr,
+                       num_tokens, num_experts, top_k, stride_t,
+                       ACC: tl.constexpr, BALANCE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per-program partial sums of the router losses over BLOCK_T tokens, in a program's own row
+    (the launcher sums the rows in a fixed order: no atomics, deterministic).
+
+    BALANCE: the column sums of softmax(logits) and the expert counts of the ids (an id outside
+    [0, E) matches no column). Otherwise: the sum of logsumexp(logits)**2.
+    """
+    pid = tl.program_id(0)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_ok = t < num_tokens
+    t64 = t.to(tl.int64)
+    ex = tl.arange(0, BLOCK_E)
+    m = t_ok[:, None] & (ex < num_experts)[None, :]
+    x = tl.load(logits_ptr + t64[:, None] * stride_t + ex[None, :], mask=m, other=float("-inf")).to(ACC)
+    row_max = tl.where(t_ok, tl.max(x, axis=1), 0.0)
+    p = tl.exp(x - row_max[:, None])
+    total = tl.where(t_ok, tl.sum(p, axis=1), 1.0)
+    if BALANCE:
+        tl.store(prob_sum_ptr + pid * BLOCK_E + ex, tl.sum(p / total[:, None], axis=0))
+        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+        for j in range(top_k):
+            e = tl.load(ids_ptr + t64 * top_k + j, mask=t_ok, other=-1)
+            counts += tl.sum((e[:, None] == ex[None, :]).to(tl.int32), axis=0)
+        tl.store(count_ptr + pid * BLOCK_E + ex, counts)
+    else:
+        lse = row_max + tl.log(total)
+        tl.store(z_ptr + pid, tl.sum(tl.where(t_ok, lse * lse, 0.0), axis=0))
