@@ -85,7 +85,7 @@ def _constexprs(num_experts: int, single: bool, block_size: int) -> tuple[dict, 
     cfg = configs.plan_config(num_experts)
     block_b = triton.next_power_of_2(block_size) if block_size else 1
     return {
-        "count": dict(BLOCK_N=cfg.BLOCK_N, BLOCK_E=cfg.BLOCK_E),
+        "count": dict(BLOCK_N=cfg.BLOCK_N, SUB=cfg.SUB, BLOCK_E=cfg.BLOCK_E),
         "scan": dict(BLOCK_CH=cfg.BLOCK_CH, BLOCK_EB=cfg.BLOCK_EB),
         "scatter": dict(BLOCK_N=cfg.BLOCK_N, SUB=cfg.SUB, BLOCK_E=cfg.BLOCK_E, SINGLE=single),
         "pad": dict(NB=configs.pad_blocks_per_program(block_b, cfg.BLOCK_E), BLOCK_B=block_b, BLOCK_E=cfg.BLOCK_E),

@@ -36,15 +36,37 @@ def _expert_starts(counts):
 
 
 @triton.jit
+def _one_hot(key, valid, ex):
+    """[SUB, BLOCK_E] int32: pair i is expert ex (a dropped pair is no expert)."""
+    return ((key[:, None] == ex[None, :]) & valid[:, None]).to(tl.int32)
+
+
+@triton.jit
+def _chunk_counts(ids_ptr, first, num_pairs, num_experts,
+                  BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Expert histogram and dropped count of the pairs first..first+BLOCK_N-1, as sums of
+    one-hot tiles: plain reductions, the primitive the rank pass uses anyway. tl.histogram
+    lowers to warp ballots and shared-memory atomics, one more mechanism to trust, for 8-bin
+    Mixtral tiles too, before a GPU run has checked it."""
+    ex = tl.arange(0, BLOCK_E)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    dropped = 0
+    for s in range(0, BLOCK_N, SUB):
+        _, ok, valid, key = _pair_keys(ids_ptr, first + s, num_pairs, num_experts, SUB)
+        counts += tl.sum(_one_hot(key, valid, ex), axis=0)
+        dropped += tl.sum((ok & ~valid).to(tl.int32), axis=0)
+    return counts, dropped
+
+
+@triton.jit
 def plan_count_kernel(ids_ptr, partial_ptr, num_pairs, num_experts,
-                      BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                      BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_E: tl.constexpr):
     chunk = tl.program_id(0)
-    _, ok, valid, key = _pair_keys(ids_ptr, chunk * BLOCK_N, num_pairs, num_experts, BLOCK_N)
-    hist = tl.histogram(key, BLOCK_E, mask=valid)
+    counts, dropped = _chunk_counts(ids_ptr, chunk * BLOCK_N, num_pairs, num_experts, BLOCK_N, SUB, BLOCK_E)
     ex = tl.arange(0, BLOCK_E)
     row = partial_ptr + chunk.to(tl.int64) * (num_experts + 1)
-    tl.store(row + ex, hist, mask=ex < num_experts)
-    tl.store(row + num_experts, tl.sum((ok & ~valid).to(tl.int32), axis=0))
+    tl.store(row + ex, counts, mask=ex < num_experts)
+    tl.store(row + num_experts, dropped)
 
 
 @triton.jit
@@ -71,10 +93,7 @@ def plan_scatter_kernel(ids_ptr, partial_ptr, counts_ptr, offsets_ptr, source_pt
     ex = tl.arange(0, BLOCK_E)
     ex_ok = ex < num_experts
     if SINGLE:  # one chunk holds every pair: count here, no partial rows
-        counts = tl.zeros([BLOCK_E], dtype=tl.int32)
-        for s in range(0, BLOCK_N, SUB):  # in steps of SUB: a 256-pair histogram spills at E = 128
-            _, _, valid, key = _pair_keys(ids_ptr, s, num_pairs, num_experts, SUB)
-            counts += tl.histogram(key, BLOCK_E, mask=valid)
+        counts, _ = _chunk_counts(ids_ptr, 0, num_pairs, num_experts, BLOCK_N, SUB, BLOCK_E)
         tl.store(counts_ptr + ex, counts, mask=ex_ok)
         before = tl.zeros([BLOCK_E], dtype=tl.int32)
         dropped_before = 0
@@ -90,7 +109,7 @@ def plan_scatter_kernel(ids_ptr, partial_ptr, counts_ptr, offsets_ptr, source_pt
     dropped_base = tl.sum(counts, axis=0) + dropped_before
     for s in range(0, BLOCK_N, SUB):
         i, ok, valid, key = _pair_keys(ids_ptr, chunk * BLOCK_N + s, num_pairs, num_experts, SUB)
-        onehot = ((key[:, None] == ex[None, :]) & valid[:, None]).to(tl.int32)
+        onehot = _one_hot(key, valid, ex)
         rank = tl.cumsum(onehot, axis=0) - 1 + base[None, :]
         pos = tl.sum(tl.where(onehot != 0, rank, 0), axis=1)
         dropped = (ok & ~valid).to(tl.int32)
