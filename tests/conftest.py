@@ -40,14 +40,17 @@ def gpu_backends():
     return ["triton", pytest.param("cuda", marks=_NEEDS_EXT)]
 
 
-def device_backends():
-    """(device, backend) pairs: every backend on CPU tensors here, and on CUDA tensors (``gpu``)."""
-    return [
+def device_backends(*, cuda: bool = True):
+    """(device, backend) pairs: every backend on CPU tensors here, and on CUDA tensors (``gpu``).
+    ``cuda=False`` for ops that have no CUDA kernel (a forced ``backend="cuda"`` raises there)."""
+    params = [
         pytest.param("cpu", "torch", id="cpu-torch"),
         pytest.param("cpu", "triton", marks=_NEEDS_INTERPRETER, id="cpu-triton"),
         pytest.param("cuda", "triton", marks=pytest.mark.gpu, id="cuda-triton"),
-        pytest.param("cuda", "cuda", marks=(pytest.mark.gpu, *_NEEDS_EXT), id="cuda-cuda"),
     ]
+    if cuda:
+        params.append(pytest.param("cuda", "cuda", marks=(pytest.mark.gpu, *_NEEDS_EXT), id="cuda-cuda"))
+    return params
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
