@@ -43,6 +43,12 @@ def _constexprs(kernel: str, hidden: int, dtype: torch.dtype, top_k: int, flag: 
     return cx, dict(num_warps=cfg.num_warps)
 
 
+def _h_span(hidden: int, block_h: int, *, whole: bool) -> int:
+    """Columns per program: one BLOCK_H tile, or every tile (a multiple of BLOCK_H, so that the
+    tiles of a program stay 16-byte aligned)."""
+    return triton.cdiv(hidden, block_h) * block_h if whole else block_h
+
+
 def _choose(op, tensor, backend):
     return _backend.choose(op, tensor.device, backend or None, cuda_reason=_NO_CUDA_KERNEL)
 
@@ -66,10 +72,11 @@ def _launch_scatter(x, dest_index, top_k, out, *, backward=None):
         y, weights, offsets, grad_w = backward
         num_experts = offsets.numel()
     cx, opts = _constexprs("scatter", hidden, y.dtype, top_k, backward is not None)
+    h_span = _h_span(hidden, cx["BLOCK_H"], whole=backward is not None)  # the backward sums a dot over H
     with _on_device(x):
-        scatter_rows_kernel[(triton.cdiv(num_tokens, cx["BLOCK_T"]),)](
+        scatter_rows_kernel[(triton.cdiv(num_tokens, cx["BLOCK_T"]), triton.cdiv(hidden, h_span))](
             x, dest_index, weights, y, out, grad_w, offsets,
-            num_tokens, hidden, top_k, num_experts, x.stride(0), y.stride(0), out.stride(0), **cx, **opts,
+            num_tokens, hidden, h_span, top_k, num_experts, x.stride(0), y.stride(0), out.stride(0), **cx, **opts,
         )
 
 
@@ -79,11 +86,12 @@ def _launch_combine(y_sorted, dest_index, top_k, out, weights=None, offsets=None
     num_tokens, hidden = out.shape
     weighted = weights is not None
     cx, opts = _constexprs("combine", hidden, y_sorted.dtype, top_k, weighted)
+    h_span = _h_span(hidden, cx["BLOCK_H"], whole=False)
     with _on_device(y_sorted):
-        combine_rows_kernel[(triton.cdiv(num_tokens, cx["BLOCK_T"]),)](
+        combine_rows_kernel[(triton.cdiv(num_tokens, cx["BLOCK_T"]), triton.cdiv(hidden, h_span))](
             y_sorted, dest_index, weights if weighted else y_sorted, offsets if weighted else dest_index, out,
-            num_tokens, hidden, top_k, offsets.numel() if weighted else 1, y_sorted.stride(0), out.stride(0),
-            **cx, **opts,
+            num_tokens, hidden, h_span, top_k, offsets.numel() if weighted else 1, y_sorted.stride(0),
+            out.stride(0), **cx, **opts,
         )
 
 
@@ -286,6 +294,7 @@ def sm90_variants():
                      w_ptr="*fp32", grad_w_ptr="*fp32")
         # H = 7168 and its strides are multiples of 16, and tensors are 16-byte aligned: the
         # launch specialises them so, which is what lets the 16-byte accesses through.
-        aligned = tuple(a for a in fn.arg_names if a.endswith("_ptr") or a == "hidden" or a.startswith("stride"))
+        aligned = tuple(a for a in fn.arg_names
+                        if a.endswith("_ptr") or a in ("hidden", "h_span") or a.startswith("stride"))
         out.append(_sm90.Variant(f"{name}", fn, _sm90.signature(fn, cx, **types), cx, opts, aligned=aligned))
     return out

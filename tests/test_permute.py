@@ -112,7 +112,8 @@ def test_dropped_pairs_contribute_nothing(backend):
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gradients_match_the_reference(dtype, backend):
-    plan, num_tokens, top_k, hidden = setup((13, 3, 10, 72), dtype, "cpu", backend)
+    # H = 600: two column tiles in float32 (512 each), so the backward loops over tiles
+    plan, num_tokens, top_k, hidden = setup((13, 3, 10, 600), dtype, "cpu", backend)
     x = torch.randn(num_tokens, hidden).to(dtype).requires_grad_(True)
     y_sorted = torch.randn(num_tokens * top_k, hidden).to(dtype).requires_grad_(True)
     weights = torch.rand(num_tokens, top_k, requires_grad=True)

@@ -1,12 +1,17 @@
 """Moving rows between token order [T, H] and expert-sorted order [T*k, H].
 
 Both kernels walk tokens, not sorted rows: a program takes BLOCK_T tokens and, tile by tile of
-BLOCK_H columns, their k pairs, whose sorted rows are ``dest_index[t*k + j]``. A token's row is
-read once for its k copies (T*H + T*k*H bytes for permute, not 2*T*k*H), and every output
-element has one writer, so nothing needs atomics and every result is deterministic.
+BLOCK_H columns over its ``h_span`` of the columns, their k pairs, whose sorted rows are
+``dest_index[t*k + j]``. A token's row is read once for its k copies (T*H + T*k*H bytes for
+permute, not 2*T*k*H), and every output element has one writer, so nothing needs atomics and
+every result is deterministic.
+
+The grid is 2-D, (token blocks, column spans of one tile): at decode (T = 16, H = 7168, 4 x 7
+programs) the columns spread over programs instead of queueing in one. The backward scatter
+sums a dot over all the columns, so there one program takes them all (h_span >= H).
 
 Rows are addressed as ``row.to(int64) * stride``: at T*k = 131072 and H = 7168, T*k*H is 9.4e8,
-and DeepSeek-V3 prefill at T = 65536 passes 2**31. A BLOCK_H of 8 elements per thread per row
+and DeepSeek-V3 prefill at T = 65536 passes 2**31. A BLOCK_H of 16 bytes per thread per row
 lets the 16-byte vector loads and stores through when H is a multiple of 16 (Triton
 specialises integer arguments divisible by 16). ACC, the accumulator type, is float32, or
 float64 for float64 payloads (gradcheck runs on those).
@@ -21,7 +26,7 @@ import triton.language as tl
 
 @triton.jit
 def scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, grad_w_ptr, offsets_ptr,
-                        num_tokens, hidden, top_k, num_experts, stride_x, stride_y, stride_out,
+                        num_tokens, hidden, h_span, top_k, num_experts, stride_x, stride_y, stride_out,
                         BACKWARD: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                         BLOCK_K: tl.constexpr):
     """permute: out[dest[t*k + j]] = x[t].
@@ -37,7 +42,8 @@ def scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, grad_w_ptr, offs
     if BACKWARD:
         num_valid = tl.load(offsets_ptr + num_experts - 1)
         dots = tl.zeros([BLOCK_T, BLOCK_K], dtype=ACC)
-    for h0 in range(0, hidden, BLOCK_H):
+    h_lo = tl.program_id(1) * h_span
+    for h0 in range(h_lo, h_lo + h_span, BLOCK_H):  # h_span is whole tiles; the mask cuts at H
         h = h0 + tl.arange(0, BLOCK_H)
         m = t_ok[:, None] & (h < hidden)[None, :]
         x = tl.load(x_ptr + t64[:, None] * stride_x + h[None, :], mask=m)
@@ -61,7 +67,7 @@ def scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, grad_w_ptr, offs
 
 @triton.jit
 def combine_rows_kernel(y_ptr, dest_ptr, w_ptr, offsets_ptr, out_ptr,
-                        num_tokens, hidden, top_k, num_experts, stride_y, stride_out,
+                        num_tokens, hidden, h_span, top_k, num_experts, stride_y, stride_out,
                         WEIGHTED: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """WEIGHTED (unpermute): out[t] = sum_j w[t, j] * y[dest[t*k + j]] over the pairs not dropped.
     Otherwise (permute's backward): out[t] = sum_j y[dest[t*k + j]] over all pairs.
@@ -71,7 +77,8 @@ def combine_rows_kernel(y_ptr, dest_ptr, w_ptr, offsets_ptr, out_ptr,
     t64 = t.to(tl.int64)
     if WEIGHTED:
         num_valid = tl.load(offsets_ptr + num_experts - 1)
-    for h0 in range(0, hidden, BLOCK_H):
+    h_lo = tl.program_id(1) * h_span
+    for h0 in range(h_lo, h_lo + h_span, BLOCK_H):  # h_span is whole tiles; the mask cuts at H
         h = h0 + tl.arange(0, BLOCK_H)
         h_ok = (h < hidden)[None, :]
         acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=ACC)
