@@ -11,8 +11,9 @@ Implementations timed:
               expert's tokens by torch.where on a one-hot mask, gathered, weighted, index_add_;
               its host syncs keep it out of a CUDA graph, so it is timed eagerly;
 - torch:      moekernels.permute / unpermute(backend="torch"), the library's reference path;
-- triton:     moekernels.permute / unpermute(backend="triton"), on a GPU.
-Neither op has a CUDA kernel yet (backend="cuda" raises), and torch no native op for them.
+- triton:     moekernels.permute / unpermute(backend="triton"), on a GPU;
+- cuda:       moekernels.permute / unpermute(backend="cuda"), where the extension is built.
+torch has no native op for them.
 
 The plan is built in make_inputs, outside the timing, by the torch backend: the same indices
 whichever backend runs, and a broken plan kernel cannot take this benchmark down with it.
@@ -34,7 +35,7 @@ TOKENS_FULL = [1, 16, 128, 1024, 4096, 16384, 65536]
 TOKENS_QUICK = [16, 1024, 16384]
 # Real H, few tokens: the CPU run is a dry run of the code paths, not a result.
 TOKENS_CPU = [1, 16, 128]
-KERNELS = ("triton",)
+KERNELS = ("triton", "cuda")
 # A case whose sorted rows pass this is skipped: DeepSeek-V3 at 65536 tokens holds 7.5 GB of
 # bf16 rows, the naive unpermute a float32 product twice that, and each call then takes
 # milliseconds for a size past the target (16384).
@@ -147,7 +148,9 @@ def _unpermute_inputs(shape: MoEShape, tokens: int, device: str):
 
 def cases(device: str, quick: bool, tokens: list[int] | None = None) -> list[Case]:
     tokens = token_sweep(device, quick, tokens, TOKENS_FULL, TOKENS_QUICK, TOKENS_CPU)
-    backends = ["torch"] + (["triton"] if device == "cuda" else [])
+    backends = ["torch"]
+    if device == "cuda":
+        backends += ["triton"] + (["cuda"] if moekernels.HAS_CUDA_EXT else [])
     shapes = [MIXTRAL_8X7B, QWEN3_30B_A3B, DEEPSEEK_V3]
     itemsize = DTYPE.itemsize
 

@@ -9,12 +9,28 @@ namespace moekernels {
 void topk_routing(uintptr_t logits, int dtype, uintptr_t bias, uintptr_t weights, uintptr_t ids,
                   int64_t num_tokens, int num_experts, int64_t stride_t, int top_k, bool softmax,
                   bool renormalize, int n_group, int topk_group, float scale, uintptr_t stream);
+void permute(uintptr_t x, int itemsize, uintptr_t dest, uintptr_t out, int64_t num_tokens, int top_k, int64_t hidden,
+             int64_t x_stride, uintptr_t stream);
+void unpermute(uintptr_t y, int dtype, uintptr_t dest, uintptr_t w, uintptr_t offsets, int num_experts, uintptr_t out,
+               int64_t num_tokens, int top_k, int64_t hidden, int64_t y_stride, int64_t out_stride, uintptr_t stream);
+void permute_backward(uintptr_t grad, int dtype, uintptr_t dest, uintptr_t out, int64_t num_tokens, int top_k,
+                      int64_t hidden, int64_t grad_stride, int64_t out_stride, uintptr_t stream);
+void unpermute_backward(uintptr_t grad_y, uintptr_t y, int dtype, uintptr_t dest, uintptr_t w, uintptr_t offsets,
+                        int num_experts, uintptr_t grad_sorted, uintptr_t grad_w, int64_t num_tokens, int top_k,
+                        int64_t hidden, int64_t gy_stride, int64_t y_stride, int64_t gs_stride, uintptr_t stream);
 }  // namespace moekernels
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moekernels CUDA kernels (raw pointers + stream handles; see csrc/)";
   m.def("topk_routing", &moekernels::topk_routing,
         "Fused softmax/sigmoid + bias + group-limited top-k routing (csrc/route.cu)");
+  m.def("permute", &moekernels::permute, "out[dest[t*k + j]] = x[t], any dtype (csrc/permute.cu)");
+  m.def("unpermute", &moekernels::unpermute,
+        "out[t] = sum_j w[t, j] * y[dest[t*k + j]] over pairs not dropped (csrc/permute.cu)");
+  m.def("permute_backward", &moekernels::permute_backward, "out[t] = sum_j grad[dest[t*k + j]] (csrc/permute.cu)");
+  m.def("unpermute_backward", &moekernels::unpermute_backward,
+        "grad_sorted[dest] = w * grad_y[t], grad_w = <grad_y[t], y[dest]> (csrc/permute.cu)");
   // Names of the ops with a CUDA kernel; tests assert each is exposed.
-  m.attr("KERNELS") = pybind11::make_tuple("topk_routing");
+  m.attr("KERNELS") = pybind11::make_tuple("topk_routing", "permute", "unpermute", "permute_backward",
+                                           "unpermute_backward");
 }

@@ -27,6 +27,27 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 
+// float -> T, rounded to nearest (as torch rounds).
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+
+// Calls go(T()) with the C++ type of a DType code.
+template <typename F>
+void with_dtype(int dtype, F&& go) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::kFloat32: go(float()); break;
+    case DType::kBFloat16: go(__nv_bfloat16()); break;
+    case DType::kFloat16: go(__half()); break;
+    default: throw std::invalid_argument("unsupported dtype code " + std::to_string(dtype));
+  }
+}
+
 constexpr unsigned kFullMask = 0xffffffffu;
 
 // Reductions over a segment of LANES lanes (a power of two <= 32) of one warp: xor by

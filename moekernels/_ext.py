@@ -20,3 +20,8 @@ except ImportError as exc:  # not built (no nvcc, or MOEKERNELS_BUILD_CUDA=0)
 
 # torch dtype name -> the extension's dtype code (csrc/common.cuh, enum class DType)
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
+
+
+def dtype_code(dtype) -> int:
+    """The csrc/ DType code of a torch dtype (common.cuh)."""
+    return DTYPE_CODES[str(dtype).removeprefix("torch.")]

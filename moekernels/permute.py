@@ -2,7 +2,8 @@
 
 ``permute`` copies each token's row to the k sorted rows of its pairs; ``unpermute`` brings
 them back, weighted by the router and summed over k (the combine). Custom ops with fakes and
-autograd; the backward of each is the other's kernel (kernels/_permute.py):
+autograd, on three backends (torch, triton: kernels/_permute.py, cuda: csrc/permute.cu); the
+backward of each is the other's kernel:
     permute:   grad_x[t] = sum_j grad[dest[t*k + j]]                 (an unweighted combine)
     unpermute: grad_y_sorted[dest[t*k + j]] = w[t, j] * grad_y[t],
                grad_w[t, j] = <grad_y[t], y_sorted[dest[t*k + j]]>    (a weighted scatter + dot)
@@ -17,13 +18,16 @@ import contextlib
 import torch
 import triton
 
-from . import _backend, _checks, configs, reference
+from . import _backend, _checks, _ext, configs, reference
 from .plan import RoutingPlan
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # fp8 rows are moved, never summed: permute takes them (quantize, then gather), unpermute does not.
 PAYLOAD_DTYPES = FLOAT_DTYPES + (torch.float8_e4m3fn,)
-_NO_CUDA_KERNEL = "no CUDA kernel for this op yet"
+# csrc/permute.cu stages a token's k sorted rows in shared memory, and sums 16-bit and
+# float32 payloads with float32 router weights.
+CUDA_MAX_TOP_K = 64
+CUDA_SUM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _constexprs(kernel: str, hidden: int, dtype: torch.dtype, top_k: int, flag: bool) -> tuple[dict, dict]:
@@ -49,8 +53,23 @@ def _h_span(hidden: int, block_h: int, *, whole: bool) -> int:
     return triton.cdiv(hidden, block_h) * block_h if whole else block_h
 
 
-def _choose(op, tensor, backend):
-    return _backend.choose(op, tensor.device, backend or None, cuda_reason=_NO_CUDA_KERNEL)
+def _cuda_reason(top_k, summed=None, weights=None):
+    """Why csrc/permute.cu cannot take a call, or None. ``summed``: the dtype of the rows it sums."""
+    if top_k > CUDA_MAX_TOP_K:
+        return f"top_k={top_k} > {CUDA_MAX_TOP_K}"
+    if summed is not None and summed not in CUDA_SUM_DTYPES:
+        return f"{summed} rows are summed by the triton backend only"
+    if weights is not None and weights != torch.float32:
+        return f"{weights} topk_weights need the triton backend (cuda takes float32)"
+    return None
+
+
+def _choose(op, tensor, backend, reason):
+    return _backend.choose(op, tensor.device, backend or None, cuda_reason=reason)
+
+
+def _stream(tensor):
+    return torch.cuda.current_stream(tensor.device).cuda_stream
 
 
 def _on_device(tensor):
@@ -102,11 +121,19 @@ def _launch_combine(y_sorted, dest_index, top_k, out, weights=None, offsets=None
 def _permute_op(
     x: torch.Tensor, source_index: torch.Tensor, dest_index: torch.Tensor, top_k: int, backend: str
 ) -> torch.Tensor:
-    if _choose("permute", x, backend) == "torch":
+    name = _choose("permute", x, backend, _cuda_reason(top_k))
+    if name == "torch":
         return reference.permute_rows(x, source_index, top_k)
     out = x.new_empty(source_index.numel(), x.shape[1])
-    if out.numel():
-        _launch_scatter(_rows(x), dest_index, top_k, out)
+    if not out.numel():
+        return out
+    x = _rows(x)
+    if name == "cuda":
+        with _on_device(x):
+            _ext.C.permute(x.data_ptr(), x.element_size(), dest_index.data_ptr(), out.data_ptr(), x.shape[0], top_k,
+                           x.shape[1], x.stride(0), _stream(x))
+    else:
+        _launch_scatter(x, dest_index, top_k, out)
     return out
 
 
@@ -118,11 +145,19 @@ def _(x, source_index, dest_index, top_k, backend):
 @torch.library.custom_op("moekernels::permute_backward", mutates_args=())
 def _permute_backward_op(grad: torch.Tensor, dest_index: torch.Tensor, top_k: int, backend: str) -> torch.Tensor:
     """grad_x[t] = sum_j grad[dest[t*k + j]], over every pair (dropped ones too: permute copied them)."""
-    if _choose("permute", grad, backend) == "torch":
+    name = _choose("permute", grad, backend, _cuda_reason(top_k, grad.dtype))
+    if name == "torch":
         return reference.combine_rows(grad, dest_index, top_k)
     out = grad.new_empty(dest_index.numel() // top_k, grad.shape[1])
-    if out.numel():
-        _launch_combine(_rows(grad), dest_index, top_k, out)
+    if not out.numel():
+        return out
+    grad = _rows(grad)
+    if name == "cuda":
+        with _on_device(grad):
+            _ext.C.permute_backward(grad.data_ptr(), _ext.dtype_code(grad.dtype), dest_index.data_ptr(), out.data_ptr(),
+                                    out.shape[0], top_k, out.shape[1], grad.stride(0), out.stride(0), _stream(grad))
+    else:
+        _launch_combine(grad, dest_index, top_k, out)
     return out
 
 
@@ -154,11 +189,21 @@ def _unpermute_op(
     backend: str,
 ) -> torch.Tensor:
     num_tokens, top_k = topk_weights.shape
-    if _choose("unpermute", y_sorted, backend) == "torch":
+    name = _choose("unpermute", y_sorted, backend, _cuda_reason(top_k, y_sorted.dtype, topk_weights.dtype))
+    if name == "torch":
         return reference.combine_rows(y_sorted, dest_index, top_k, topk_weights, expert_offsets[-1])
     out = y_sorted.new_empty(num_tokens, y_sorted.shape[1])
-    if out.numel():
-        _launch_combine(_rows(y_sorted), dest_index, top_k, out, topk_weights.contiguous(), expert_offsets)
+    if not out.numel():
+        return out
+    y_sorted, topk_weights = _rows(y_sorted), topk_weights.contiguous()
+    if name == "cuda":
+        with _on_device(y_sorted):
+            _ext.C.unpermute(y_sorted.data_ptr(), _ext.dtype_code(y_sorted.dtype), dest_index.data_ptr(),
+                             topk_weights.data_ptr(), expert_offsets.data_ptr(), expert_offsets.numel(),
+                             out.data_ptr(), num_tokens, top_k, out.shape[1], y_sorted.stride(0), out.stride(0),
+                             _stream(y_sorted))
+    else:
+        _launch_combine(y_sorted, dest_index, top_k, out, topk_weights, expert_offsets)
     return out
 
 
@@ -172,14 +217,25 @@ def _unpermute_backward_op(
     grad_y: torch.Tensor, y_sorted: torch.Tensor, dest_index: torch.Tensor, expert_offsets: torch.Tensor,
     topk_weights: torch.Tensor, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _choose("unpermute", y_sorted, backend) == "torch":
+    num_tokens, top_k = topk_weights.shape
+    name = _choose("unpermute", y_sorted, backend, _cuda_reason(top_k, y_sorted.dtype, topk_weights.dtype))
+    if name == "torch":
         return reference.unpermute_backward(grad_y, y_sorted, dest_index, expert_offsets[-1], topk_weights)
     grad_sorted = torch.empty_like(y_sorted)
     grad_w = torch.empty_like(topk_weights)
-    if grad_w.numel():
-        grad_y, y_sorted = _rows(grad_y), _rows(y_sorted)
-        _launch_scatter(grad_y, dest_index, topk_weights.shape[1], grad_sorted,
-                        backward=(y_sorted, topk_weights.contiguous(), expert_offsets, grad_w))
+    if not grad_w.numel():
+        return grad_sorted, grad_w
+    grad_y, y_sorted, topk_weights = _rows(grad_y), _rows(y_sorted), topk_weights.contiguous()
+    if name == "cuda":
+        with _on_device(y_sorted):
+            _ext.C.unpermute_backward(
+                grad_y.data_ptr(), y_sorted.data_ptr(), _ext.dtype_code(y_sorted.dtype), dest_index.data_ptr(),
+                topk_weights.data_ptr(), expert_offsets.data_ptr(), expert_offsets.numel(), grad_sorted.data_ptr(),
+                grad_w.data_ptr(), num_tokens, top_k, y_sorted.shape[1], grad_y.stride(0), y_sorted.stride(0),
+                grad_sorted.stride(0), _stream(y_sorted))
+    else:
+        _launch_scatter(grad_y, dest_index, top_k, grad_sorted,
+                        backward=(y_sorted, topk_weights, expert_offsets, grad_w))
     return grad_sorted, grad_w
 
 
@@ -227,7 +283,7 @@ def permute(x: torch.Tensor, plan: RoutingPlan, *, backend: str | None = None) -
     Args:
         x: [T, H] float32, bfloat16, float16, float64 or float8_e4m3fn (not differentiable).
         plan: from :func:`moekernels.plan_routing` on the [T, k] ids of these T tokens.
-        backend: ``"torch"``, ``"triton"`` or None (automatic).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic).
 
     Returns:
         [T*k, H] in x's dtype, sorted by expert: expert e's rows are
@@ -246,7 +302,8 @@ def unpermute(y_sorted: torch.Tensor, plan: RoutingPlan, topk_weights: torch.Ten
         y_sorted: [T*k, H] float32, bfloat16, float16 or float64 rows in expert-sorted order.
         plan: the plan that sorted them.
         topk_weights: [T, k] float32, bfloat16, float16 or float64 router weights.
-        backend: ``"torch"``, ``"triton"`` or None (automatic).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` (float32 weights, float32 / bfloat16 /
+            float16 rows, k <= 64) or None (automatic).
 
     Returns:
         [T, H] in y_sorted's dtype, summed over j = 0..k-1 in float32 (float64 for float64), in

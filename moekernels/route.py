@@ -94,7 +94,7 @@ def _launch_triton(logits, top_k, scoring, renormalize, bias, n_group, topk_grou
 def _launch_cuda(logits, top_k, scoring, renormalize, bias, n_group, topk_group, scale, weights, ids):
     num_tokens, num_experts = logits.shape
     _ext.C.topk_routing(
-        logits.data_ptr(), _ext.DTYPE_CODES[str(logits.dtype).removeprefix("torch.")],
+        logits.data_ptr(), _ext.dtype_code(logits.dtype),
         bias.data_ptr() if bias is not None else 0, weights.data_ptr(), ids.data_ptr(),
         num_tokens, num_experts, logits.stride(0), top_k, scoring == "softmax", renormalize,
         n_group, topk_group, scale, torch.cuda.current_stream(logits.device).cuda_stream,

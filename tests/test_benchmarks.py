@@ -222,7 +222,8 @@ def test_permute_sweeps_hold_the_target_and_skip_the_largest():
     assert ("qwen3-30b-a3b unpermute", 65536) in full
     for c in quick:  # naive first: the harness checks every other implementation against it
         baselines = ["naive"] if c.group.endswith(" permute") else ["naive", "naive_loop"]
-        assert list(c.impls) == baselines + ["torch", "triton"]
+        kernels = ["triton"] + (["cuda"] if moekernels.HAS_CUDA_EXT else [])
+        assert list(c.impls) == baselines + ["torch"] + kernels
 
 
 def test_plan_and_permute_notes_report_the_targets():

@@ -11,7 +11,7 @@ import moekernels
 from moekernels import _ext, _sm90
 
 BUILD_EXPECTED = shutil.which("nvcc") is not None and os.environ.get("MOEKERNELS_BUILD_CUDA", "auto") != "0"
-CUDA_OPS = {"topk_routing"}  # the ops with a csrc/ kernel
+CUDA_OPS = {"topk_routing", "permute", "unpermute", "permute_backward", "unpermute_backward"}  # csrc/ kernels
 needs_ext = pytest.mark.skipif(not moekernels.HAS_CUDA_EXT, reason="moekernels._C not built")
 
 
@@ -36,7 +36,9 @@ def _cuobjdump(*args):
 def test_no_local_memory_in_any_kernel():
     usage = _cuobjdump("-res-usage")
     kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    assert len(kernels) == 7 * 3 * 2  # topk_routing: 7 (VPT, LANES) x 3 dtypes, for sm_90a and sm_80
+    # For sm_90a and sm_80 each: topk_routing 7 (VPT, LANES) x 3 dtypes; permute 5 word widths;
+    # combine 3 dtypes x 2 widths x weighted or not; unpermute_backward 3 dtypes x 2 widths.
+    assert len(kernels) == (7 * 3 + 5 + 3 * 2 * 2 + 3 * 2) * 2
     for name, _reg, stack, _shared, local in kernels:
         assert stack == "0" and local == "0", f"{name} uses local memory"
     sass = _cuobjdump("-sass")
@@ -57,3 +59,7 @@ def test_errors_surface_as_python_exceptions():
         _ext.C.topk_routing(0, 0, 0, 0, 0, 1, 2000, 2000, 1, True, False, 1, 1, 1.0, 0)
     with pytest.raises(ValueError, match="dtype"):
         _ext.C.topk_routing(0, 7, 0, 0, 0, 1, 8, 8, 1, True, False, 1, 1, 1.0, 0)
+    with pytest.raises(ValueError, match="top_k"):
+        _ext.C.permute(0, 2, 0, 0, 1, 65, 8, 8, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        _ext.C.unpermute(0, 9, 0, 0, 0, 8, 0, 1, 2, 8, 8, 8, 0)
