@@ -251,11 +251,16 @@ def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_expert
     acc = _acc_dtype(logits.dtype)
     num_tokens = max(logits.shape[0], 1)
     probs = torch.softmax(logits.to(acc), dim=-1)
+    counts = pair_counts(topk_ids, num_experts, acc)
+    return num_experts * (counts / num_tokens * (probs.sum(0) / num_tokens)).sum()
+
+
+def pair_counts(topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """[E] (token, slot) pairs routed to each expert, in ``dtype``; ids outside [0, E) count for none."""
     flat = topk_ids.reshape(-1).long()
     valid = (flat >= 0) & (flat < num_experts)
-    counts = torch.zeros(num_experts, dtype=acc, device=logits.device)
-    counts = counts.scatter_add(0, torch.where(valid, flat, 0), valid.to(acc))
-    return num_experts * (counts / num_tokens * (probs.sum(0) / num_tokens)).sum()
+    counts = torch.zeros(num_experts, dtype=dtype, device=topk_ids.device)
+    return counts.scatter_add(0, torch.where(valid, flat, 0), valid.to(dtype))
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:

@@ -257,13 +257,6 @@ def _launch_loss(logits, topk_ids, balance):
     return z.sum()
 
 
-def _expert_counts(topk_ids, num_experts, dtype):
-    flat = topk_ids.reshape(-1).long()
-    valid = (flat >= 0) & (flat < num_experts)
-    counts = torch.zeros(num_experts, dtype=dtype, device=topk_ids.device)
-    return counts.scatter_add(0, torch.where(valid, flat, 0), valid.to(dtype))
-
-
 @torch.library.custom_op("moekernels::load_balancing_loss", mutates_args=())
 def _load_balancing_loss_op(
     logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, backend: str
@@ -294,7 +287,8 @@ def _balance_backward(ctx, grad):
     acc = _loss_acc(logits)
     p = torch.softmax(logits.to(acc), dim=-1)
     num_tokens = max(logits.shape[0], 1)
-    grad_p = grad * ctx.num_experts / (num_tokens * num_tokens) * _expert_counts(topk_ids, ctx.num_experts, acc)
+    counts = reference.pair_counts(topk_ids, ctx.num_experts, acc)
+    grad_p = grad * ctx.num_experts / (num_tokens * num_tokens) * counts
     grad_x = p * (grad_p - (p * grad_p).sum(dim=-1, keepdim=True))
     return grad_x.to(logits.dtype), None, None, None
 
