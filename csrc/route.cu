@@ -244,19 +244,10 @@ void topk_routing(uintptr_t logits, int dtype, uintptr_t bias, uintptr_t weights
   auto* id = reinterpret_cast<int32_t*>(ids);
   auto s = reinterpret_cast<cudaStream_t>(stream);
   const void* in = reinterpret_cast<const void*>(logits);
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32:
-      launch<float>(in, b, w, id, num_tokens, num_experts, stride_t, top_k, softmax, renormalize, n_group, topk_group, scale, s);
-      break;
-    case DType::kBFloat16:
-      launch<__nv_bfloat16>(in, b, w, id, num_tokens, num_experts, stride_t, top_k, softmax, renormalize, n_group, topk_group, scale, s);
-      break;
-    case DType::kFloat16:
-      launch<__half>(in, b, w, id, num_tokens, num_experts, stride_t, top_k, softmax, renormalize, n_group, topk_group, scale, s);
-      break;
-    default:
-      throw std::invalid_argument("unsupported logits dtype code " + std::to_string(dtype));
-  }
+  with_dtype(dtype, [&](auto tag) {
+    launch<decltype(tag)>(in, b, w, id, num_tokens, num_experts, stride_t, top_k, softmax, renormalize, n_group,
+                          topk_group, scale, s);
+  });
   check_launch("topk_routing_kernel");
 }
 

@@ -11,6 +11,7 @@ The backend never changes results beyond rounding, and index outputs not at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -18,6 +19,13 @@ import torch
 from . import _ext
 
 BACKENDS = ("torch", "triton", "cuda")
+# The cuda_reason of an op whose CUDA kernel is not written yet: the automatic choice takes triton.
+NO_CUDA_KERNEL = "no CUDA kernel for this op yet"
+
+
+def device_guard(tensor: torch.Tensor):
+    """Make the tensor's CUDA device current for a launch (cuda:1 tensors, say); a no-op on CPU."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def interpreting() -> bool:

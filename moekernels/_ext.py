@@ -22,6 +22,13 @@ except ImportError as exc:  # not built (no nvcc, or MOEKERNELS_BUILD_CUDA=0)
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
+def stream(tensor) -> int:
+    """The handle of the current CUDA stream on the tensor's device, as the csrc/ functions take it."""
+    import torch
+
+    return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
 def dtype_code(dtype) -> int:
     """The csrc/ DType code of a torch dtype (common.cuh)."""
     return DTYPE_CODES[str(dtype).removeprefix("torch.")]

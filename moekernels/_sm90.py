@@ -20,6 +20,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 HOPPER_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block can opt into on sm_90
+# Triton's pointer type of each torch dtype a shipped kernel takes (names, so torch stays unimported).
+TRITON_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float8_e4m3fn": "*fp8e4nv"}
+
+
+def ptr(dtype) -> str:
+    """The Triton signature type of a pointer to ``dtype`` elements."""
+    return TRITON_PTR[str(dtype).removeprefix("torch.")]
 
 
 @dataclass

@@ -13,7 +13,6 @@ no atomics. Sums are in float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
@@ -68,14 +67,6 @@ def _choose(op, tensor, backend, reason):
     return _backend.choose(op, tensor.device, backend or None, cuda_reason=reason)
 
 
-def _stream(tensor):
-    return torch.cuda.current_stream(tensor.device).cuda_stream
-
-
-def _on_device(tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _rows(x):
     """A [rows, H] tensor the kernels can address: unit column stride."""
     return x if x.stride(1) == 1 else x.contiguous()
@@ -92,7 +83,7 @@ def _launch_scatter(x, dest_index, top_k, out, *, backward=None):
         num_experts = offsets.numel()
     cx, opts = _constexprs("scatter", hidden, y.dtype, top_k, backward is not None)
     h_span = _h_span(hidden, cx["BLOCK_H"], whole=backward is not None)  # the backward sums a dot over H
-    with _on_device(x):
+    with _backend.device_guard(x):
         scatter_rows_kernel[(triton.cdiv(num_tokens, cx["BLOCK_T"]), triton.cdiv(hidden, h_span))](
             x, dest_index, weights, y, out, grad_w, offsets,
             num_tokens, hidden, h_span, top_k, num_experts, x.stride(0), y.stride(0), out.stride(0), **cx, **opts,
@@ -106,7 +97,7 @@ def _launch_combine(y_sorted, dest_index, top_k, out, weights=None, offsets=None
     weighted = weights is not None
     cx, opts = _constexprs("combine", hidden, y_sorted.dtype, top_k, weighted)
     h_span = _h_span(hidden, cx["BLOCK_H"], whole=False)
-    with _on_device(y_sorted):
+    with _backend.device_guard(y_sorted):
         combine_rows_kernel[(triton.cdiv(num_tokens, cx["BLOCK_T"]), triton.cdiv(hidden, h_span))](
             y_sorted, dest_index, weights if weighted else y_sorted, offsets if weighted else dest_index, out,
             num_tokens, hidden, h_span, top_k, offsets.numel() if weighted else 1, y_sorted.stride(0),
@@ -129,9 +120,9 @@ def _permute_op(
         return out
     x = _rows(x)
     if name == "cuda":
-        with _on_device(x):
+        with _backend.device_guard(x):
             _ext.C.permute(x.data_ptr(), x.element_size(), dest_index.data_ptr(), out.data_ptr(), x.shape[0], top_k,
-                           x.shape[1], x.stride(0), _stream(x))
+                           x.shape[1], x.stride(0), _ext.stream(x))
     else:
         _launch_scatter(x, dest_index, top_k, out)
     return out
@@ -153,9 +144,9 @@ def _permute_backward_op(grad: torch.Tensor, dest_index: torch.Tensor, top_k: in
         return out
     grad = _rows(grad)
     if name == "cuda":
-        with _on_device(grad):
+        with _backend.device_guard(grad):
             _ext.C.permute_backward(grad.data_ptr(), _ext.dtype_code(grad.dtype), dest_index.data_ptr(), out.data_ptr(),
-                                    out.shape[0], top_k, out.shape[1], grad.stride(0), out.stride(0), _stream(grad))
+                                    out.shape[0], top_k, out.shape[1], grad.stride(0), out.stride(0), _ext.stream(grad))
     else:
         _launch_combine(grad, dest_index, top_k, out)
     return out
@@ -197,11 +188,11 @@ def _unpermute_op(
         return out
     y_sorted, topk_weights = _rows(y_sorted), topk_weights.contiguous()
     if name == "cuda":
-        with _on_device(y_sorted):
+        with _backend.device_guard(y_sorted):
             _ext.C.unpermute(y_sorted.data_ptr(), _ext.dtype_code(y_sorted.dtype), dest_index.data_ptr(),
                              topk_weights.data_ptr(), expert_offsets.data_ptr(), expert_offsets.numel(),
                              out.data_ptr(), num_tokens, top_k, out.shape[1], y_sorted.stride(0), out.stride(0),
-                             _stream(y_sorted))
+                             _ext.stream(y_sorted))
     else:
         _launch_combine(y_sorted, dest_index, top_k, out, topk_weights, expert_offsets)
     return out
@@ -227,12 +218,12 @@ def _unpermute_backward_op(
         return grad_sorted, grad_w
     grad_y, y_sorted, topk_weights = _rows(grad_y), _rows(y_sorted), topk_weights.contiguous()
     if name == "cuda":
-        with _on_device(y_sorted):
+        with _backend.device_guard(y_sorted):
             _ext.C.unpermute_backward(
                 grad_y.data_ptr(), y_sorted.data_ptr(), _ext.dtype_code(y_sorted.dtype), dest_index.data_ptr(),
                 topk_weights.data_ptr(), expert_offsets.data_ptr(), expert_offsets.numel(), grad_sorted.data_ptr(),
                 grad_w.data_ptr(), num_tokens, top_k, y_sorted.shape[1], grad_y.stride(0), y_sorted.stride(0),
-                grad_sorted.stride(0), _stream(y_sorted))
+                grad_sorted.stride(0), _ext.stream(y_sorted))
     else:
         _launch_scatter(grad_y, dest_index, top_k, grad_sorted,
                         backward=(y_sorted, topk_weights, expert_offsets, grad_w))
@@ -334,8 +325,6 @@ SM90_PERMUTES = {
     "unpermute_backward_bf16_h7168_k8": ("scatter", True, torch.bfloat16, 7168, 8),
     "unpermute_backward_fp32_h4096_k2": ("scatter", True, torch.float32, 4096, 2),
 }
-_TRITON_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
-               torch.float8_e4m3fn: "*fp8e4nv"}
 
 
 def sm90_variants():
@@ -346,7 +335,7 @@ def sm90_variants():
     for name, (kernel, flag, dtype, hidden, top_k) in SM90_PERMUTES.items():
         cx, opts = _constexprs(kernel, hidden, dtype, top_k, flag)
         fn = scatter_rows_kernel if kernel == "scatter" else combine_rows_kernel
-        rows = _TRITON_PTR[dtype]
+        rows = _sm90.ptr(dtype)
         types = dict(x_ptr=rows, y_ptr=rows, out_ptr=rows, dest_ptr="*i32", offsets_ptr="*i32",
                      w_ptr="*fp32", grad_w_ptr="*fp32")
         # H = 7168 and its strides are multiples of 16, and tensors are 16-byte aligned: the

@@ -8,7 +8,6 @@ per thread at E = 256 and 4 warps), no atomics, no host sync, the same bits on e
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,6 @@ from . import _backend, _checks, configs, reference
 ID_DTYPES = (torch.int32, torch.int64)
 INT32_MAX = 2**31 - 1
 # The CUDA kernels of the plan come with the CUDA-kernels issue; until then "cuda" falls back.
-_NO_CUDA_KERNEL = "no CUDA kernel for this op yet"
 
 
 @dataclass(frozen=True)
@@ -133,11 +131,11 @@ def _plan_routing_op(
     topk_ids: torch.Tensor, num_experts: int, block_size: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _checks.ids_in_range("topk_ids", topk_ids, num_experts)  # inside the op: opaque to torch.compile
-    name = _backend.choose("plan_routing", topk_ids.device, backend or None, cuda_reason=_NO_CUDA_KERNEL)
+    name = _backend.choose("plan_routing", topk_ids.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
     if name == "torch" or topk_ids.numel() == 0:
         return reference.plan_routing_fields(topk_ids, num_experts, block_size)
     out = _empty_fields(topk_ids, num_experts, block_size)
-    with torch.cuda.device(topk_ids.device) if topk_ids.is_cuda else contextlib.nullcontext():
+    with _backend.device_guard(topk_ids):
         _launch_triton(topk_ids.contiguous(), num_experts, block_size, out)
     return out
 

@@ -190,7 +190,7 @@ def plan_routing(topk_ids: torch.Tensor, num_experts: int, *, block_size: int | 
 # ----------------------------------------------------------------------------- permute and combine
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 accumulation, float64 for float64 inputs (so gradcheck can run on the reference)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -205,7 +205,7 @@ def combine_rows(y_sorted: torch.Tensor, dest_index: torch.Tensor, top_k: int,
     """y[t] = sum_j w[t, j] * y_sorted[dest[t*k + j]] over the pairs with dest < num_valid (all pairs
     when num_valid is None), accumulated in float32 and returned in y_sorted's dtype.
     Unweighted over all pairs, it is permute's backward."""
-    acc = _acc_dtype(y_sorted.dtype)
+    acc = acc_dtype(y_sorted.dtype)
     rows = y_sorted.to(acc).index_select(0, dest_index.long()).view(-1, top_k, y_sorted.shape[1])
     if weights is not None:
         rows = rows * weights.to(acc).unsqueeze(-1)
@@ -218,7 +218,7 @@ def unpermute_backward(grad_y: torch.Tensor, y_sorted: torch.Tensor, dest_index:
                        num_valid: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """d unpermute: grad_y_sorted[dest[t*k+j]] = w[t, j] * grad_y[t] and
     grad_w[t, j] = <grad_y[t], y_sorted[dest[t*k+j]]>, both zero for dropped pairs."""
-    acc = _acc_dtype(y_sorted.dtype)
+    acc = acc_dtype(y_sorted.dtype)
     num_tokens, top_k = topk_weights.shape
     valid = (dest_index < num_valid).view(num_tokens, top_k)
     g = grad_y.to(acc)
@@ -248,7 +248,7 @@ def load_balancing_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_expert
     """E * sum_e (c_e / T) * P_e: c_e the (token, slot) pairs routed to e, P_e the mean over tokens
     of softmax(logits)[:, e]. transformers' ``load_balancing_loss_func`` without an attention
     mask. Dropped ids count for no expert; no tokens give 0."""
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     num_tokens = max(logits.shape[0], 1)
     probs = torch.softmax(logits.to(acc), dim=-1)
     counts = pair_counts(topk_ids, num_experts, acc)
@@ -265,5 +265,5 @@ def pair_counts(topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) ->
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """The mean over tokens of logsumexp(logits)**2 (ST-MoE); no tokens give 0."""
-    lse = torch.logsumexp(logits.to(_acc_dtype(logits.dtype)), dim=-1)
+    lse = torch.logsumexp(logits.to(acc_dtype(logits.dtype)), dim=-1)
     return lse.square().sum() / max(logits.shape[0], 1)

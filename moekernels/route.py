@@ -6,7 +6,6 @@ and autograd, and the public :func:`topk_routing`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -97,7 +96,7 @@ def _launch_cuda(logits, top_k, scoring, renormalize, bias, n_group, topk_group,
         logits.data_ptr(), _ext.dtype_code(logits.dtype),
         bias.data_ptr() if bias is not None else 0, weights.data_ptr(), ids.data_ptr(),
         num_tokens, num_experts, logits.stride(0), top_k, scoring == "softmax", renormalize,
-        n_group, topk_group, scale, torch.cuda.current_stream(logits.device).cuda_stream,
+        n_group, topk_group, scale, _ext.stream(logits),
     )
 
 
@@ -130,8 +129,7 @@ def _topk_routing_op(
         logits = logits.contiguous()
     bias = bias.contiguous() if bias is not None else None
     launch = _launch_triton if name == "triton" else _launch_cuda
-    # Both launchers use the current device: make it the tensors' (cuda:1 tensors, say).
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with _backend.device_guard(logits):  # both launchers use the current device
         launch(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor, weights, ids)
     return weights, ids
 
@@ -220,11 +218,6 @@ def topk_routing(
 LOSS_DTYPES = LOGIT_DTYPES + (torch.float64,)
 
 
-def _loss_acc(logits):
-    """Losses are float32, float64 for float64 logits (gradcheck runs there)."""
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _loss_constexprs(num_experts, acc, balance):
     """One loss launch's constexprs and options: shared by the launcher and the sm_90 test."""
     import triton.language as tl
@@ -240,14 +233,14 @@ def _launch_loss(logits, topk_ids, balance):
     from .kernels._route import router_loss_kernel
 
     num_tokens, num_experts = logits.shape
-    acc = _loss_acc(logits)
+    acc = reference.acc_dtype(logits.dtype)
     cx, opts = _loss_constexprs(num_experts, acc, balance)
     programs = triton.cdiv(num_tokens, cx["BLOCK_T"])
     prob_sum = logits.new_empty(programs, cx["BLOCK_E"], dtype=acc)
     counts = logits.new_empty(programs, cx["BLOCK_E"], dtype=torch.int32)
     z = logits.new_empty(programs, dtype=acc)
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with _backend.device_guard(logits):
         router_loss_kernel[(programs,)](
             logits, topk_ids.contiguous() if balance else logits, prob_sum, counts, z,
             num_tokens, num_experts, topk_ids.shape[1] if balance else 0, logits.stride(0), **cx, **opts,
@@ -262,7 +255,8 @@ def _load_balancing_loss_op(
     logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, backend: str
 ) -> torch.Tensor:
     _checks.ids_in_range("topk_ids", topk_ids, num_experts)
-    name = _backend.choose("load_balancing_loss", logits.device, backend or None, cuda_reason="no CUDA kernel")
+    name = _backend.choose("load_balancing_loss", logits.device, backend or None,
+                           cuda_reason=_backend.NO_CUDA_KERNEL)
     if name == "torch" or logits.shape[0] == 0:
         return reference.load_balancing_loss(logits, topk_ids, num_experts)
     prob_sum, counts = _launch_loss(logits, topk_ids, True)
@@ -272,7 +266,7 @@ def _load_balancing_loss_op(
 
 @_load_balancing_loss_op.register_fake
 def _(logits, topk_ids, num_experts, backend):
-    return logits.new_empty((), dtype=_loss_acc(logits))
+    return logits.new_empty((), dtype=reference.acc_dtype(logits.dtype))
 
 
 def _balance_setup(ctx, inputs, output):
@@ -284,7 +278,7 @@ def _balance_setup(ctx, inputs, output):
 def _balance_backward(ctx, grad):
     """L = E / T**2 * sum_e c_e * sum_t p_te, so dL/dp_te = E c_e / T**2, through the softmax."""
     logits, topk_ids = ctx.saved_tensors
-    acc = _loss_acc(logits)
+    acc = reference.acc_dtype(logits.dtype)
     p = torch.softmax(logits.to(acc), dim=-1)
     num_tokens = max(logits.shape[0], 1)
     counts = reference.pair_counts(topk_ids, ctx.num_experts, acc)
@@ -298,7 +292,7 @@ _load_balancing_loss_op.register_autograd(_balance_backward, setup_context=_bala
 
 @torch.library.custom_op("moekernels::router_z_loss", mutates_args=())
 def _router_z_loss_op(logits: torch.Tensor, backend: str) -> torch.Tensor:
-    name = _backend.choose("router_z_loss", logits.device, backend or None, cuda_reason="no CUDA kernel")
+    name = _backend.choose("router_z_loss", logits.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
     if name == "torch" or logits.shape[0] == 0:
         return reference.router_z_loss(logits)
     return _launch_loss(logits, None, False) / logits.shape[0]
@@ -306,7 +300,7 @@ def _router_z_loss_op(logits: torch.Tensor, backend: str) -> torch.Tensor:
 
 @_router_z_loss_op.register_fake
 def _(logits, backend):
-    return logits.new_empty((), dtype=_loss_acc(logits))
+    return logits.new_empty((), dtype=reference.acc_dtype(logits.dtype))
 
 
 def _z_setup(ctx, inputs, output):
@@ -316,7 +310,7 @@ def _z_setup(ctx, inputs, output):
 def _z_backward(ctx, grad):
     """L = mean_t lse_t**2, so dL/dx_t = 2 lse_t softmax(x_t) / T."""
     (logits,) = ctx.saved_tensors
-    x = logits.to(_loss_acc(logits))
+    x = logits.to(reference.acc_dtype(logits.dtype))
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     grad_x = grad * 2.0 / max(logits.shape[0], 1) * lse * torch.softmax(x, dim=-1)
     return grad_x.to(logits.dtype), None
@@ -388,14 +382,13 @@ SM90_ROUTERS = {
     ),
 }
 
-_TRITON_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 # (E, logits dtype) of the router losses compiled for sm_90: both losses each.
 SM90_LOSSES = {"mixtral_e8": (8, torch.bfloat16), "qwen3_e128": (128, torch.float32),
                "deepseek_v3_e256": (256, torch.float32), "e1024": (1024, torch.bfloat16)}
 
 
 def sm90_variants():
-    from ._sm90 import Variant, signature
+    from ._sm90 import Variant, ptr, signature
     from .kernels._route import router_loss_kernel, topk_routing_kernel
 
     out = []
@@ -404,13 +397,13 @@ def sm90_variants():
             r["num_experts"], r["top_k"], r["scoring"], r.get("renormalize", False), r.get("bias", False),
             r.get("n_group", 1),
         )
-        sig = signature(topk_routing_kernel, constexprs, logits_ptr=_TRITON_PTR[r["dtype"]], bias_ptr="*fp32",
+        sig = signature(topk_routing_kernel, constexprs, logits_ptr=ptr(r["dtype"]), bias_ptr="*fp32",
                         weights_ptr="*fp32", ids_ptr="*i32", routed_scaling_factor="fp32")
         out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, sig, constexprs, options))
     for name, (num_experts, dtype) in SM90_LOSSES.items():
         for balance in (True, False):
             cx, opts = _loss_constexprs(num_experts, torch.float32, balance)
-            sig = signature(router_loss_kernel, cx, logits_ptr=_TRITON_PTR[dtype], ids_ptr="*i32",
+            sig = signature(router_loss_kernel, cx, logits_ptr=ptr(dtype), ids_ptr="*i32",
                             prob_sum_ptr="*fp32", count_ptr="*i32", z_ptr="*fp32")
             label = "load_balancing_loss" if balance else "router_z_loss"
             out.append(Variant(f"{label}/{name}", router_loss_kernel, sig, cx, opts))

@@ -74,6 +74,6 @@ def test_cuda_from_the_environment_skips_ops_without_a_cuda_kernel(monkeypatch):
     monkeypatch.setenv("MOEKERNELS_BACKEND", "cuda")
     cuda = torch.device("cuda", 0)
     assert _backend.choose("op", cuda, None) == "cuda"
-    assert _backend.choose("plan_routing", cuda, None, cuda_reason="no CUDA kernel for this op yet") == "triton"
+    assert _backend.choose("plan_routing", cuda, None, cuda_reason=_backend.NO_CUDA_KERNEL) == "triton"
     with pytest.raises(ValueError, match="no CUDA kernel"):
-        _backend.choose("plan_routing", cuda, "cuda", cuda_reason="no CUDA kernel for this op yet")
+        _backend.choose("plan_routing", cuda, "cuda", cuda_reason=_backend.NO_CUDA_KERNEL)
