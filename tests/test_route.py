@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from conftest import cpu_backends, device_backends, gpu_backends, rel_err
+from test_plan import make_ids
 
 import moekernels
 from moekernels import reference
@@ -339,8 +340,9 @@ LOSS_SHAPES = [(1, 1, 1), (37, 8, 2), (70, 128, 8), (9, 60, 4), (3, 1024, 16)]
 def test_losses_match_reference(shape, dtype, device, backend):
     num_tokens, num_experts, top_k = shape
     logits = (torch.randn(num_tokens, num_experts) * 3).to(dtype).to(device)
-    ids = torch.rand(num_tokens, num_experts).topk(top_k, dim=1).indices.to(device)
-    ids[0, 0] = 0  # the same expert twice for one token: counted twice
+    ids = make_ids(num_tokens, top_k, num_experts, torch.int64, device)  # an expert with no pair, one with one
+    if top_k > 1:
+        ids[0, 1] = ids[0, 0]  # the same expert twice for one token: counted twice
     balance = moekernels.load_balancing_loss(logits, ids, num_experts, backend=backend)
     z = moekernels.router_z_loss(logits, backend=backend)
     assert balance.dtype == torch.float32 and balance.shape == () and z.dtype == torch.float32

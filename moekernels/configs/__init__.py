@@ -62,7 +62,7 @@ _PLAN_SUB = 32
 def plan_config(num_experts: int) -> PlanConfig:
     block_e = triton.next_power_of_2(num_experts)
     sub = max(1, min(_PLAN_SUB, _PLAN_TILE // block_e))
-    return PlanConfig(BLOCK_N=max(_PLAN_CHUNK, sub), SUB=sub, BLOCK_E=block_e, BLOCK_CH=64, BLOCK_EB=32, num_warps=4)
+    return PlanConfig(BLOCK_N=_PLAN_CHUNK, SUB=sub, BLOCK_E=block_e, BLOCK_CH=64, BLOCK_EB=32, num_warps=4)
 
 
 def pad_blocks_per_program(block_b: int, block_e: int) -> int:
