@@ -7,12 +7,13 @@ DESIGN.md; every public op has a pure-PyTorch twin in ``moekernels.reference``.
 
 from . import reference
 from ._ext import HAS_CUDA_EXT
+from .grouped_gemm import grouped_mm
 from .permute import permute, unpermute
 from .plan import RoutingPlan, plan_routing
 from .route import load_balancing_loss, router_z_loss, topk_routing
 
 __version__ = "0.1.0"
 __all__ = [
-    "HAS_CUDA_EXT", "RoutingPlan", "load_balancing_loss", "permute", "plan_routing", "reference",
+    "HAS_CUDA_EXT", "RoutingPlan", "grouped_mm", "load_balancing_loss", "permute", "plan_routing", "reference",
     "router_z_loss", "topk_routing", "unpermute", "__version__",
 ]

@@ -50,3 +50,15 @@ def ids_in_range(name: str, ids: torch.Tensor, num_experts: int) -> None:
         raise ValueError(
             f"{name} holds ids outside [0, num_experts={num_experts}): {name}{where} = {ids[tuple(where)].item()}"
         )
+
+
+def offsets_in_range(name: str, offs: torch.Tensor, rows: int) -> None:
+    """Raise unless ``offs`` is non-decreasing within [0, rows]. Reads the data, so CPU tensors
+    only, or CUDA ones under MOEKERNELS_DEBUG=1; the kernels clamp offsets to [0, rows] anyway,
+    so bad offsets there give wrong rows, never an out-of-bounds access."""
+    if not offs.numel() or (offs.device.type == "cuda" and not debug()):
+        return
+    if bool((offs < 0).any()) or bool((offs[1:] < offs[:-1]).any()):
+        raise ValueError(f"{name} must be non-decreasing and >= 0 (cumulative segment ends), got {offs.tolist()}")
+    if int(offs[-1]) > rows:
+        raise ValueError(f"{name}[-1] = {int(offs[-1])} exceeds the {rows} rows it segments")

@@ -56,6 +56,7 @@ class Report:
     wgmma: bool
     fma: bool
     vector16: bool = False  # a 16-byte global load or store (ld/st.global.v4 of 32-bit words)
+    tma: bool = False  # a TMA bulk tensor copy (cp.async.bulk.tensor): descriptor loads
     error: str | None = None
 
 
@@ -106,6 +107,7 @@ def compile_variant(v: Variant) -> Report:
         wgmma="wgmma" in ptx,
         fma=re.search(r"\bfma\.rn\.f32\b", ptx) is not None,
         vector16=re.search(r"\b(ld|st)\.global(\.\w+)*\.v4\.(b32|f32|u32|s32)\b", ptx) is not None,
+        tma="cp.async.bulk.tensor" in ptx,
         **_ptxas_info(ptx),
     )
 
@@ -119,10 +121,10 @@ def signature(fn, constexprs: dict, **types) -> dict:
 
 
 def shipped_variants() -> list[Variant]:
-    from . import plan, route
+    from . import grouped_gemm, plan, route
     from .permute import sm90_variants as permute_variants  # moekernels.permute is the function
 
-    return route.sm90_variants() + plan.sm90_variants() + permute_variants()
+    return route.sm90_variants() + plan.sm90_variants() + permute_variants() + grouped_gemm.sm90_variants()
 
 
 def main() -> int:
@@ -134,8 +136,7 @@ def main() -> int:
         try:
             reports.append(compile_variant(v))
         except Exception as exc:  # report every variant, not just the first failure
-            reports.append(Report(v.name, v.matrix, -1, -1, -1, -1, -1, False, False, False,
-                                  f"{type(exc).__name__}: {exc}"))
+            reports.append(Report(v.name, v.matrix, -1, -1, -1, -1, -1, False, False, error=f"{type(exc).__name__}: {exc}"))
     print(json.dumps([asdict(r) for r in reports], indent=1))
     return 0
 

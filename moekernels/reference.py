@@ -267,3 +267,74 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """The mean over tokens of logsumexp(logits)**2 (ST-MoE); no tokens give 0."""
     lse = torch.logsumexp(logits.to(acc_dtype(logits.dtype)), dim=-1)
     return lse.square().sum() / max(logits.shape[0], 1)
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+
+
+def _segments(offs: torch.Tensor, rows: int):
+    """(expert, start, end) of each segment. Reads offs on the host: the reference may sync."""
+    ends = [min(max(int(v), 0), rows) for v in offs.tolist()]
+    starts = [0] + ends[:-1]
+    return [(e, min(s, t), t) for e, (s, t) in enumerate(zip(starts, ends))]
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Reference of :func:`moekernels.grouped_mm`: y[seg e] = x[seg e] @ w[e] in float32 (float64
+    for float64), rows at or after offs[-1] zero."""
+    acc = acc_dtype(x.dtype)
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=acc, device=x.device)
+    for e, s, t in _segments(offs, x.shape[0]):
+        if t > s:
+            out[s:t] = x[s:t].to(acc) @ w[e].to(acc)
+    return out.to(x.dtype)
+
+
+def grouped_mm_dw(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None = None,
+                  gather_div: int = 1) -> torch.Tensor:
+    """dw[e] = A[seg e]^T @ grad[seg e] in float32 ([E, K, N], zeros for an empty expert), with
+    A[r] = a[a_index[r] // gather_div], or a itself."""
+    rows = permute_rows(a, a_index, gather_div) if a_index is not None else a
+    acc = acc_dtype(grad.dtype)
+    out = torch.zeros(offs.shape[0], a.shape[1], grad.shape[1], dtype=acc, device=a.device)
+    for e, s, t in _segments(offs, grad.shape[0]):
+        if t > s:
+            out[e] = rows[s:t].to(acc).T @ grad[s:t].to(acc)
+    return out.to(grad.dtype)
+
+
+def gated_activation(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up of z = [gate | up] ([M, 2N] -> [M, N]), in float32, returned in z's dtype:
+    silu (SwiGLU) or gelu (GeGLU, exact erf gelu)."""
+    gate, up = z.float().chunk(2, dim=-1)
+    act = torch.nn.functional.silu if activation == "silu" else torch.nn.functional.gelu
+    return (act(gate) * up).to(z.dtype)
+
+
+def gated_activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str) -> torch.Tensor:
+    """d(act(gate) * up) / dz for z = [gate | up]: [grad * up * act'(gate) | grad * act(gate)]."""
+    gate, up = z.float().chunk(2, dim=-1)
+    g = grad.float()
+    if activation == "silu":
+        sig = torch.sigmoid(gate)
+        act, d_act = gate * sig, sig * (1 + gate * (1 - sig))
+    else:  # gelu(x) = x * Phi(x), gelu'(x) = Phi(x) + x * phi(x)
+        cdf = 0.5 * (1 + torch.erf(gate * 0.7071067811865476))
+        act, d_act = gate * cdf, cdf + gate * torch.exp(-0.5 * gate * gate) * 0.3989422804014327
+    return torch.cat([g * up * d_act, g * act], dim=-1).to(z.dtype)
+
+
+def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor, top_k: int,
+                     gather: bool, activation: str, scatter_weights: torch.Tensor | None) -> torch.Tensor:
+    """The unfused composition of :func:`moekernels.grouped_gemm.grouped_mm_fused`: permute rows
+    (gather), grouped_mm, act(gate) * up (activation), then scale by the pair's router weight
+    and write to the pair's row (scatter_weights)."""
+    a = permute_rows(x, source_index, top_k) if gather else x
+    z = grouped_mm(a, w, offs)
+    h = gated_activation(z, activation) if activation else z
+    if scatter_weights is None:
+        return h
+    src = source_index.long()
+    out = torch.zeros_like(h)
+    out[src] = (h.float() * scatter_weights.reshape(-1)[src].float().unsqueeze(-1)).to(h.dtype)
+    return out

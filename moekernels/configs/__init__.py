@@ -6,6 +6,9 @@ count is never an input (a new T must not mean a new compile: decode steps vary 
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 from dataclasses import dataclass
 
 import triton
@@ -97,3 +100,95 @@ def loss_config(num_experts: int) -> LossConfig:
     """Router losses: whole rows of logits, about 4096 of them a program."""
     block_e = triton.next_power_of_2(num_experts)
     return LossConfig(BLOCK_T=max(1, 4096 // block_e), BLOCK_E=block_e, num_warps=8 if block_e >= 4096 else 4)
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_M: int  # token rows per tile (the reduction rows of the weight-gradient kernel)
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int  # tile rows per swizzle group (L2 reuse)
+    SWAP_AB: bool  # decode: compute the transposed tile, weight columns in wgmma's M
+    num_warps: int
+    num_stages: int
+
+
+# The rows-per-expert classes a config is chosen for: the average M/E rounded up to a power of
+# two in [16, 1024]. A decode step's token count changes every step; its class does not, so a
+# new T is at most a new class (nine in all), never a new compile per T.
+ROWS_CLASSES = (16, 32, 64, 128, 256, 512, 1024)
+GEMM_VARIANTS = ("plain", "gated", "scatter", "dw", "unaligned")
+_TABLE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def rows_class(rows: int, experts: int) -> int:
+    per_expert = -(-max(rows, 1) // max(experts, 1))
+    return min(max(triton.next_power_of_2(per_expert), ROWS_CLASSES[0]), ROWS_CLASSES[-1])
+
+
+def gemm_key(variant: str, rows_cls: int, n: int, k: int, dtype) -> str:
+    """The key of a tuned table entry: variant, dtype, rows class, N, K."""
+    return f"{variant}/{str(dtype).removeprefix('torch.')}/m{rows_cls}/n{n}/k{k}"
+
+
+def table_path(gpu: str) -> str:
+    return os.path.join(_TABLE_DIR, f"grouped_mm_{gpu}.json")
+
+
+@functools.cache
+def tuned_table(gpu: str | None) -> dict:
+    """The offline tuner's table for a GPU (benchmarks/tune_grouped_mm.py writes it), or {}."""
+    if gpu is None or not os.path.exists(table_path(gpu)):
+        return {}
+    with open(table_path(gpu)) as f:
+        return json.load(f)["configs"]
+
+
+def default_gemm_config(variant: str, rows_cls: int, itemsize: int) -> GemmConfig:
+    """The untuned choice. On sm_90 (ptxas, sm_90a): 128x128x64 at 8 warps and 3 stages is 98 KB
+    of shared memory and ~123 registers; the gated epilogue holds two accumulators, so it halves
+    BLOCK_N to keep them at 64 registers a thread. fp32 operands (tf32) halve BLOCK_K."""
+    bk = 64 if itemsize <= 2 else 32
+    if variant == "dw":  # [BLOCK_K, BLOCK_N] of the weight gradient, BLOCK_M rows reduced a step
+        return GemmConfig(64, 128, 128 if itemsize <= 2 else 64, 8, False, 8, 3)
+    if variant == "unaligned":
+        # Weight rows that are not 16-byte aligned (no model has them: a correctness fallback) go
+        # through plain loads, without cp.async pipelining, a 64-bit address per element: at
+        # 128x128x64 that spilled 44 bytes (ptxas, sm_90a); 64x64x32 at 4 warps does not.
+        return GemmConfig(64, 64, 32, 8, False, 4, 2)
+    if rows_cls <= 16:
+        # 1-16 rows per expert: the weights are the traffic (DeepSeek-V3 decode reads 14.7 MB per
+        # touched expert pair of GEMMs). Swap A/B: a 16-row token tile in wgmma's N, 64 weight
+        # columns in its M, deep K steps in flight (4 stages of 64x128 bf16: 64 KB).
+        bn = 64
+        return GemmConfig(16, bn, 2 * bk, 1, True, 4, 4)
+    if rows_cls <= 64:
+        return GemmConfig(64, 64 if variant == "gated" else 128, bk, 8, False, 4, 4)
+    return GemmConfig(128, 64 if variant == "gated" else 128, bk, 8, False, 8, 3)
+
+
+def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dtype, gpu: str | None = None
+                      ) -> GemmConfig:
+    """The tile config of one grouped GEMM: the tuned table entry of (variant, rows class, N, K,
+    dtype) on ``gpu`` ("h100", "h200") when there is one, else the default. Pure: no timing."""
+    if variant not in GEMM_VARIANTS:
+        raise ValueError(f"variant must be one of {GEMM_VARIANTS}, got {variant!r}")
+    cls = rows_class(rows, experts)
+    entry = tuned_table(gpu).get(gemm_key(variant, cls, n, k, dtype))
+    if entry is not None:
+        return GemmConfig(**entry)
+    return default_gemm_config(variant, cls, dtype.itemsize)
+
+
+HOPPER_SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KB usable per block)
+
+
+def programs_per_sm(cfg: GemmConfig, itemsize: int, b_tiles: int = 1) -> int:
+    """Persistent programs per SM: two when two fit in shared memory (and registers: 8 warps at
+    <= 128 registers, which the sm_90 compile test shows for the shipped prefill configs), so one
+    program's epilogue and tile lookup overlap the other's loads; else one."""
+    stage = (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N) * itemsize
+    return 2 if 2 * (cfg.num_stages * stage + 1024) <= HOPPER_SMEM_PER_SM else 1

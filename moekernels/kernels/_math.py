@@ -7,6 +7,8 @@ rounds once instead of twice and would change the bits (the sm_90 compile test c
 PTX for ``fma``).
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -50,3 +52,20 @@ def order_key(x):
     """float32 -> int32 whose signed order is the float order (-0.0 must be normalised first)."""
     bits = x.to(tl.int32, bitcast=True)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+# triton 3.6-3.9's interpreter multiplies the raw uint16 bits of bf16 dot operands: garbage.
+# Every tl.dot of the library goes through ``dot`` below, which upcasts the operands when
+# interpreting (fp16 and fp8 too: exact, the interpreter computes in float32 anyway). Read once
+# at import, like triton.jit reads TRITON_INTERPRET.
+INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def dot(a, b, acc):
+    """acc + a @ b, float32 accumulation; the one place that works around the interpreter."""
+    if INTERPRET:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc

@@ -1,0 +1,421 @@
+"""Stage 4, grouped GEMM: the expert weights applied to the expert-sorted rows.
+
+``grouped_mm(x, w, offs)``: ``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]``, rows at or
+after ``offs[-1]`` zero; the 2D x 3D case of ``torch._grouped_mm``. Differentiable:
+    dx = grouped_mm(dy, w^T)                  (the same kernel, the weight read transposed)
+    dw[e] = x[seg e]^T @ dy[seg e]            (a K-grouped GEMM, zeros for an empty expert)
+
+The fused variants the MoE layer needs (internal: :func:`grouped_mm_fused`) are the same
+kernel with a gather prologue (row r of x is ``x[source_index[r] // k]``: the permutation is
+never written), a gated epilogue (``act(gate) * up`` from the two halves of a [K, 2N] weight: the
+[M, 2N] product is never written) and a weighted-scatter epilogue (row r scaled by its pair's
+router weight and written to the pair's row ``source_index[r]`` of a [T*k, N] output, ready for
+the combine). Their backward recomputes the gate/up (or unscaled) product with one grouped GEMM
+instead of saving [M, 2N] activations, then runs the two gradient GEMMs above; the gather's
+backward is the unweighted combine of :func:`moekernels.permute`'s backward. Elementwise glue
+(the activation's derivative, the per-pair dot of the router-weight gradient) is torch.
+
+Backends: ``torch`` (reference.py, a loop over experts in float32) and ``triton``
+(kernels/_grouped_gemm.py). Everything is on the device: the tile schedule is built in the
+kernel from ``offs``, the grid is a static bound, and no call reads a tensor on the host, so
+the ops capture in CUDA graphs and trace under ``torch.compile(fullgraph=True)``.
+
+Dtypes: bfloat16 and float16 accumulate in float32. float32 inputs run on the tensor cores as
+tf32 (10-bit mantissa, as torch with ``allow_tf32``): about 1e-3 relative error on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+from . import _backend, _checks, configs, reference
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+ACTIVATIONS = {"": 0, "silu": 1, "gelu": 2}
+# Programs of the persistent grid under the interpreter: a few, so that each walks several
+# work items as it does on a GPU (one per SM there).
+INTERPRETER_PROGRAMS = 3
+
+
+@functools.cache
+def _gpu_props(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def gpu_name(device: torch.device) -> str | None:
+    """"h100" or "h200" (the tuned tables' names), else None. Cached: no query per call."""
+    if device.type != "cuda":
+        return None
+    name = _gpu_props(device.index if device.index is not None else torch.cuda.current_device()).name
+    return next((g for g in ("h200", "h100") if g in name.lower()), None)
+
+
+def num_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return _gpu_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs a 16-byte aligned base, unit inner stride and 16-byte outer strides."""
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
+
+
+def _weight_storage(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The [E, K, N] weight as the kernel reads it: itself (N inner), or the [E, N, K] tensor it is
+    a transposed view of (K inner, ``kmajor``: nn.Linear's storage, read in place)."""
+    if w.stride(2) == 1:
+        return w, False
+    if w.stride(1) == 1:
+        return w.transpose(1, 2), True
+    return w.contiguous(), False  # neither dim is unit-stride: one copy, then the fast path
+
+
+def _is_kmajor(w: torch.Tensor) -> bool:
+    return _weight_storage(w)[1]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1, c_index=None, c_scale=None):
+    """out[:, :N] = epilogue(A @ w[e]) over ``rows`` rows of A (x, or x gathered by a_index)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from .kernels._grouped_gemm import grouped_mm_kernel
+
+    num_experts, k, _ = w.shape
+    n = out.shape[1]
+    x = _rows(x)
+    storage, kmajor = _weight_storage(w)
+    a_tma = a_index is None and _tma_ok(x)
+    b_tma = _tma_ok(storage)
+    if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
+        variant = "unaligned"
+    cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device))
+    a = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [cfg.BLOCK_M, cfg.BLOCK_K]) if a_tma else x
+    block_b = [1, cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [1, cfg.BLOCK_K, cfg.BLOCK_N]
+    b = TensorDescriptor(storage, list(storage.shape), list(storage.stride()), block_b) if b_tma else storage
+    # Strides of the logical [E, K, N] weight, for the pointer path.
+    se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
+    bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
+    per_sm = configs.programs_per_sm(cfg, x.element_size(), 2 if act else 1) if x.is_cuda else 1
+    dummy = offs
+    with _backend.device_guard(x):
+        grouped_mm_kernel[(min(num_programs(x.device) * per_sm, bound),)](
+            a, a_index if a_index is not None else dummy, b, out, c_index if c_index is not None else dummy,
+            c_scale if c_scale is not None else out, offs,
+            rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
+            A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=a_index is not None, SCATTER=c_index is not None,
+            ACT=act, SWAP_AB=cfg.SWAP_AB, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+            BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+
+def _launch_dw(a, grad, offs, out, *, a_index=None, gather_div=1):
+    """out[e] = A[seg e]^T @ grad[seg e], out [E, K, N] of any strides."""
+    from .kernels._grouped_gemm import grouped_mm_dw_kernel
+
+    num_experts, k, n = out.shape
+    rows = grad.shape[0]
+    cfg = configs.grouped_mm_config("dw", rows, num_experts, n, k, a.dtype, gpu_name(a.device))
+    a, grad = _rows(a), _rows(grad)
+    # One program per work item: the hardware balances experts of unequal rows better than a
+    # static round-robin would.
+    items = num_experts * triton.cdiv(k, cfg.BLOCK_K) * triton.cdiv(n, cfg.BLOCK_N)
+    grid = min(items, num_programs(a.device)) if a.device.type != "cuda" else items
+    with _backend.device_guard(a):
+        grouped_mm_dw_kernel[(grid,)](
+            a, a_index if a_index is not None else offs, grad, out, offs,
+            rows, k, n, num_experts, gather_div, a.stride(0), grad.stride(0), *out.stride(),
+            GATHER=a_index is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
+            GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+
+def _choose(op, tensor, backend):
+    return _backend.choose(op, tensor.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
+
+
+def _new_weight_grad(w_shape, like: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """[E, K, N], laid out as the weight is: a transposed [E, N, K] tensor for nn.Linear storage,
+    so the gradient reaches the parameter without a copy."""
+    e, k, n = w_shape
+    if transposed:
+        return like.new_empty(e, n, k).transpose(1, 2)
+    return like.new_empty(e, k, n)
+
+
+# ----------------------------------------------------------------------------- grouped_mm
+
+
+@torch.library.custom_op("moekernels::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
+    # A data check, inside the op so that dynamo never traces it (fullgraph=True keeps working).
+    _checks.offsets_in_range("offs", offs, x.shape[0])
+    if _choose("grouped_mm", x, backend) == "torch":
+        return reference.grouped_mm(x, w, offs)
+    out = x.new_empty(x.shape[0], w.shape[2])
+    if out.numel():
+        if w.shape[1] == 0:
+            return out.zero_()
+        _launch(x, w, offs, out, variant="plain", rows=x.shape[0])
+    return out
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs, backend):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("moekernels::grouped_mm_dw", mutates_args=())
+def _grouped_mm_dw_op(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None,
+                      gather_div: int, transposed: bool, backend: str) -> torch.Tensor:
+    """dw[e] = A[seg e]^T @ grad[seg e], A[r] = a[a_index[r] // gather_div] (a itself without a_index)."""
+    out = _new_weight_grad((offs.shape[0], a.shape[1], grad.shape[1]), grad, transposed)
+    if _choose("grouped_mm", grad, backend) == "torch":
+        out.copy_(reference.grouped_mm_dw(a, grad, offs, a_index, gather_div))
+    elif out.numel():
+        _launch_dw(a, grad, offs, out, a_index=a_index, gather_div=gather_div)
+    return out
+
+
+@_grouped_mm_dw_op.register_fake
+def _(a, grad, offs, a_index, gather_div, transposed, backend):
+    return _new_weight_grad((offs.shape[0], a.shape[1], grad.shape[1]), grad, transposed)
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, w, offs, backend = inputs
+    ctx.save_for_backward(x, w, offs)
+    ctx.backend = backend
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, w, offs = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = _grouped_mm_op(grad, w.transpose(1, 2), offs, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_mm_dw_op(x, grad, offs, None, 1, _is_kmajor(w), ctx.backend)
+    return dx, dw, None, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+# ----------------------------------------------------------------------------- fused variants
+
+
+@torch.library.custom_op("moekernels::grouped_mm_fused", mutates_args=())
+def _fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor,
+              top_k: int, gather: bool, activation: str, scatter_weights: torch.Tensor | None,
+              backend: str) -> torch.Tensor:
+    rows = source_index.shape[0] if gather else x.shape[0]
+    _checks.offsets_in_range("offs", offs, rows)
+    width = w.shape[2] // 2 if activation else w.shape[2]
+    if _choose("grouped_mm", x, backend) == "torch":
+        return reference.grouped_mm_fused(x, w, offs, source_index, top_k, gather, activation, scatter_weights)
+    out = x.new_empty(rows, width)
+    if not out.numel():
+        return out
+    if w.shape[1] == 0:
+        return out.zero_()
+    scatter = scatter_weights is not None
+    _launch(x, w, offs, out, variant="gated" if activation else ("scatter" if scatter else "plain"), rows=rows,
+            act=ACTIVATIONS[activation], a_index=source_index if gather else None, gather_div=top_k,
+            c_index=source_index if scatter else None,
+            c_scale=scatter_weights.reshape(-1).contiguous() if scatter else None)
+    return out
+
+
+@_fused_op.register_fake
+def _(x, w, offs, source_index, top_k, gather, activation, scatter_weights, backend):
+    rows = source_index.shape[0] if gather else x.shape[0]
+    return x.new_empty(rows, w.shape[2] // 2 if activation else w.shape[2])
+
+
+def _fused_setup(ctx, inputs, output):
+    x, w, offs, source_index, top_k, gather, activation, scatter_weights, backend = inputs
+    ctx.save_for_backward(x, w, offs, source_index, scatter_weights)
+    ctx.top_k, ctx.gather, ctx.activation, ctx.backend = top_k, gather, activation, backend
+
+
+def _fused_backward(ctx, grad):
+    x, w, offs, source_index, scatter_weights = ctx.saved_tensors
+    k, backend = ctx.top_k, ctx.backend
+    # The product before the epilogue, recomputed ([M, 2N] with an activation: not saved).
+    z = _fused_op(x, w, offs, source_index, k, ctx.gather, "", None, backend)
+    grad_sw = None
+    if scatter_weights is not None:
+        src = source_index.long()
+        h = reference.gated_activation(z, ctx.activation) if ctx.activation else z
+        g = grad.index_select(0, src).float()
+        grad_sw = torch.zeros_like(scatter_weights.reshape(-1), dtype=torch.float32)
+        grad_sw[src] = (g * h.float()).sum(-1)
+        grad_sw = grad_sw.view_as(scatter_weights).to(scatter_weights.dtype)
+        grad = (g * scatter_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)).to(z.dtype)
+    if ctx.activation:
+        grad = reference.gated_activation_backward(grad, z, ctx.activation)
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = _grouped_mm_op(grad, w.transpose(1, 2), offs, backend)
+        if ctx.gather:
+            from .permute import _permute_backward_op
+
+            dest = torch.empty_like(source_index)
+            dest[source_index.long()] = torch.arange(source_index.shape[0], device=dest.device, dtype=dest.dtype)
+            dx = _permute_backward_op(dx, dest, k, backend)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_mm_dw_op(x, grad, offs, source_index if ctx.gather else None, k, _is_kmajor(w), backend)
+    return dx, dw, None, None, None, None, None, grad_sw, None
+
+
+_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _check(x, w, offs):
+    _checks.tensor("x", x, ndim=2, dtypes=DTYPES)
+    _checks.tensor("w", w, ndim=3, dtypes=(x.dtype,), device=x.device)
+    _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
+    if offs.shape[0] != w.shape[0]:
+        raise ValueError(f"offs must have one entry per expert: w has E={w.shape[0]}, offs has {offs.shape[0]}")
+    if w.shape[1] != x.shape[1]:
+        raise ValueError(f"K mismatch: x is [M, K={x.shape[1]}] but w is [E, K={w.shape[1]}, N]")
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Grouped GEMM over row segments: ``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]``.
+
+    Args:
+        x: [M, K] bfloat16, float16 or float32 (tf32 on the GPU), rows sorted by expert.
+        w: [E, K, N], x's dtype: contiguous, or the transposed view ``w_t.transpose(1, 2)`` of an
+            [E, N, K] tensor (nn.Linear's layout, read in place, never copied).
+        offs: [E] int32, the cumulative ends of the segments (``RoutingPlan.expert_offsets``),
+            non-decreasing, ``offs[-1] <= M``. Segments need no padding.
+        backend: ``"torch"``, ``"triton"`` or None (automatic).
+
+    Returns:
+        [M, N] in x's dtype, accumulated in float32; rows at or after ``offs[-1]`` are zero.
+        Differentiable with respect to x and w (``torch._grouped_mm``'s 2D x 3D semantics).
+    """
+    _check(x, w, offs)
+    return _grouped_mm_op(x, w, offs, backend or "")
+
+
+def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, source_index: torch.Tensor | None = None,
+                     top_k: int = 1, gather: bool = False, activation: str | None = None,
+                     scatter_weights: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """The grouped GEMM with the MoE layer's fusions (internal API; see the module doc).
+
+    Args:
+        x: [M, K] sorted rows, or with ``gather`` [T, K] token rows: row r of the product is
+            ``x[source_index[r] // top_k]`` (M = T*k = len(source_index)).
+        w: [E, K, N], or [E, K, 2N] with ``activation`` (gate columns, then up), as in grouped_mm.
+        offs: [E] int32 segment ends over the M sorted rows.
+        source_index: [M] int32, ``RoutingPlan.source_index``: needed by gather and scatter.
+        activation: None, ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU, exact erf gelu): the output is
+            ``act(gate) * up``, [M, N].
+        scatter_weights: [T, k] router weights: row r is scaled by ``scatter_weights.flat[p]`` and
+            written to row ``p = source_index[r]`` of a [T*k, N] output (token-major pairs), so
+            the combine is ``out.view(T, k, N).sum(1)``. Dropped pairs' rows are zero.
+
+    Differentiable with respect to x, w and scatter_weights.
+    """
+    activation = activation or ""
+    _checks.choice("activation", activation, tuple(ACTIVATIONS))
+    _check(x, w, offs)
+    if gather or scatter_weights is not None:
+        if source_index is None:
+            raise ValueError("source_index is required with gather or scatter_weights")
+        _checks.tensor("source_index", source_index, ndim=1, dtypes=(torch.int32,), device=x.device)
+    rows = source_index.shape[0] if gather else x.shape[0]
+    if activation and w.shape[2] % 2:
+        raise ValueError(f"w must be [E, K, 2N] (gate, then up) with activation, got N={w.shape[2]}")
+    if gather:
+        _checks.integer("top_k", top_k, low=1)
+        if rows != x.shape[0] * top_k:
+            raise ValueError(f"source_index has {rows} pairs but x has {x.shape[0]} tokens of top_k={top_k}")
+    if scatter_weights is not None:
+        _checks.tensor("scatter_weights", scatter_weights, ndim=2, device=x.device,
+                       dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        if scatter_weights.numel() != rows or source_index.shape[0] != rows:
+            raise ValueError(f"scatter_weights must hold one weight per row: {rows} rows, "
+                             f"got shape {tuple(scatter_weights.shape)}")
+        top_k = scatter_weights.shape[1]
+    if source_index is None:
+        source_index = offs.new_empty(0)
+    return _fused_op(x, w, offs, source_index, top_k, gather, activation, scatter_weights, backend or "")
+
+
+# ----------------------------------------------------------------------------- sm_90 variants
+
+# (variant, rows per expert, N, K, dtype, weight storage): the shipped configs compiled for sm_90
+# by the test suite. Every rows class of the default table, both weight storages, each fusion.
+SM90_GEMMS = {
+    "plain_decode_bf16_kmajor": ("plain", 1, 4096, 7168, torch.bfloat16, True),
+    "plain_m64_bf16": ("plain", 64, 2048, 768, torch.bfloat16, False),
+    "plain_prefill_bf16_kmajor": ("plain", 512, 1536, 2048, torch.bfloat16, True),
+    "plain_prefill_fp16": ("plain", 512, 28672, 4096, torch.float16, False),
+    "plain_prefill_fp32": ("plain", 512, 3072, 4096, torch.float32, True),
+    "gather_prefill_bf16_kmajor": ("gather", 512, 1536, 2048, torch.bfloat16, True),
+    # Rows or weight strides not 16-byte aligned (K or N odd): pointer loads on both operands.
+    "unaligned_prefill_bf16_kmajor": ("unaligned", 512, 1536, 2048, torch.bfloat16, True),
+    "gated_decode_bf16_kmajor": ("gated", 8, 2048, 7168, torch.bfloat16, True),
+    "gated_prefill_bf16_kmajor": ("gated", 512, 768, 2048, torch.bfloat16, True),
+    "scatter_prefill_bf16_kmajor": ("scatter", 512, 2048, 768, torch.bfloat16, True),
+    "scatter_decode_bf16_kmajor": ("scatter", 4, 7168, 2048, torch.bfloat16, True),
+    "dw_bf16": ("dw", 512, 1536, 2048, torch.bfloat16, False),
+    "dw_gather_fp16": ("dw_gather", 512, 1536, 2048, torch.float16, False),
+}
+
+
+def sm90_variants():
+    from . import _sm90
+    from .kernels import _grouped_gemm as k
+
+    out = []
+    for name, (variant, per_expert, n, kdim, dtype, kmajor) in SM90_GEMMS.items():
+        cfg_variant = {"gather": "plain", "dw_gather": "dw"}.get(variant, variant)
+        cfg = configs.grouped_mm_config(cfg_variant, per_expert * 128, 128, n, kdim, dtype)
+        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ptr = _sm90.ptr(dtype)
+        if cfg_variant == "dw":
+            # stride_cn = 1 (a contiguous gradient): Triton specialises an integer argument of 1.
+            cx = dict(GATHER=variant == "dw_gather", BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
+                      GROUP_M=cfg.GROUP_M, stride_cn=1)
+            sig = _sm90.signature(k.grouped_mm_dw_kernel, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32",
+                                  offs_ptr="*i32")
+            out.append(_sm90.Variant(f"grouped_mm/{name}", k.grouped_mm_dw_kernel, sig, cx, opts, matrix=True,
+                                     aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce",
+                                              "stride_ck")))
+            continue
+        gather, pointers = variant == "gather", variant in ("gather", "unaligned")
+        cx = dict(A_TMA=not pointers, B_TMA=variant != "unaligned", B_KMAJOR=kmajor, GATHER=gather, SCATTER=variant == "scatter",
+                  ACT=1 if variant == "gated" else 0, SWAP_AB=cfg.SWAP_AB, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                  BLOCK_K=cfg.BLOCK_K, BLOCK_E=128, GROUP_M=cfg.GROUP_M)
+        if variant == "unaligned":  # the weight's unit stride, which Triton specialises as the constant 1
+            cx["stride_bk" if kmajor else "stride_bn"] = 1
+        elem = ptr.removeprefix("*")
+        block_b = [1, cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [1, cfg.BLOCK_K, cfg.BLOCK_N]
+        a_type = ptr if pointers else f"tensordesc<{elem}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
+        b_type = ptr if variant == "unaligned" else f"tensordesc<{elem}[{', '.join(map(str, block_b))}]>"
+        sig = _sm90.signature(k.grouped_mm_kernel, cx, a=a_type, b=b_type,
+                              c_ptr=ptr, c_index_ptr="*i32", c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32")
+        # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
+        # pipelining of the pointer loads depends on it.
+        out.append(_sm90.Variant(f"grouped_mm/{name}", k.grouped_mm_kernel, sig, cx, opts, matrix=True,
+                                 aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ())))
+    return out

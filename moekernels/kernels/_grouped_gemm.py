@@ -1,0 +1,211 @@
+"""Grouped GEMM over expert segments of the rows: y[offs[e-1]:offs[e]] = a[...] @ b[e].
+
+``grouped_mm_kernel`` is persistent: ``num_programs`` programs (one per SM on a GPU) walk the
+(expert, M tile, N tile) work items round-robin. The schedule is built on the device: each
+program loads ``offs`` once as a [BLOCK_E] vector, turns it into per-expert tile counts and
+their running sum, and finds the expert of a work item with one vector compare (no host sync,
+so the launch is CUDA-graph safe and its grid is a static bound). After the experts' tiles come
+the tail tiles, rows offs[E-1]..M, which get zeros (``torch._grouped_mm``'s rows past the last
+group) from the same code with no K steps. Within an expert, tiles go in GROUP_M swizzled
+order, so consecutive work items reuse the same weight columns and token rows from L2.
+
+Operands: ``a`` rows come through a TMA descriptor (A_TMA) or, when gathered (GATHER: row r is
+``a[a_index[r] // gather_div]``, the permutation of the MoE layer never written out) or not
+16-byte aligned, through masked pointer loads. ``b`` is the [E, K, N] weight, through a 3-D TMA
+descriptor of block [1, BK, BN] (B_TMA), or of block [1, BN, BK] over the [E, N, K] storage of
+``nn.Linear`` (B_KMAJOR: the transposed view is read in place, never copied); the expert index
+is a descriptor coordinate, so the K tail is zero-filled per expert and never reads the next
+expert's rows. Rows past a segment's end are read (the next expert's rows) but never stored.
+
+Epilogues: ACT (1 silu, 2 gelu) computes ``act(a @ b[:, :N]) * (a @ b[:, N:2N])`` from two
+accumulators, so the [M, 2N] gate/up product is never written; SCATTER writes row r to
+``c[c_index[r]]`` scaled by the float32 ``c_scale[c_index[r]]`` (the router weight of the pair),
+ready for the combine. SWAP_AB (decode, at most 16 rows per tile) computes the transposed tile
+``b^T a^T``: the weight columns fill wgmma's 64-row M and the few tokens its N of 16, instead of
+padding 1-16 token rows to 64.
+
+``grouped_mm_dw_kernel`` is the K-grouped product of the weight gradient,
+dw[e] = a[seg e]^T @ b[seg e]: one work item per (expert, K tile, N tile), a loop over the
+expert's rows, masked at the segment's end (the rows of other experts must not enter the sum),
+and zeros for an expert with no rows.
+
+Row offsets are int64 (a[M, K] with M*K past 2**31 at DeepSeek-V3 prefill: 131072 x 7168 = 9.4e8
+elements, twice that for K = 14336); tile coordinates stay int32.
+"""
+
+import triton
+import triton.language as tl
+
+from ._math import dot
+
+
+@triton.jit
+def _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M: tl.constexpr, num_n, BLOCK_E: tl.constexpr):
+    """Per expert (a [BLOCK_E] vector): segment start and end (clamped to [0, num_rows], so that
+    offs past M can never address memory), its tiles, and their inclusive running sum."""
+    e = tl.arange(0, BLOCK_E)
+    ok = e < num_experts
+    ends = tl.minimum(tl.maximum(tl.load(offs_ptr + e, mask=ok, other=0), 0), num_rows)
+    starts = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=ok & (e > 0), other=0), 0), num_rows)
+    tiles = tl.where(ok, tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M) * num_n, 0)
+    return e, starts, ends, tiles, tl.cumsum(tiles, 0)
+
+
+@triton.jit
+def _swizzle(local, num_m, num_n, GROUP_M: tl.constexpr):
+    """Tile ``local`` of a num_m x num_n grid, in column groups of GROUP_M rows (L2 reuse)."""
+    width = GROUP_M * num_n
+    first_m = (local // width) * GROUP_M
+    size = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (local % width) % size, (local % width) // size
+
+
+@triton.jit
+def _load_a(a, a_index_ptr, rows, row_ok, row0, k0, num_k, gather_div, stride_am,
+            A_TMA: tl.constexpr, GATHER: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of a at rows ``rows`` (or their gathered sources), K from k0."""
+    # Constexpr branches as if/else: the compiler, unlike the interpreter, would still build
+    # the code after an early return (and a descriptor has no pointer arithmetic).
+    if A_TMA:
+        tile = a.load([row0, k0])
+    else:
+        src = rows
+        if GATHER:
+            src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // gather_div
+        k = k0 + tl.arange(0, BLOCK_K)
+        ptrs = a + src.to(tl.int64)[:, None] * stride_am + k[None, :]
+        tile = tl.load(ptrs, mask=row_ok[:, None] & (k < num_k)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _load_b(b, e, k0, n0, num_k, width_b, stride_be, stride_bk, stride_bn,
+            B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of expert e's [K, width_b] weight at (k0, n0)."""
+    if B_TMA:
+        if B_KMAJOR:
+            tile = tl.trans(b.load([e, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+        else:
+            tile = b.load([e, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    elif B_KMAJOR:  # [BLOCK_N, BLOCK_K] in storage order (K contiguous: coalesced), then transposed
+        k = k0 + tl.arange(0, BLOCK_K)
+        n = n0 + tl.arange(0, BLOCK_N)
+        ptrs = b + e.to(tl.int64) * stride_be + n.to(tl.int64)[:, None] * stride_bn + k[None, :] * stride_bk
+        tile = tl.trans(tl.load(ptrs, mask=(n < width_b)[:, None] & (k < num_k)[None, :], other=0.0))
+    else:
+        k = k0 + tl.arange(0, BLOCK_K)
+        n = n0 + tl.arange(0, BLOCK_N)
+        ptrs = b + e.to(tl.int64) * stride_be + k.to(tl.int64)[:, None] * stride_bk + n[None, :] * stride_bn
+        tile = tl.load(ptrs, mask=(k < num_k)[:, None] & (n < width_b)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _mma(a, b, acc, SWAP_AB: tl.constexpr):
+    """acc + a @ b, or, SWAP_AB, its transpose: acc^T + b^T @ a^T."""
+    if SWAP_AB:
+        acc = dot(tl.trans(b), tl.trans(a), acc)
+    else:
+        acc = dot(a, b, acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_ptr,
+                      num_rows, N, K, num_experts, gather_div, stride_am, stride_be, stride_bk, stride_bn,
+                      stride_cm,
+                      A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, GATHER: tl.constexpr,
+                      SCATTER: tl.constexpr, ACT: tl.constexpr, SWAP_AB: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                      GROUP_M: tl.constexpr):
+    """c[r, :N] = epilogue(a[r] @ b[e]) for the rows r of expert e's segment; zeros past offs[E-1].
+
+    N is the output width; with ACT the weight is [K, 2N], gate columns first, then up.
+    """
+    num_n = tl.cdiv(N, BLOCK_N)
+    num_k_tiles = tl.cdiv(K, BLOCK_K)
+    width_b = N * 2 if ACT != 0 else N
+    e_idx, starts, ends, tiles, cum = _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M, num_n, BLOCK_E)
+    total = tl.sum(tiles, 0)
+    last = tl.sum(tl.where(e_idx == num_experts - 1, ends, 0), 0)
+    work = total + tl.cdiv(num_rows - last, BLOCK_M) * num_n
+    acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N)
+    for t in range(tl.program_id(0), work, tl.num_programs(0)):
+        in_expert = t < total
+        # One reduction finds both the expert of t (how many experts' tiles all come before it)
+        # and the tiles before that expert: count in the high half of an int64, tiles in the
+        # low half. A cross-warp reduction costs a shared-memory round trip (~200 cycles);
+        # one per work item instead of four is ~1% of a 128x128x2048 tile's ~18k cycles.
+        before = tl.sum(tl.where(cum <= t, tiles.to(tl.int64) + (1 << 32), 0), 0)
+        e = (before >> 32).to(tl.int32)
+        end = tl.minimum(tl.maximum(tl.load(offs_ptr + e, mask=in_expert, other=0), 0), num_rows)
+        start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=in_expert & (e > 0), other=0), 0), end)
+        start = tl.where(in_expert, start, last)
+        end = tl.where(in_expert, end, num_rows)
+        local = t - tl.where(in_expert, (before & 0xFFFFFFFF).to(tl.int32), total)
+        pid_m, pid_n = _swizzle(local, tl.cdiv(end - start, BLOCK_M), num_n, GROUP_M)
+        row0 = start + pid_m * BLOCK_M
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros(acc_shape, dtype=tl.float32)
+        acc_up = tl.zeros(acc_shape, dtype=tl.float32)
+        for kk in range(0, tl.where(in_expert, num_k_tiles, 0)):  # tail tiles: no K steps, zeros
+            k0 = kk * BLOCK_K
+            a_tile = _load_a(a, a_index_ptr, rows, row_ok, row0, k0, K, gather_div, stride_am, A_TMA, GATHER, BLOCK_K)
+            b_tile = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
+                             BLOCK_N)
+            acc = _mma(a_tile, b_tile, acc, SWAP_AB)
+            if ACT != 0:
+                up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
+                             BLOCK_K, BLOCK_N)
+                acc_up = _mma(a_tile, up, acc_up, SWAP_AB)
+        if SWAP_AB:
+            acc = tl.trans(acc)
+            acc_up = tl.trans(acc_up)
+        if ACT == 1:  # silu(gate) * up
+            acc = acc * tl.sigmoid(acc) * acc_up
+        elif ACT == 2:  # gelu(gate) * up, the exact (erf) gelu of torch's default
+            acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476)) * acc_up
+        out_rows = rows
+        if SCATTER:
+            out_rows = tl.load(c_index_ptr + rows, mask=row_ok, other=0)
+            acc = acc * tl.load(c_scale_ptr + out_rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ptrs = c_ptr + out_rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
+        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def grouped_mm_dw_kernel(a_ptr, a_index_ptr, b_ptr, c_ptr, offs_ptr,
+                         num_rows, K, N, num_experts, gather_div, stride_am, stride_bm, stride_ce, stride_ck,
+                         stride_cn,
+                         GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                         GROUP_M: tl.constexpr):
+    """c[e] = a[seg e]^T @ b[seg e] ([K, N] per expert; zeros for an empty one), a[r] gathered
+    from ``a[a_index[r] // gather_div]`` with GATHER. Loads are masked pointer loads: a segment
+    ends mid-tile, and a TMA box would bring the next expert's rows into the sum."""
+    num_kt = tl.cdiv(K, BLOCK_K)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_expert = num_kt * num_n
+    for t in range(tl.program_id(0), num_experts * per_expert, tl.num_programs(0)):
+        e = t // per_expert
+        pid_k, pid_n = _swizzle(t % per_expert, num_kt, num_n, GROUP_M)
+        end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), num_rows)
+        start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0), num_rows)
+        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for r0 in range(start, end, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            src = rows
+            if GATHER:
+                src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // gather_div
+            a = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_am + k[None, :],
+                        mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+            b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + n[None, :],
+                        mask=row_ok[:, None] & (n < N)[None, :], other=0.0)
+            acc = dot(tl.trans(a), b, acc)
+        ptrs = c_ptr + e.to(tl.int64) * stride_ce + k.to(tl.int64)[:, None] * stride_ck + n[None, :] * stride_cn
+        tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(k < K)[:, None] & (n < N)[None, :])
