@@ -29,6 +29,7 @@ BENCHMARKS = {
     "route": "benchmarks.bench_route",
     "plan": "benchmarks.bench_plan",
     "permute": "benchmarks.bench_permute",
+    "grouped_gemm": "benchmarks.bench_grouped_gemm",
 }
 
 NO_GPU = ("no CUDA GPU found: kernel timings (triton, cuda) need a CUDA GPU; "

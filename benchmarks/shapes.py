@@ -39,6 +39,31 @@ GPT_OSS_120B = MoEShape("gpt-oss-120b", hidden=2880, intermediate=2880, experts=
 SHAPES = {s.name: s for s in (DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, QWEN3_235B_A22B, GPT_OSS_120B)}
 
 
+@dataclass(frozen=True)
+class GemmShape:
+    """One grouped GEMM of an MoE layer: E experts' [K, N] weights (y = x @ w[e])."""
+    name: str
+    experts: int  # E
+    k: int
+    n: int
+
+
+def _gemm(shape: MoEShape, proj: str, k: int, n: int, experts: int | None) -> GemmShape:
+    # Fewer experts than the model has: the slice one GPU holds under expert parallelism.
+    suffix = f" E{experts}" if experts is not None and experts != shape.experts else ""
+    return GemmShape(f"{shape.name} {proj}{suffix}", experts or shape.experts, k, n)
+
+
+def gate_up(shape: MoEShape, experts: int | None = None) -> GemmShape:
+    """The first expert GEMM: K = H, N = 2I (gate and up projections in one weight)."""
+    return _gemm(shape, "gate_up", shape.hidden, 2 * shape.intermediate, experts)
+
+
+def down(shape: MoEShape, experts: int | None = None) -> GemmShape:
+    """The second expert GEMM: K = I, N = H."""
+    return _gemm(shape, "down", shape.intermediate, shape.hidden, experts)
+
+
 def balanced_ids(shape: MoEShape, tokens: int, device: str) -> torch.Tensor:
     """int32 [T, k] expert ids, k distinct per token and uniform over E: a balanced router's."""
     return torch.rand(tokens, shape.experts, device=device).topk(shape.top_k, dim=1).indices.int()

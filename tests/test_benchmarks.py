@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import moekernels
-from benchmarks import bench_permute, bench_plan, bench_route, harness, run
-from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B
+from benchmarks import bench_grouped_gemm, bench_permute, bench_plan, bench_route, harness, run, tune_grouped_mm
+from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, GemmShape
+from moekernels import _backend, configs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -249,3 +250,267 @@ def test_plan_and_permute_notes_report_the_targets():
         "permute deepseek-v3 permute T=16384 triton: 85% of the copy bandwidth, target >= 80%: met",
         "permute deepseek-v3 unpermute T=16384 triton: 50% of the copy bandwidth, target >= 80%: not met",
     ]
+
+
+# ---------------------------------------------------------------- grouped GEMM
+
+gg = bench_grouped_gemm
+
+
+def test_grouped_gemm_cpu_dry_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    assert run.main(["--quick", "--out", str(tmp_path), "--only", "grouped_gemm", "--tokens", "1,16"]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["roofline"] is None and run.NO_GPU in payload["notes"]
+    records = payload["results"]
+    (shape,) = gg.CPU_GEMMS
+    assert (shape.experts, shape.k, shape.n) == (16, 256, 192)  # an eighth of Qwen3-30B-A3B's gate_up
+    assert {(r["group"], r["x"], r["impl"]) for r in records} == {
+        (f"{shape.name} {p} {load}", rows, impl) for p in ("fwd", "fwd+bwd") for load in ("balanced", "zipf")
+        for rows in (1, 16) for impl in ("naive", "torch")}
+    for r in records:
+        assert r["error"] is None, r
+        backward = r["params"]["pass"] == "fwd+bwd"
+        m = r["x"] * shape.experts
+        assert r["x_name"] == "rows/expert" and r["params"]["M"] == m
+        assert r["flops"] == (3 if backward else 1) * 2 * m * shape.k * shape.n
+        assert r["bytes"] == gg.grouped_mm_bytes(m, shape.k, shape.n, shape.experts, r["params"]["touched_experts"],
+                                                 2, backward)
+        assert r["bound"] == "memory"  # <= 64 rows per expert
+        assert r["tflops"] > 0 and r["gbps"] > 0 and r["roofline_fraction"] is None
+        if r["impl"] == "torch":
+            assert r["check"]["ok"] and r["check"]["rel_err"] <= gg.RTOL and r["check"]["naive_rel_err"] <= gg.RTOL
+    zipf_1 = next(r for r in records if r["group"].endswith("fwd zipf") and r["x"] == 1)
+    assert zipf_1["params"]["touched_experts"] < shape.experts  # Zipf leaves experts without rows
+    assert "| case | rows/expert | impl |" in (tmp_path / "bench.md").read_text()
+
+
+def test_grouped_gemm_counts_flops_and_bytes():
+    # Qwen3-30B-A3B's gate_up at 512 rows per expert: M = 65536, K 2048, N 1536, all 128 experts touched.
+    m, k, n, e = 65536, 2048, 1536, 128
+    assert gg.grouped_mm_flops(m, k, n, False) == 2 * m * k * n  # 412 GFLOP
+    assert gg.grouped_mm_flops(m, k, n, True) == 6 * m * k * n
+    fwd = (m * k + e * k * n + m * n) * 2 + e * 4
+    assert gg.grouped_mm_bytes(m, k, n, e, e, 2, False) == fwd
+    # fwd+bwd: dy read, dx and every expert's dw written once more.
+    assert gg.grouped_mm_bytes(m, k, n, e, e, 2, True) == fwd + (m * n + m * k + e * k * n) * 2
+    # Decode: 3 experts touched of 128, dw still written for all of them.
+    assert gg.grouped_mm_bytes(3, k, n, e, 3, 2, False) == (3 * k + 3 * k * n + 3 * n) * 2 + e * 4
+
+
+def test_expert_counts_balanced_and_zipf():
+    assert gg.expert_counts("balanced", 10, 4) == [3, 3, 2, 2]
+    zipf = gg.expert_counts("zipf", 128 * 512, 128)
+    assert sum(zipf) == 128 * 512 and zipf == sorted(zipf, reverse=True)
+    assert zipf[0] == pytest.approx(128 * 512 / sum(1 / (i + 1) for i in range(128)), abs=1)  # 18% of the rows
+    decode = gg.expert_counts("zipf", 128, 128)
+    assert sum(decode) == 128 and 0 in decode
+
+
+def _tiny_inputs(backward, load="zipf"):
+    # 8 experts, a row each on average: Zipf gives [3, 1, 1, 1, 1, 1, 0, 0], shuffled.
+    shape = GemmShape("tiny", 8, 32, 48)
+    counts = gg.expert_counts(load, 8, shape.experts)
+    (inp,) = gg._inputs(shape, counts, backward, "cpu")()
+    return inp
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_grouped_gemm_implementations_agree_on_cpu(backward):
+    """Every implementation of the GPU suite, on CPU tensors (torch._grouped_mm's backward fails
+    on the CPU; Triton under the interpreter), checked as the harness checks them."""
+    inp = _tiny_inputs(backward)
+    assert 0 in inp.sizes
+    naive = gg.timed(gg.naive_autograd if backward else gg.naive_forward, backward)(inp)
+    impls = {"torch": gg.library("torch")} | ({} if backward else {"native": gg.native})
+    if _backend.interpreting():
+        impls["triton"] = gg.library("triton")
+    for name, fn in impls.items():
+        check = gg.compare(gg.timed(fn, backward)(inp), naive)
+        assert check["ok"] and check["naive_rel_err"] <= 2**-8, (name, check)
+    outs, none = gg.timed(gg.dense, backward, grouped=False)(inp)
+    assert none is None and gg.compare((outs, none), naive) is None  # dense: another product, no check
+    assert outs[0].shape == (8, 48) and (not backward or outs[2].shape == inp.w0.shape)
+
+
+def test_grouped_gemm_check_catches_wrong_outputs():
+    inp = _tiny_inputs(True)
+    naive = gg.timed(gg.naive_autograd, True)(inp)
+    (y, dx, dw), _ = naive
+    busiest = max(range(8), key=inp.sizes.__getitem__)
+    wrong_dw = dw.clone()
+    wrong_dw[busiest] *= 1.1
+    assert not gg.compare(((y, dx, wrong_dw), inp), naive)["ok"]
+    ghost = dw.clone()
+    ghost[inp.sizes.index(0)] = 1.0  # a gradient for an expert that saw no row
+    assert not gg.compare(((y, dx, ghost), inp), naive)["ok"]
+    wrong_y = y.detach().clone()
+    wrong_y[-1] += 1.0  # the last row, which the check always samples
+    assert not gg.compare(((wrong_y,), inp), naive)["ok"]
+
+
+def test_grouped_gemm_gpu_sweeps():
+    quick = gg.cases("cuda", quick=True)  # builds cases only: no input is made
+    for c in quick:  # naive first: the harness's speed-ups and checks are against it
+        assert list(c.impls) == ["naive", "native", "dense", "triton"]
+        assert c.bound == ("memory" if c.x <= 64 else "compute") and c.eager == ("torch",)
+    # Both loads; the fwd+bwd at 4096 rows per expert (9.9 TFLOP) is past QUICK_MAX_FLOPS.
+    want = {("fwd", r) for r in (1, 16, 512, 4096)} | {("fwd+bwd", r) for r in (1, 16, 512)}
+    for load in gg.LOADS:
+        assert {(c.params["pass"], c.x) for c in quick if c.params["load"] == load} == want
+    assert {c.group.split()[0] for c in quick} == {"qwen3-30b-a3b"}
+
+    full = gg.cases("cuda", quick=False)
+    assert all(c.flops <= gg.MAX_FLOPS for c in full)
+    assert all(("torch" in c.impls) == (c.flops <= gg.TORCH_MAX_FLOPS) for c in full)
+    groups = {c.group for c in full}
+    assert {"deepseek-v3 gate_up E32 fwd zipf", "deepseek-v3 down fwd+bwd balanced",
+            "mixtral-8x7b gate_up fwd balanced", "qwen3-235b-a22b gate_up fwd+bwd zipf"} <= groups
+    # 17.6 TFLOP at most: Mixtral's forward at 8192 rows per expert (15.4) runs, its fwd+bwd does not.
+    mixtral = {(c.params["pass"], c.x) for c in full if c.group.startswith("mixtral")}
+    assert ("fwd", 8192) in mixtral and ("fwd+bwd", 8192) not in mixtral
+
+
+def _gg_record(group, x, impl, us, *, pass_name="fwd", tflops=None, frac=None, vs_native=None,
+               weight_bytes=0, nbytes=1):
+    return {"bench": "grouped_gemm", "group": group, "x": x, "impl": impl, "error": None,
+            "time_us": {"median": us}, "tflops": tflops, "roofline_fraction": frac,
+            "speedup_vs_native": vs_native, "bytes": nbytes,
+            "params": {"pass": pass_name, "weight_bytes": weight_bytes}}
+
+
+def test_grouped_gemm_notes_report_the_targets():
+    g, gb = "qwen3-30b-a3b gate_up fwd balanced", "qwen3-30b-a3b gate_up fwd+bwd balanced"
+    records = [
+        _gg_record(g, 512, "dense", 600.0, tflops=700.0),
+        _gg_record(g, 512, "triton", 700.0, tflops=600.0, vs_native=1.2),
+        _gg_record(g, 4096, "dense", 5000.0, tflops=700.0),
+        _gg_record(g, 4096, "triton", 6000.0, tflops=500.0, vs_native=1.05),
+        _gg_record(gb, 512, "triton", 2000.0, vs_native=1.3, pass_name="fwd+bwd"),
+        # 800 MB of weights (of 1 GB moved) in 250 us: 3,200 GB/s, at 94% of the copy rate for all bytes
+        _gg_record(g, 1, "triton", 250.0, frac=0.94, weight_bytes=800_000_000, nbytes=1_000_000_000),
+        _gg_record(g, 16, "triton", 400.0, frac=0.5, weight_bytes=800_000_000, nbytes=1_000_000_000),
+        _gg_record(g, 1, "naive", 900.0, frac=0.2, weight_bytes=800_000_000, nbytes=1_000_000_000),
+    ]
+    lines = gg.notes(records)
+    assert lines == [
+        "grouped_gemm forward at >= 512 rows/expert, triton vs torch._grouped_mm: target >= 1.10: met in 1 of 2; "
+        f"worst {g} rows/expert=4096: 1.05",
+        "grouped_gemm forward at >= 512 rows/expert, triton TFLOP/s of dense torch.mm's: target >= 80%: met in 1 of 2; "
+        f"worst {g} rows/expert=4096: 71%",
+        "grouped_gemm fwd+bwd at >= 512 rows/expert, triton vs torch._grouped_mm: target >= 1.10: met in 1 of 1; "
+        f"worst {gb} rows/expert=512: 1.30",
+        "grouped_gemm forward at <= 64 rows/expert, triton of the touched weights' read floor: target >= 70%: "
+        f"met in 1 of 2; worst {g} rows/expert=16: 40%",
+        f"grouped_gemm {g} triton, GB/s of the touched experts' weights (of the copy bandwidth) by rows/expert: "
+        "1: 3,200 (75%), 16: 2,000 (40%)",
+    ]
+    assert gg.notes([r for r in records if r["impl"] != "triton"]) == []
+
+
+# ---------------------------------------------------------------- the grouped GEMM tuner
+
+tune = tune_grouped_mm
+
+
+@pytest.mark.parametrize("variant", tune.VARIANTS)
+@pytest.mark.parametrize("rows_cls", configs.ROWS_CLASSES)
+def test_tuner_candidates_are_valid_and_start_with_the_default(variant, rows_cls):
+    cands = tune.candidates(variant, rows_cls, 2)
+    assert cands[0] == configs.default_gemm_config(variant, rows_cls, 2)
+    assert len(cands) == len(set(cands)) >= 5
+    assert all(tune.valid(variant, c, 2) for c in cands)
+    assert tune.candidates(variant, rows_cls, 2, quick=True) == cands[:tune.QUICK_CANDIDATES]
+
+
+def test_tuner_validity_filter():
+    ok = configs.GemmConfig(128, 128, 64, 8, False, 8, 3)
+    assert tune.smem_bytes("plain", ok, 2) == 3 * (128 * 64 + 64 * 128) * 2  # 96 KB
+    assert tune.smem_bytes("gated", ok, 2) == 3 * (128 * 64 + 2 * 64 * 128) * 2
+    assert tune.smem_bytes("dw", ok, 2) == 3 * 128 * (64 + 128) * 2
+    assert tune.valid("plain", ok, 2)
+    swap = configs.GemmConfig(16, 64, 128, 1, True, 4, 4)
+    assert tune.valid("plain", swap, 2) and not tune.valid("dw", swap, 2)
+    for bad in [configs.GemmConfig(64, 128, 64, 8, True, 4, 4),  # swap-AB needs 16-row tiles
+                configs.GemmConfig(8, 128, 64, 8, False, 4, 4),  # a block under 16
+                configs.GemmConfig(128, 512, 64, 8, False, 8, 2),  # over the TMA box's 256
+                configs.GemmConfig(128, 96, 64, 8, False, 8, 3),  # not a power of two
+                configs.GemmConfig(128, 256, 64, 8, False, 8, 5)]:  # 5 x 48 KB: 240 KB of shared memory
+        assert not tune.valid("plain", bad, 2), bad
+    # The gated epilogue's second weight tile: 128x256x64 in 3 stages fits plain (144 KB), not gated (240 KB).
+    big = configs.GemmConfig(128, 256, 64, 8, False, 8, 3)
+    assert tune.valid("plain", big, 2) and not tune.valid("gated", big, 2)
+
+
+def test_tuner_problems():
+    quick = tune.problems(True, tune.QUICK_VARIANTS)
+    assert len(quick) == len({p.key for p in quick}) == 2 * 2 * 3  # 2 GEMMs x (plain, dw) x 3 classes
+    assert "plain/bfloat16/m16/n1536/k2048" in {p.key for p in quick}
+    full = {p.key: p for p in tune.problems(False, tune.VARIANTS)}
+    assert full["gated/bfloat16/m64/n768/k2048"].n == 1536  # the key holds the output width
+    assert "scatter/bfloat16/m64/n2048/k768" in full and "scatter/bfloat16/m64/n1536/k2048" not in full
+    dx = full["plain/bfloat16/m128/n2048/k1536"]  # Qwen3-30B-A3B gate_up's dx: [E, N, K] read row-major
+    assert not dx.kmajor and dx.name == "qwen3-30b-a3b gate_up"
+    assert full["dw/bfloat16/m512/n4096/k7168"].experts == 32  # DeepSeek-V3's E 32 slice, not E 256
+
+
+def test_tuner_keeps_the_fastest_correct_config_and_writes_the_table(tmp_path, monkeypatch):
+    todo = [p for p in tune.problems(True, ("plain",)) if p.rows == 64]
+    default = configs.default_gemm_config("plain", 64, 2)
+    cands = tune.candidates("plain", 64, 2, quick=True)
+    wrong, broken, fastest = cands[1], cands[2], cands[3]
+
+    def measure(cfg):
+        if cfg == broken:
+            raise RuntimeError("out of resource: shared memory")
+        return None if cfg == wrong else 5.0 if cfg == fastest else 10.0 + cands.index(cfg)
+
+    logged = []
+    table, timings = tune.tune(todo, lambda p: measure, quick=True, log=logged.append)
+    assert table == {p.key: fastest for p in todo}
+    assert timings[todo[0].key] == {"tuned": 5.0, "default": 10.0}
+    assert any("output differs" in line for line in logged) and any("out of resource" in line for line in logged)
+
+    path = tmp_path / "grouped_mm_h200.json"
+    path.write_text(json.dumps({"configs": {"dw/bfloat16/m16/n8/k8": {**vars(default)}}, "timings_us": {}}))
+    payload = tune.write_table(path, "h200", table, timings)
+    assert payload["gpu"] == "h200" and {"torch", "triton", "commit", "date"} <= set(payload)
+    assert set(json.loads(path.read_text())["configs"]) == {"dw/bfloat16/m16/n8/k8"} | set(table)  # merged
+    monkeypatch.setattr(configs, "table_path", lambda gpu: str(path))
+    configs.tuned_table.cache_clear()
+    try:
+        p = todo[0]
+        assert configs.grouped_mm_config("plain", 64 * p.experts, p.experts, p.n, p.k, torch.bfloat16,
+                                         "h200") == fastest
+    finally:
+        monkeypatch.undo()
+        configs.tuned_table.cache_clear()
+
+
+@pytest.mark.skipif(not _backend.interpreting(), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant", tune.VARIANTS)
+def test_tuner_measures_each_variant_under_the_interpreter(variant, monkeypatch):
+    """The GPU path of the tuner on CPU tensors: inputs, the forced config, the reference check."""
+    measure = tune.gpu_prepare(harness.CpuTimer(reps=1, target_ms=0.1), device="cpu")(
+        tune.Problem(variant, "tiny", 4, 32, 48, 16, True))
+    cands = tune.candidates(variant, 16, 2)
+    assert measure(cands[0]) > 0 and measure(cands[-1]) > 0
+    with pytest.raises(Exception, match="power of 2"):  # the forced config reaches the kernel
+        measure(configs.GemmConfig(24, 48, 32, 1, False, 4, 2))
+    monkeypatch.setattr(tune, "RTOL", -1.0)
+    assert measure(cands[0]) is None  # an output off the reference is no candidate
+
+
+def test_tuner_forced_config_replaces_one_variant_only():
+    cfg = configs.GemmConfig(16, 64, 64, 1, True, 4, 3)
+    with tune.forced_config("dw", cfg):
+        assert configs.grouped_mm_config("dw", 64, 4, 64, 64, torch.bfloat16) == cfg
+        assert configs.grouped_mm_config("plain", 64, 4, 64, 64, torch.bfloat16) != cfg
+    assert configs.grouped_mm_config("dw", 64, 4, 64, 64, torch.bfloat16) != cfg
+
+
+def test_tuner_without_a_gpu_exits_2(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    out = tmp_path / "table.json"
+    assert tune.main(["--quick", "--out", str(out)]) == 2
+    assert tune.NO_GPU in capsys.readouterr().out and not out.exists()
