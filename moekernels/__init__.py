@@ -7,6 +7,7 @@ DESIGN.md; every public op has a pure-PyTorch twin in ``moekernels.reference``.
 
 from . import reference
 from ._ext import HAS_CUDA_EXT
+from .fp8 import fp8_grouped_mm, fp8_mm, quantize_fp8
 from .grouped_gemm import grouped_mm
 from .permute import permute, unpermute
 from .plan import RoutingPlan, plan_routing
@@ -14,6 +15,6 @@ from .route import load_balancing_loss, router_z_loss, topk_routing
 
 __version__ = "0.1.0"
 __all__ = [
-    "HAS_CUDA_EXT", "RoutingPlan", "grouped_mm", "load_balancing_loss", "permute", "plan_routing", "reference",
-    "router_z_loss", "topk_routing", "unpermute", "__version__",
+    "HAS_CUDA_EXT", "RoutingPlan", "fp8_grouped_mm", "fp8_mm", "grouped_mm", "load_balancing_loss", "permute", "plan_routing", "reference",
+    "quantize_fp8", "router_z_loss", "topk_routing", "unpermute", "__version__",
 ]

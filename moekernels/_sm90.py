@@ -57,6 +57,7 @@ class Report:
     fma: bool
     vector16: bool = False  # a 16-byte global load or store (ld/st.global.v4 of 32-bit words)
     tma: bool = False  # a TMA bulk tensor copy (cp.async.bulk.tensor): descriptor loads
+    wgmma_fp8: bool = False  # a wgmma on e4m3 operands
     error: str | None = None
 
 
@@ -108,6 +109,7 @@ def compile_variant(v: Variant) -> Report:
         fma=re.search(r"\bfma\.rn\.f32\b", ptx) is not None,
         vector16=re.search(r"\b(ld|st)\.global(\.\w+)*\.v4\.(b32|f32|u32|s32)\b", ptx) is not None,
         tma="cp.async.bulk.tensor" in ptx,
+        wgmma_fp8=re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx) is not None,
         **_ptxas_info(ptx),
     )
 
@@ -121,10 +123,11 @@ def signature(fn, constexprs: dict, **types) -> dict:
 
 
 def shipped_variants() -> list[Variant]:
-    from . import grouped_gemm, plan, route
+    from . import fp8, grouped_gemm, plan, route
     from .permute import sm90_variants as permute_variants  # moekernels.permute is the function
 
-    return route.sm90_variants() + plan.sm90_variants() + permute_variants() + grouped_gemm.sm90_variants()
+    return (route.sm90_variants() + plan.sm90_variants() + permute_variants() + grouped_gemm.sm90_variants()
+            + fp8.sm90_variants())
 
 
 def main() -> int:

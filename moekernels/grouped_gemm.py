@@ -86,8 +86,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
-def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1, c_index=None, c_scale=None):
-    """out[:, :N] = epilogue(A @ w[e]) over ``rows`` rows of A (x, or x gathered by a_index)."""
+def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1, c_index=None, c_scale=None,
+            scales=None):
+    """out[:, :N] = epilogue(A @ w[e]) over ``rows`` rows of A (x, or x gathered by a_index).
+
+    ``scales`` (fp8 operands): (mode, a_scale, b_scale) with mode 1 (per tensor: a_scale [1, 1],
+    b_scale [E, 1, 1]), 2 (rows x columns: [M, 1] and [E, 1, N]) or 3 ((1, 128) x (128, 128)
+    blocks: [M, K/128] and [E, K/128, N/128]); any strides.
+    """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from .kernels._grouped_gemm import grouped_mm_kernel
@@ -107,15 +113,20 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     # Strides of the logical [E, K, N] weight, for the pointer path.
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
-    per_sm = configs.programs_per_sm(cfg, x.element_size(), 2 if act else 1) if x.is_cuda else 1
+    scale_mode, a_scale, b_scale = scales if scales is not None else (0, out, out.view(1, 1, -1))
+    b_tiles = 2 if act else 1
+    per_sm = configs.programs_per_sm(cfg, x.element_size(), b_tiles, b_tiles * (2 if scale_mode == 3 else 1))
     dummy = offs
+    if scale_mode == 3:
+        assert cfg.BLOCK_K == 128 and 128 % cfg.BLOCK_N == 0, f"block-scaled fp8 needs 128-wide K steps: {cfg}"
     with _backend.device_guard(x):
-        grouped_mm_kernel[(min(num_programs(x.device) * per_sm, bound),)](
+        grouped_mm_kernel[(min(num_programs(x.device) * (per_sm if x.is_cuda else 1), bound),)](
             a, a_index if a_index is not None else dummy, b, out, c_index if c_index is not None else dummy,
-            c_scale if c_scale is not None else out, offs,
+            c_scale if c_scale is not None else out, offs, a_scale, b_scale,
             rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
+            a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(),
             A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=a_index is not None, SCATTER=c_index is not None,
-            ACT=act, SWAP_AB=cfg.SWAP_AB, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+            ACT=act, SWAP_AB=cfg.SWAP_AB, SCALE=scale_mode, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
             BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -216,36 +227,63 @@ _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm
 # ----------------------------------------------------------------------------- fused variants
 
 
+def scaling_mode(a, a_scale, b, b_scale) -> int:
+    """The fp8 scaling pair of operands a [M, K] and b [E, K, N] from their scales' shapes:
+    3 for (1, 128) x (128, 128) blocks, 2 for per row x per column, 1 for per tensor. Raises
+    ValueError, naming the scales, for any other pair."""
+    (m, k), (e, _, n) = a.shape, b.shape
+    kb = -(-k // 128)
+    if tuple(a_scale.shape) == (m, kb) and tuple(b_scale.shape) == (e, kb, -(-n // 128)):
+        if k % 128:
+            raise ValueError(f"block-wise fp8 ((1, 128) x (128, 128) scales) needs K % 128 == 0, got K={k}")
+        return 3
+    if tuple(a_scale.shape) == (m, 1) and tuple(b_scale.shape) == (e, 1, n):
+        return 2
+    if tuple(a_scale.shape) == (1, 1) and tuple(b_scale.shape) == (e, 1, 1):
+        return 1
+    raise ValueError(
+        f"unsupported scaling pair: a_scale {tuple(a_scale.shape)} and b_scale {tuple(b_scale.shape)} for a [{m}, {k}] "
+        f"and b [{e}, {k}, {n}]; supported: per tensor ((1, 1) and (1, 1) per expert), per row x per column "
+        f"(({m}, 1) and (1, {n})), and (1, 128) x (128, 128) blocks (({m}, {kb}) and ({kb}, {-(-n // 128)}))")
+
+
+
 @torch.library.custom_op("moekernels::grouped_mm_fused", mutates_args=())
 def _fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor,
               top_k: int, gather: bool, activation: str, scatter_weights: torch.Tensor | None,
+              a_scale: torch.Tensor | None, b_scale: torch.Tensor | None, out_dtype: torch.dtype | None,
               backend: str) -> torch.Tensor:
     rows = source_index.shape[0] if gather else x.shape[0]
     _checks.offsets_in_range("offs", offs, rows)
     width = w.shape[2] // 2 if activation else w.shape[2]
+    dtype = out_dtype or x.dtype
     if _choose("grouped_mm", x, backend) == "torch":
-        return reference.grouped_mm_fused(x, w, offs, source_index, top_k, gather, activation, scatter_weights)
-    out = x.new_empty(rows, width)
+        if a_scale is not None:  # fp8: the product of the dequantized operands, in float32
+            x, w = reference.dequantize_fp8(x, a_scale), reference.dequantize_fp8(w, b_scale)
+        out = reference.grouped_mm_fused(x, w, offs, source_index, top_k, gather, activation, scatter_weights)
+        return out.to(dtype)
+    out = x.new_empty(rows, width, dtype=dtype)
     if not out.numel():
         return out
     if w.shape[1] == 0:
         return out.zero_()
     scatter = scatter_weights is not None
+    scales = None if a_scale is None else (scaling_mode(x, a_scale, w, b_scale), a_scale, b_scale)
     _launch(x, w, offs, out, variant="gated" if activation else ("scatter" if scatter else "plain"), rows=rows,
             act=ACTIVATIONS[activation], a_index=source_index if gather else None, gather_div=top_k,
             c_index=source_index if scatter else None,
-            c_scale=scatter_weights.reshape(-1).contiguous() if scatter else None)
+            c_scale=scatter_weights.reshape(-1).contiguous() if scatter else None, scales=scales)
     return out
 
 
 @_fused_op.register_fake
-def _(x, w, offs, source_index, top_k, gather, activation, scatter_weights, backend):
+def _(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale, out_dtype, backend):
     rows = source_index.shape[0] if gather else x.shape[0]
-    return x.new_empty(rows, w.shape[2] // 2 if activation else w.shape[2])
+    return x.new_empty(rows, w.shape[2] // 2 if activation else w.shape[2], dtype=out_dtype or x.dtype)
 
 
 def _fused_setup(ctx, inputs, output):
-    x, w, offs, source_index, top_k, gather, activation, scatter_weights, backend = inputs
+    x, w, offs, source_index, top_k, gather, activation, scatter_weights, _, _, _, backend = inputs
     ctx.save_for_backward(x, w, offs, source_index, scatter_weights)
     ctx.top_k, ctx.gather, ctx.activation, ctx.backend = top_k, gather, activation, backend
 
@@ -254,7 +292,7 @@ def _fused_backward(ctx, grad):
     x, w, offs, source_index, scatter_weights = ctx.saved_tensors
     k, backend = ctx.top_k, ctx.backend
     # The product before the epilogue, recomputed ([M, 2N] with an activation: not saved).
-    z = _fused_op(x, w, offs, source_index, k, ctx.gather, "", None, backend)
+    z = _fused_op(x, w, offs, source_index, k, ctx.gather, "", None, None, None, None, backend)
     grad_sw = None
     if scatter_weights is not None:
         src = source_index.long()
@@ -277,7 +315,7 @@ def _fused_backward(ctx, grad):
             dx = _permute_backward_op(dx, dest, k, backend)
     if ctx.needs_input_grad[1]:
         dw = _grouped_mm_dw_op(x, grad, offs, source_index if ctx.gather else None, k, _is_kmajor(w), backend)
-    return dx, dw, None, None, None, None, None, grad_sw, None
+    return dx, dw, None, None, None, None, None, grad_sw, None, None, None, None
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -286,8 +324,8 @@ _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 # ----------------------------------------------------------------------------- public
 
 
-def _check(x, w, offs):
-    _checks.tensor("x", x, ndim=2, dtypes=DTYPES)
+def _check(x, w, offs, dtypes=DTYPES, name="x"):
+    _checks.tensor(name, x, ndim=2, dtypes=dtypes)
     _checks.tensor("w", w, ndim=3, dtypes=(x.dtype,), device=x.device)
     _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
     if offs.shape[0] != w.shape[0]:
@@ -357,7 +395,8 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
         top_k = scatter_weights.shape[1]
     if source_index is None:
         source_index = offs.new_empty(0)
-    return _fused_op(x, w, offs, source_index, top_k, gather, activation, scatter_weights, backend or "")
+    return _fused_op(x, w, offs, source_index, top_k, gather, activation, scatter_weights, None, None, None,
+                     backend or "")
 
 
 # ----------------------------------------------------------------------------- sm_90 variants
@@ -375,6 +414,7 @@ SM90_GEMMS = {
     "unaligned_prefill_bf16_kmajor": ("unaligned", 512, 1536, 2048, torch.bfloat16, True),
     "gated_decode_bf16_kmajor": ("gated", 8, 2048, 7168, torch.bfloat16, True),
     "gated_prefill_bf16_kmajor": ("gated", 512, 768, 2048, torch.bfloat16, True),
+    "gather_gated_prefill_bf16_kmajor": ("gather+gated", 512, 768, 2048, torch.bfloat16, True),
     "scatter_prefill_bf16_kmajor": ("scatter", 512, 2048, 768, torch.bfloat16, True),
     "scatter_decode_bf16_kmajor": ("scatter", 4, 7168, 2048, torch.bfloat16, True),
     "dw_bf16": ("dw", 512, 1536, 2048, torch.bfloat16, False),
@@ -382,40 +422,64 @@ SM90_GEMMS = {
 }
 
 
-def sm90_variants():
+def _dw_variant(name, cfg, dtype, gather):
     from . import _sm90
-    from .kernels import _grouped_gemm as k
+    from .kernels._grouped_gemm import grouped_mm_dw_kernel as fn
 
+    ptr = _sm90.ptr(dtype)
+    # stride_cn = 1 (a contiguous gradient): Triton specialises an integer argument of 1.
+    cx = dict(GATHER=gather, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M,
+              stride_cn=1)
+    sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32", offs_ptr="*i32")
+    return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
+                         aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce", "stride_ck"))
+
+
+def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None):
+    """The sm_90 compile job of one grouped_mm_kernel launch: ``variant`` is plain, gather (rows by
+    pointer), unaligned (both operands by pointer), gated or scatter; ``scale`` the fp8 mode."""
+    from . import _sm90
+    from .kernels._grouped_gemm import grouped_mm_kernel as fn
+
+    parts = variant.split("+")
+    gather, unaligned = "gather" in parts, "unaligned" in parts
+    pointers = gather or unaligned
+    cx = dict(A_TMA=not pointers, B_TMA=not unaligned, B_KMAJOR=kmajor, GATHER=gather,
+              SCATTER="scatter" in parts, ACT=1 if "gated" in parts else 0, SWAP_AB=cfg.SWAP_AB, SCALE=scale,
+              BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=128, GROUP_M=cfg.GROUP_M)
+    if unaligned:  # the weight's unit stride, which Triton specialises as the constant 1
+        cx["stride_bk" if kmajor else "stride_bn"] = 1
+    ptr = _sm90.ptr(dtype)
+    elem = ptr.removeprefix("*")
+    block_b = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
+    a_type = ptr if pointers else f"tensordesc<{elem}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
+    b_type = ptr if unaligned else f"tensordesc<{elem}[1, {block_b[0]}, {block_b[1]}]>"
+    sig = _sm90.signature(fn, cx, a=a_type, b=b_type, c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
+                          c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32", a_scale_ptr="*fp32",
+                          b_scale_ptr="*fp32")
+    # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
+    # pipelining of the pointer loads depends on it.
+    return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
+                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()))
+
+
+def sm90_config(variant, per_expert, n, k, dtype):
+    """The config a launch of ``variant`` at ``per_expert`` rows per expert (of 128) picks."""
+    return configs.grouped_mm_config(config_variant(variant), per_expert * 128, 128, n, k, dtype)
+
+
+def config_variant(variant: str) -> str:
+    """The config table's variant of a launch: "gather+gated" -> "gated", "gather" -> "plain"."""
+    parts = variant.split("+")
+    return next((v for v in ("dw", "gated", "scatter", "unaligned") if any(p.startswith(v) for p in parts)), "plain")
+
+
+def sm90_variants():
     out = []
-    for name, (variant, per_expert, n, kdim, dtype, kmajor) in SM90_GEMMS.items():
-        cfg_variant = {"gather": "plain", "dw_gather": "dw"}.get(variant, variant)
-        cfg = configs.grouped_mm_config(cfg_variant, per_expert * 128, 128, n, kdim, dtype)
-        opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        ptr = _sm90.ptr(dtype)
-        if cfg_variant == "dw":
-            # stride_cn = 1 (a contiguous gradient): Triton specialises an integer argument of 1.
-            cx = dict(GATHER=variant == "dw_gather", BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
-                      GROUP_M=cfg.GROUP_M, stride_cn=1)
-            sig = _sm90.signature(k.grouped_mm_dw_kernel, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32",
-                                  offs_ptr="*i32")
-            out.append(_sm90.Variant(f"grouped_mm/{name}", k.grouped_mm_dw_kernel, sig, cx, opts, matrix=True,
-                                     aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce",
-                                              "stride_ck")))
-            continue
-        gather, pointers = variant == "gather", variant in ("gather", "unaligned")
-        cx = dict(A_TMA=not pointers, B_TMA=variant != "unaligned", B_KMAJOR=kmajor, GATHER=gather, SCATTER=variant == "scatter",
-                  ACT=1 if variant == "gated" else 0, SWAP_AB=cfg.SWAP_AB, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-                  BLOCK_K=cfg.BLOCK_K, BLOCK_E=128, GROUP_M=cfg.GROUP_M)
-        if variant == "unaligned":  # the weight's unit stride, which Triton specialises as the constant 1
-            cx["stride_bk" if kmajor else "stride_bn"] = 1
-        elem = ptr.removeprefix("*")
-        block_b = [1, cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [1, cfg.BLOCK_K, cfg.BLOCK_N]
-        a_type = ptr if pointers else f"tensordesc<{elem}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
-        b_type = ptr if variant == "unaligned" else f"tensordesc<{elem}[{', '.join(map(str, block_b))}]>"
-        sig = _sm90.signature(k.grouped_mm_kernel, cx, a=a_type, b=b_type,
-                              c_ptr=ptr, c_index_ptr="*i32", c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32")
-        # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
-        # pipelining of the pointer loads depends on it.
-        out.append(_sm90.Variant(f"grouped_mm/{name}", k.grouped_mm_kernel, sig, cx, opts, matrix=True,
-                                 aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ())))
+    for name, (variant, per_expert, n, k, dtype, kmajor) in SM90_GEMMS.items():
+        cfg = sm90_config(variant, per_expert, n, k, dtype)
+        if variant.startswith("dw"):
+            out.append(_dw_variant(f"grouped_mm/{name}", cfg, dtype, variant == "dw_gather"))
+        else:
+            out.append(forward_variant(f"grouped_mm/{name}", variant, cfg, dtype, kmajor))
     return out

@@ -338,3 +338,55 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sourc
     out = torch.zeros_like(h)
     out[src] = (h.float() * scatter_weights.reshape(-1)[src].float().unsqueeze(-1)).to(h.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------- FP8
+
+FP8_AMAX_FLOOR = 1e-12  # the amax of an all-zero block: a finite, positive scale, and q = 0
+
+
+def fp8_block_scale(amax: torch.Tensor, pow2_scale: bool, fmax: float) -> torch.Tensor:
+    """max(amax, 1e-12) / fmax in float32 (an IEEE division), rounded up to a power of two by its
+    exponent bits with pow2_scale (a mantissa of 0 is already one)."""
+    scale = amax.float().clamp(min=FP8_AMAX_FLOOR) / fmax
+    if pow2_scale:
+        bits = scale.view(torch.int32)
+        scale = torch.where(bits & 0x7FFFFF != 0, ((bits >> 23) + 1) << 23, bits).view(torch.float32)
+    return scale
+
+
+def block_dims(scale_shape, rows: int, cols: int) -> tuple[int, int]:
+    """The (block rows, block cols) that a [..., nbr, nbc] scale implies over [rows, cols]: the whole
+    extent for one block, else ceil(extent / blocks) rounded up to a power of two (block dims
+    are powers of two or whole extents: 300 rows in 3 blocks are blocks of 128, not 100)."""
+    def dim(extent, blocks):
+        return max(extent, 1) if blocks <= 1 else 1 << (-(-extent // blocks) - 1).bit_length()
+
+    return dim(rows, scale_shape[-2]), dim(cols, scale_shape[-1])
+
+
+def _expand_blocks(scale: torch.Tensor, rows: int, cols: int, blocks=None) -> torch.Tensor:
+    """A [..., nbr, nbc] block scale broadcast to [..., rows, cols]."""
+    br, bc = blocks or block_dims(scale.shape, rows, cols)
+    return scale.repeat_interleave(br, -2).repeat_interleave(bc, -1)[..., :rows, :cols]
+
+
+def quantize_fp8(x: torch.Tensor, blocks: tuple[int, int], *, pow2_scale: bool = False,
+                 dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`moekernels.quantize_fp8` with the (block rows, block cols) resolved."""
+    br, bc = blocks
+    fmax = torch.finfo(dtype).max
+    *lead, rows, cols = x.shape
+    nbr, nbc = -(-rows // br), -(-cols // bc)
+    padded = x.new_zeros(*lead, nbr * br, nbc * bc, dtype=torch.float32)
+    padded[..., :rows, :cols] = x.float()
+    amax = padded.view(*lead, nbr, br, nbc, bc).abs().amax(dim=(-3, -1)) if padded.numel() else \
+        padded.new_zeros(*lead, nbr, nbc)
+    scale = fp8_block_scale(amax, pow2_scale, fmax)
+    q = (x.float() / _expand_blocks(scale, rows, cols, (br, bc))).clamp(-fmax, fmax).to(dtype)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 q * scale, each scale broadcast over its block."""
+    return q.float() * _expand_blocks(scale, q.shape[-2], q.shape[-1])

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from moekernels import _sm90, grouped_gemm, plan, route
+from moekernels import _sm90, configs, fp8, grouped_gemm, plan, route
 from moekernels.permute import SM90_PERMUTES
 
 VARIANTS = (
@@ -22,6 +22,9 @@ VARIANTS = (
     + [f"plan_scatter_single/{name}" for name in plan.SM90_PLANS]
     + list(SM90_PERMUTES)
     + [f"grouped_mm/{name}" for name in grouped_gemm.SM90_GEMMS]
+    + [f"fp8_grouped_mm/{name}" for name in fp8.SM90_FP8_GEMMS]
+    + [f"quantize_fp8/{name}{suffix}" for name, (g, r, c, _, _) in fp8.SM90_QUANTS.items()
+       for suffix in (("_pass1", "_pass2") if configs.quant_config(*fp8.block_shape(g, r, c), r, c).two_pass else ("",))]
 )
 
 
@@ -74,11 +77,18 @@ def test_grouped_gemm_pipelines_its_k_loop(name):
     (one stage of the 128x128x64 bf16 tiles is 32 KB; the report's 98 KB is three). Not the
     unaligned fallback: cp.async needs aligned 4-16 byte chunks, so its loads are plain."""
     variant, per_expert, n, k, dtype, _ = grouped_gemm.SM90_GEMMS[name.split("/")[1]]
-    cfg_variant = "dw" if variant.startswith("dw") else ("plain" if variant == "gather" else variant)
-    cfg = grouped_gemm.configs.grouped_mm_config(cfg_variant, per_expert * 128, 128, n, k, dtype)
+    cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, dtype)
+    cfg_variant = "dw" if variant.startswith("dw") else variant
     if cfg_variant == "dw":
         stage = (cfg.BLOCK_M * cfg.BLOCK_K + cfg.BLOCK_M * cfg.BLOCK_N) * dtype.itemsize
     else:
         b_tiles = 2 if variant == "gated" else 1
         stage = (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N) * dtype.itemsize
     assert reports()[name]["shared"] >= 2 * stage, (reports()[name]["shared"], stage)
+
+
+@pytest.mark.parametrize("name", [f"fp8_grouped_mm/{n}" for n in fp8.SM90_FP8_GEMMS])
+def test_fp8_gemms_run_fp8_wgmma(name):
+    """The scaled GEMMs multiply on e4m3 operands (wgmma ... .e4m3.e4m3), not upcast to bf16."""
+    r = reports()[name]
+    assert r["wgmma_fp8"] and r["tma"], r

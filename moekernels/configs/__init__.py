@@ -151,20 +151,21 @@ def default_gemm_config(variant: str, rows_cls: int, itemsize: int) -> GemmConfi
     """The untuned choice. On sm_90 (ptxas, sm_90a): 128x128x64 at 8 warps and 3 stages is 98 KB
     of shared memory and ~123 registers; the gated epilogue holds two accumulators, so it halves
     BLOCK_N to keep them at 64 registers a thread. fp32 operands (tf32) halve BLOCK_K."""
-    bk = 64 if itemsize <= 2 else 32
+    # fp8 takes 128-wide K steps: the block-scaled mode promotes each (1, 128) x (128, 128) step,
+    # and one stage of 128x128x128 fp8 tiles is the 32 KB of a 128x128x64 bf16 one.
+    bk = {1: 128, 2: 64}.get(itemsize, 32)
     if variant == "dw":  # [BLOCK_K, BLOCK_N] of the weight gradient, BLOCK_M rows reduced a step
         return GemmConfig(64, 128, 128 if itemsize <= 2 else 64, 8, False, 8, 3)
     if variant == "unaligned":
         # Weight rows that are not 16-byte aligned (no model has them: a correctness fallback) go
         # through plain loads, without cp.async pipelining, a 64-bit address per element: at
         # 128x128x64 that spilled 44 bytes (ptxas, sm_90a); 64x64x32 at 4 warps does not.
-        return GemmConfig(64, 64, 32, 8, False, 4, 2)
+        return GemmConfig(64, 64, 128 if itemsize == 1 else 32, 8, False, 4, 2)
     if rows_cls <= 16:
         # 1-16 rows per expert: the weights are the traffic (DeepSeek-V3 decode reads 14.7 MB per
         # touched expert pair of GEMMs). Swap A/B: a 16-row token tile in wgmma's N, 64 weight
         # columns in its M, deep K steps in flight (4 stages of 64x128 bf16: 64 KB).
-        bn = 64
-        return GemmConfig(16, bn, 2 * bk, 1, True, 4, 4)
+        return GemmConfig(16, 64, min(2 * bk, 128), 1, True, 4, 4)
     if rows_cls <= 64:
         return GemmConfig(64, 64 if variant == "gated" else 128, bk, 8, False, 4, 4)
     return GemmConfig(128, 64 if variant == "gated" else 128, bk, 8, False, 8, 3)
@@ -186,9 +187,53 @@ def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dty
 HOPPER_SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KB usable per block)
 
 
-def programs_per_sm(cfg: GemmConfig, itemsize: int, b_tiles: int = 1) -> int:
-    """Persistent programs per SM: two when two fit in shared memory (and registers: 8 warps at
-    <= 128 registers, which the sm_90 compile test shows for the shipped prefill configs), so one
-    program's epilogue and tile lookup overlap the other's loads; else one."""
+def programs_per_sm(cfg: GemmConfig, itemsize: int, b_tiles: int = 1, accumulators: int = 1) -> int:
+    """Persistent programs per SM: two when two fit, so that one program's epilogue and tile lookup
+    overlap the other's loads; else one. Two must fit in shared memory, and in the 64K registers
+    at <= 128 a thread (8 warps): estimated as the float32 accumulators (BLOCK_M * BLOCK_N / threads
+    each; two with the gated epilogue, two more with block-scaled fp8's per-step partial) plus
+    ~60 for addresses and operands, which matches ptxas on sm_90a for the shipped configs (bf16
+    128x128: 120; gated 128x64: 128; fp8 block-scaled 128x128: 204)."""
     stage = (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N) * itemsize
-    return 2 if 2 * (cfg.num_stages * stage + 1024) <= HOPPER_SMEM_PER_SM else 1
+    registers = accumulators * cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) + 60
+    fits = 2 * (cfg.num_stages * stage + 1024) <= HOPPER_SMEM_PER_SM and registers <= 128
+    return 2 if fits else 1
+
+
+# ----------------------------------------------------------------------------- FP8 quantization
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    TR: int  # tile rows and columns of a program
+    TC: int
+    BRF: int  # a block's extent within the tile: min(block, tile), powers of two
+    BCF: int
+    two_pass: bool  # blocks larger than a tile: an amax launch (atomic max), then the quantize
+    num_warps: int
+
+
+# Elements per program: 64 float32 per thread at 8 warps. A (128, 128) block is one tile; a
+# (1, 128) tile holds 16 rows of 8 blocks (1024 columns: 2 KB of bf16 per row, coalesced).
+_QUANT_TILE = 16384
+_QUANT_ROW = 1024
+
+
+def quant_config(block_rows: int, block_cols: int, rows: int, cols: int) -> QuantConfig:
+    """Tiles for (block_rows, block_cols) blocks of a [rows, cols] matrix; a block dim is a power of
+    two, or the whole extent (per row, column or tensor)."""
+    p2 = triton.next_power_of_2
+    fr, fc = p2(max(1, min(block_rows, rows))), p2(max(1, min(block_cols, cols)))
+    # One pass when a block fits a tile and is at least 16 columns wide (or all of them):
+    # per-column blocks ((R, 1), fc = 1) would read 1-2 columns a row, uncoalesced.
+    if fr * fc <= _QUANT_TILE and (fc >= 16 or fc >= p2(cols)):
+        tc = fc
+        while block_cols < cols and tc * 2 <= min(_QUANT_ROW, p2(cols)) and fr * tc * 2 <= _QUANT_TILE:
+            tc *= 2
+        tr = fr
+        while block_rows < rows and tr * 2 <= p2(rows) and tr * 2 * tc <= _QUANT_TILE:
+            tr *= 2
+        return QuantConfig(tr, tc, fr, fc, False, 8 if tr * tc >= 8192 else 4)
+    tc = min(p2(max(cols, 1)), _QUANT_ROW)
+    tr = min(p2(max(rows, 1)), _QUANT_TILE // tc)
+    return QuantConfig(tr, tc, min(fr, tr), min(fc, tc), True, 8 if tr * tc >= 8192 else 4)

@@ -61,17 +61,14 @@ def _swizzle(local, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _load_a(a, a_index_ptr, rows, row_ok, row0, k0, num_k, gather_div, stride_am,
-            A_TMA: tl.constexpr, GATHER: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The [BLOCK_M, BLOCK_K] tile of a at rows ``rows`` (or their gathered sources), K from k0."""
+def _load_a(a, src, row_ok, row0, k0, num_k, stride_am, A_TMA: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_M, BLOCK_K] tile of a at rows ``src`` (the tile's rows, or their gathered
+    sources), K from k0."""
     # Constexpr branches as if/else: the compiler, unlike the interpreter, would still build
     # the code after an early return (and a descriptor has no pointer arithmetic).
     if A_TMA:
         tile = a.load([row0, k0])
     else:
-        src = rows
-        if GATHER:
-            src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // gather_div
         k = k0 + tl.arange(0, BLOCK_K)
         ptrs = a + src.to(tl.int64)[:, None] * stride_am + k[None, :]
         tile = tl.load(ptrs, mask=row_ok[:, None] & (k < num_k)[None, :], other=0.0)
@@ -110,17 +107,34 @@ def _mma(a, b, acc, SWAP_AB: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _block_scaled(a_tile, b_tile, acc, sa, b_scale_ptr, sb_off, SWAP_AB: tl.constexpr):
+    """acc + (a @ b) * sa[row] * sb: one 128-wide K step's product promoted to the float32
+    accumulator with its block scales (sa per row of the tile, sb one scalar: the tile's BLOCK_N
+    <= 128 columns lie in one 128-column scale block)."""
+    part = _mma(a_tile, b_tile, tl.zeros(acc.shape, dtype=tl.float32), SWAP_AB)
+    sb = tl.load(b_scale_ptr + sb_off)
+    if SWAP_AB:
+        acc += part * (sa * sb)[None, :]
+    else:
+        acc += part * (sa * sb)[:, None]
+    return acc
+
+
 @triton.jit(do_not_specialize=["num_rows"])
-def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_ptr,
+def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_ptr, a_scale_ptr, b_scale_ptr,
                       num_rows, N, K, num_experts, gather_div, stride_am, stride_be, stride_bk, stride_bn,
-                      stride_cm,
+                      stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn,
                       A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, GATHER: tl.constexpr,
-                      SCATTER: tl.constexpr, ACT: tl.constexpr, SWAP_AB: tl.constexpr,
+                      SCATTER: tl.constexpr, ACT: tl.constexpr, SWAP_AB: tl.constexpr, SCALE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
                       GROUP_M: tl.constexpr):
     """c[r, :N] = epilogue(a[r] @ b[e]) for the rows r of expert e's segment; zeros past offs[E-1].
 
-    N is the output width; with ACT the weight is [K, 2N], gate columns first, then up.
+    N is the output width; with ACT the weight is [K, 2N], gate columns first, then up. SCALE
+    (fp8 operands): 0 none, 1 per tensor (a_scale [1], b_scale [E]), 2 per row x per column
+    (a_scale [M], b_scale [E, N]), 3 (1, 128) x (128, 128) blocks (a_scale [M, K/128],
+    b_scale [E, K/128, N/128], BLOCK_K = 128), each with the strides given.
     """
     num_n = tl.cdiv(N, BLOCK_N)
     num_k_tiles = tl.cdiv(K, BLOCK_K)
@@ -147,22 +161,49 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
         row0 = start + pid_m * BLOCK_M
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
+        src = rows  # the rows of a (and of its scales) the tile reads: loaded once per tile
+        if GATHER:
+            src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // gather_div
+        src64 = src.to(tl.int64)
         n0 = pid_n * BLOCK_N
+        e64 = e.to(tl.int64)
         acc = tl.zeros(acc_shape, dtype=tl.float32)
         acc_up = tl.zeros(acc_shape, dtype=tl.float32)
         for kk in range(0, tl.where(in_expert, num_k_tiles, 0)):  # tail tiles: no K steps, zeros
             k0 = kk * BLOCK_K
-            a_tile = _load_a(a, a_index_ptr, rows, row_ok, row0, k0, K, gather_div, stride_am, A_TMA, GATHER, BLOCK_K)
+            a_tile = _load_a(a, src, row_ok, row0, k0, K, stride_am, A_TMA, BLOCK_K)
             b_tile = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
                              BLOCK_N)
-            acc = _mma(a_tile, b_tile, acc, SWAP_AB)
             if ACT != 0:
                 up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
                              BLOCK_K, BLOCK_N)
-                acc_up = _mma(a_tile, up, acc_up, SWAP_AB)
+            if SCALE == 3:
+                sa = tl.load(a_scale_ptr + src64 * stride_sam + kk * stride_sak, mask=row_ok, other=0.0)
+                sb_off = e64 * stride_sbe + kk * stride_sbk
+                acc = _block_scaled(a_tile, b_tile, acc, sa, b_scale_ptr, sb_off + (n0 // 128) * stride_sbn,
+                                    SWAP_AB)
+                if ACT != 0:
+                    acc_up = _block_scaled(a_tile, up, acc_up, sa, b_scale_ptr,
+                                           sb_off + ((n0 + N) // 128) * stride_sbn, SWAP_AB)
+            else:
+                acc = _mma(a_tile, b_tile, acc, SWAP_AB)
+                if ACT != 0:
+                    acc_up = _mma(a_tile, up, acc_up, SWAP_AB)
         if SWAP_AB:
             acc = tl.trans(acc)
             acc_up = tl.trans(acc_up)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if SCALE == 1:
+            s = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + e64 * stride_sbe, mask=in_expert, other=0.0)
+            acc *= s
+            acc_up *= s
+        elif SCALE == 2:
+            sa = tl.load(a_scale_ptr + src64 * stride_sam, mask=row_ok, other=0.0)[:, None]
+            sb_row = b_scale_ptr + e64 * stride_sbe
+            acc *= sa * tl.load(sb_row + cols * stride_sbn, mask=in_expert & (cols < N), other=0.0)[None, :]
+            if ACT != 0:
+                acc_up *= sa * tl.load(sb_row + (cols + N) * stride_sbn, mask=in_expert & (cols < N),
+                                       other=0.0)[None, :]
         if ACT == 1:  # silu(gate) * up
             acc = acc * tl.sigmoid(acc) * acc_up
         elif ACT == 2:  # gelu(gate) * up, the exact (erf) gelu of torch's default
@@ -171,7 +212,6 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
         if SCATTER:
             out_rows = tl.load(c_index_ptr + rows, mask=row_ok, other=0)
             acc = acc * tl.load(c_scale_ptr + out_rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        cols = n0 + tl.arange(0, BLOCK_N)
         ptrs = c_ptr + out_rows.to(tl.int64)[:, None] * stride_cm + cols[None, :]
         tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < N)[None, :])
 

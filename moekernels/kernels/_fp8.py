@@ -1,0 +1,92 @@
+"""FP8 (e4m3) quantization with one float32 scale per block of a [B, R, C] tensor.
+
+A program takes a [TR, TC] tile. Blocks are (br, bc) rows x columns; each is either within the
+tile or (two-pass) larger than it along an axis, so the tile reshapes to
+[TR/BRF, BRF, TC/BCF, BCF] with BRF = min(block rows, TR), BCF likewise, and the block maxima
+are two reductions. MODE 0: every block lies within one tile, so one pass computes |x|'s max,
+the scale and q from registers. Blocks larger than a tile (per tensor, per column, rows past
+16384 elements) take two launches: MODE 1 writes each tile's block maxima with atomic_max (max
+is exact and order-free: deterministic) into a zeroed [B, nbr, nbc] buffer, MODE 2 reads them
+back and quantizes. The scale of a block is written by the one program holding its first row
+and column.
+
+Bit-exact against the reference (torch): the scale is ``max(amax, 1e-12) / fmax`` with an IEEE
+division (``div_rn``; Triton's ``/`` is the 2-ulp ``div.full``), rounded up to a power of two
+by exponent bits with pow2; q rounds ``x / scale`` to the e4m3 grid in float32 arithmetic
+(``round_e4m3``) before the cast, because triton 3.6's interpreter rounds float32 -> fp8
+wrongly near binade edges (127.2 -> 64 instead of 128: 1633 of 69638 random values), and a
+value already on the grid converts exactly everywhere.
+
+With GATHER, row r of the tile is row ``idx[r] // gather_div`` of x: the tokens are quantized
+while they are gathered into expert order (the permute of the MoE layer).
+"""
+
+import triton
+import triton.language as tl
+
+AMAX_FLOOR: tl.constexpr = tl.constexpr(1e-12)  # the scale of an all-zero block: finite and > 0
+
+
+@triton.jit
+def round_e4m3(v):
+    """float32 |v| <= 448 -> the nearest e4m3 value (ties to even), still float32.
+
+    Adding c = 2**(e + 20), e the e4m3 exponent of v (at least -6, the subnormal floor), leaves
+    the sum with an ulp of 2**(e - 3), e4m3's spacing at v: float32's own round-to-nearest-even
+    does the rounding, and subtracting c is exact. The sign bit is copied back (-0.0 stays -0.0).
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    c = ((e + 147) << 23).to(tl.float32, bitcast=True)  # 2**(e + 20)
+    r = (tl.abs(v) + c) - c
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def block_scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr):
+    s = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), tl.full(amax.shape, FMAX, tl.float32))
+    if POW2:  # round up to a power of two (UE8M0): bump the exponent unless the mantissa is 0
+        bits = s.to(tl.int32, bitcast=True)
+        up = tl.where((bits & 0x7FFFFF) != 0, ((bits >> 23) + 1) << 23, bits)
+        s = up.to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
+                        R, C, br, bc, nbr, nbc, gather_div, stride_xb, stride_xr,
+                        MODE: tl.constexpr, POW2: tl.constexpr, GATHER: tl.constexpr, FMAX: tl.constexpr,
+                        TR: tl.constexpr, TC: tl.constexpr, BRF: tl.constexpr, BCF: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    n_ct = tl.cdiv(C, TC)
+    r0 = (tl.program_id(0) // n_ct) * TR
+    c0 = (tl.program_id(0) % n_ct) * TC
+    rows = r0 + tl.arange(0, TR)
+    cols = c0 + tl.arange(0, TC)
+    row_ok = rows < R
+    mask = row_ok[:, None] & (cols < C)[None, :]
+    NBR: tl.constexpr = TR // BRF
+    NBC: tl.constexpr = TC // BCF
+    sub_r = r0 + tl.arange(0, NBR) * BRF  # first row of each block-row part in the tile
+    sub_c = c0 + tl.arange(0, NBC) * BCF
+    blk = b * nbr * nbc + (sub_r // br)[:, None] * nbc + (sub_c // bc)[None, :]
+    blk_ok = (sub_r < R)[:, None] & (sub_c < C)[None, :]
+    src = rows
+    if GATHER:
+        src = tl.load(idx_ptr + rows, mask=row_ok, other=0) // gather_div
+    x = tl.load(x_ptr + b * stride_xb + src.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    if MODE == 2:
+        amax = tl.load(amax_ptr + blk, mask=blk_ok, other=0.0)
+    else:
+        amax = tl.max(tl.max(tl.reshape(tl.abs(x), (NBR, BRF, NBC, BCF)), axis=3), axis=1)
+        if MODE == 1:
+            tl.atomic_max(amax_ptr + blk, amax, mask=blk_ok)
+    if MODE != 1:
+        scale = block_scale(amax, FMAX, POW2)
+        first = ((sub_r % br) == 0)[:, None] & ((sub_c % bc) == 0)[None, :]
+        tl.store(scale_ptr + blk, scale, mask=blk_ok & first)
+        s = tl.reshape(tl.broadcast_to(tl.reshape(scale, (NBR, 1, NBC, 1)), (NBR, BRF, NBC, BCF)), (TR, TC))
+        q = round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FMAX), FMAX))
+        out = q_ptr + b * R * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
+        tl.store(out, q.to(q_ptr.dtype.element_ty), mask=mask)
