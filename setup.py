@@ -17,7 +17,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CSRC = "csrc"
-CU_SOURCES = ["route.cu", "permute.cu"]
+CU_SOURCES = ["route.cu", "permute.cu", "plan.cu", "quantize.cu"]
 NVCC_FLAGS = [
     "-O3",
     "-std=c++17",

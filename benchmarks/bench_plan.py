@@ -3,8 +3,9 @@
 Implementations timed:
 - naive:  the sort-based PyTorch way (bincount, stable sort, cumsum, inverse by scatter);
 - torch:  moekernels.plan_routing(backend="torch"), the library's reference path;
-- triton: moekernels.plan_routing(backend="triton"), on a GPU.
-The plan has no CUDA kernel yet (backend="cuda" raises), and torch no native op for it.
+- triton: moekernels.plan_routing(backend="triton"), on a GPU;
+- cuda:   moekernels.plan_routing(backend="cuda") (csrc/plan.cu), where the extension is built.
+torch has no native op for it.
 
 Each shape is timed without padding (block_size=None); DeepSeek-V3 also with block_size=64,
 the block-padded layout vLLM-style grouped GEMMs read. Only indices move, so the plan is
@@ -24,7 +25,7 @@ TOKENS_FULL = [1, 16, 128, 1024, 4096, 16384, 65536]
 # The target sits at 4096 tokens; 16 stands for decode, 65536 for a long prefill.
 TOKENS_QUICK = [16, 4096, 65536]
 TOKENS_CPU = [1, 16, 128]
-KERNELS = ("triton",)
+KERNELS = ("triton", "cuda")
 # The target, printed as information and never asserted: DeepSeek-V3 at 4096
 # tokens in at most 15 us on an H200 (SGLang's moe_align_block_size takes ~21 us there).
 TARGET_TOKENS = 4096
@@ -103,7 +104,9 @@ def _inputs(shape: MoEShape, tokens: int, device: str):
 
 def cases(device: str, quick: bool, tokens: list[int] | None = None) -> list[Case]:
     tokens = token_sweep(device, quick, tokens, TOKENS_FULL, TOKENS_QUICK, TOKENS_CPU)
-    backends = ["torch"] + (["triton"] if device == "cuda" else [])
+    backends = ["torch"]
+    if device == "cuda":
+        backends += ["triton"] + (["cuda"] if moekernels.HAS_CUDA_EXT else [])
 
     setups = [(MIXTRAL_8X7B, None), (QWEN3_30B_A3B, None), (DEEPSEEK_V3, None), (DEEPSEEK_V3, PADDED_BLOCK)]
     out = []

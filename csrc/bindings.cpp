@@ -18,6 +18,13 @@ void permute_backward(uintptr_t grad, int dtype, uintptr_t dest, uintptr_t out, 
 void unpermute_backward(uintptr_t grad_y, uintptr_t y, int dtype, uintptr_t dest, uintptr_t w, uintptr_t offsets,
                         int num_experts, uintptr_t grad_sorted, uintptr_t grad_w, int64_t num_tokens, int top_k,
                         int64_t hidden, int64_t gy_stride, int64_t y_stride, int64_t gs_stride, uintptr_t stream);
+int plan_chunk();
+void plan_routing(uintptr_t ids, int id_itemsize, int64_t num_pairs, int num_experts, int block_size,
+                  uintptr_t partial, uintptr_t counts, uintptr_t offsets, uintptr_t source, uintptr_t dest,
+                  uintptr_t padded, uintptr_t block_expert, uintptr_t num_padded, int64_t num_blocks,
+                  uintptr_t stream);
+void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale, int64_t num_rows,
+                        int top_k, int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream);
 }  // namespace moekernels
 
 PYBIND11_MODULE(_C, m) {
@@ -30,7 +37,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("permute_backward", &moekernels::permute_backward, "out[t] = sum_j grad[dest[t*k + j]] (csrc/permute.cu)");
   m.def("unpermute_backward", &moekernels::unpermute_backward,
         "grad_sorted[dest] = w * grad_y[t], grad_w = <grad_y[t], y[dest]> (csrc/permute.cu)");
+  m.def("plan_routing", &moekernels::plan_routing,
+        "Stable counting sort of the pairs by expert, and the block-padded layout (csrc/plan.cu); partial is a "
+        "[ceil(N / PLAN_CHUNK), E + 1] int32 workspace when N > PLAN_CHUNK");
+  m.def("quantize_fp8_1x128", &moekernels::quantize_fp8_1x128,
+        "(1, 128) fp8 e4m3 quantization, fused with permute when dest is given (csrc/quantize.cu)");
+  m.attr("PLAN_CHUNK") = moekernels::plan_chunk();
   // Names of the ops with a CUDA kernel; tests assert each is exposed.
   m.attr("KERNELS") = pybind11::make_tuple("topk_routing", "permute", "unpermute", "permute_backward",
-                                           "unpermute_backward");
+                                           "unpermute_backward", "plan_routing", "quantize_fp8_1x128");
 }

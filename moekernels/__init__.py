@@ -15,6 +15,6 @@ from .route import load_balancing_loss, router_z_loss, topk_routing
 
 __version__ = "0.1.0"
 __all__ = [
-    "HAS_CUDA_EXT", "RoutingPlan", "fp8_grouped_mm", "fp8_mm", "grouped_mm", "load_balancing_loss", "permute", "plan_routing", "reference",
-    "quantize_fp8", "router_z_loss", "topk_routing", "unpermute", "__version__",
+    "HAS_CUDA_EXT", "RoutingPlan", "fp8_grouped_mm", "fp8_mm", "grouped_mm", "load_balancing_loss", "permute",
+    "plan_routing", "quantize_fp8", "reference", "router_z_loss", "topk_routing", "unpermute", "__version__",
 ]

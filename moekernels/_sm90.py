@@ -139,7 +139,8 @@ def main() -> int:
         try:
             reports.append(compile_variant(v))
         except Exception as exc:  # report every variant, not just the first failure
-            reports.append(Report(v.name, v.matrix, -1, -1, -1, -1, -1, False, False, error=f"{type(exc).__name__}: {exc}"))
+            reports.append(Report(v.name, v.matrix, -1, -1, -1, -1, -1, False, False,
+                                  error=f"{type(exc).__name__}: {exc}"))
     print(json.dumps([asdict(r) for r in reports], indent=1))
     return 0
 

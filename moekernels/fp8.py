@@ -27,9 +27,6 @@ QUANT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 NAMED = ("tensor", "row", "col")
 
 
-def _choose(op, tensor, backend):
-    return _backend.choose(op, tensor.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
-
 
 def block_shape(granularity, rows: int, cols: int) -> tuple[int, int]:
     """The (block rows, block cols) of a granularity over a [rows, cols] matrix; a named one spans
@@ -55,6 +52,30 @@ def _check_granularity(granularity) -> None:
 
 
 # ----------------------------------------------------------------------------- quantization
+
+
+CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cuda_reason(x, block_rows, block_cols, index, inverse):
+    """Why csrc/quantize.cu cannot take a call, or None: it takes (1, 128) blocks of 2-D rows."""
+    if (block_rows, block_cols) != (1, 128) or x.dim() != 2:
+        return "csrc/quantize.cu takes (1, 128) blocks of a 2-D x"
+    if index is not None and inverse is None:
+        return "the gathered quantize on cuda needs the plan's dest_index"
+    return None
+
+
+def _launch_cuda(x, q, scale, pow2, inverse, top_k):
+    from . import _ext
+
+    x = x if x.stride(1) == 1 else x.contiguous()
+    # 4 columns a lane in one access: every row start aligned to 4 elements.
+    vec = x.shape[1] % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % (4 * x.element_size()) == 0
+    with _backend.device_guard(x):
+        _ext.C.quantize_fp8_1x128(x.data_ptr(), _ext.dtype_code(x.dtype), inverse.data_ptr() if inverse is not None
+                                  else 0, q.data_ptr(), scale.data_ptr(), x.shape[0], top_k if inverse is not None
+                                  else 1, x.shape[1], x.stride(0), pow2, vec, _ext.stream(x))
 
 
 def _launch_quantize(x3, q, scale, br, bc, pow2, index=None, gather_div=1):
@@ -84,14 +105,20 @@ def _quant_shapes(x, br, bc, index):
 
 @torch.library.custom_op("moekernels::quantize_fp8", mutates_args=())
 def _quantize_op(x: torch.Tensor, block_rows: int, block_cols: int, pow2_scale: bool, index: torch.Tensor | None,
-                 gather_div: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if _choose("quantize_fp8", x, backend) == "torch":
+                 inverse: torch.Tensor | None, gather_div: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """index: row r of the rows quantized is x[index[r] // gather_div] (the plan's source_index);
+    inverse: its inverse (dest_index), which the cuda kernel walks instead (a token read once)."""
+    reason = _cuda_reason(x, block_rows, block_cols, index, inverse)
+    name = _backend.choose("quantize_fp8", x.device, backend or None, cuda_reason=reason)
+    if name == "torch":
         rows = x if index is None else reference.permute_rows(x, index, gather_div)
         return reference.quantize_fp8(rows, (block_rows, block_cols), pow2_scale=pow2_scale)
     q_shape, s_shape = _quant_shapes(x, block_rows, block_cols, index)
     q = torch.empty(q_shape, dtype=FP8, device=x.device)
     scale = torch.empty(s_shape, dtype=torch.float32, device=x.device)
-    if q.numel():
+    if q.numel() and name == "cuda":
+        _launch_cuda(x, q, scale, pow2_scale, inverse, gather_div)
+    elif q.numel():
         x3 = x.reshape(-1, *x.shape[-2:])
         x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
         _launch_quantize(x3, q.view(-1, *q_shape[-2:]), scale, block_rows, block_cols, pow2_scale, index, gather_div)
@@ -99,7 +126,7 @@ def _quantize_op(x: torch.Tensor, block_rows: int, block_cols: int, pow2_scale: 
 
 
 @_quantize_op.register_fake
-def _(x, block_rows, block_cols, pow2_scale, index, gather_div, backend):
+def _(x, block_rows, block_cols, pow2_scale, index, inverse, gather_div, backend):
     q_shape, s_shape = _quant_shapes(x, block_rows, block_cols, index)
     return x.new_empty(q_shape, dtype=FP8), x.new_empty(s_shape, dtype=torch.float32)
 
@@ -133,23 +160,29 @@ def quantize_fp8(x: torch.Tensor, granularity="row", *, dtype: torch.dtype = FP8
         raise TypeError(f"dtype must be torch.float8_e4m3fn, got {dtype}")
     _check_granularity(granularity)
     br, bc = block_shape(granularity, x.shape[-2], x.shape[-1])
-    return _quantize_op(x, br, bc, bool(pow2_scale), None, 1, backend or "")
+    return _quantize_op(x, br, bc, bool(pow2_scale), None, None, 1, backend or "")
 
 
-def quantize_fp8_gathered(x: torch.Tensor, source_index: torch.Tensor, top_k: int, granularity=(1, 128), *,
-                          pow2_scale: bool = False, backend: str | None = None):
-    """``quantize_fp8(x[source_index // top_k], granularity)`` in one kernel: the tokens [T, H] are
-    quantized as they are gathered into expert order (permute), never written in bf16.
+def quantize_fp8_gathered(x: torch.Tensor, plan, granularity=(1, 128), *, pow2_scale: bool = False,
+                          backend: str | None = None):
+    """``quantize_fp8(permute(x, plan), granularity)`` in one kernel: the tokens [T, H] are
+    quantized as they are gathered into expert order, never written in bf16 (the Triton kernel
+    gathers row r from ``x[source_index[r] // k]``; the cuda one, (1, 128) only, quantizes token t
+    once and writes it to its k rows ``dest_index[t*k + j]``).
 
     Returns q [T*k, H] float8_e4m3fn and scale [T*k / br, H / bc] float32 (internal API: the fp8
     MoE path). Not differentiable.
     """
+    from .plan import RoutingPlan
+
     _checks.tensor("x", x, ndim=2, dtypes=QUANT_INPUTS)
-    _checks.tensor("source_index", source_index, ndim=1, dtypes=(torch.int32,), device=x.device)
-    _checks.integer("top_k", top_k, low=1)
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a moekernels.RoutingPlan, got {type(plan).__name__}")
+    if plan.source_index.device != x.device or plan.source_index.shape[0] != x.shape[0] * plan.top_k:
+        raise ValueError(f"plan must hold the {x.shape[0]} x {plan.top_k} pairs of x's tokens, on {x.device}")
     _check_granularity(granularity)
-    br, bc = block_shape(granularity, source_index.shape[0], x.shape[1])
-    return _quantize_op(x, br, bc, bool(pow2_scale), source_index, top_k, backend or "")
+    br, bc = block_shape(granularity, plan.source_index.shape[0], x.shape[1])
+    return _quantize_op(x, br, bc, bool(pow2_scale), plan.source_index, plan.dest_index, plan.top_k, backend or "")
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -244,12 +277,9 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     of M per expert; rows at or after offs[-1] are zero. Not differentiable (inference).
     """
     _check_scaled(a, a_scale, b, b_scale, out_dtype, 3)
-    from .grouped_gemm import _check, _fused_op, scaling_mode
+    from .grouped_gemm import grouped_mm_fused
 
-    _check(a, b, offs, (FP8,), "a")
-    scaling_mode(a, a_scale, b, b_scale)
-    index = offs.new_empty(0)
-    return _fused_op(a, b, offs, index, 1, False, "", None, a_scale, b_scale, out_dtype, backend or "")
+    return grouped_mm_fused(a, b, offs, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, backend=backend)
 
 
 def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *,

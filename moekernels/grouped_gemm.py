@@ -126,7 +126,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
             rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
             a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(),
             A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=a_index is not None, SCATTER=c_index is not None,
-            ACT=act, SWAP_AB=cfg.SWAP_AB, SCALE=scale_mode, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+            ACT=act, SWAP_AB=cfg.SWAP_AB, SCALE=scale_mode, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+            BLOCK_K=cfg.BLOCK_K,
             BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -355,7 +356,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend:
 
 def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, source_index: torch.Tensor | None = None,
                      top_k: int = 1, gather: bool = False, activation: str | None = None,
-                     scatter_weights: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                     scatter_weights: torch.Tensor | None = None, a_scale: torch.Tensor | None = None,
+                     b_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                     backend: str | None = None) -> torch.Tensor:
     """The grouped GEMM with the MoE layer's fusions (internal API; see the module doc).
 
     Args:
@@ -369,12 +372,26 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
         scatter_weights: [T, k] router weights: row r is scaled by ``scatter_weights.flat[p]`` and
             written to row ``p = source_index[r]`` of a [T*k, N] output (token-major pairs), so
             the combine is ``out.view(T, k, N).sum(1)``. Dropped pairs' rows are zero.
+        a_scale, b_scale: with float8_e4m3fn x and w, their float32 scales (see
+            :func:`moekernels.fp8_grouped_mm`; a_scale has a row per row of x, gathered with it).
+            The block-wise mode with an activation needs N % 128 == 0 (up starts a scale block).
+        out_dtype: the output dtype (default x's, bfloat16 for fp8).
 
-    Differentiable with respect to x, w and scatter_weights.
+    Differentiable with respect to x, w and scatter_weights (not in fp8).
     """
     activation = activation or ""
     _checks.choice("activation", activation, tuple(ACTIVATIONS))
-    _check(x, w, offs)
+    scaled = a_scale is not None or b_scale is not None
+    _check(x, w, offs, (torch.float8_e4m3fn,) if scaled else DTYPES)
+    if scaled:
+        _checks.tensor("a_scale", a_scale, ndim=2, dtypes=(torch.float32,), device=x.device)
+        _checks.tensor("b_scale", b_scale, ndim=3, dtypes=(torch.float32,), device=x.device)
+        mode = scaling_mode(x, a_scale, w, b_scale)
+        if mode == 3 and activation and (w.shape[2] // 2) % 128:
+            raise ValueError(f"block-scaled w with an activation needs N % 128 == 0 (w is [E, K, 2N={w.shape[2]}])")
+        out_dtype = out_dtype or torch.bfloat16
+    if out_dtype is not None and out_dtype not in DTYPES:
+        raise TypeError(f"out_dtype must be one of {DTYPES}, got {out_dtype}")
     if gather or scatter_weights is not None:
         if source_index is None:
             raise ValueError("source_index is required with gather or scatter_weights")
@@ -395,8 +412,8 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
         top_k = scatter_weights.shape[1]
     if source_index is None:
         source_index = offs.new_empty(0)
-    return _fused_op(x, w, offs, source_index, top_k, gather, activation, scatter_weights, None, None, None,
-                     backend or "")
+    return _fused_op(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale,
+                     out_dtype, backend or "")
 
 
 # ----------------------------------------------------------------------------- sm_90 variants
@@ -432,7 +449,8 @@ def _dw_variant(name, cfg, dtype, gather):
               stride_cn=1)
     sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32", offs_ptr="*i32")
     return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
-                         aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce", "stride_ck"))
+                         aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce",
+                                  "stride_ck"))
 
 
 def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None):

@@ -1,9 +1,11 @@
 """Stage 2, plan: topk_ids [T, k] -> RoutingPlan (counts, offsets, the expert-sorted order).
 
-The ``moekernels::plan_routing`` custom op, its launchers (torch / triton), and the public
+The ``moekernels::plan_routing`` custom op, its launchers (torch / triton / cuda), and the public
 :func:`plan_routing`. The Triton path is a three-pass stable counting sort (kernels/_plan.py):
 work linear in T*k (a pair costs one row of a [pairs, E] one-hot tile: E lane operations, ~2
-per thread at E = 256 and 4 warps), no atomics, no host sync, the same bits on every run.
+per thread at E = 256 and 4 warps), no atomics, no host sync, the same bits on every run. The
+CUDA path (csrc/plan.cu, E <= 1024) is the same sort ranked with warp match instructions: one
+launch up to 2048 pairs, three beyond; the same bits as the others.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from . import _backend, _checks, configs, reference
 
 ID_DTYPES = (torch.int32, torch.int64)
 INT32_MAX = 2**31 - 1
-# The CUDA kernels of the plan come with the CUDA-kernels issue; until then "cuda" falls back.
+# csrc/plan.cu keeps a row of E + 1 cursors per warp in shared memory (36.9 KB at E = 1024).
+CUDA_MAX_EXPERTS = 1024
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,24 @@ def _launch_triton(ids, num_experts, block_size, out):
             **cx["pad"], **opts)
 
 
+def _cuda_reason(num_experts):
+    return f"num_experts={num_experts} > {CUDA_MAX_EXPERTS}" if num_experts > CUDA_MAX_EXPERTS else None
+
+
+def _launch_cuda(ids, num_experts, block_size, out):
+    from . import _ext
+
+    counts, offsets, source, dest, padded, block_expert, num_padded = out
+    num_pairs = ids.numel()
+    chunks = triton.cdiv(num_pairs, _ext.C.PLAN_CHUNK)
+    # The per-chunk histograms of the multi-block path; one chunk (decode) needs none.
+    partial = torch.empty(chunks, num_experts + 1, dtype=torch.int32, device=ids.device) if chunks > 1 else counts
+    _ext.C.plan_routing(ids.data_ptr(), ids.element_size(), num_pairs, num_experts, block_size, partial.data_ptr(),
+                        counts.data_ptr(), offsets.data_ptr(), source.data_ptr(), dest.data_ptr(),
+                        padded.data_ptr(), block_expert.data_ptr(), num_padded.data_ptr(), block_expert.numel(),
+                        _ext.stream(ids))
+
+
 def _empty_fields(topk_ids, num_experts, block_size):
     num_pairs = topk_ids.numel()
     new = dict(dtype=torch.int32, device=topk_ids.device)
@@ -131,12 +152,13 @@ def _plan_routing_op(
     topk_ids: torch.Tensor, num_experts: int, block_size: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _checks.ids_in_range("topk_ids", topk_ids, num_experts)  # inside the op: opaque to torch.compile
-    name = _backend.choose("plan_routing", topk_ids.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
+    name = _backend.choose("plan_routing", topk_ids.device, backend or None, cuda_reason=_cuda_reason(num_experts))
     if name == "torch" or topk_ids.numel() == 0:
         return reference.plan_routing_fields(topk_ids, num_experts, block_size)
     out = _empty_fields(topk_ids, num_experts, block_size)
     with _backend.device_guard(topk_ids):
-        _launch_triton(topk_ids.contiguous(), num_experts, block_size, out)
+        launch = _launch_cuda if name == "cuda" else _launch_triton
+        launch(topk_ids.contiguous(), num_experts, block_size, out)
     return out
 
 
@@ -157,7 +179,8 @@ def plan_routing(
             outside [0, E) raises ValueError; on CUDA otherwise its pair is dropped (see
             :class:`RoutingPlan`): what expert parallelism needs for other ranks' experts.
         block_size: B, to also build the block-padded layout of vLLM-style kernels.
-        backend: ``"torch"``, ``"triton"`` or None (automatic); see ``moekernels._backend``.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` (E <= 1024) or None (automatic); see
+            ``moekernels._backend``.
 
     Returns:
         A :class:`RoutingPlan`. Computed on the device in work linear in T*k with no host sync;

@@ -11,7 +11,8 @@ import moekernels
 from moekernels import _ext, _sm90
 
 BUILD_EXPECTED = shutil.which("nvcc") is not None and os.environ.get("MOEKERNELS_BUILD_CUDA", "auto") != "0"
-CUDA_OPS = {"topk_routing", "permute", "unpermute", "permute_backward", "unpermute_backward"}  # csrc/ kernels
+CUDA_OPS = {"topk_routing", "permute", "unpermute", "permute_backward", "unpermute_backward", "plan_routing",
+            "quantize_fp8_1x128"}  # csrc/ kernels
 needs_ext = pytest.mark.skipif(not moekernels.HAS_CUDA_EXT, reason="moekernels._C not built")
 
 
@@ -37,8 +38,10 @@ def test_no_local_memory_in_any_kernel():
     usage = _cuobjdump("-res-usage")
     kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     # For sm_90a and sm_80 each: topk_routing 7 (VPT, LANES) x 3 dtypes; permute 5 word widths;
-    # combine 3 dtypes x 2 widths x weighted or not; unpermute_backward 3 dtypes x 2 widths.
-    assert len(kernels) == (7 * 3 + 5 + 3 * 2 * 2 + 3 * 2) * 2
+    # combine 3 dtypes x 2 widths x weighted or not; unpermute_backward 3 dtypes x 2 widths; the
+    # plan: count and scatter (one block or many) per id width, scan, pad; quantize 3 dtypes x
+    # vector or not x fused with permute or not.
+    assert len(kernels) == (7 * 3 + 5 + 3 * 2 * 2 + 3 * 2 + (2 + 1 + 2 * 2 + 1) + 3 * 2 * 2) * 2
     for name, _reg, stack, _shared, local in kernels:
         assert stack == "0" and local == "0", f"{name} uses local memory"
     sass = _cuobjdump("-sass")
@@ -63,3 +66,15 @@ def test_errors_surface_as_python_exceptions():
         _ext.C.permute(0, 2, 0, 0, 1, 65, 8, 8, 0)
     with pytest.raises(ValueError, match="dtype"):
         _ext.C.unpermute(0, 9, 0, 0, 0, 8, 0, 1, 2, 8, 8, 8, 0)
+    with pytest.raises(ValueError, match="num_experts"):
+        _ext.C.plan_routing(0, 4, 16, 2000, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="ids dtype"):
+        _ext.C.plan_routing(0, 2, 16, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="num_pairs"):
+        _ext.C.plan_routing(0, 4, 2**31, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match="top_k"):
+        _ext.C.quantize_fp8_1x128(0, 1, 0, 0, 0, 4, 0, 128, 128, False, False, 0)
+    with pytest.raises(ValueError, match="vec"):
+        _ext.C.quantize_fp8_1x128(0, 1, 0, 0, 0, 4, 1, 130, 130, False, True, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        _ext.C.quantize_fp8_1x128(0, 5, 0, 0, 0, 4, 1, 128, 128, False, False, 0)

@@ -3,7 +3,7 @@ product and the original bf16 one (DeepGEMM's calc_diff)."""
 
 import pytest
 import torch
-from conftest import cpu_backends, device_backends, rel_err
+from conftest import _NEEDS_EXT, cpu_backends, device_backends, rel_err
 from test_grouped_gemm import make_offs
 from test_plan import make_ids
 
@@ -97,13 +97,13 @@ def test_transposes_compose(granularity, transposed, backend):
     assert same_bits(q.transpose(-1, -2).contiguous(), qt) and same_bits(scale.transpose(-1, -2).contiguous(), st)
 
 
-@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("device,backend", device_backends())
 def test_quantize_fused_with_the_gather(device, backend):
     num_tokens, top_k, num_experts, hidden = 13, 3, 6, 384
     ids = make_ids(num_tokens, top_k, num_experts, device=device)
     plan = moekernels.plan_routing(ids, num_experts, backend="torch")
     x = make_x((num_tokens, hidden), torch.bfloat16, device)
-    q, scale = fp8.quantize_fp8_gathered(x, plan.source_index, top_k, backend=backend)
+    q, scale = fp8.quantize_fp8_gathered(x, plan, backend=backend)
     want_q, want_s = moekernels.quantize_fp8(moekernels.permute(x, plan, backend="torch"), (1, 128), backend="torch")
     assert same_bits(q, want_q) and same_bits(scale, want_s)
 
@@ -185,11 +185,11 @@ def test_fp8_moe_path(device, backend):
     q1, s1 = moekernels.quantize_fp8(w1, (128, 128), backend=backend)
     q2, s2 = moekernels.quantize_fp8(w2, (128, 128), backend=backend)
     common = dict(source_index=plan.source_index, top_k=top_k, backend=backend)
-    h = gg._fused_op(qx, q1.transpose(1, 2), plan.expert_offsets, plan.source_index, top_k, True, "silu", None,
-                     sx, s1.transpose(1, 2), torch.bfloat16, backend)
+    h = gg.grouped_mm_fused(qx, q1.transpose(1, 2), plan.expert_offsets, gather=True, activation="silu",
+                            a_scale=sx, b_scale=s1.transpose(1, 2), **common)
     qh, sh = moekernels.quantize_fp8(h, (1, 128), backend=backend)
-    out = gg._fused_op(qh, q2.transpose(1, 2), plan.expert_offsets, plan.source_index, top_k, False, "", weights,
-                       sh, s2.transpose(1, 2), torch.bfloat16, backend)
+    out = gg.grouped_mm_fused(qh, q2.transpose(1, 2), plan.expert_offsets, scatter_weights=weights, a_scale=sh,
+                              b_scale=s2.transpose(1, 2), **common)
     deq = {name: fp8.dequantize_fp8(q, s) for name, q, s in (("x", qx, sx), ("h", qh, sh))}
     want_h = gg.grouped_mm_fused(deq["x"], fp8.dequantize_fp8(q1, s1).transpose(1, 2), plan.expert_offsets,
                                  gather=True, activation="silu", **common)
@@ -210,8 +210,8 @@ def test_fp8_moe_path(device, backend):
 def test_opcheck(backend):
     x = make_x((3, 40, 256), torch.bfloat16, "cpu")
     ops = torch.ops.moekernels
-    torch.library.opcheck(ops.quantize_fp8.default, (x, 1, 128, False, None, 1, backend))
-    torch.library.opcheck(ops.quantize_fp8.default, (x, 40, 256, True, None, 1, backend))  # per tensor: 2 passes
+    torch.library.opcheck(ops.quantize_fp8.default, (x, 1, 128, False, None, None, 1, backend))
+    torch.library.opcheck(ops.quantize_fp8.default, (x, 40, 256, True, None, None, 1, backend))  # per tensor: 2 passes
     qa, sa, qb, sb, _, _ = quantized_problem(24, 256, 64, 3, "block", "cpu")
     offs = make_offs(24, 3, 2)
     # test_schema compares the inputs before and after with arithmetic torch lacks for fp8 on the
@@ -271,6 +271,17 @@ def test_bad_granularity(granularity, match):
         moekernels.quantize_fp8(torch.randn(4, 256), granularity)
 
 
+def test_fused_fp8_bad_input():
+    qa, sa, qb, sb, _, _ = quantized_problem(16, 256, 192, 2, "block", "cpu")
+    offs = torch.tensor([5, 16], dtype=torch.int32)
+    with pytest.raises(ValueError, match="N % 128"):  # gate/up halves of 96 columns: up starts mid-block
+        gg.grouped_mm_fused(qa, qb, offs, activation="silu", a_scale=sa, b_scale=sb)
+    with pytest.raises(TypeError, match="x"):
+        gg.grouped_mm_fused(qa.float(), qb, offs, a_scale=sa, b_scale=sb)
+    with pytest.raises(TypeError, match="out_dtype"):
+        gg.grouped_mm_fused(qa, qb, offs, a_scale=sa, b_scale=sb, out_dtype=torch.int32)
+
+
 def test_bad_quantize_input():
     with pytest.raises(TypeError, match="x"):
         moekernels.quantize_fp8(torch.randn(4, 8).int(), "row")
@@ -308,4 +319,24 @@ def test_gpu_quantize_cuda_graph():
         got = moekernels.quantize_fp8(x, (1, 128), backend="triton")
     graph.replay()
     torch.cuda.synchronize()
+    assert same_bits(got[0], want[0]) and same_bits(got[1], want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pow2", [False, True], ids=["scale", "pow2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("hidden", [7168, 4098, 130, 100])  # 4098 and 130: no 4-column vectors; 100: one group
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=_NEEDS_EXT)])
+def test_gpu_cuda_quantize_matches_triton_bit_for_bit(backend, hidden, dtype, pow2):
+    """csrc/quantize.cu against the Triton kernel and the reference: the same q and scale bits,
+    alone and fused with the permute."""
+    num_tokens, top_k, num_experts = 300, 8, 64
+    x = make_x((num_tokens, hidden), dtype, "cuda")
+    got = moekernels.quantize_fp8(x, (1, 128), pow2_scale=pow2, backend=backend)
+    for other in ("triton", "torch"):
+        want = moekernels.quantize_fp8(x, (1, 128), pow2_scale=pow2, backend=other)
+        assert same_bits(got[0], want[0]) and same_bits(got[1], want[1]), other
+    plan = moekernels.plan_routing(make_ids(num_tokens, top_k, num_experts, device="cuda"), num_experts)
+    got = fp8.quantize_fp8_gathered(x, plan, pow2_scale=pow2, backend=backend)
+    want = fp8.quantize_fp8_gathered(x, plan, pow2_scale=pow2, backend="triton")
     assert same_bits(got[0], want[0]) and same_bits(got[1], want[1])

@@ -25,8 +25,7 @@ def case_id(c):
 def setup(case, dtype, device, backend):
     num_tokens, top_k, num_experts, hidden = case
     ids = make_ids(num_tokens, top_k, num_experts, device=device)
-    # The plan has no CUDA kernel yet: a cuda-backend test takes its plan from Triton.
-    plan = moekernels.plan_routing(ids, num_experts, backend="triton" if backend == "cuda" else backend)
+    plan = moekernels.plan_routing(ids, num_experts, backend=backend)
     return plan, num_tokens, top_k, hidden
 
 

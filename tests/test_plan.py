@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 import triton
-from conftest import cpu_backends, device_backends
+from conftest import cpu_backends, device_backends, gpu_backends
 
 import moekernels
 from moekernels import configs, reference
@@ -77,7 +77,7 @@ def assert_plan_equal(plan, want: dict):
         assert got.cpu().tolist() == list(value), f"{name} differs"
 
 
-@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "T{}_k{}_E{}_B{}".format(*c))
 def test_matches_oracle(case, id_dtype, device, backend):
@@ -220,17 +220,21 @@ def test_bad_input_names_the_argument(name, change, error):
 
 
 @pytest.mark.gpu
-def test_gpu_large_and_graph_safe():
-    """DeepSeek-V3 at T = 4096 and 65536 tokens (many chunks), captured in a CUDA graph."""
-    for num_tokens in (4096, 65536):
-        ids = make_ids(num_tokens, 8, 256, device="cuda")
-        want = reference.plan_routing(ids, 256, block_size=64)
-        got = moekernels.plan_routing(ids, 256, block_size=64, backend="triton")
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_gpu_large_and_graph_safe(backend):
+    """DeepSeek-V3 at T = 4096 and 65536 tokens (many chunks), Mixtral (8 experts) and 1024
+    experts (the cuda kernel's most), captured in a CUDA graph."""
+    for num_tokens, top_k, num_experts in ((4096, 8, 256), (65536, 8, 256), (5000, 2, 8), (3000, 8, 1024)):
+        ids = make_ids(num_tokens, top_k, num_experts, device="cuda")
+        want = reference.plan_routing(ids, num_experts, block_size=64)
+        got = moekernels.plan_routing(ids, num_experts, block_size=64, backend=backend)
         for name in FIELDS:
-            assert torch.equal(getattr(got, name), getattr(want, name)), name
+            assert torch.equal(getattr(got, name), getattr(want, name)), (num_tokens, name)
+    ids = make_ids(4096, 8, 256, device="cuda")
+    want = reference.plan_routing(ids, 256, block_size=64)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # capture fails on any host sync
-        captured = moekernels.plan_routing(ids, 256, block_size=64, backend="triton")
+        captured = moekernels.plan_routing(ids, 256, block_size=64, backend=backend)
     captured.source_index.fill_(-1)
     graph.replay()
     torch.cuda.synchronize()
@@ -238,14 +242,15 @@ def test_gpu_large_and_graph_safe():
 
 
 @pytest.mark.gpu
-def test_gpu_drops_out_of_range_ids_and_debug_raises(monkeypatch):
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_gpu_drops_out_of_range_ids_and_debug_raises(monkeypatch, backend):
     ids = make_ids(3000, 8, 64, torch.int64, "cuda")
     ids[10, 2], ids[2999, 7] = 64, -3
-    plan = moekernels.plan_routing(ids, 64, block_size=16, backend="triton")
+    plan = moekernels.plan_routing(ids, 64, block_size=16, backend=backend)
     want = reference.plan_routing(ids, 64, block_size=16)
     for name in FIELDS:
         assert torch.equal(getattr(plan, name), getattr(want, name)), name
     assert plan.expert_offsets[-1].item() == ids.numel() - 2
     monkeypatch.setenv("MOEKERNELS_DEBUG", "1")
     with pytest.raises(ValueError, match="topk_ids"):
-        moekernels.plan_routing(ids, 64, backend="triton")
+        moekernels.plan_routing(ids, 64, backend=backend)

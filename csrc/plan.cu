@@ -1,0 +1,268 @@
+// The routing plan: a stable counting sort of the T*k (token, slot) pairs by expert, and the
+// block-padded layout. The same outputs, bit for bit, as moekernels/kernels/_plan.py and the
+// reference: expert_counts, expert_offsets, source_index (sorted by expert, ascending pair
+// index within an expert, dropped pairs last), dest_index (its inverse), and with a block size
+// padded_source_index, block_expert and num_padded_rows.
+//
+// A block takes a chunk of kChunk pairs; each of its 8 warps a contiguous eighth, in order.
+// - One chunk (T*k <= 2048, every decode step): plan_scatter_kernel<SINGLE> alone: one launch.
+// - More: plan_count_kernel (each chunk's histogram, shared-memory atomics: counts are
+//   order-free), plan_scan_kernel (one block: per key, the exclusive prefix over chunks in
+//   place, the totals, the expert offsets), then plan_scatter_kernel.
+// The scatter ranks a warp's 32 pairs with __match_any_sync (peers with the same key) and the
+// popcount of the lower peers, on top of per-warp cursors that start at the expert's start plus
+// the earlier chunks' and warps' pairs: the order is the pair order, and the result the same on
+// every run (no global atomics). An id outside [0, E) is key E, after every expert (dropped).
+//
+// Resources (ptxas -v, sm_90a): 256 threads a block; shared memory 4.1 KB (count), 8.2 KB
+// (scan), 32.8-36.9 KB (scatter, 8 or 9 rows of E + 1 cursors at E = 1024), 4.1 KB (pad);
+// registers are noted in tests/test_cuda_ext.py's report, no local memory.
+#include "common.cuh"
+
+namespace moekernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 2048;  // pairs per block: DeepSeek-V3 at T = 4096 (32768 pairs) is 16 blocks
+constexpr int kPerWarp = kChunk / kWarps;
+constexpr int kMaxExperts = 1024;
+constexpr int kKeys = kMaxExperts + 1;  // the experts and the dropped
+
+template <typename Id>
+__device__ __forceinline__ int pair_key(const Id* ids, int64_t p, int num_experts) {
+  const Id e = ids[p];
+  return (e >= 0 && e < static_cast<Id>(num_experts)) ? static_cast<int>(e) : num_experts;
+}
+
+// In-place exclusive prefix sum of v[0, n) in shared memory, by warp 0 (n <= kKeys: 33 values a
+// lane); every thread calls it and gets the total.
+__device__ int exclusive_scan(int* v, int n) {
+  __shared__ int total;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    const int per = (n + 31) / 32;
+    const int lo = min(n, lane * per), hi = min(n, lo + per);
+    int sum = 0;
+    for (int i = lo; i < hi; ++i) sum += v[i];
+    int incl = sum;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(kFullMask, incl, o);
+      if (lane >= o) incl += y;
+    }
+    int run = incl - sum;
+    for (int i = lo; i < hi; ++i) {
+      const int c = v[i];
+      v[i] = run;
+      run += c;
+    }
+    if (lane == 31) total = incl;
+  }
+  __syncthreads();
+  return total;
+}
+
+template <typename Id>
+__global__ void __launch_bounds__(kThreads) plan_count_kernel(const Id* __restrict__ ids, int32_t* __restrict__ partial,
+                                                              int64_t num_pairs, int num_experts) {
+  __shared__ int hist[kKeys];
+  const int keys = num_experts + 1;
+  for (int e = threadIdx.x; e < keys; e += kThreads) hist[e] = 0;
+  __syncthreads();
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kChunk;
+  for (int i = threadIdx.x; i < kChunk; i += kThreads) {
+    if (first + i < num_pairs) atomicAdd(&hist[pair_key(ids, first + i, num_experts)], 1);
+  }
+  __syncthreads();
+  int32_t* row = partial + static_cast<int64_t>(blockIdx.x) * keys;
+  for (int e = threadIdx.x; e < keys; e += kThreads) row[e] = hist[e];
+}
+
+// partial[c][key] -> the pairs of key in chunks before c; counts, offsets (inclusive ends).
+__global__ void __launch_bounds__(kThreads) plan_scan_kernel(int32_t* __restrict__ partial, int32_t* __restrict__ counts,
+                                                             int32_t* __restrict__ offsets, int64_t num_chunks,
+                                                             int num_experts) {
+  __shared__ int start[kKeys];
+  const int keys = num_experts + 1;
+  for (int e = threadIdx.x; e < keys; e += kThreads) {
+    int run = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {  // threads walk adjacent columns: coalesced
+      int32_t* p = partial + c * keys + e;
+      const int v = *p;
+      *p = run;
+      run += v;
+    }
+    start[e] = run;
+    if (e < num_experts) counts[e] = run;
+  }
+  exclusive_scan(start, keys);
+  for (int e = threadIdx.x; e < num_experts; e += kThreads) offsets[e] = start[e + 1];
+}
+
+// SINGLE: the block holds every pair and counts them itself. Dynamic shared memory: kWarps (+1
+// with SINGLE) rows of E + 1 ints.
+template <typename Id, bool SINGLE>
+__global__ void __launch_bounds__(kThreads) plan_scatter_kernel(const Id* __restrict__ ids,
+                                                                const int32_t* __restrict__ partial,
+                                                                int32_t* __restrict__ counts,
+                                                                int32_t* __restrict__ offsets,
+                                                                int32_t* __restrict__ source,
+                                                                int32_t* __restrict__ dest, int64_t num_pairs,
+                                                                int num_experts) {
+  extern __shared__ int smem[];
+  const int keys = num_experts + 1;
+  int* cursor = smem;  // [kWarps][keys]: the next row of each key for each warp
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = threadIdx.x; i < kWarps * keys; i += kThreads) cursor[i] = 0;
+  __syncthreads();
+  const int64_t w0 = static_cast<int64_t>(blockIdx.x) * kChunk + warp * kPerWarp;
+  for (int s = lane; s < kPerWarp; s += 32) {  // each warp's histogram (order-free)
+    if (w0 + s < num_pairs) atomicAdd(&cursor[warp * keys + pair_key(ids, w0 + s, num_experts)], 1);
+  }
+  __syncthreads();
+  int* total = smem + kWarps * keys;  // SINGLE: [keys]
+  for (int e = threadIdx.x; e < keys; e += kThreads) {  // exclusive prefix over the warps
+    int run = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      const int c = cursor[w * keys + e];
+      cursor[w * keys + e] = run;
+      run += c;
+    }
+    if (SINGLE) {
+      total[e] = run;
+      if (e < num_experts) counts[e] = run;
+    }
+  }
+  if (SINGLE) {
+    exclusive_scan(total, keys);  // total[key] is now the key's first row
+    for (int e = threadIdx.x; e < num_experts; e += kThreads) offsets[e] = total[e + 1];
+    for (int i = threadIdx.x; i < kWarps * keys; i += kThreads) cursor[i] += total[i % keys];
+  } else {
+    const int32_t* row = partial + static_cast<int64_t>(blockIdx.x) * keys;
+    const int valid = num_experts > 0 ? offsets[num_experts - 1] : 0;
+    for (int i = threadIdx.x; i < kWarps * keys; i += kThreads) {
+      const int e = i % keys;
+      cursor[i] += row[e] + (e < num_experts ? offsets[e] - counts[e] : valid);
+    }
+  }
+  __syncthreads();
+  for (int s = 0; s < kPerWarp; s += 32) {  // 32 pairs a step, in pair order
+    const int64_t p = w0 + s + lane;
+    const bool ok = p < num_pairs;
+    const unsigned active = __ballot_sync(kFullMask, ok);
+    if (ok) {
+      const int key = pair_key(ids, p, num_experts);
+      const unsigned peers = __match_any_sync(active, key);
+      const int rank = __popc(peers & ((1u << lane) - 1u));
+      const int pos = cursor[warp * keys + key] + rank;
+      source[pos] = static_cast<int32_t>(p);
+      dest[p] = pos;
+      __syncwarp(active);  // every peer has read the cursor before its lowest lane moves it
+      if (rank == 0) cursor[warp * keys + key] += __popc(peers);
+    }
+    __syncwarp();
+  }
+}
+
+// The block-padded layout: each expert's rows padded to a multiple of B with the sentinel N;
+// block_expert[b] the expert of padded block b (-1 past the end); num_padded the rows in use.
+__global__ void __launch_bounds__(kThreads) plan_pad_kernel(const int32_t* __restrict__ counts,
+                                                            const int32_t* __restrict__ offsets,
+                                                            const int32_t* __restrict__ source,
+                                                            int32_t* __restrict__ padded,
+                                                            int32_t* __restrict__ block_expert,
+                                                            int32_t* __restrict__ num_padded, int64_t num_pairs,
+                                                            int num_experts, int block_size, int64_t num_blocks) {
+  __shared__ int pstart[kKeys];  // padded start of each expert; [E]: the padded total
+  for (int e = threadIdx.x; e <= num_experts; e += kThreads) {
+    pstart[e] = e < num_experts ? (counts[e] + block_size - 1) / block_size * block_size : 0;
+  }
+  const int total = exclusive_scan(pstart, num_experts + 1);
+  if (blockIdx.x == 0 && threadIdx.x == 0) *num_padded = total;
+  for (int64_t b = blockIdx.x; b < num_blocks; b += gridDim.x) {
+    const int64_t row0 = b * block_size;
+    // The expert: how many padded segments end at or before row0 (ends are pstart[1..E]).
+    int lo = 0, hi = num_experts;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (pstart[mid + 1] <= row0) lo = mid + 1; else hi = mid;
+    }
+    const bool used = row0 < total;
+    if (threadIdx.x == 0) block_expert[b] = used ? lo : -1;
+    const int count = used ? counts[lo] : 0;
+    const int first = used ? offsets[lo] - count : 0;
+    const int64_t within0 = used ? row0 - pstart[lo] : 0;
+    for (int r = threadIdx.x; r < block_size; r += kThreads) {
+      const int64_t within = within0 + r;
+      padded[row0 + r] = within < count ? source[first + within] : static_cast<int32_t>(num_pairs);
+    }
+  }
+}
+
+template <typename Id>
+void launch_plan(uintptr_t ids, int64_t num_pairs, int num_experts, int block_size, uintptr_t partial,
+                 uintptr_t counts, uintptr_t offsets, uintptr_t source, uintptr_t dest, uintptr_t padded,
+                 uintptr_t block_expert, uintptr_t num_padded, int64_t num_blocks, cudaStream_t stream) {
+  const Id* id = reinterpret_cast<const Id*>(ids);
+  auto* cnt = reinterpret_cast<int32_t*>(counts);
+  auto* off = reinterpret_cast<int32_t*>(offsets);
+  auto* src = reinterpret_cast<int32_t*>(source);
+  auto* dst = reinterpret_cast<int32_t*>(dest);
+  auto* part = reinterpret_cast<int32_t*>(partial);
+  const int keys = num_experts + 1;
+  const int64_t chunks = (num_pairs + kChunk - 1) / kChunk;
+  if (chunks == 1) {
+    plan_scatter_kernel<Id, true><<<1, kThreads, (kWarps + 1) * keys * sizeof(int), stream>>>(
+        id, part, cnt, off, src, dst, num_pairs, num_experts);
+    check_launch("plan_scatter_kernel (single block)");
+  } else {
+    plan_count_kernel<Id><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(id, part, num_pairs, num_experts);
+    check_launch("plan_count_kernel");
+    plan_scan_kernel<<<1, kThreads, 0, stream>>>(part, cnt, off, chunks, num_experts);
+    check_launch("plan_scan_kernel");
+    plan_scatter_kernel<Id, false><<<static_cast<unsigned>(chunks), kThreads, kWarps * keys * sizeof(int), stream>>>(
+        id, part, cnt, off, src, dst, num_pairs, num_experts);
+    check_launch("plan_scatter_kernel");
+  }
+  if (block_size > 0 && num_blocks > 0) {
+    const int grid = static_cast<int>(num_blocks < 4096 ? num_blocks : 4096);
+    plan_pad_kernel<<<grid, kThreads, 0, stream>>>(cnt, off, src, reinterpret_cast<int32_t*>(padded),
+                                                   reinterpret_cast<int32_t*>(block_expert),
+                                                   reinterpret_cast<int32_t*>(num_padded), num_pairs, num_experts,
+                                                   block_size, num_blocks);
+    check_launch("plan_pad_kernel");
+  }
+}
+
+}  // namespace
+
+int plan_chunk() { return kChunk; }
+
+void plan_routing(uintptr_t ids, int id_itemsize, int64_t num_pairs, int num_experts, int block_size,
+                  uintptr_t partial, uintptr_t counts, uintptr_t offsets, uintptr_t source, uintptr_t dest,
+                  uintptr_t padded, uintptr_t block_expert, uintptr_t num_padded, int64_t num_blocks,
+                  uintptr_t stream) {
+  if (num_experts < 1 || num_experts > kMaxExperts) {
+    throw std::invalid_argument("plan_routing: num_experts must be in [1, 1024], got " + std::to_string(num_experts));
+  }
+  if (id_itemsize != 4 && id_itemsize != 8) {
+    throw std::invalid_argument("plan_routing: ids dtype must be int32 or int64 (itemsize 4 or 8), got itemsize " +
+                                std::to_string(id_itemsize));
+  }
+  if (num_pairs < 0 || num_pairs >= (int64_t{1} << 31) - 1 || block_size < 0 || num_blocks < 0) {
+    throw std::invalid_argument("plan_routing: num_pairs must be in [0, 2**31 - 1) and block_size >= 0");
+  }
+  if (num_pairs == 0) return;
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  if (id_itemsize == 4) {
+    launch_plan<int32_t>(ids, num_pairs, num_experts, block_size, partial, counts, offsets, source, dest, padded,
+                         block_expert, num_padded, num_blocks, s);
+  } else {
+    launch_plan<int64_t>(ids, num_pairs, num_experts, block_size, partial, counts, offsets, source, dest, padded,
+                         block_expert, num_padded, num_blocks, s);
+  }
+}
+
+}  // namespace moekernels
