@@ -24,7 +24,8 @@ VARIANTS = (
     + [f"grouped_mm/{name}" for name in grouped_gemm.SM90_GEMMS]
     + [f"fp8_grouped_mm/{name}" for name in fp8.SM90_FP8_GEMMS]
     + [f"quantize_fp8/{name}{suffix}" for name, (g, r, c, _, _) in fp8.SM90_QUANTS.items()
-       for suffix in (("_pass1", "_pass2") if configs.quant_config(*fp8.block_shape(g, r, c), r, c).two_pass else ("",))]
+       for suffix in (("_pass1", "_pass2") if configs.quant_config(*fp8.block_shape(g, r, c), r, c).two_pass
+                      else ("",))]
 )
 
 
