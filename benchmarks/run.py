@@ -30,6 +30,7 @@ BENCHMARKS = {
     "plan": "benchmarks.bench_plan",
     "permute": "benchmarks.bench_permute",
     "grouped_gemm": "benchmarks.bench_grouped_gemm",
+    "fp8": "benchmarks.bench_fp8",
 }
 
 NO_GPU = ("no CUDA GPU found: kernel timings (triton, cuda) need a CUDA GPU; "

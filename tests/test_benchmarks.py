@@ -1,6 +1,7 @@
 """The benchmark harness, dry-run on the CPU: counters, derived numbers, reports, the suite's files."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 import moekernels
-from benchmarks import bench_grouped_gemm, bench_permute, bench_plan, bench_route, harness, run, tune_grouped_mm
+from benchmarks import (
+    bench_fp8, bench_grouped_gemm, bench_permute, bench_plan, bench_route, harness, run, tune_grouped_mm,
+)
 from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, GemmShape
 from moekernels import _backend, configs
 
@@ -514,3 +517,205 @@ def test_tuner_without_a_gpu_exits_2(monkeypatch, capsys, tmp_path):
     out = tmp_path / "table.json"
     assert tune.main(["--quick", "--out", str(out)]) == 2
     assert tune.NO_GPU in capsys.readouterr().out and not out.exists()
+
+
+# ---------------------------------------------------------------- FP8
+
+f8 = bench_fp8
+
+
+def test_fp8_cpu_dry_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the plots cost ~9 s here and are the harness's
+    assert run.main(["--quick", "--out", str(tmp_path), "--only", "fp8"]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["roofline"] is None and run.NO_GPU in payload["notes"]
+    records = payload["results"]
+    ((n, k),) = f8.CPU_DENSE_NK
+    assert (n, k) == (264, 896)  # an eighth of DeepGEMM's (2112, 7168): a partial 128-column block
+    ((e, rows, cn, ck),) = f8.CPU_CONTIGUOUS
+    want = {(f"dense N{n} K{k} {mode}", m) for mode in f8.MODES for m in f8.M_CPU}
+    want |= {(f"contiguous {e}x{rows} N{cn} K{ck} {mode}", e * rows) for mode in f8.MODES}
+    want |= {("quant 1x128 act K896", m) for m in f8.M_CPU} | {("quant 128x128 weight K896", 512)}
+    assert {(r["group"], r["x"], r["impl"]) for r in records} == {
+        (g, x, impl) for g, x in want for impl in ("naive", "torch")}
+    for r in records:
+        assert r["error"] is None, r
+        assert r["x_name"] == "M" and r["gbps"] > 0 and r["roofline_fraction"] is None and r["speedup_vs_naive"] > 0
+        p = r["params"]
+        if p["kind"] == "quant":
+            block = tuple(p["granularity"])
+            assert r["flops"] == 0 and r["tflops"] is None and r["bound"] == "memory"
+            assert r["bytes"] == f8.quant_bytes(p["rows"], p["cols"], block) == (
+                p["rows"] * p["cols"] * 3 + p["rows"] // block[0] * (p["cols"] // block[1]) * 4)
+            if r["impl"] == "torch":
+                assert r["check"] == {"ok": True, "q_mismatch": 0.0, "scales_differ": 0}
+            continue
+        m = p["M"]
+        assert r["flops"] == 2 * m * p["K"] * p["N"] and r["tflops"] > 0
+        assert r["bytes"] == f8.fp8_mm_bytes(m, p["K"], p["N"], p["E"], p["mode"], p["kind"] == "contiguous")
+        assert r["bound"] == "memory"  # <= 128 rows per expert
+        if r["impl"] == "torch":
+            check = r["check"]
+            assert check["ok"] and check["rel_err"] <= f8.RTOL and check["naive_rel_err"] <= f8.RTOL, r
+            # e4m3 keeps 3 mantissa bits: ~4% from the unquantized product on random data, in every mode.
+            assert 0.01 < check["rel_err_unquantized"] < 0.1
+    assert "| case | M | impl |" in (tmp_path / "bench.md").read_text()
+    assert not (tmp_path / "fp8.png").exists()
+
+
+def test_fp8_counts_flops_and_bytes():
+    # DeepGEMM's dense N 4096 K 7168 at M 4096: 56 K-blocks of 128, 32 N-blocks.
+    m, k, n = 4096, 7168, 4096
+    assert f8.fp8_mm_flops(m, k, n) == 2 * m * k * n  # 241 GFLOP
+    operands = m * k + k * n + 2 * m * n  # fp8 a and b, bf16 y
+    assert f8.fp8_mm_bytes(m, k, n, 1, "block", False) == operands + 4 * (m * 56 + 56 * 32)
+    assert f8.fp8_mm_bytes(m, k, n, 1, "rowwise", False) == operands + 4 * (m + n)
+    assert f8.fp8_mm_bytes(m, k, n, 1, "tensor", False) == operands + 4 * 2
+    # The grouped contiguous case 8 x 4096 rows: 8 experts' weights and scales, and the int32 offs.
+    m, e = 8 * 4096, 8
+    assert f8.fp8_mm_bytes(m, k, n, e, "block", True) == (
+        m * k + e * k * n + 2 * m * n + 4 * (m * 56 + e * 56 * 32) + 4 * e)
+    # N 2112 is 16.5 blocks of 128: 17 scales a K-block.
+    assert f8.scale_bytes("block", 64, 7168, 2112, 1) == 4 * (64 * 56 + 56 * 17)
+    # Activations [32768, 7168] per (1, 128): bf16 read, e4m3 and 56 scales a row written.
+    assert f8.quant_bytes(32768, 7168, (1, 128)) == 32768 * 7168 * 3 + 32768 * 56 * 4
+    assert f8.quant_bytes(4096, 7168, (128, 128)) == 4096 * 7168 * 3 + 32 * 56 * 4
+
+
+def _fp8_inputs(mode, sizes=(5, 0, 9, 2), n=136, k=256):
+    """Tiny inputs: an expert without rows, N not a multiple of 128 (a partial scale block)."""
+    (inp,) = f8._gemm_inputs(list(sizes), n, k, mode, "cpu", dense=len(sizes) == 1)()
+    return inp
+
+
+@pytest.mark.parametrize("mode", f8.MODES)
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "grouped"])
+def test_fp8_implementations_agree_on_cpu(mode, dense):
+    """Every implementation of the GPU suite, on CPU tensors (torch._scaled_mm's CPU path; Triton
+    under the interpreter), checked as the harness checks them."""
+    inp = _fp8_inputs(mode, (16,) if dense else (5, 0, 9, 2))
+    assert inp.dense == dense and inp.b.shape == (len(inp.sizes), 256, 136)
+    naive = f8.timed(f8.naive)(inp)
+    impls = {"torch": f8.timed(f8.library("torch"))}
+    if dense and mode != "block":
+        impls["native"] = f8.timed(f8.native)
+    if _backend.interpreting():
+        impls["triton"] = f8.timed(f8.library("triton"))
+        impls["bf16"] = f8.timed(f8.bf16, ref="bf16")
+    for name, fn in impls.items():
+        out = fn(inp)
+        assert out[0].shape == (sum(inp.sizes), 136) and out[0].dtype == torch.bfloat16
+        check = f8.compare(out, naive)
+        assert check["ok"] and check["naive_rel_err"] <= f8.RTOL, (name, check)
+        assert check["rel_err_unquantized"] < 0.1, (name, check)
+
+
+def test_fp8_check_samples_every_part_and_catches_wrong_outputs():
+    picks = f8.check_rows([100, 0, 3, 50, 7, 0])
+    assert [e for e, _ in picks] == [0, 2, 3, 4]  # first to last of the experts with rows
+    assert picks[0][1][[0, -1]].tolist() == [0, 99] and len(picks[0][1]) == f8.CHECK_ROWS
+    assert picks[1][1].tolist() == [100, 101, 102]
+    inp = _fp8_inputs("block")
+    naive = f8.timed(f8.naive)(inp)
+    y, _, _ = f8.timed(f8.library("torch"))(inp)
+    assert f8.compare((y, inp, "fp8"), naive)["ok"]
+    wrong = y.clone()
+    wrong[-1] += 1.0  # the last row, which the check always samples
+    assert not f8.compare((wrong, inp, "fp8"), naive)["ok"]
+    # The dequantized product is no answer for the bf16 baseline, nor the reverse.
+    assert not f8.compare((y, inp, "bf16"), naive)["ok"]
+
+    x = torch.randn(256, 384).bfloat16()
+    q, s = f8.naive_quantize(x, (128, 128))
+    assert (q.shape, s.shape) == ((256, 384), (2, 3))
+    assert f8.compare_quant(moekernels.quantize_fp8(x, (128, 128), backend="torch"), (q, s))["ok"]
+    flipped = q.view(torch.uint8).clone()
+    flipped[7, 7] ^= 1
+    check = f8.compare_quant((flipped.view(q.dtype), s), (q, s))
+    assert not check["ok"] and check["q_mismatch"] == 1 / q.numel()
+    assert not f8.compare_quant((q, s * 2), (q, s))["ok"]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not _backend.interpreting(), reason="needs TRITON_INTERPRET=1"))])
+@pytest.mark.parametrize("granularity", [(1, 128), (128, 128)], ids=["1x128", "128x128"])
+def test_fp8_naive_quantize_is_quantize_fp8(granularity, backend):
+    x = torch.randn(256, 512).bfloat16() * torch.logspace(-3, 2, 512).bfloat16()
+    x[3] = 0  # an all-zero block: scale 1e-12 / 448, q zeros
+    assert f8.compare_quant(moekernels.quantize_fp8(x, granularity, backend=backend),
+                            f8.naive_quantize(x, granularity))["ok"]
+
+
+def test_fp8_gpu_sweeps():
+    quick = f8.cases("cuda", quick=True)  # builds cases only: no input is made
+    assert len(quick) == 10
+    for c in quick:
+        mode, kind = c.params.get("mode"), c.params["kind"]
+        if kind == "quant":
+            cuda = ["cuda"] if moekernels.HAS_CUDA_EXT and c.params["operand"] == "act" else []  # (1, 128) only
+            assert list(c.impls) == ["naive", "torch", "triton"] + cuda and c.compare is f8.compare_quant
+        elif mode == "block":
+            assert list(c.impls) == ["naive", "bf16", "triton"]  # the torch reference: full suite only
+        else:
+            assert kind == "dense" and list(c.impls) == ["naive", "native", "triton"]
+        if kind != "quant":
+            assert c.bound == ("memory" if c.x // c.params["E"] <= f8.MEMORY_ROWS else "compute")
+    assert {(c.group, c.x) for c in quick if c.params["kind"] == "contiguous"} == {
+        ("contiguous 8x4096 N4096 K7168 block", 32768)}
+    assert {c.x for c in quick if c.params["kind"] == "dense"} == {128, 4096}
+
+    full = f8.cases("cuda", quick=False)
+    gemms = [c for c in full if c.params["kind"] != "quant"]
+    assert len(gemms) == 5 * 3 * 3 + 4 * 3  # DeepGEMM's dense table x M x modes; its contiguous cases x modes
+    assert all(("torch" in c.impls) == (c.flops <= f8.TORCH_MAX_FLOPS) for c in gemms)
+    assert all(("native" in c.impls) == (c.params["kind"] == "dense" and c.params["mode"] != "block")
+               for c in gemms)
+    assert all(("bf16" in c.impls) == (c.params["mode"] == "block") for c in gemms)
+    groups = {c.group for c in full}
+    assert {"dense N2112 K7168 tensor", "dense N7168 K16384 block", "contiguous 4x8192 N4096 K7168 block",
+            "contiguous 8x4096 N7168 K2048 rowwise", "quant 1x128 act K2048", "quant 128x128 weight K2048"} <= groups
+    assert f8.cases("cuda", quick=False, tokens=[1, 8])[0].x == 1  # --tokens sets the dense M
+
+
+def _f8_record(group, x, impl, us, *, kind, mode=None, tflops=None, frac=None):
+    return {"bench": "fp8", "group": group, "x": x, "impl": impl, "error": None, "time_us": {"median": us},
+            "tflops": tflops, "roofline_fraction": frac, "params": {"kind": kind, "mode": mode}}
+
+
+def test_fp8_notes_report_the_targets():
+    c1, c2 = "contiguous 8x4096 N4096 K7168 block", "contiguous 4x8192 N4096 K7168 block"
+    d = "dense N4096 K7168 block"
+    records = [
+        _f8_record(c1, 32768, "bf16", 3000.0, kind="contiguous", mode="block"),
+        _f8_record(c1, 32768, "triton", 1500.0, kind="contiguous", mode="block", tflops=1283.0),
+        _f8_record(c2, 32768, "bf16", 3000.0, kind="contiguous", mode="block"),
+        _f8_record(c2, 32768, "triton", 2000.0, kind="contiguous", mode="block", tflops=962.0),
+        _f8_record(d, 4096, "bf16", 400.0, kind="dense", mode="block"),
+        _f8_record(d, 4096, "triton", 200.0, kind="dense", mode="block", tflops=1200.0),
+        _f8_record("dense N4096 K7168 rowwise", 4096, "triton", 100.0, kind="dense", mode="rowwise"),
+        _f8_record("quant 1x128 act K7168", 32768, "triton", 200.0, kind="quant", frac=0.82),
+        _f8_record("quant 128x128 weight K7168", 32768, "triton", 300.0, kind="quant", frac=0.55),
+        _f8_record("quant 1x128 act K7168", 32768, "torch", 900.0, kind="quant", frac=0.1),
+        _f8_record("quant 1x128 act K7168", 32768, "cuda", 180.0, kind="quant", frac=0.91),
+    ]
+    assert f8.notes(records) == [
+        "fp8 contiguous block-wise, triton vs bf16 grouped_mm: target >= 1.60: met in 1 of 2; "
+        f"worst {c2} M=32768: 1.50",
+        f"fp8 dense block-wise, triton vs bf16 grouped_mm: target >= 1.60: met in 1 of 1; worst {d} M=4096: 2.00",
+        f"fp8 contiguous block-wise, triton TFLOP/s: target >= 1,100: met in 1 of 2; worst {c2} M=32768: 962",
+        "fp8 quantize_fp8, triton of the copy bandwidth: target >= 70%: met in 1 of 2; "
+        "worst quant 128x128 weight K7168 M=32768: 55%",
+        "fp8 quantize_fp8, cuda of the copy bandwidth: target >= 70%: met in 1 of 1; "
+        "worst quant 1x128 act K7168 M=32768: 91%",
+    ]
+    assert f8.notes([r for r in records if r["impl"] not in f8.KERNELS]) == []
+
+
+def test_device_check_keeps_at_most_8_files():
+    """3 logs, bench.json, bench.md and one PNG per benchmark, less the PNGs the script deletes."""
+    script = (REPO / "benchmarks" / "device_check.sh").read_text()
+    deleted = set(re.findall(r'\$OUT_DIR/(\w+\.png)', "\n".join(
+        line for line in script.splitlines() if line.lstrip().startswith("rm -f"))))
+    assert deleted <= {f"{name}.png" for name in run.BENCHMARKS}
+    assert 3 + 2 + len(run.BENCHMARKS) - len(deleted) <= 8
