@@ -81,7 +81,8 @@ __global__ void __launch_bounds__(kThreads) plan_count_kernel(const Id* __restri
 }
 
 // partial[c][key] -> the pairs of key in chunks before c; counts, offsets (inclusive ends).
-__global__ void __launch_bounds__(kThreads) plan_scan_kernel(int32_t* __restrict__ partial, int32_t* __restrict__ counts,
+__global__ void __launch_bounds__(kThreads) plan_scan_kernel(int32_t* __restrict__ partial,
+                                                             int32_t* __restrict__ counts,
                                                              int32_t* __restrict__ offsets, int64_t num_chunks,
                                                              int num_experts) {
   __shared__ int start[kKeys];
