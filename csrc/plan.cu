@@ -136,6 +136,7 @@ __global__ void __launch_bounds__(kThreads) plan_scatter_kernel(const Id* __rest
       if (e < num_experts) counts[e] = run;
     }
   }
+  __syncthreads();  // the prefixes above and the bases below touch a column from different threads
   if (SINGLE) {
     exclusive_scan(total, keys);  // total[key] is now the key's first row
     for (int e = threadIdx.x; e < num_experts; e += kThreads) offsets[e] = total[e + 1];
