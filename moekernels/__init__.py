@@ -9,12 +9,14 @@ from . import reference
 from ._ext import HAS_CUDA_EXT
 from .fp8 import fp8_grouped_mm, fp8_mm, quantize_fp8
 from .grouped_gemm import grouped_mm
+from .moe import MoE, fused_moe
 from .permute import permute, unpermute
 from .plan import RoutingPlan, plan_routing
 from .route import load_balancing_loss, router_z_loss, topk_routing
 
 __version__ = "0.1.0"
 __all__ = [
-    "HAS_CUDA_EXT", "RoutingPlan", "fp8_grouped_mm", "fp8_mm", "grouped_mm", "load_balancing_loss", "permute",
-    "plan_routing", "quantize_fp8", "reference", "router_z_loss", "topk_routing", "unpermute", "__version__",
+    "HAS_CUDA_EXT", "MoE", "RoutingPlan", "fp8_grouped_mm", "fp8_mm", "fused_moe", "grouped_mm",
+    "load_balancing_loss", "permute", "plan_routing", "quantize_fp8", "reference", "router_z_loss", "topk_routing",
+    "unpermute", "__version__",
 ]

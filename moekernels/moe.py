@@ -1,0 +1,291 @@
+"""Stage 5, the layer: router output -> combined tokens, in a few fused kernels.
+
+``fused_moe(hidden, w_gate_up, w_down, topk_weights, topk_ids)`` is the custom op
+``moekernels::fused_moe``:
+    plan (the expert-sorted order of the T*k pairs, no host sync)
+    -> GEMM 1: rows gathered from hidden in its prologue, act(gate) * up in its epilogue: h [T*k, I]
+    -> GEMM 2: each row times its router weight, written to its pair's row: [T*k, H] token-major
+    -> the sum over the k rows of a token (a fixed-order reduction: deterministic)
+The permuted copy of hidden and the [T*k, 2I] gate/up product are never written. With
+float8_e4m3fn weights and their (128, 128) scales it is the w8a8 block path: hidden and h are
+quantized (1, 128) on the fly and both GEMMs run on fp8 tensor cores (inference only).
+
+Backward (bf16 / fp16 / fp32): the plan and the gate/up product are recomputed (one grouped
+GEMM: [T*k, 2I] activations are not kept between forward and backward), then
+    dh = w * (g @ w_down)             grad of the router weights: <g @ w_down, h> per pair
+    dz = act'(gate) ...               the gated activation's derivative (torch, elementwise)
+    dx = sum_j (dz @ w_gate_up)       a grouped GEMM, then the unweighted combine of permute
+    dw_down, dw_gate_up               K-grouped GEMMs, in the weights' own layout
+All of it is the grouped GEMM kernels of grouped_gemm.py and the ops of plan.py / permute.py.
+
+``MoE`` is the nn.Module: a router (softmax or sigmoid top-k, DeepSeek-V3's groups and
+correction bias), the experts in the layout above, optional shared experts, and the router
+losses in training mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import _checks, reference
+from .fp8 import FP8, _quantize_op
+from .grouped_gemm import ACTIVATIONS, _fused_op, _grouped_mm_dw_op, _grouped_mm_op
+from .permute import _permute_backward_op
+from .plan import _plan_routing_op
+from .route import load_balancing_loss, router_z_loss, topk_routing
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _plan(topk_ids, num_experts, backend):
+    """The expert offsets, source and dest index of the pairs (RoutingPlan's unpadded fields)."""
+    _, offsets, source, dest, *_ = _plan_routing_op(topk_ids, num_experts, 0, backend)
+    return offsets, source, dest
+
+
+@torch.library.custom_op("moekernels::fused_moe", mutates_args=())
+def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, activation: str, w_gate_up_scale: torch.Tensor | None,
+                  w_down_scale: torch.Tensor | None, backend: str) -> torch.Tensor:
+    num_tokens, top_k = topk_ids.shape
+    hid = hidden.shape[1]
+    if num_tokens == 0:
+        return hidden.new_zeros(0, hid)
+    offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
+    if w_gate_up.dtype == FP8:
+        qx, sx = _quantize_op(hidden, 1, 128, False, None, None, 1, backend)
+        h = _fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, sx,
+                      w_gate_up_scale.transpose(1, 2), hidden.dtype, backend)
+        qh, sh = _quantize_op(h, 1, 128, False, None, None, 1, backend)
+        pairs = _fused_op(qh, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, sh,
+                          w_down_scale.transpose(1, 2), hidden.dtype, backend)
+    else:
+        h = _fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, None, None,
+                      None, backend)
+        pairs = _fused_op(h, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, None, None,
+                          None, backend)
+    # torch accumulates a bf16 / fp16 sum in float32 and rounds once.
+    return pairs.view(num_tokens, top_k, hid).sum(1)
+
+
+@_fused_moe_op.register_fake
+def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale, backend):
+    return hidden.new_empty(topk_ids.shape[0], hidden.shape[1])
+
+
+def _setup(ctx, inputs, output):
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, _, backend = inputs
+    ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, topk_ids)
+    ctx.activation, ctx.backend, ctx.fp8 = activation, backend, s1 is not None
+
+
+def _backward(ctx, grad_y):
+    if ctx.fp8:
+        raise NotImplementedError("fused_moe with fp8 weights is inference-only: it has no backward")
+    hidden, w_gate_up, w_down, topk_weights, topk_ids = ctx.saved_tensors
+    act, backend = ctx.activation, ctx.backend
+    num_tokens, top_k = topk_ids.shape
+    need_x, need_w1, need_w2, need_tw = ctx.needs_input_grad[:4]
+    grads = [None] * 9
+    if num_tokens == 0:
+        grads[:4] = [torch.zeros_like(t) for t in (hidden, w_gate_up, w_down, topk_weights)]
+        return tuple(grads)
+    offsets, source, dest = _plan(topk_ids, w_gate_up.shape[0], backend)
+    src = source.long()
+    # The gate/up product, recomputed: [T*k, 2I], then h = act(gate) * up.
+    z = _fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, None, None, None,
+                  backend)
+    h = reference.gated_activation(z, act)
+    g = grad_y.index_select(0, src // top_k)  # row r's gradient: its token's
+    w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
+    dh_unweighted = _grouped_mm_op(g, w_down, offsets, backend)  # [T*k, I]; zero past offsets[-1]
+    if need_tw:
+        grad_tw = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=hidden.device)
+        grad_tw[src] = (dh_unweighted.float() * h.float()).sum(-1)
+        grads[3] = grad_tw.view(num_tokens, top_k).to(topk_weights.dtype)
+    if need_w2:  # d(w_down^T)[e] = h_e^T (w g)_e, written in w_down's [E, H, I] layout
+        gw = (g.float() * w).to(g.dtype)
+        grads[2] = _grouped_mm_dw_op(h, gw, offsets, None, 1, True, backend).transpose(1, 2)
+    if need_x or need_w1:
+        dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
+        if need_x:
+            grads[0] = _permute_backward_op(_grouped_mm_op(dz, w_gate_up, offsets, backend), dest, top_k, backend)
+        if need_w1:
+            grads[1] = _grouped_mm_dw_op(hidden, dz, offsets, source, top_k, True, backend).transpose(1, 2)
+    return tuple(grads)
+
+
+_fused_moe_op.register_autograd(_backward, setup_context=_setup)
+
+
+def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2):
+    _checks.tensor("hidden", hidden, ndim=2, dtypes=DTYPES)
+    device = hidden.device
+    fp8 = w_gate_up.dtype == FP8 if isinstance(w_gate_up, torch.Tensor) else False
+    weight_dtypes = (FP8,) if fp8 else (hidden.dtype,)
+    _checks.tensor("w_gate_up", w_gate_up, ndim=3, dtypes=weight_dtypes, device=device)
+    _checks.tensor("w_down", w_down, ndim=3, dtypes=weight_dtypes, device=device)
+    _checks.tensor("topk_weights", topk_weights, ndim=2, dtypes=WEIGHT_DTYPES, device=device)
+    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=ID_DTYPES, device=device)
+    _checks.choice("activation", activation, tuple(a for a in ACTIVATIONS if a))
+    num_experts, two_i, hid = w_gate_up.shape
+    if hid != hidden.shape[1] or two_i % 2:
+        raise ValueError(f"w_gate_up must be [E, 2I, H] with H={hidden.shape[1]} (gate rows, then up rows), "
+                         f"got {tuple(w_gate_up.shape)}")
+    if tuple(w_down.shape) != (num_experts, hid, two_i // 2):
+        raise ValueError(f"w_down must be [E, H, I] = {(num_experts, hid, two_i // 2)} to match w_gate_up "
+                         f"{tuple(w_gate_up.shape)}, got {tuple(w_down.shape)}")
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != hidden.shape[0]:
+        raise ValueError(f"topk_weights and topk_ids must both be [T, k] with T={hidden.shape[0]}, got "
+                         f"{tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}")
+    if not fp8:
+        if s1 is not None or s2 is not None:
+            raise ValueError("w_gate_up_scale and w_down_scale go with float8_e4m3fn weights only")
+        return
+    for name, w, s in (("w_gate_up", w_gate_up, s1), ("w_down", w_down, s2)):
+        want = (w.shape[0], -(-w.shape[1] // 128), -(-w.shape[2] // 128))
+        if s is None:
+            raise ValueError(f"{name}_scale is required with float8_e4m3fn {name}: its (128, 128) scales {want}")
+        _checks.tensor(f"{name}_scale", s, ndim=3, dtypes=(torch.float32,), device=device)
+        if tuple(s.shape) != want:
+            raise ValueError(f"{name}_scale must be the (128, 128) block scales of {name}: shape {want}, "
+                             f"got {tuple(s.shape)}")
+    if hid % 128 or (two_i // 2) % 128:
+        raise ValueError(f"the fp8 path needs H and I multiples of 128 (its 128-wide blocks), got H={hid}, "
+                         f"I={two_i // 2}")
+
+
+def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, activation: str = "silu", w_gate_up_scale: torch.Tensor | None = None,
+              w_down_scale: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """The experts of an MoE layer: ``y[t] = sum_j w[t, j] * w_down[e] @ (act(w_gate[e] @ x) * (w_up[e] @ x))``
+    with ``e = topk_ids[t, j]``.
+
+    Args:
+        hidden: [T, H] bfloat16, float16 or float32 tokens.
+        w_gate_up: [E, 2I, H], gate rows then up rows (transformers v5 experts, vLLM's w13), in
+            hidden's dtype, or float8_e4m3fn with ``w_gate_up_scale``.
+        w_down: [E, H, I] (vLLM's w2), likewise.
+        topk_weights: [T, k] router weights (float32, bfloat16 or float16).
+        topk_ids: [T, k] int32 or int64 expert ids (an id outside [0, E) raises on CPU tensors).
+        activation: ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU, exact erf gelu).
+        w_gate_up_scale, w_down_scale: the float32 (128, 128) block scales of fp8 weights, from
+            ``quantize_fp8(w, (128, 128))``: [E, 2I/128, H/128] and [E, H/128, I/128]. Activations
+            are then quantized (1, 128) on the fly (DeepSeek-V3's w8a8 block recipe; H and I
+            multiples of 128).
+        backend: ``"torch"``, ``"triton"`` or None (automatic).
+
+    Returns:
+        [T, H] in hidden's dtype. Differentiable with respect to hidden, w_gate_up, w_down and
+        topk_weights (not with fp8 weights). No host sync: it captures in CUDA graphs (decode
+        steps of 1-64 tokens take the grouped GEMM's decode tiles) and traces under
+        ``torch.compile(fullgraph=True)``.
+    """
+    _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale)
+    return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
+                         w_down_scale, backend or "")
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+class SharedExperts(nn.Module):
+    """The always-on experts of DeepSeek-V2/V3: one SwiGLU MLP of intermediate size I * n."""
+
+    def __init__(self, hidden_size, intermediate_size, *, dtype=None, device=None):
+        super().__init__()
+        kw = dict(bias=False, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, **kw)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """An MoE layer: router, routed experts (``fused_moe``), optional shared experts.
+
+    Args:
+        hidden_size, intermediate_size: H and the routed experts' I.
+        num_experts, top_k: E and k.
+        scoring: ``"softmax"`` (Mixtral, Qwen) or ``"sigmoid"`` (DeepSeek-V3).
+        renormalize: divide the k chosen weights by their sum (Mixtral, Qwen3, DeepSeek-V3).
+        n_group, topk_group: group-limited routing (DeepSeek-V3: 8 and 4).
+        routed_scaling_factor: multiplies the routed output's weights (DeepSeek-V3: 2.5).
+        num_shared_experts: shared experts of intermediate size I * num_shared_experts.
+        correction_bias: keep DeepSeek-V3's ``e_score_correction_bias`` [E] (float32, a buffer:
+            it is adjusted outside the gradient).
+        activation: ``"silu"`` or ``"gelu"``.
+        dtype, device: of the parameters.
+        backend: the backend of every op (None: automatic).
+
+    Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
+    [E, H, I], ``shared_experts``. In training mode the forward sets ``aux_loss`` (the
+    load-balancing loss of transformers' ``load_balancing_loss_func``) and ``z_loss`` (ST-MoE's);
+    add them to the model's loss with coefficients of your choice.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, *,
+                 scoring: str = "softmax", renormalize: bool = True, n_group: int | None = None,
+                 topk_group: int | None = None, routed_scaling_factor: float = 1.0, num_shared_experts: int = 0,
+                 correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
+                 backend: str | None = None):
+        super().__init__()
+        _checks.integer("hidden_size", hidden_size, low=1)
+        _checks.integer("intermediate_size", intermediate_size, low=1)
+        _checks.integer("num_experts", num_experts, low=1)
+        _checks.integer("top_k", top_k, low=1, high=num_experts)
+        _checks.integer("num_shared_experts", num_shared_experts, low=0)
+        _checks.choice("scoring", scoring, ("softmax", "sigmoid"))
+        _checks.choice("activation", activation, ("silu", "gelu"))
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k = num_experts, top_k
+        self.scoring, self.renormalize = scoring, renormalize
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.activation, self.backend = activation, backend
+        kw = dict(dtype=dtype, device=device)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False, **kw)
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
+        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if correction_bias else None
+        self.register_buffer("e_score_correction_bias", bias)
+        self.shared_experts = (SharedExperts(hidden_size, intermediate_size * num_shared_experts, **kw)
+                               if num_shared_experts else None)
+        self.aux_loss = self.z_loss = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """nn.Linear's default for each expert matrix: uniform in +-1/sqrt(fan_in)."""
+        with torch.no_grad():
+            for w in (self.w_gate_up, self.w_down):
+                bound = 1 / math.sqrt(w.shape[2])
+                w.uniform_(-bound, bound)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(router logits [T, E], topk_weights [T, k] float32, topk_ids [T, k] int32) of x [T, H]."""
+        logits = self.gate(x)
+        weights, ids = topk_routing(
+            logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
+            bias=self.e_score_correction_bias, n_group=self.n_group, topk_group=self.topk_group,
+            routed_scaling_factor=self.routed_scaling_factor, backend=self.backend)
+        return logits, weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        logits, weights, ids = self.route(x2)
+        y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
+                      backend=self.backend)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x2)
+        if self.training:
+            self.aux_loss = load_balancing_loss(logits, ids, self.num_experts, backend=self.backend)
+            self.z_loss = router_z_loss(logits, backend=self.backend)
+        return y.view(shape)

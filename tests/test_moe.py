@@ -1,0 +1,313 @@
+"""moekernels.fused_moe and moekernels.MoE: against a per-pair float64 loop and the unfused ops,
+forward and backward; the fp8 path against the bf16 layer."""
+
+import pytest
+import torch
+from conftest import cpu_backends, device_backends, rel_err
+from test_fp8 import calc_diff
+from test_plan import make_ids
+
+import moekernels
+from moekernels import reference
+
+ACT = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
+# (T, H, I, E, k): decode (one token), several tokens per expert, an expert with no pair and one
+# with a single pair (make_ids), H and I not multiples of any tile.
+CASES = [(1, 32, 16, 4, 2), (13, 40, 24, 6, 2), (30, 64, 48, 8, 3)]
+
+
+def case_id(c):
+    return "T{}_H{}_I{}_E{}_k{}".format(*c)
+
+
+def make_layer(case, dtype, device, requires_grad=False):
+    num_tokens, hid, inter, num_experts, top_k = case
+    x = torch.randn(num_tokens, hid, device=device).to(dtype)
+    w1 = (torch.randn(num_experts, 2 * inter, hid, device=device) / hid**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hid, inter, device=device) / inter**0.5).to(dtype)
+    ids = (make_ids(num_tokens, top_k, num_experts, device=device) if num_tokens
+           else torch.empty(0, top_k, dtype=torch.int32, device=device))
+    tw = torch.softmax(torch.randn(num_tokens, top_k, device=device), -1)
+    tensors = [x, w1, w2, tw]
+    if requires_grad:
+        tensors = [t.requires_grad_() for t in tensors]
+    return (*tensors, ids)
+
+
+def loop_moe(x, w1, w2, tw, ids, activation="silu"):
+    """The definition, pair by pair, in float64."""
+    x, w1, w2, tw = (t.double().cpu() for t in (x, w1, w2, tw))
+    ids = ids.cpu()
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros(x.shape[1], dtype=torch.float64)
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            gate, up = (w1[e] @ x[t]).chunk(2)
+            acc = acc + tw[t, j] * (w2[e] @ (ACT[activation](gate) * up))
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+def unfused(x, w1, w2, tw, ids, activation="silu", backend=None):
+    """The composition of the unfused public ops: plan, permute, grouped_mm, act, grouped_mm, unpermute."""
+    plan = moekernels.plan_routing(ids, w1.shape[0], backend=backend)
+    xs = moekernels.permute(x, plan, backend=backend)
+    z = moekernels.grouped_mm(xs, w1.transpose(1, 2), plan.expert_offsets, backend=backend)
+    gate, up = z.chunk(2, dim=-1)
+    h = ACT[activation](gate) * up
+    y = moekernels.grouped_mm(h, w2.transpose(1, 2), plan.expert_offsets, backend=backend)
+    return moekernels.unpermute(y, plan, tw, backend=backend)
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}  # bf16: a few roundings of 2**-8 through two GEMMs
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_the_definition(case, dtype, activation, device, backend):
+    x, w1, w2, tw, ids = make_layer(case, dtype, device, requires_grad=True)
+    y = moekernels.fused_moe(x, w1, w2, tw, ids, activation=activation, backend=backend)
+    assert y.dtype == dtype and y.shape == x.shape
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w1, w2, tw)]
+    want = loop_moe(*leaves, ids, activation)
+    assert rel_err(y, want) <= TOL[dtype]
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w1, w2, tw), grad)
+    expected = torch.autograd.grad(want, leaves, grad.double().cpu())
+    for name, a, b in zip(("hidden", "w_gate_up", "w_down", "topk_weights"), got, expected):
+        assert a.shape == b.shape and rel_err(a, b) <= 2 * TOL[dtype], name
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_matches_the_unfused_ops(backend):
+    x, w1, w2, tw, ids = make_layer((21, 48, 40, 5, 2), torch.float32, "cpu", requires_grad=True)
+    y = moekernels.fused_moe(x, w1, w2, tw, ids, backend=backend)
+    want = unfused(x, w1, w2, tw, ids, backend=backend)
+    assert rel_err(y, want) <= 1e-6
+    grad = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, w1, w2, tw), grad), torch.autograd.grad(want, (x, w1, w2, tw), grad)):
+        assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_weight_gradients_keep_the_parameter_layout(backend):
+    x, w1, w2, tw, ids = make_layer(CASES[1], torch.float32, "cpu", requires_grad=True)
+    moekernels.fused_moe(x, w1, w2, tw, ids, backend=backend).sum().backward()
+    assert w1.grad.is_contiguous() and w2.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_no_tokens(backend):
+    x, w1, w2, tw, ids = make_layer((0, 16, 8, 4, 2), torch.float32, "cpu", requires_grad=True)
+    y = moekernels.fused_moe(x, w1, w2, tw, ids, backend=backend)
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert not w1.grad.any()
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+def test_fp8_path_against_the_bf16_layer(device, backend):
+    """w8a8 blocks: within 1e-2 of the same layer on the dequantized weights, and in calc_diff within
+    3e-3 of the bf16 layer: two block-scaled GEMMs (<= 1e-3 each, the FP8 issue's bound) and the
+    quantized h between them; 2.1e-3 measured at this shape."""
+    num_tokens, hid, inter, num_experts, top_k = 64, 256, 256, 8, 2
+    x, w1, w2, tw, ids = make_layer((num_tokens, hid, inter, num_experts, top_k), torch.bfloat16, device)
+    q1, s1 = moekernels.quantize_fp8(w1, (128, 128), backend=backend)
+    q2, s2 = moekernels.quantize_fp8(w2, (128, 128), backend=backend)
+    y = moekernels.fused_moe(x, q1, q2, tw, ids, w_gate_up_scale=s1, w_down_scale=s2, backend=backend)
+    assert y.dtype == torch.bfloat16
+    interpreted = backend == "triton" and device == "cpu"
+    assert rel_err(y, dequantized_layer(x, q1, s1, q2, s2, tw, ids, truncate_h=interpreted)) <= 1e-2
+    bf16_layer = moekernels.fused_moe(x.float(), w1.float(), w2.float(), tw, ids, backend="torch")
+    assert calc_diff(y, bf16_layer) <= 3e-3
+
+
+def dequantized_layer(x, q1, s1, q2, s2, tw, ids, truncate_h=False):
+    """The w8a8 layer on dequantized operands in float64: x and h quantized (1, 128) as the layer
+    does, every product and sum exact (the FP8 issue's "against the dequantized inputs").
+    ``truncate_h``: round h to bf16 by truncation, as Triton's interpreter converts float32 (a
+    GPU rounds to nearest, as torch): h is quantized again, and one bf16 ulp moved across an
+    e4m3 rounding boundary is a 6% step of that element, 1.4e-2 of the layer measured."""
+    plan = reference.plan_routing(ids.cpu(), q1.shape[0])
+
+    def deq(t, granularity=(1, 128)):
+        return reference.dequantize_fp8(*reference.quantize_fp8(t, granularity)).double()
+
+    rows = reference.permute_rows(deq(x.cpu()), plan.source_index, plan.top_k)
+    z = reference.grouped_mm(rows, reference.dequantize_fp8(q1, s1).double().cpu().transpose(1, 2),
+                             plan.expert_offsets)
+    h = reference.gated_activation(z, "silu")
+    if truncate_h:
+        h = (h.float().view(torch.int32) & -65536).view(torch.float32)
+    h = h.to(x.dtype)  # the layer writes h in x's dtype
+    y = reference.grouped_mm(deq(h.cpu()), reference.dequantize_fp8(q2, s2).double().cpu().transpose(1, 2),
+                             plan.expert_offsets)
+    return reference.combine_rows(y, plan.dest_index, plan.top_k, tw.double().cpu(), plan.expert_offsets[-1])
+
+
+def test_fp8_has_no_backward():
+    x, w1, w2, tw, ids = make_layer((4, 128, 128, 2, 1), torch.bfloat16, "cpu")
+    q1, s1 = moekernels.quantize_fp8(w1, (128, 128))
+    q2, s2 = moekernels.quantize_fp8(w2, (128, 128))
+    x.requires_grad_()
+    y = moekernels.fused_moe(x, q1, q2, tw, ids, w_gate_up_scale=s1, w_down_scale=s2)
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        y.sum().backward()
+
+
+# ----------------------------------------------------------------------------- the custom op
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck(backend):
+    x, w1, w2, tw, ids = make_layer(CASES[1], torch.float32, "cpu", requires_grad=True)
+    torch.library.opcheck(torch.ops.moekernels.fused_moe.default, (x, w1, w2, tw, ids, "silu", None, None, backend))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_torch_compile_fullgraph(backend):
+    layer = moekernels.MoE(32, 24, 6, 2, backend=backend)
+    x = torch.randn(2, 5, 32)
+    want = layer(x)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
+    assert rel_err(compiled(x), want) <= 1e-6
+    compiled(x).square().sum().backward()
+    assert layer.w_gate_up.grad is not None and layer.gate.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad():
+    x, w1, w2, tw, ids = make_layer((6, 32, 24, 4, 2), torch.float32, "cpu")
+    q1, s1 = moekernels.quantize_fp8(torch.randn(4, 256, 128), (128, 128))
+    q2, s2 = moekernels.quantize_fp8(torch.randn(4, 128, 128), (128, 128))
+    x8 = torch.randn(6, 128)
+    return [
+        ("w_gate_up", dict(w1=w1[:, :, :16])),  # H mismatch
+        ("w_gate_up", dict(w1=w1.transpose(1, 2))),  # [E, H, 2I]: the wrong layout
+        ("w_down", dict(w2=w2[:, :, :8])),  # I mismatch
+        ("w_down", dict(w2=w2.transpose(1, 2))),
+        ("w_gate_up", dict(w1=w1.double())),  # dtype mix
+        ("hidden", dict(x=x.int())),
+        ("topk_ids", dict(ids=ids.float())),
+        ("topk_weights", dict(tw=tw[:, :1])),
+        ("activation", dict(activation="relu")),
+        ("w_gate_up_scale", dict(x=x8, w1=q1, w2=q2, s1=s1[:, :1], s2=s2)),  # scale shape mismatch
+        ("w_down_scale", dict(x=x8, w1=q1, w2=q2, s1=s1, s2=None)),
+        ("w_gate_up_scale", dict(s1=s1)),  # scales with bf16 weights
+    ], dict(x=x, w1=w1, w2=w2, tw=tw, ids=ids, activation="silu", s1=None, s2=None)
+
+
+CASES_BAD, BASE = _bad()
+
+
+@pytest.mark.parametrize("name,change", CASES_BAD, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES_BAD)])
+def test_bad_input_names_the_argument(name, change):
+    a = {**BASE, **change}
+    with pytest.raises((ValueError, TypeError), match=name):
+        moekernels.fused_moe(a["x"], a["w1"], a["w2"], a["tw"], a["ids"], activation=a["activation"],
+                             w_gate_up_scale=a["s1"], w_down_scale=a["s2"])
+
+
+def test_out_of_range_ids_raise_on_cpu():
+    x, w1, w2, tw, ids = make_layer((5, 16, 8, 4, 2), torch.float32, "cpu")
+    ids[2, 1] = 4
+    with pytest.raises(ValueError, match="topk_ids"):
+        moekernels.fused_moe(x, w1, w2, tw, ids)
+
+
+# ----------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_module_is_router_then_fused_moe(backend):
+    """DeepSeek-V3's routing (sigmoid, correction bias, groups, scaling) and shared experts."""
+    layer = moekernels.MoE(32, 16, 8, 2, scoring="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                           num_shared_experts=1, correction_bias=True, backend=backend)
+    with torch.no_grad():
+        layer.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    x = torch.randn(3, 7, 32)
+    y = layer(x)
+    x2 = x.reshape(-1, 32)
+    tw, ids = reference.topk_routing(x2 @ layer.gate.weight.T, 2, scoring="sigmoid", renormalize=True,
+                                     bias=layer.e_score_correction_bias, n_group=4, topk_group=2,
+                                     routed_scaling_factor=2.5)
+    want = loop_moe(x2, layer.w_gate_up, layer.w_down, tw, ids) + layer.shared_experts(x2).double()
+    assert y.shape == x.shape and rel_err(y.reshape(-1, 32), want) <= 1e-5
+    assert layer.aux_loss is not None and layer.z_loss is not None  # modules start in training mode
+    assert rel_err(layer.aux_loss, reference.load_balancing_loss(x2 @ layer.gate.weight.T, ids, 8)) <= 1e-6
+    layer.eval()
+    layer.aux_loss = None
+    layer(x)
+    assert layer.aux_loss is None
+
+
+def test_module_trains():
+    """SGD on the output of a random teacher layer lowers the loss, router losses included."""
+    torch.manual_seed(0)
+    teacher, layer = moekernels.MoE(16, 12, 4, 2), moekernels.MoE(16, 12, 4, 2)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        target = teacher(x)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = (layer(x) - target).square().mean()
+        total = loss + 0.01 * layer.aux_loss + 0.001 * layer.z_loss
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="top_k"):
+        moekernels.MoE(16, 8, 4, 5)
+    with pytest.raises(ValueError, match="scoring"):
+        moekernels.MoE(16, 8, 4, 2, scoring="relu")
+
+
+# ----------------------------------------------------------------------------- on the GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 16, 64, 4096])
+def test_gpu_qwen3_layer(num_tokens):
+    """Qwen3-30B-A3B's layer (H 2048, I 768, E 128, k 8) against the unfused ops, bf16."""
+    x, w1, w2, tw, ids = make_layer((num_tokens, 2048, 768, 128, 8), torch.bfloat16, "cuda", requires_grad=True)
+    y = moekernels.fused_moe(x, w1, w2, tw, ids, backend="triton")
+    want = unfused(x, w1, w2, tw, ids, backend="triton")
+    assert rel_err(y, want) <= 2**-6
+    grad = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (x, w1, w2, tw), grad), torch.autograd.grad(want, (x, w1, w2, tw), grad)):
+        assert rel_err(a, b) <= 2**-5
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_in_a_cuda_graph():
+    """A decode step, routing to combine, captured in a CUDA graph (any host sync fails capture)."""
+    layer = moekernels.MoE(2048, 768, 128, 8, dtype=torch.bfloat16, device="cuda").eval()
+    x = torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = layer(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = layer(x)
+        got.zero_()
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_layer():
+    x, w1, w2, tw, ids = make_layer((512, 7168, 2048, 32, 8), torch.bfloat16, "cuda")
+    q1, s1 = moekernels.quantize_fp8(w1, (128, 128))
+    q2, s2 = moekernels.quantize_fp8(w2, (128, 128))
+    y = moekernels.fused_moe(x, q1, q2, tw, ids, w_gate_up_scale=s1, w_down_scale=s2)
+    assert calc_diff(y, moekernels.fused_moe(x, w1, w2, tw, ids)) <= 3e-3
