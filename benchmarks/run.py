@@ -31,6 +31,7 @@ BENCHMARKS = {
     "permute": "benchmarks.bench_permute",
     "grouped_gemm": "benchmarks.bench_grouped_gemm",
     "fp8": "benchmarks.bench_fp8",
+    "moe": "benchmarks.bench_moe",
 }
 
 NO_GPU = ("no CUDA GPU found: kernel timings (triton, cuda) need a CUDA GPU; "

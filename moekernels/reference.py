@@ -222,7 +222,7 @@ def unpermute_backward(grad_y: torch.Tensor, y_sorted: torch.Tensor, dest_index:
     num_tokens, top_k = topk_weights.shape
     valid = (dest_index < num_valid).view(num_tokens, top_k)
     g = grad_y.to(acc)
-    rows = y_sorted.to(acc).index_select(0, dest_index.long()).view(num_tokens, top_k, -1)
+    rows = y_sorted.to(acc).index_select(0, dest_index.long()).view(num_tokens, top_k, y_sorted.shape[1])
     grad_w = torch.where(valid, (rows * g.unsqueeze(1)).sum(-1), 0.0)
     grad_rows = torch.where(valid.unsqueeze(-1), topk_weights.to(acc).unsqueeze(-1) * g.unsqueeze(1), 0.0)
     grad_sorted = torch.empty_like(y_sorted)

@@ -11,9 +11,9 @@ import torch
 
 import moekernels
 from benchmarks import (
-    bench_fp8, bench_grouped_gemm, bench_permute, bench_plan, bench_route, harness, run, tune_grouped_mm,
+    bench_fp8, bench_grouped_gemm, bench_moe, bench_permute, bench_plan, bench_route, harness, run, tune_grouped_mm,
 )
-from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, GemmShape
+from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, GemmShape, MoEShape
 from moekernels import _backend, configs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -719,3 +719,242 @@ def test_device_check_keeps_at_most_8_files():
         line for line in script.splitlines() if line.lstrip().startswith("rm -f"))))
     assert deleted <= {f"{name}.png" for name in run.BENCHMARKS}
     assert 3 + 2 + len(run.BENCHMARKS) - len(deleted) <= 8
+
+
+# ---------------------------------------------------------------- the MoE layer
+
+bm = bench_moe
+
+
+def test_moe_cpu_dry_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    assert run.main(["--quick", "--out", str(tmp_path), "--only", "moe", "--tokens", "1,16"]) == 0
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["roofline"] is None
+    assert payload["notes"] == [run.NO_GPU]  # no targets without a roofline, no transformers line on the CPU
+    records = payload["results"]
+    shape = bm.CPU_SHAPE
+    assert (shape.experts, shape.hidden, shape.intermediate, shape.top_k) == (16, 256, 128, 8)
+    groups = [f"{shape.name} {p}" for p in ("fwd bf16", "fwd fp8", "fwd+bwd bf16")]  # fp8 is inference-only
+    assert {(r["group"], r["x"], r["impl"]) for r in records} == {
+        (g, t, impl) for g in groups for t in (1, 16) for impl in ("naive", "torch")}
+    for r in records:
+        assert r["error"] is None, r
+        p = r["params"]
+        backward, fp8 = p["pass"] == "fwd+bwd", p["dtype"] == "fp8"
+        touched = bm.routing(shape, r["x"])[1].unique().numel()
+        assert p["touched_experts"] == touched and p["transformers"] is None and not p["transformers_timed"]
+        assert r["flops"] == (3 if backward else 1) * 6 * r["x"] * 8 * 256 * 128
+        assert r["bytes"] == bm.moe_bytes(r["x"], 256, 128, 16, 8, touched, fp8, backward)
+        assert p["weight_bytes"] == bm.weight_bytes(touched, 256, 128, fp8)
+        assert r["bound"] == "memory"  # <= 64 pairs per expert
+        assert r["tflops"] > 0 and r["gbps"] > 0 and r["roofline_fraction"] is None
+        if r["impl"] == "torch":
+            check, rtol = r["check"], bm.RTOL[p["dtype"]]
+            assert check["ok"] and check["rel_err"] <= rtol and check["naive_rel_err"] <= rtol, r
+            assert ("rel_err_unquantized" in check) == fp8
+    assert "| case | T | impl | median us |" in (tmp_path / "bench.md").read_text()
+
+
+def test_moe_counts_flops_and_bytes():
+    # DeepSeek-V3's slice at 4096 tokens: 32768 pairs through H 7168, I 2048 (2.9 TFLOP forward).
+    t, h, i, e, k = 4096, 7168, 2048, 32, 8
+    fwd = 2 * t * k * h * 2 * i + 2 * t * k * i * h
+    assert bm.moe_flops(t, h, i, k, False) == fwd == 6 * t * k * h * i
+    assert bm.moe_flops(t, h, i, k, True) == 3 * fwd
+    w = e * 3 * i * h * 2
+    assert bm.weight_bytes(e, h, i, False) == w
+    # fp8: a byte a weight and a float32 scale per (128, 128) block of [2I, H] and [H, I].
+    assert bm.weight_bytes(e, h, i, True) == e * (3 * i * h + 4 * (32 * 56 + 56 * 16))
+    assert bm.moe_bytes(t, h, i, e, k, e, False, False) == 2 * t * h * 2 + t * k * 8 + w
+    # fwd+bwd: dy read, dx written, the float32 router weights' gradient and every expert's dw written.
+    assert bm.moe_bytes(t, h, i, e, k, e, False, True) == 4 * t * h * 2 + t * k * 12 + 2 * w
+    assert bm.moe_bytes(t, h, i, e, k, e, True, True) == 4 * t * h * 2 + t * k * 12 + w + bm.weight_bytes(e, h, i, True)
+    # Qwen3-30B-A3B decode: one token reads 8 of the 128 experts; the weights are all but 8 KB of it.
+    assert bm.moe_bytes(1, 2048, 768, 128, 8, 8, False, False) == 2 * 2048 * 2 + 8 * 8 + 8 * 3 * 768 * 2048 * 2
+
+
+def test_moe_routing_is_fixed_balanced_and_renormalized():
+    w, ids = bm.routing(QWEN3_30B_A3B, 4096)
+    assert ids.shape == (4096, 8) and ids.dtype == torch.int32 and w.dtype == torch.float32
+    assert torch.equal(ids, bm._routing.__wrapped__(128, 8, 4096)[1])  # the same from the seed, not only the cache
+    assert all(len(set(row)) == 8 for row in ids.tolist())  # k distinct experts a token
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=128)
+    assert counts.min() > 0 and counts.max() < 1.5 * 256  # 256 pairs an expert on average
+    assert torch.allclose(w.sum(1), torch.ones(4096)) and (w[:, :-1] >= w[:, 1:]).all()
+    (inp,) = bm.make_inputs(bm.CPU_SHAPE, 8, "fwd+bwd", "bf16", "cpu")()
+    assert all(t.requires_grad for t in inp.leaves()) and inp.dy.shape == (8, 256)
+    assert not bm.routing(bm.CPU_SHAPE, 8)[0].requires_grad  # make_inputs copies the shared routing
+    assert torch.equal(inp.topk_ids_long, inp.topk_ids.long()) and inp.topk_ids_long.dtype == torch.int64
+
+
+@pytest.mark.parametrize("pass_name, dtype", [("fwd", "bf16"), ("fwd+bwd", "bf16"), ("fwd", "fp8")])
+def test_moe_implementations_agree_on_cpu(pass_name, dtype):
+    """Every implementation the GPU suite times, on CPU tensors (transformers' where it imports,
+    Triton under the interpreter), checked as the harness checks them."""
+    torch.manual_seed(0)
+    shape = MoEShape("tiny", hidden=256, intermediate=128, experts=8, top_k=4)
+    hf, _ = bm.transformers_impls("cpu")
+    (inp,) = bm.make_inputs(shape, 16, pass_name, dtype, "cpu", hf)()
+    naive = bm.timed(bm.naive, dtype)(inp)
+    impls = {"torch": bm.timed(bm.library("torch"), dtype)}
+    if hf is not None:
+        impls |= {name: bm.timed(bm.hf_impl(hf, name), "bf16") for name in bm.HF_IMPLS}
+    if _backend.interpreting():
+        impls["triton"] = bm.timed(bm.library("triton"), dtype)
+    for name, fn in impls.items():
+        out = fn(inp)
+        outs = out[0]
+        assert outs[0].shape == (16, 256) and outs[0].dtype == torch.bfloat16
+        assert len(outs) == (5 if pass_name == "fwd+bwd" else 1)
+        check = bm.compare(out, naive)
+        assert check["ok"] and check["naive_rel_err"] <= bm.RTOL[dtype], (name, check)
+        if dtype == "fp8":
+            assert check["rel_err_unquantized"] < 0.1, (name, check)
+
+
+def test_moe_check_catches_wrong_outputs():
+    torch.manual_seed(0)
+    assert bm.sample_tokens(100)[[0, -1]].tolist() == [0, 99] and len(bm.sample_tokens(100)) == bm.CHECK_TOKENS
+    (inp,) = bm.make_inputs(bm.CPU_SHAPE, 32, "fwd+bwd", "bf16", "cpu")()
+    naive = bm.timed(bm.naive, "bf16")(inp)
+    outs, _, _ = bm.timed(bm.library("torch"), "bf16")(inp)
+    assert bm.compare((outs, inp, "bf16"), naive)["ok"]
+    (busiest, least), empty = bm.check_experts(inp.topk_ids, 16)
+    counts = torch.bincount(inp.topk_ids.reshape(-1).long(), minlength=16)
+    assert counts[busiest] == counts.max() and counts[least] == counts.min() and empty is None
+
+    def broken(index, change):
+        wrong = [t.detach().clone() for t in outs]
+        change(wrong[index])
+        return bm.compare((tuple(wrong), inp, "bf16"), naive)
+
+    for index, change, part in [
+            (0, lambda y: y[-1].add_(1.0), "y"),  # the last token, which the check always samples
+            (1, lambda dx: dx[-1].mul_(2.0), "dx"),
+            (2, lambda dtw: dtw[0].copy_(dtw[0].flip(0)), "d_topk_weights"),
+            (3, lambda dw: dw[busiest].mul_(1.1), "dw_gate_up"),
+            (4, lambda dw: dw[least].mul_(1.1), "dw_down")]:
+        check = broken(index, change)
+        assert not check["ok"] and check["worst"] == part, (part, check)
+
+    (one,) = bm.make_inputs(bm.CPU_SHAPE, 1, "fwd+bwd", "bf16", "cpu")()  # 8 of the 16 experts
+    outs, _, _ = bm.timed(bm.library("torch"), "bf16")(one)
+    empty = bm.check_experts(one.topk_ids, 16)[1]
+    ghost = [t.detach().clone() for t in outs]
+    ghost[4][empty] = 1.0  # a gradient for an expert that saw no pair
+    check = bm.compare((tuple(ghost), one, "bf16"), bm.timed(bm.naive, "bf16")(one))
+    assert not check["ok"] and check["worst"] == "dw_untouched"
+
+    # fp8: the quantized layer is no answer for the bf16 reference.
+    (q,) = bm.make_inputs(bm.CPU_SHAPE, 16, "fwd", "fp8", "cpu")()
+    y = bm.timed(bm.library("torch"), "fp8")(q)[0]
+    naive = bm.timed(bm.naive, "fp8")(q)
+    assert bm.compare((y, q, "fp8"), naive)["ok"] and not bm.compare((y, q, "bf16"), naive)["ok"]
+
+
+def test_moe_transformers_impls_say_why_not(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
+    bm.transformers_impls.cache_clear()
+    try:
+        hf, why = bm.transformers_impls("cpu")
+    finally:
+        bm.transformers_impls.cache_clear()
+    assert hf is None and why.startswith("transformers does not import: ")
+
+
+def test_moe_transformers_module_holds_the_case_weights():
+    hf, why = bm.transformers_impls("cpu")
+    if hf is None:
+        pytest.skip(why)
+    assert why == f"transformers {hf.version}"
+    (inp,) = bm.make_inputs(bm.CPU_SHAPE, 4, "fwd", "bf16", "cpu", hf)()
+    assert inp.hf.gate_up_proj is inp.w_gate_up and inp.hf.down_proj is inp.w_down  # no copies
+    assert hf.eager is getattr(hf.experts_cls.forward, "__wrapped__", hf.experts_cls.forward)
+
+
+@pytest.mark.parametrize("with_hf", [True, False], ids=["transformers", "no-transformers"])
+def test_moe_gpu_sweeps(with_hf, monkeypatch):
+    hf = bm.HfExperts("9.9", None, None, None, None) if with_hf else None  # builds cases only: never called
+    monkeypatch.setattr(bm, "transformers_impls", lambda device: (hf, "transformers 9.9" if hf else "why not"))
+    quick = bm.cases("cuda", quick=True)  # no input is made
+    assert [(c.group, c.x) for c in quick] == [
+        ("qwen3-30b-a3b fwd bf16", 8), ("qwen3-30b-a3b fwd bf16", 4096), ("qwen3-30b-a3b fwd+bwd bf16", 4096),
+        ("deepseek-v3 E32 fwd bf16", 512), ("deepseek-v3 E32 fwd fp8", 512)]
+    for c in quick:  # naive first: the harness's speed-ups and checks are against it; torch: full suite only
+        backward = c.params["pass"] == "fwd+bwd"
+        hf_impls = [] if hf is None else ["hf_grouped_mm"] if backward else ["hf_eager", "hf_grouped_mm"]
+        assert list(c.impls) == ["naive"] + hf_impls + ["triton"]
+        assert c.eager == ("naive",) + (("hf_eager",) if "hf_eager" in hf_impls else ())
+        assert c.bound == ("memory" if c.x * c.params["k"] <= 64 * c.params["E"] else "compute")
+        assert c.params["transformers_timed"] == with_hf
+        assert c.params["transformers"] == ("transformers 9.9" if with_hf else "why not")
+    assert {(c.group, c.x) for c in bm.cases("cuda", quick=True, tokens=[1, 64])} == {
+        (g, t) for g in ("qwen3-30b-a3b fwd bf16", "qwen3-30b-a3b fwd+bwd bf16", "deepseek-v3 E32 fwd bf16",
+                         "deepseek-v3 E32 fwd fp8") for t in (1, 64)}
+
+    full = bm.cases("cuda", quick=False)
+    assert len(full) == 70
+    assert all(c.flops <= bm.MAX_FLOPS for c in full)
+    assert all(("torch" in c.impls) == (c.flops <= bm.TORCH_MAX_FLOPS) for c in full)
+    assert all(("hf_grouped_mm" in c.impls) == with_hf for c in full)
+    # transformers' eager fwd+bwd (E^2 x one expert's weights of zero-fill a call): Mixtral's 8 experts only.
+    assert {c.group for c in full if "hf_eager" in c.impls and c.params["pass"] == "fwd+bwd"} == (
+        {"mixtral-8x7b fwd+bwd bf16"} if with_hf else set())
+    groups = {(c.group, c.x) for c in full}
+    for name in ("mixtral-8x7b", "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3 E32"):
+        assert {(f"{name} {p}", t) for p in ("fwd bf16", "fwd fp8") for t in bm.TOKENS_FULL} <= groups
+    assert not any(g.endswith("fwd+bwd fp8") for g, _ in groups)  # the fp8 path is inference-only
+    # 17.6 TFLOP at most: Mixtral's and DeepSeek-V3 E32's fwd+bwd at 16384 tokens (34.6) are left out.
+    assert ("mixtral-8x7b fwd+bwd bf16", 16384) not in groups and ("deepseek-v3 E32 fwd+bwd bf16", 16384) not in groups
+    assert ("qwen3-235b-a22b fwd+bwd bf16", 16384) in groups
+    e32 = next(c for c in full if c.group == "deepseek-v3 E32 fwd bf16" and c.x == 1)
+    assert (e32.params["E"], e32.params["H"], e32.params["I"], e32.params["k"]) == (32, 7168, 2048, 8)
+
+
+def _moe_record(group, x, impl, us, *, dtype="bf16", pass_name="fwd", frac=None, weight_bytes=0, nbytes=1,
+                transformers="transformers 5.24.0", timed=True):
+    return {"bench": "moe", "group": group, "x": x, "impl": impl, "error": None, "time_us": {"median": us},
+            "roofline_fraction": frac, "bytes": nbytes,
+            "params": {"pass": pass_name, "dtype": dtype, "weight_bytes": weight_bytes,
+                       "transformers": transformers, "transformers_timed": timed}}
+
+
+def test_moe_notes_report_the_targets():
+    g, gb, gf = "qwen3-30b-a3b fwd bf16", "qwen3-30b-a3b fwd+bwd bf16", "deepseek-v3 E32 fwd fp8"
+    records = [
+        _moe_record(g, 4096, "hf_grouped_mm", 1300.0), _moe_record(g, 4096, "hf_eager", 20000.0),
+        _moe_record(g, 4096, "triton", 1000.0),
+        _moe_record(g, 16384, "hf_grouped_mm", 4000.0), _moe_record(g, 16384, "hf_eager", 30000.0),
+        _moe_record(g, 16384, "triton", 3500.0),
+        _moe_record(g, 512, "hf_grouped_mm", 900.0), _moe_record(g, 512, "triton", 1000.0),  # not prefill
+        _moe_record(gb, 4096, "hf_grouped_mm", 5000.0, pass_name="fwd+bwd"),
+        _moe_record(gb, 4096, "triton", 3000.0, pass_name="fwd+bwd"),
+        _moe_record(gf, 4096, "hf_grouped_mm", 1200.0, dtype="fp8"),
+        _moe_record(gf, 4096, "triton", 800.0, dtype="fp8"),
+        # 75 MB of weights (of 75.5 MB moved) in 25 us at 75.5% of a 4,000 GB/s copy rate: 1.33x the floor
+        _moe_record(g, 8, "triton", 25.0, frac=0.755, weight_bytes=75_000_000, nbytes=75_500_000),
+        _moe_record(g, 1, "triton", 10.0, frac=0.375, weight_bytes=15_000_000, nbytes=15_000_000),
+        _moe_record(g, 1, "naive", 900.0, frac=0.01, weight_bytes=15_000_000, nbytes=15_000_000),
+    ]
+    assert bm.notes(records) == [
+        "moe: hf_eager and hf_grouped_mm are transformers 5.24.0's Qwen3MoeExperts.forward and "
+        "ExpertsInterface['grouped_mm']; in the fp8 groups they run the unquantized bf16 weights "
+        "(transformers' FP8 experts need the kernels package and a Hub download)",
+        "moe forward bf16 at T >= 4096, triton vs transformers' grouped_mm: target >= 1.30: met in 1 of 2; "
+        f"worst {g} T=16384: 1.14",
+        "moe forward bf16 at T >= 4096, triton vs transformers' eager: target >= 10.00: met in 1 of 2; "
+        f"worst {g} T=16384: 8.57",
+        "moe fwd+bwd bf16 at T >= 4096, triton vs transformers' grouped_mm: target >= 1.30: met in 1 of 1; "
+        f"worst {gb} T=4096: 1.67",
+        "moe forward bf16 at T <= 64, triton time over the touched weights' read floor: target <= 1.50: "
+        f"met in 1 of 2; worst {g} T=1: 2.67",
+        f"moe {g} triton, GB/s of the touched experts' weights (time over the floor) by T: "
+        "8: 3,000 (1.33x), 1: 1,500 (2.67x)",
+        "moe forward fp8 at T >= 4096, triton vs transformers' grouped_mm: target >= 1.30: met in 1 of 1; "
+        f"worst {gf} T=4096: 1.50",
+    ]
+    skipped = [_moe_record(g, 8, "naive", 900.0, transformers="transformers does not import: ImportError: x",
+                           timed=False)]
+    assert bm.notes(skipped) == ["moe: transformers' experts not timed: transformers does not import: ImportError: x"]
+    assert bm.notes([r for r in records if r["impl"] not in bm.KERNELS and r["impl"] not in bm.HF_IMPLS]) == []
