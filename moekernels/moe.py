@@ -223,6 +223,9 @@ class MoE(nn.Module):
             it is adjusted outside the gradient).
         activation: ``"silu"`` or ``"gelu"``.
         dtype, device: of the parameters.
+        router_dtype: of the router's weight and logits (default: dtype). DeepSeek-V3 keeps its
+            router in float32 when the model is bf16: routing on bf16 logits picks other experts
+            near ties.
         backend: the backend of every op (None: automatic).
 
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
@@ -235,7 +238,7 @@ class MoE(nn.Module):
                  scoring: str = "softmax", renormalize: bool = True, n_group: int | None = None,
                  topk_group: int | None = None, routed_scaling_factor: float = 1.0, num_shared_experts: int = 0,
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
-                 backend: str | None = None):
+                 router_dtype=None, backend: str | None = None):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -251,7 +254,7 @@ class MoE(nn.Module):
         self.routed_scaling_factor = routed_scaling_factor
         self.activation, self.backend = activation, backend
         kw = dict(dtype=dtype, device=device)
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False, **kw)
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False, dtype=router_dtype or dtype, device=device)
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
         bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if correction_bias else None
@@ -270,7 +273,7 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], topk_weights [T, k] float32, topk_ids [T, k] int32) of x [T, H]."""
-        logits = self.gate(x)
+        logits = self.gate(x.to(self.gate.weight.dtype))
         weights, ids = topk_routing(
             logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
             bias=self.e_score_correction_bias, n_group=self.n_group, topk_group=self.topk_group,

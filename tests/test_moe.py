@@ -265,6 +265,17 @@ def test_module_trains():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_module_router_dtype():
+    """A float32 router in a bf16 layer (DeepSeek-V3's): logits from float32 x and weight."""
+    layer = moekernels.MoE(32, 16, 8, 2, dtype=torch.bfloat16, router_dtype=torch.float32)
+    assert layer.gate.weight.dtype == torch.float32 and layer.w_gate_up.dtype == torch.bfloat16
+    x = torch.randn(5, 32).bfloat16()
+    logits, _, ids = layer.route(x)
+    assert logits.dtype == torch.float32
+    assert torch.equal(ids, reference.topk_routing(x.float() @ layer.gate.weight.T, 2, renormalize=True)[1])
+    assert layer(x).dtype == torch.bfloat16
+
+
 def test_module_bad_arguments():
     with pytest.raises(ValueError, match="top_k"):
         moekernels.MoE(16, 8, 4, 5)

@@ -232,7 +232,8 @@ def moe_from_block(block: nn.Module, *, backend: str | None = None) -> MoE:
                              f"{two_i // 2}); {type(shared).__name__} has {shared_i} and {shared.act_fn}")
         num_shared = shared_i // (two_i // 2)
     moe = MoE(hidden, two_i // 2, num_experts, router.top_k, **_routing(router), num_shared_experts=num_shared,
-              activation=activation, dtype=w_gate_up.dtype, device=w_gate_up.device, backend=backend)
+              activation=activation, dtype=w_gate_up.dtype, device=w_gate_up.device,
+              router_dtype=router.weight.dtype, backend=backend)
     with torch.no_grad():
         moe.gate.weight.copy_(router.weight)
         moe.w_gate_up.copy_(w_gate_up)
