@@ -226,6 +226,13 @@ class MoE(nn.Module):
         router_dtype: of the router's weight and logits (default: dtype). DeepSeek-V3 keeps its
             router in float32 when the model is bf16: routing on bf16 logits picks other experts
             near ties.
+        expert_parallel_group: a torch.distributed process group (``torch.distributed.group.WORLD``
+            for every rank), or None: no expert parallelism. Then this rank holds only its E / world_size
+            experts (rank r: experts r*E/W .. (r+1)*E/W - 1, ``expert_offset`` the first), and the
+            forward is route -> ``distributed.dispatch`` -> local experts -> ``distributed.combine``.
+            The router and shared experts are replicated: all-reduce their gradients as DDP does.
+        capacity: with expert parallelism, None (exchange the counts: one host sync a layer) or
+            the rows each pair of ranks exchanges (no sync; overflow dropped, ``dropped`` counts it).
         backend: the backend of every op (None: automatic).
 
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
@@ -238,7 +245,8 @@ class MoE(nn.Module):
                  scoring: str = "softmax", renormalize: bool = True, n_group: int | None = None,
                  topk_group: int | None = None, routed_scaling_factor: float = 1.0, num_shared_experts: int = 0,
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
-                 router_dtype=None, backend: str | None = None):
+                 router_dtype=None, expert_parallel_group=None, capacity: int | None = None,
+                 backend: str | None = None):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -253,10 +261,23 @@ class MoE(nn.Module):
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor = routed_scaling_factor
         self.activation, self.backend = activation, backend
+        self.group, self.capacity = expert_parallel_group, capacity
+        local, self.expert_offset = num_experts, 0
+        if expert_parallel_group is not None:
+            from .distributed import _world
+
+            world, rank = _world(expert_parallel_group)
+            if num_experts % world:
+                raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel world size "
+                                 f"{world}")
+            local = num_experts // world
+            self.expert_offset = rank * local
+        self.num_local_experts = local
+        self.dropped = None
         kw = dict(dtype=dtype, device=device)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, dtype=router_dtype or dtype, device=device)
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
-        self.w_down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        self.w_gate_up = nn.Parameter(torch.empty(local, 2 * intermediate_size, hidden_size, **kw))
+        self.w_down = nn.Parameter(torch.empty(local, hidden_size, intermediate_size, **kw))
         bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
         self.shared_experts = (SharedExperts(hidden_size, intermediate_size * num_shared_experts, **kw)
@@ -284,11 +305,27 @@ class MoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x2)
-        y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
-                      backend=self.backend)
+        if self.group is None:
+            y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
+                          backend=self.backend)
+        else:
+            y = self._expert_parallel(x2, weights, ids)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x2)
         if self.training:
             self.aux_loss = load_balancing_loss(logits, ids, self.num_experts, backend=self.backend)
             self.z_loss = router_z_loss(logits, backend=self.backend)
         return y.view(shape)
+
+    def _expert_parallel(self, x, weights, ids):
+        """dispatch -> the local experts (two grouped GEMMs over the received rows) -> combine."""
+        from .distributed import combine, dispatch
+        from .grouped_gemm import grouped_mm, grouped_mm_fused
+
+        handle, x_local = dispatch(x, ids, weights, self.num_experts, self.group, self.capacity)
+        offs = handle.expert_offsets
+        h = grouped_mm_fused(x_local, self.w_gate_up.transpose(1, 2), offs, activation=self.activation,
+                             backend=self.backend)
+        y_local = grouped_mm(h, self.w_down.transpose(1, 2), offs, backend=self.backend)
+        self.dropped = handle.dropped
+        return combine(y_local, handle)
