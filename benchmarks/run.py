@@ -32,6 +32,7 @@ BENCHMARKS = {
     "grouped_gemm": "benchmarks.bench_grouped_gemm",
     "fp8": "benchmarks.bench_fp8",
     "moe": "benchmarks.bench_moe",
+    "distributed": "benchmarks.bench_distributed",
 }
 
 NO_GPU = ("no CUDA GPU found: kernel timings (triton, cuda) need a CUDA GPU; "

@@ -5,7 +5,7 @@ the extension ``moekernels._C`` is there. The data flow, one module per stage, i
 DESIGN.md; every public op has a pure-PyTorch twin in ``moekernels.reference``.
 """
 
-from . import reference
+from . import distributed, reference
 from ._ext import HAS_CUDA_EXT
 from .fp8 import fp8_grouped_mm, fp8_mm, quantize_fp8
 from .grouped_gemm import grouped_mm
@@ -16,7 +16,7 @@ from .route import load_balancing_loss, router_z_loss, topk_routing
 
 __version__ = "0.1.0"
 __all__ = [
-    "HAS_CUDA_EXT", "MoE", "RoutingPlan", "fp8_grouped_mm", "fp8_mm", "fused_moe", "grouped_mm",
+    "HAS_CUDA_EXT", "MoE", "RoutingPlan", "distributed", "fp8_grouped_mm", "fp8_mm", "fused_moe", "grouped_mm",
     "load_balancing_loss", "permute", "plan_routing", "quantize_fp8", "reference", "router_z_loss", "topk_routing",
     "unpermute", "__version__",
 ]
