@@ -11,7 +11,8 @@ import torch
 
 import moekernels
 from benchmarks import (
-    bench_fp8, bench_grouped_gemm, bench_moe, bench_permute, bench_plan, bench_route, harness, run, tune_grouped_mm,
+    bench_distributed, bench_fp8, bench_grouped_gemm, bench_moe, bench_permute, bench_plan, bench_route, harness, run,
+    tune_grouped_mm,
 )
 from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, GemmShape, MoEShape
 from moekernels import _backend, configs
@@ -958,3 +959,154 @@ def test_moe_notes_report_the_targets():
                            timed=False)]
     assert bm.notes(skipped) == ["moe: transformers' experts not timed: transformers does not import: ImportError: x"]
     assert bm.notes([r for r in records if r["impl"] not in bm.KERNELS and r["impl"] not in bm.HF_IMPLS]) == []
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+bd = bench_distributed
+EP_IMPLS = ["naive", "local", "local_eager", "ep", "ep_capacity"]
+
+
+def test_distributed_cpu_dry_run(tmp_path, monkeypatch):
+    pytest.importorskip("moekernels.distributed")
+    dist = torch.distributed
+    assert not dist.is_initialized()
+    monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    assert run.main(["--quick", "--out", str(tmp_path), "--only", "distributed", "--tokens", "1,16"]) == 0
+    # The single-rank gloo group the ep rows made is gone: no later benchmark or test sees it.
+    assert not dist.is_initialized() and bd._group is None
+    payload = json.loads((tmp_path / "bench.json").read_text())
+    assert payload["roofline"] is None
+    records = payload["results"]
+    assert [(r["group"], r["x"], r["impl"]) for r in records] == [
+        ("deepseek-v3 ws1", t, impl) for t in (1, 16) for impl in EP_IMPLS]
+    for r in records:
+        assert r["error"] is None, r
+        p = r["params"]
+        assert (p["E"], p["k"], p["H"], p["world_size"], p["process_group"]) == (256, 8, 7168, 1, "gloo")
+        assert p["capacity"] == r["x"] * 8  # one rank takes every pair: nothing dropped
+        assert r["bytes"] == bench_permute.permute_bytes(r["x"], 7168, 8, 2) + bench_permute.unpermute_bytes(
+            r["x"], 7168, 8, 2)
+        assert p["a2a_bytes"] == 2 * r["x"] * 8 * 7168 * 2
+        assert r["bound"] == "memory" and r["flops"] == 0 and r["gbps"] > 0
+        if r["impl"] != "naive":
+            assert r["check"]["ok"] and r["check"]["rel_err"] <= bench_permute.UNPERMUTE_RTOL, r
+    lines = [n for n in payload["notes"] if n.startswith("distributed ")]
+    assert [n.split(":")[0] for n in lines] == ["distributed deepseek-v3 T=1", "distributed deepseek-v3 T=16"]
+    assert all("default +" in n or "default -" in n for n in lines)
+
+
+def test_distributed_leaves_an_existing_group_alone(tmp_path):
+    dist = torch.distributed
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        group = bd.ensure_group("cpu")
+        assert not group.created and group.backend == "gloo"
+        assert bd.ensure_group("cpu") is group
+        bd.destroy_group()
+        assert dist.is_initialized() and bd._group is None  # not ours to destroy
+    finally:
+        dist.destroy_process_group()
+    group = bd.ensure_group("cpu")  # none initialized: made, and destroyed with its store folder
+    assert group.created and dist.is_initialized() and Path(group.store_dir).is_dir()
+    bd.destroy_group()
+    assert not dist.is_initialized() and not Path(group.store_dir).exists()
+
+
+def test_distributed_naive_is_the_local_path():
+    torch.manual_seed(0)
+    shape = MoEShape("tiny", hidden=64, intermediate=32, experts=16, top_k=4)
+    x, ids, weights = bd._inputs(shape, 37, "cpu")()
+    plan = moekernels.plan_routing(ids, shape.experts)
+    ref = moekernels.unpermute(moekernels.permute(x, plan), plan, weights)
+    check = bench_permute.compare_unpermute(bd.naive(x, ids, weights), ref)
+    assert check["ok"] and check["rel_err"] < 1e-2
+    # Identity experts and weights that sum to 1 over k: y is x, up to bf16 rounding.
+    assert bench_permute.compare_unpermute(ref, x)["rel_err"] < 1e-2
+
+
+def test_distributed_counts_bytes():
+    t, h, k = 4096, 7168, 8
+    # x read, T*k rows written with an int32 index each; the rows read with an int32 index and a float32
+    # weight each, y written.
+    assert bd.dispatch_combine_bytes(t, h, k, 2) == (t * h * 2 + t * k * h * 2 + t * k * 4) + (
+        t * k * h * 2 + t * k * 8 + t * h * 2)
+    assert bd.a2a_bytes(t, h, k, 2) == 2 * t * k * h * 2
+    assert bd.row_bytes(h, fp8=False) == 14336
+    assert bd.row_bytes(h, fp8=True) == 7168 + 4 * 56  # e4m3 and a float32 scale per 128 columns
+    assert bd.row_bytes(200, fp8=True) == 200 + 4 * 2  # a partial last block has its scale too
+
+
+def test_distributed_scaling_table():
+    (w8, w8_fp8), (w64, w64_fp8) = bd.scaling_table()
+    row, row_fp8 = 7168 * 2, 7168 + 224
+    pairs = 4096 * 8
+    # Bytes leaving a GPU per token per layer: k rows out (dispatch) and k back (combine), (ws - 1) / ws of them.
+    assert w8["bytes_per_token"] == 8 * 2 * row * 7 // 8 == 200_704 and w8["ib_bytes_per_token"] == 0
+    assert w8_fp8["bytes_per_token"] == 8 * (row_fp8 + row) * 7 // 8 == 152_096
+    assert w64["bytes_per_token"] == 8 * 2 * row * 63 // 64 == 225_792
+    assert w64["ib_bytes_per_token"] == 8 * 2 * row * 56 // 64 == 200_704  # 56 of the 64 ranks are in other nodes
+    # Each phase at link rate: NVLink 450 GB/s each way; at 64 GPUs the IB part (50 GB/s) is the longer one.
+    assert w8["dispatch_ms"] == w8["combine_ms"] == pytest.approx(pairs * 7 / 8 * row / 450e9 * 1e3)
+    assert w8["a2a_ms"] == pytest.approx(1.8269, abs=1e-4)
+    assert w8_fp8["dispatch_ms"] == pytest.approx(pairs * 7 / 8 * row_fp8 / 450e9 * 1e3)
+    assert w64["dispatch_ms"] == pytest.approx(pairs * 56 / 64 * row / 50e9 * 1e3)
+    assert w64["a2a_ms"] == pytest.approx(16.4417, abs=1e-4)
+    assert w64_fp8["a2a_ms"] == pytest.approx(pairs * 56 / 64 * (row_fp8 + row) / 50e9 * 1e3)
+    # The expert GEMMs: bench_moe's count, 6*T*k*H*I, at 680 TFLOP/s, whatever the world size.
+    gemm_ms = 6 * pairs * 7168 * 2048 / 680e12 * 1e3
+    for r in (w8, w8_fp8, w64, w64_fp8):
+        assert r["gemm_ms"] == pytest.approx(gemm_ms) == pytest.approx(4.2444, abs=1e-4)
+        assert r["exposed_ms"] == pytest.approx(max(r["a2a_ms"] - gemm_ms, 0.0))
+    assert w8["exposed_ms"] == 0 and w64["a2a_over_gemm"] == pytest.approx(3.874, abs=1e-3)
+    # Both scale with T: the ratio does not depend on it.
+    assert bd.scaling_row(8, tokens=512)["a2a_over_gemm"] == pytest.approx(w8["a2a_over_gemm"])
+
+
+def test_distributed_scaling_rate_is_the_measured_h200_roofline():
+    roofline = json.loads((REPO / "benchmarks" / "results" / "h200" / "bench.json").read_text())["roofline"]
+    assert round(roofline["mm_bf16_tflops"]) == bd.MM_BF16_TFLOPS
+
+
+def test_readme_scaling_section_holds_the_computed_table():
+    readme = (REPO / "README.md").read_text()
+    headings = re.findall(r"^## .*$", readme, flags=re.M)
+    assert headings.index("## Expert parallelism: scaling") + 1 == headings.index("## Backends")
+    section = readme.split("## Expert parallelism: scaling")[1].split("## Backends")[0]
+    assert bd.scaling_markdown() in section
+
+
+def test_distributed_gpu_sweeps():
+    quick = bd.cases("cuda", quick=True)  # builds cases only: no input, no process group
+    assert [c.x for c in quick] == [16, 512, 4096]
+    assert [c.x for c in bd.cases("cuda", quick=False)] == bd.TOKENS_FULL
+    assert [c.x for c in bd.cases("cuda", quick=True, tokens=[64])] == [64]
+    for c in quick:
+        assert list(c.impls) == EP_IMPLS  # naive first: the checks are against it
+        assert c.eager == ("local_eager", "ep", "ep_capacity")  # the default mode syncs; see the docstring
+        assert c.group == "deepseek-v3 ws1" and c.bound == "memory"
+        assert c.params["process_group"] == "nccl" and c.params["capacity"] == c.x * 8
+    assert not torch.distributed.is_initialized()
+
+
+def test_distributed_notes():
+    def rec(x, impl, us, error=None, method="events"):
+        return {"bench": "distributed", "x": x, "impl": impl, "error": error, "time_us": {"median": us},
+                "method": method}
+
+    records = [rec(16, "naive", 50.0), rec(16, "local", 20.0, method="graph"), rec(16, "local_eager", 40.0),
+               rec(16, "ep", 100.0), rec(16, "ep_capacity", 60.0),
+               rec(4096, "local", 500.0, method="graph"), rec(4096, "local_eager", 520.0), rec(4096, "ep", 1300.0),
+               rec(4096, "ep_capacity", 0.0, error="RuntimeError: boom"),
+               rec(512, "ep", 100.0),  # no baseline: no line
+               # On the CPU nothing is captured: no comparison with a CUDA graph.
+               rec(1, "local", 10.0, method="wall"), rec(1, "local_eager", 10.0, method="wall"),
+               rec(1, "ep_capacity", 15.0, method="wall")]
+    assert bd.notes(records) == [
+        "distributed deepseek-v3 T=1: dispatch + combine over the local path, both eager: capacity +5.0 us (1.50x)",
+        "distributed deepseek-v3 T=16: dispatch + combine over the local path, both eager: default +60.0 us (2.50x), "
+        "capacity +20.0 us (1.50x); capacity mode over the local path in a CUDA graph 3.00x",
+        "distributed deepseek-v3 T=4096: dispatch + combine over the local path, both eager: "
+        "default +780.0 us (2.50x)",
+    ]
