@@ -432,10 +432,15 @@ SM90_GEMMS = {
     "gated_decode_bf16_kmajor": ("gated", 8, 2048, 7168, torch.bfloat16, True),
     "gated_prefill_bf16_kmajor": ("gated", 512, 768, 2048, torch.bfloat16, True),
     "gather_gated_prefill_bf16_kmajor": ("gather+gated", 512, 768, 2048, torch.bfloat16, True),
+    # The MoE layer's decode step (fused_moe at T = 8: GEMM 1 gathers, with SwiGLU, in swap-AB
+    # tiles) and its backward's dx GEMM over the [E, 2I, H] weight as stored (N contiguous).
+    "gather_gated_decode_bf16_kmajor": ("gather+gated", 4, 768, 2048, torch.bfloat16, True),
+    "plain_decode_bf16": ("plain", 4, 2048, 1536, torch.bfloat16, False),
     "scatter_prefill_bf16_kmajor": ("scatter", 512, 2048, 768, torch.bfloat16, True),
     "scatter_decode_bf16_kmajor": ("scatter", 4, 7168, 2048, torch.bfloat16, True),
     "dw_bf16": ("dw", 512, 1536, 2048, torch.bfloat16, False),
     "dw_gather_fp16": ("dw_gather", 512, 1536, 2048, torch.float16, False),
+    "dw_fp32": ("dw", 512, 1536, 2048, torch.float32, False),
 }
 
 
