@@ -53,13 +53,14 @@ the unquantized bf16 operands is recorded beside it (rel_err_unquantized: what f
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 import torch
 
 import moekernels
-from benchmarks.harness import Case
+from benchmarks.harness import Case, rel_err, target_line
 from benchmarks.shapes import token_sweep
 from moekernels import fp8
 
@@ -259,12 +260,6 @@ def quant_bytes(rows: int, cols: int, block: tuple[int, int], itemsize: int = 2)
     return rows * cols * (itemsize + 1) + -(-rows // block[0]) * -(-cols // block[1]) * 4
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    a, b = out.double(), ref.double()
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den else (a - b).norm().item()
-
-
 def check_rows(sizes: list[int]) -> list[tuple[int, torch.Tensor]]:
     """(expert, rows) sampled: up to CHECK_EXPERTS experts with rows, spread from the first to the
     last, and up to CHECK_ROWS rows of each spread over its segment, its first and last included."""
@@ -300,7 +295,7 @@ def reference_errors(y: torch.Tensor, inp: Fp8Inputs) -> dict[str, float]:
     if not got:
         return {"fp8": 0.0, "bf16": 0.0}
     got = torch.cat(got)
-    return {ref: _rel_err(got, torch.cat(w)) for ref, w in want.items()}
+    return {ref: rel_err(got, torch.cat(w)) for ref, w in want.items()}
 
 
 def compare(out, naive_out) -> dict:
@@ -398,14 +393,8 @@ def cases(device: str, quick: bool, tokens: list[int] | None = None) -> list[Cas
 
 # ----------------------------------------------------------------------------- notes
 
-def _target(label: str, values: list[tuple[dict, float]], target: float, fmt: str) -> list[str]:
-    """One line: how many cases meet the target, and the worst."""
-    if not values:
-        return []
-    met = sum(1 for _, v in values if v >= target)
-    worst, v = min(values, key=lambda p: p[1])
-    return [f"{BENCH} {label}: target >= {target:{fmt}}: met in {met} of {len(values)}; "
-            f"worst {worst['group']} M={worst['x']}: {v:{fmt}}"]
+# One note line per target: harness.target_line with this benchmark's name and swept size.
+_target = functools.partial(target_line, BENCH, x_name="M")
 
 
 def notes(records: list[dict]) -> list[str]:

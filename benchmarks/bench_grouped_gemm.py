@@ -34,13 +34,14 @@ rows), so a check costs milliseconds at any size.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 import torch
 
 import moekernels
-from benchmarks.harness import Case
+from benchmarks.harness import Case, rel_err, target_line
 from benchmarks.shapes import (
     DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, QWEN3_235B_A22B, GemmShape, down, gate_up, token_sweep,
 )
@@ -205,12 +206,6 @@ def grouped_mm_bytes(m: int, k: int, n: int, experts: int, touched: int, itemsiz
     return elems * itemsize + experts * 4
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    a, b = out.double(), ref.double()
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den else (a - b).norm().item()
-
-
 def check_experts(sizes: list[int]) -> list[int]:
     """The experts checked: the first and last with rows, the busiest and the least busy."""
     used = [e for e, rows in enumerate(sizes) if rows]
@@ -239,8 +234,8 @@ def reference_error(outs: tuple, inp: GemmInputs) -> float:
             got[1].append(outs[1][rows])
             want[1].append(dy[rows].float() @ we.T)
             # dw is the gradient of the [E, N, K] storage: expert e's is (x_e^T dy_e)^T.
-            errs.append(_rel_err(outs[2][e], dy[start:end].float().T @ x[start:end].float()))
-    errs += [_rel_err(torch.cat(g), torch.cat(r)) for g, r in zip(got, want) if g]
+            errs.append(rel_err(outs[2][e], dy[start:end].float().T @ x[start:end].float()))
+    errs += [rel_err(torch.cat(g), torch.cat(r)) for g, r in zip(got, want) if g]
     empty = [e for e, rows in enumerate(inp.sizes) if not rows]
     if len(outs) == 3 and empty and outs[2][empty[0]].any():
         errs.append(1.0)  # a gradient for an expert that saw no row
@@ -301,14 +296,8 @@ def cases(device: str, quick: bool, tokens: list[int] | None = None) -> list[Cas
 
 # ----------------------------------------------------------------------------- notes
 
-def _target(label: str, values: list[tuple[dict, float]], target: float, fmt: str) -> list[str]:
-    """One line: how many cases meet the target, and the worst."""
-    if not values:
-        return []
-    met = sum(1 for _, v in values if v >= target)
-    worst, v = min(values, key=lambda p: p[1])
-    return [f"{BENCH} {label}: target >= {target:{fmt}}: met in {met} of {len(values)}; "
-            f"worst {worst['group']} rows/expert={worst['x']}: {v:{fmt}}"]
+# One note line per target: harness.target_line with this benchmark's name and swept size.
+_target = functools.partial(target_line, BENCH, x_name="rows/expert")
 
 
 def decode_weight_gbps(r: dict) -> tuple[float, float | None]:

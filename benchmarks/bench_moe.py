@@ -78,7 +78,7 @@ import torch.nn.functional as F
 
 import moekernels
 from benchmarks.bench_fp8 import FP8, FP8_MAX, dequantize
-from benchmarks.harness import Case
+from benchmarks.harness import Case, rel_err, target_line
 from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, QWEN3_235B_A22B, MoEShape, token_sweep
 
 BENCH = "moe"
@@ -376,12 +376,6 @@ def moe_bytes(tokens: int, hidden: int, inter: int, experts: int, top_k: int, to
 
 # ----------------------------------------------------------------------------- checks
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    a, b = out.detach().double(), ref.detach().double()
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den else (a - b).norm().item()
-
-
 def sample_tokens(tokens: int) -> torch.Tensor:
     """Up to CHECK_TOKENS token indices spread over [0, T), the first and last included."""
     if tokens <= CHECK_TOKENS:
@@ -434,11 +428,11 @@ def reference_errors(outs: tuple, inp: MoEInputs, ref: str) -> dict[str, float]:
         for e in torch.unique(ids_s).tolist():
             r, j = torch.where(ids_s == e)
             y = y.index_add(0, r, tws[r, j, None] * _ref_mlp(xs[r], *_ref_weights(inp, e, ref), ref))
-        errs["y"] = _rel_err(outs[0][rows], y)
+        errs["y"] = rel_err(outs[0][rows], y)
         if backward:
             dx, dtw = torch.autograd.grad(y, (xs, tws), inp.dy[rows].float())
-            errs["dx"] = _rel_err(outs[1][rows], dx)
-            errs["d_topk_weights"] = _rel_err(outs[2][rows], dtw)
+            errs["dx"] = rel_err(outs[1][rows], dx)
+            errs["d_topk_weights"] = rel_err(outs[2][rows], dtw)
             # dw of the sampled experts, over all their pairs.
             picks, empty = check_experts(ids, inp.w_gate_up.shape[0])
             for e in picks:
@@ -446,8 +440,8 @@ def reference_errors(outs: tuple, inp: MoEInputs, ref: str) -> dict[str, float]:
                 w1, w2 = (w.requires_grad_() for w in _ref_weights(inp, e, ref))
                 ye = tw[tok, slot, None].float() * _ref_mlp(x[tok].float(), w1, w2, ref)
                 d1, d2 = torch.autograd.grad(ye, (w1, w2), inp.dy[tok].float())
-                errs["dw_gate_up"] = max(errs.get("dw_gate_up", 0.0), _rel_err(outs[3][e], d1))
-                errs["dw_down"] = max(errs.get("dw_down", 0.0), _rel_err(outs[4][e], d2))
+                errs["dw_gate_up"] = max(errs.get("dw_gate_up", 0.0), rel_err(outs[3][e], d1))
+                errs["dw_down"] = max(errs.get("dw_down", 0.0), rel_err(outs[4][e], d2))
             if empty is not None and (outs[3][empty].any() or outs[4][empty].any()):
                 errs["dw_untouched"] = 1.0  # a gradient for an expert that saw no pair
     return errs
@@ -529,14 +523,8 @@ def cases(device: str, quick: bool, tokens: list[int] | None = None) -> list[Cas
 
 # ----------------------------------------------------------------------------- notes
 
-def _target(label: str, values: list[tuple[dict, float]], target: float, fmt: str, at_most: bool = False) -> list[str]:
-    """One line: how many cases meet the target (>=, or <= with at_most), and the worst."""
-    if not values:
-        return []
-    met = sum(1 for _, v in values if (v <= target if at_most else v >= target))
-    worst, v = (max if at_most else min)(values, key=lambda p: p[1])
-    return [f"{BENCH} {label}: target {'<=' if at_most else '>='} {target:{fmt}}: met in {met} of {len(values)}; "
-            f"worst {worst['group']} T={worst['x']}: {v:{fmt}}"]
+# One note line per target: harness.target_line with this benchmark's name and swept size.
+_target = functools.partial(target_line, BENCH, x_name="T")
 
 
 def decode_floor(r: dict) -> tuple[float, float | None]:

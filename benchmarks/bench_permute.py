@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import moekernels
-from benchmarks.harness import Case
+from benchmarks.harness import Case, library_backends
 from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, balanced_ids, token_sweep
 
 TOKENS_FULL = [1, 16, 128, 1024, 4096, 16384, 65536]
@@ -148,9 +148,7 @@ def _unpermute_inputs(shape: MoEShape, tokens: int, device: str):
 
 def cases(device: str, quick: bool, tokens: list[int] | None = None) -> list[Case]:
     tokens = token_sweep(device, quick, tokens, TOKENS_FULL, TOKENS_QUICK, TOKENS_CPU)
-    backends = ["torch"]
-    if device == "cuda":
-        backends += ["triton"] + (["cuda"] if moekernels.HAS_CUDA_EXT else [])
+    backends = library_backends(device)
     shapes = [MIXTRAL_8X7B, QWEN3_30B_A3B, DEEPSEEK_V3]
     itemsize = DTYPE.itemsize
 

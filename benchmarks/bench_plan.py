@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import moekernels
-from benchmarks.harness import Case
+from benchmarks.harness import Case, library_backends
 from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, balanced_ids, token_sweep
 from moekernels.reference import padded_rows_bound
 
@@ -104,9 +104,7 @@ def _inputs(shape: MoEShape, tokens: int, device: str):
 
 def cases(device: str, quick: bool, tokens: list[int] | None = None) -> list[Case]:
     tokens = token_sweep(device, quick, tokens, TOKENS_FULL, TOKENS_QUICK, TOKENS_CPU)
-    backends = ["torch"]
-    if device == "cuda":
-        backends += ["triton"] + (["cuda"] if moekernels.HAS_CUDA_EXT else [])
+    backends = library_backends(device)
 
     setups = [(MIXTRAL_8X7B, None), (QWEN3_30B_A3B, None), (DEEPSEEK_V3, None), (DEEPSEEK_V3, PADDED_BLOCK)]
     out = []

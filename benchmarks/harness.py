@@ -453,6 +453,35 @@ def markdown_table(rows: list[dict[str, str]], x_name: str = "T") -> str:
     return "\n".join(out)
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (the absolute norm when ref is zero): the benchmarks' check."""
+    a, b = out.detach().double(), ref.detach().double()
+    den = b.norm().item()
+    return (a - b).norm().item() / den if den else (a - b).norm().item()
+
+
+def target_line(bench: str, label: str, values: list[tuple[dict, float]], target: float, fmt: str, *, x_name: str,
+                at_most: bool = False) -> list[str]:
+    """A benchmark's note on one target: how many cases meet it (>=, or <= with at_most), and the
+    worst; ``values`` are (record, value) pairs, ``x_name`` names the records' swept size."""
+    if not values:
+        return []
+    met = sum(1 for _, v in values if (v <= target if at_most else v >= target))
+    worst, v = (max if at_most else min)(values, key=lambda p: p[1])
+    return [f"{bench} {label}: target {'<=' if at_most else '>='} {target:{fmt}}: met in {met} of {len(values)}; "
+            f"worst {worst['group']} {x_name}={worst['x']}: {v:{fmt}}"]
+
+
+def library_backends(device: str) -> list[str]:
+    """The library backends a benchmark times: the torch reference, and on a GPU triton, plus cuda
+    where moekernels._C is built."""
+    import moekernels
+
+    if device != "cuda":
+        return ["torch"]
+    return ["torch", "triton"] + (["cuda"] if moekernels.HAS_CUDA_EXT else [])
+
+
 def _by_bench(records: list[dict]) -> dict[str, list[dict]]:
     benches: dict[str, list[dict]] = {}
     for r in records:
