@@ -128,14 +128,8 @@ def problems(quick: bool, variants: tuple[str, ...]) -> list[Problem]:
 
 
 def smem_bytes(variant: str, cfg: GemmConfig, itemsize: int) -> int:
-    """The operand tiles in flight: num_stages x (A tile + B tile), as configs.programs_per_sm
-    counts them. dw's tiles are [BM, BK] of x and [BM, BN] of dy; gated loads two [BK, BN] weight
-    tiles (gate and up) a step."""
-    if variant == "dw":
-        per_stage = cfg.BLOCK_M * (cfg.BLOCK_K + cfg.BLOCK_N)
-    else:
-        per_stage = cfg.BLOCK_M * cfg.BLOCK_K + (2 if variant == "gated" else 1) * cfg.BLOCK_K * cfg.BLOCK_N
-    return cfg.num_stages * per_stage * itemsize
+    """The operand tiles in flight: num_stages x configs.stage_bytes (A tile + B tile(s))."""
+    return cfg.num_stages * configs.stage_bytes(cfg, itemsize, variant)
 
 
 def valid(variant: str, cfg: GemmConfig, itemsize: int) -> bool:

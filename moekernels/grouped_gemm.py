@@ -114,8 +114,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
     scale_mode, a_scale, b_scale = scales if scales is not None else (0, out, out.view(1, 1, -1))
-    b_tiles = 2 if act else 1
-    per_sm = configs.programs_per_sm(cfg, x.element_size(), b_tiles, b_tiles * (2 if scale_mode == 3 else 1))
+    accumulators = (2 if act else 1) * (2 if scale_mode == 3 else 1)
+    per_sm = configs.programs_per_sm(cfg, x.element_size(), "gated" if act else "plain", accumulators)
     dummy = offs
     if scale_mode == 3:
         assert cfg.BLOCK_K == 128 and 128 % cfg.BLOCK_N == 0, f"block-scaled fp8 needs 128-wide K steps: {cfg}"

@@ -3,7 +3,7 @@ product and the original bf16 one (DeepGEMM's calc_diff)."""
 
 import pytest
 import torch
-from conftest import _NEEDS_EXT, cpu_backends, device_backends, rel_err
+from conftest import cpu_backends, device_backends, gpu_backends, rel_err
 from test_grouped_gemm import make_offs
 from test_plan import make_ids
 
@@ -326,7 +326,7 @@ def test_gpu_quantize_cuda_graph():
 @pytest.mark.parametrize("pow2", [False, True], ids=["scale", "pow2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("hidden", [7168, 4098, 130, 100])  # 4098 and 130: no 4-column vectors; 100: one group
-@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=_NEEDS_EXT)])
+@pytest.mark.parametrize("backend", gpu_backends()[1:])  # cuda, where the extension is built
 def test_gpu_cuda_quantize_matches_triton_bit_for_bit(backend, hidden, dtype, pow2):
     """csrc/quantize.cu against the Triton kernel and the reference: the same q and scale bits,
     alone and fused with the permute."""

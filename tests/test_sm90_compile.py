@@ -79,12 +79,7 @@ def test_grouped_gemm_pipelines_its_k_loop(name):
     unaligned fallback: cp.async needs aligned 4-16 byte chunks, so its loads are plain."""
     variant, per_expert, n, k, dtype, _ = grouped_gemm.SM90_GEMMS[name.split("/")[1]]
     cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, dtype)
-    cfg_variant = "dw" if variant.startswith("dw") else variant
-    if cfg_variant == "dw":
-        stage = (cfg.BLOCK_M * cfg.BLOCK_K + cfg.BLOCK_M * cfg.BLOCK_N) * dtype.itemsize
-    else:
-        b_tiles = 2 if variant == "gated" else 1
-        stage = (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N) * dtype.itemsize
+    stage = configs.stage_bytes(cfg, dtype.itemsize, grouped_gemm.config_variant(variant))
     assert reports()[name]["shared"] >= 2 * stage, (reports()[name]["shared"], stage)
 
 

@@ -187,14 +187,24 @@ def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dty
 HOPPER_SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KB usable per block)
 
 
-def programs_per_sm(cfg: GemmConfig, itemsize: int, b_tiles: int = 1, accumulators: int = 1) -> int:
+def stage_bytes(cfg: GemmConfig, itemsize: int, variant: str = "plain") -> int:
+    """Shared memory of one pipeline stage: the operand tiles a K step loads. The forward kernel
+    loads an [BM, BK] row tile and a [BK, BN] weight tile (two, gate and up, when "gated"); the
+    weight-gradient kernel ("dw") a [BM, BK] tile of x and a [BM, BN] tile of dy."""
+    if variant == "dw":
+        return cfg.BLOCK_M * (cfg.BLOCK_K + cfg.BLOCK_N) * itemsize
+    b_tiles = 2 if variant == "gated" else 1
+    return (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N) * itemsize
+
+
+def programs_per_sm(cfg: GemmConfig, itemsize: int, variant: str = "plain", accumulators: int = 1) -> int:
     """Persistent programs per SM: two when two fit, so that one program's epilogue and tile lookup
     overlap the other's loads; else one. Two must fit in shared memory, and in the 64K registers
     at <= 128 a thread (8 warps): estimated as the float32 accumulators (BLOCK_M * BLOCK_N / threads
     each; two with the gated epilogue, two more with block-scaled fp8's per-step partial) plus
     ~60 for addresses and operands, which matches ptxas on sm_90a for the shipped configs (bf16
     128x128: 120; gated 128x64: 128; fp8 block-scaled 128x128: 204)."""
-    stage = (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N) * itemsize
+    stage = stage_bytes(cfg, itemsize, variant)
     registers = accumulators * cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) + 60
     fits = 2 * (cfg.num_stages * stage + 1024) <= HOPPER_SMEM_PER_SM and registers <= 128
     return 2 if fits else 1

@@ -41,14 +41,15 @@ from ._math import dot
 
 @triton.jit
 def _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M: tl.constexpr, num_n, BLOCK_E: tl.constexpr):
-    """Per expert (a [BLOCK_E] vector): segment start and end (clamped to [0, num_rows], so that
-    offs past M can never address memory), its tiles, and their inclusive running sum."""
+    """Per expert (a [BLOCK_E] vector): its index, segment end (clamped to [0, num_rows], so that
+    offs past M can never address memory), its tiles, and their inclusive running sum. A work
+    item reloads its expert's start and end: two scalar loads, not two more reductions."""
     e = tl.arange(0, BLOCK_E)
     ok = e < num_experts
     ends = tl.minimum(tl.maximum(tl.load(offs_ptr + e, mask=ok, other=0), 0), num_rows)
     starts = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=ok & (e > 0), other=0), 0), num_rows)
     tiles = tl.where(ok, tl.cdiv(tl.maximum(ends - starts, 0), BLOCK_M) * num_n, 0)
-    return e, starts, ends, tiles, tl.cumsum(tiles, 0)
+    return e, ends, tiles, tl.cumsum(tiles, 0)
 
 
 @triton.jit
@@ -139,7 +140,7 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
     num_n = tl.cdiv(N, BLOCK_N)
     num_k_tiles = tl.cdiv(K, BLOCK_K)
     width_b = N * 2 if ACT != 0 else N
-    e_idx, starts, ends, tiles, cum = _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M, num_n, BLOCK_E)
+    e_idx, ends, tiles, cum = _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M, num_n, BLOCK_E)
     total = tl.sum(tiles, 0)
     last = tl.sum(tl.where(e_idx == num_experts - 1, ends, 0), 0)
     work = total + tl.cdiv(num_rows - last, BLOCK_M) * num_n
