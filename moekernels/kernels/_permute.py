@@ -16,6 +16,12 @@ lets the 16-byte vector loads and stores through when H is a multiple of 16 (Tri
 specialises integer arguments divisible by 16). ACC, the accumulator type, is float32, or
 float64 for float64 payloads (gradcheck runs on those).
 
+Slot j + 1's destination rows are loaded before slot j's rows move, so a row load never waits
+on the index load issued just before it: one DRAM round trip per slot, not two dependent ones
+(issue 13, item 6). Holding the block's whole [BLOCK_T, k] index tile instead cost 32 more
+registers a thread at k = 8 (unpermute bf16: 56 -> 133 registers, a third of the resident
+warps), for the same overlap; the one-ahead index costs BLOCK_T = 4 registers.
+
 A dropped pair (an id outside [0, E), see kernels/_plan.py) has a sorted row at or after
 ``num_valid = expert_offsets[E - 1]``; unpermute and its backward skip it.
 """
@@ -47,8 +53,10 @@ def scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, grad_w_ptr, offs
         h = h0 + tl.arange(0, BLOCK_H)
         m = t_ok[:, None] & (h < hidden)[None, :]
         x = tl.load(x_ptr + t64[:, None] * stride_x + h[None, :], mask=m)
+        dest_next = tl.load(dest_ptr + t64 * top_k, mask=t_ok, other=0)
         for j in range(top_k):
-            dest = tl.load(dest_ptr + t64 * top_k + j, mask=t_ok, other=0).to(tl.int64)
+            dest = dest_next.to(tl.int64)
+            dest_next = tl.load(dest_ptr + t64 * top_k + j + 1, mask=t_ok & (j + 1 < top_k), other=0)
             out = out_ptr + dest[:, None] * stride_out + h[None, :]
             if BACKWARD:
                 valid = (dest < num_valid)[:, None] & m
@@ -82,8 +90,10 @@ def combine_rows_kernel(y_ptr, dest_ptr, w_ptr, offsets_ptr, out_ptr,
         h = h0 + tl.arange(0, BLOCK_H)
         h_ok = (h < hidden)[None, :]
         acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=ACC)
+        dest_next = tl.load(dest_ptr + t64 * top_k, mask=t_ok, other=0)
         for j in range(top_k):
-            dest = tl.load(dest_ptr + t64 * top_k + j, mask=t_ok, other=0).to(tl.int64)
+            dest = dest_next.to(tl.int64)
+            dest_next = tl.load(dest_ptr + t64 * top_k + j + 1, mask=t_ok & (j + 1 < top_k), other=0)
             if WEIGHTED:
                 valid = t_ok & (dest < num_valid)
                 w = tl.load(w_ptr + t64 * top_k + j, mask=valid, other=0).to(ACC)
