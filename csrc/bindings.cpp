@@ -39,7 +39,7 @@ PYBIND11_MODULE(_C, m) {
         "grad_sorted[dest] = w * grad_y[t], grad_w = <grad_y[t], y[dest]> (csrc/permute.cu)");
   m.def("plan_routing", &moekernels::plan_routing,
         "Stable counting sort of the pairs by expert, and the block-padded layout (csrc/plan.cu); partial is a "
-        "[ceil(N / PLAN_CHUNK), E + 1] int32 workspace when N > PLAN_CHUNK");
+        "[ceil(N / PLAN_CHUNK) + 1, E + 1] int32 workspace when N > PLAN_CHUNK");
   m.def("quantize_fp8_1x128", &moekernels::quantize_fp8_1x128,
         "(1, 128) fp8 e4m3 quantization, fused with permute when dest is given (csrc/quantize.cu)");
   m.attr("PLAN_CHUNK") = moekernels::plan_chunk();

@@ -7,16 +7,21 @@
 // A block takes a chunk of kChunk pairs; each of its 8 warps a contiguous eighth, in order.
 // - One chunk (T*k <= 2048, every decode step): plan_scatter_kernel<SINGLE> alone: one launch.
 // - More: plan_count_kernel (each chunk's histogram, shared-memory atomics: counts are
-//   order-free), plan_scan_kernel (one block: per key, the exclusive prefix over chunks in
-//   place, the totals, the expert offsets), then plan_scatter_kernel.
+//   order-free), plan_scan_kernel (per key, the exclusive prefix over chunks in place and the
+//   key's total; a block per 32 keys, its 8 warps on an eighth of the chunks each), then
+//   plan_scatter_kernel, whose blocks each scan the E + 1 totals into the keys' first rows
+//   (block 0 writes the expert offsets).
+//   The scan was one block whose threads each walked every chunk for 4 keys: 4 x 256 dependent
+//   steps at 512K pairs (256 chunks), tens of us. Now a thread walks 2 x 256 / 8 = 64 steps for
+//   one key, in 33 blocks at E = 1024 (issue 13, item 7); the order and the bits are the same.
 // The scatter ranks a warp's 32 pairs with __match_any_sync (peers with the same key) and the
 // popcount of the lower peers, on top of per-warp cursors that start at the expert's start plus
 // the earlier chunks' and warps' pairs: the order is the pair order, and the result the same on
 // every run (no global atomics). An id outside [0, E) is key E, after every expert (dropped).
 //
 // Resources (ptxas -v, sm_90a; 256 threads a block, no local memory): count 23-25 registers and
-// 4.1 KB of shared memory; scan 32 and 4.1 KB; scatter 32, and dynamic shared memory of 8 (9
-// with SINGLE) rows of E + 1 cursors, 36.9 KB at E = 1024; pad 32 and 4.1 KB.
+// 4.1 KB of shared memory; scan 31 and 1 KB; scatter 32, and dynamic shared memory of 9 rows
+// of E + 1 ints (8 warps' cursors and the totals), 36.9 KB at E = 1024; pad 32 and 4.1 KB.
 #include "common.cuh"
 
 namespace moekernels {
@@ -80,30 +85,49 @@ __global__ void __launch_bounds__(kThreads) plan_count_kernel(const Id* __restri
   for (int e = threadIdx.x; e < keys; e += kThreads) row[e] = hist[e];
 }
 
-// partial[c][key] -> the pairs of key in chunks before c; counts, offsets (inclusive ends).
+// partial[c][key] -> the pairs of key in chunks before c, for c < num_chunks; partial[num_chunks]
+// [key] <- the key's total (the dropped pairs' too), and counts[e] for the experts. Lane l of a
+// block holds key 32 * blockIdx.x + l (a warp reads 128 contiguous bytes a chunk), and warp w
+// the w-th eighth of the chunks: each warp sums its chunks, the warps' sums are scanned in
+// shared memory, and each warp walks its chunks again writing the prefixes.
 __global__ void __launch_bounds__(kThreads) plan_scan_kernel(int32_t* __restrict__ partial,
-                                                             int32_t* __restrict__ counts,
-                                                             int32_t* __restrict__ offsets, int64_t num_chunks,
+                                                             int32_t* __restrict__ counts, int64_t num_chunks,
                                                              int num_experts) {
-  __shared__ int start[kKeys];
+  __shared__ int sums[kWarps][32];
   const int keys = num_experts + 1;
-  for (int e = threadIdx.x; e < keys; e += kThreads) {
-    int run = 0;
-    for (int64_t c = 0; c < num_chunks; ++c) {  // threads walk adjacent columns: coalesced
-      int32_t* p = partial + c * keys + e;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int key = blockIdx.x * 32 + lane;
+  const bool ok = key < keys;
+  const int64_t per = (num_chunks + kWarps - 1) / kWarps;
+  const int64_t c0 = min(num_chunks, warp * per), c1 = min(num_chunks, c0 + per);
+  int sum = 0;
+  if (ok) {
+    for (int64_t c = c0; c < c1; ++c) sum += partial[c * keys + key];
+  }
+  sums[warp][lane] = sum;
+  __syncthreads();
+  int run = 0, total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    const int v = sums[w][lane];
+    run += w < warp ? v : 0;
+    total += v;
+  }
+  if (ok) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int32_t* p = partial + c * keys + key;
       const int v = *p;
       *p = run;
       run += v;
     }
-    start[e] = run;
-    if (e < num_experts) counts[e] = run;
+    if (warp == kWarps - 1) {
+      partial[num_chunks * keys + key] = total;
+      if (key < num_experts) counts[key] = total;
+    }
   }
-  exclusive_scan(start, keys);
-  for (int e = threadIdx.x; e < num_experts; e += kThreads) offsets[e] = start[e + 1];
 }
 
-// SINGLE: the block holds every pair and counts them itself. Dynamic shared memory: kWarps (+1
-// with SINGLE) rows of E + 1 ints.
+// SINGLE: the block holds every pair and counts them itself. Dynamic shared memory: kWarps + 1
+// rows of E + 1 ints.
 template <typename Id, bool SINGLE>
 __global__ void __launch_bounds__(kThreads) plan_scatter_kernel(const Id* __restrict__ ids,
                                                                 const int32_t* __restrict__ partial,
@@ -111,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) plan_scatter_kernel(const Id* __rest
                                                                 int32_t* __restrict__ offsets,
                                                                 int32_t* __restrict__ source,
                                                                 int32_t* __restrict__ dest, int64_t num_pairs,
-                                                                int num_experts) {
+                                                                int64_t num_chunks, int num_experts) {
   extern __shared__ int smem[];
   const int keys = num_experts + 1;
   int* cursor = smem;  // [kWarps][keys]: the next row of each key for each warp
@@ -123,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) plan_scatter_kernel(const Id* __rest
     if (w0 + s < num_pairs) atomicAdd(&cursor[warp * keys + pair_key(ids, w0 + s, num_experts)], 1);
   }
   __syncthreads();
-  int* total = smem + kWarps * keys;  // SINGLE: [keys]
+  int* total = smem + kWarps * keys;  // [keys]: the counts, then the keys' first rows
   for (int e = threadIdx.x; e < keys; e += kThreads) {  // exclusive prefix over the warps
     int run = 0;
     for (int w = 0; w < kWarps; ++w) {
@@ -142,12 +166,15 @@ __global__ void __launch_bounds__(kThreads) plan_scatter_kernel(const Id* __rest
     for (int e = threadIdx.x; e < num_experts; e += kThreads) offsets[e] = total[e + 1];
     for (int i = threadIdx.x; i < kWarps * keys; i += kThreads) cursor[i] += total[i % keys];
   } else {
-    const int32_t* row = partial + static_cast<int64_t>(blockIdx.x) * keys;
-    const int valid = num_experts > 0 ? offsets[num_experts - 1] : 0;
-    for (int i = threadIdx.x; i < kWarps * keys; i += kThreads) {
-      const int e = i % keys;
-      cursor[i] += row[e] + (e < num_experts ? offsets[e] - counts[e] : valid);
+    // The keys' first rows, from the totals plan_scan_kernel left after the chunk rows: each block
+    // scans the E + 1 totals itself (33 values a lane at E = 1024) rather than wait on another launch.
+    for (int e = threadIdx.x; e < keys; e += kThreads) total[e] = partial[num_chunks * keys + e];
+    exclusive_scan(total, keys);
+    if (blockIdx.x == 0) {
+      for (int e = threadIdx.x; e < num_experts; e += kThreads) offsets[e] = total[e + 1];
     }
+    const int32_t* row = partial + static_cast<int64_t>(blockIdx.x) * keys;
+    for (int i = threadIdx.x; i < kWarps * keys; i += kThreads) cursor[i] += row[i % keys] + total[i % keys];
   }
   __syncthreads();
   for (int s = 0; s < kPerWarp; s += 32) {  // 32 pairs a step, in pair order
@@ -217,15 +244,15 @@ void launch_plan(uintptr_t ids, int64_t num_pairs, int num_experts, int block_si
   const int64_t chunks = (num_pairs + kChunk - 1) / kChunk;
   if (chunks == 1) {
     plan_scatter_kernel<Id, true><<<1, kThreads, (kWarps + 1) * keys * sizeof(int), stream>>>(
-        id, part, cnt, off, src, dst, num_pairs, num_experts);
+        id, part, cnt, off, src, dst, num_pairs, chunks, num_experts);
     check_launch("plan_scatter_kernel (single block)");
   } else {
     plan_count_kernel<Id><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(id, part, num_pairs, num_experts);
     check_launch("plan_count_kernel");
-    plan_scan_kernel<<<1, kThreads, 0, stream>>>(part, cnt, off, chunks, num_experts);
+    plan_scan_kernel<<<(keys + 31) / 32, kThreads, 0, stream>>>(part, cnt, chunks, num_experts);
     check_launch("plan_scan_kernel");
-    plan_scatter_kernel<Id, false><<<static_cast<unsigned>(chunks), kThreads, kWarps * keys * sizeof(int), stream>>>(
-        id, part, cnt, off, src, dst, num_pairs, num_experts);
+    plan_scatter_kernel<Id, false><<<static_cast<unsigned>(chunks), kThreads, (kWarps + 1) * keys * sizeof(int),
+                                     stream>>>(id, part, cnt, off, src, dst, num_pairs, chunks, num_experts);
     check_launch("plan_scatter_kernel");
   }
   if (block_size > 0 && num_blocks > 0) {

@@ -127,8 +127,9 @@ def _launch_cuda(ids, num_experts, block_size, out):
     counts, offsets, source, dest, padded, block_expert, num_padded = out
     num_pairs = ids.numel()
     chunks = triton.cdiv(num_pairs, _ext.C.PLAN_CHUNK)
-    # The per-chunk histograms of the multi-block path; one chunk (decode) needs none.
-    partial = torch.empty(chunks, num_experts + 1, dtype=torch.int32, device=ids.device) if chunks > 1 else counts
+    # The per-chunk histograms of the multi-block path and, in the last row, each key's total; one
+    # chunk (decode) needs none.
+    partial = torch.empty(chunks + 1, num_experts + 1, dtype=torch.int32, device=ids.device) if chunks > 1 else counts
     _ext.C.plan_routing(ids.data_ptr(), ids.element_size(), num_pairs, num_experts, block_size, partial.data_ptr(),
                         counts.data_ptr(), offsets.data_ptr(), source.data_ptr(), dest.data_ptr(),
                         padded.data_ptr(), block_expert.data_ptr(), num_padded.data_ptr(), block_expert.numel(),
