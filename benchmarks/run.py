@@ -32,6 +32,7 @@ BENCHMARKS = {
     "grouped_gemm": "benchmarks.bench_grouped_gemm",
     "fp8": "benchmarks.bench_fp8",
     "moe": "benchmarks.bench_moe",
+    "decode": "benchmarks.bench_decode",
     "distributed": "benchmarks.bench_distributed",
 }
 
