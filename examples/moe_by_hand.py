@@ -4,6 +4,8 @@
 
 The checks: the stages agree with ``moekernels.fused_moe`` (which fuses them) and with a plain PyTorch loop over the
 experts. Runs as it is on a CPU (the pure-PyTorch reference of every op) and on a CUDA GPU (the kernels).
+``TRITON_INTERPRET=1 MOEKERNELS_BACKEND=triton python examples/moe_by_hand.py`` runs the Triton kernels on the CPU,
+in Triton's interpreter.
 """
 
 import torch
