@@ -8,6 +8,7 @@ one does, and the error falls well below the target's own variance (what predict
 Runs as it is on a CPU and on a CUDA GPU.
 """
 
+import sys
 import time
 
 import torch
@@ -38,8 +39,9 @@ def loss_fn(x, target):
 # On the GPU, inductor. On the CPU, aot_eager: the same tracing (dynamo, the custom ops' fakes, AOTAutograd's
 # backward graph) without generated code, because inductor builds C++ there (it needs gcc or clang): measured on 2
 # busy cores, 30-60 s for this step's forward and backward against aot_eager's 5 s, to run the same custom ops.
-# Pass backend="inductor" to see it.
-compiled_loss = torch.compile(loss_fn, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
+# `python examples/train_moe.py inductor` takes inductor anyway.
+backend = sys.argv[1] if len(sys.argv) > 1 else "inductor" if device == "cuda" else "aot_eager"
+compiled_loss = torch.compile(loss_fn, fullgraph=True, backend=backend)
 
 # The compiled step against the eager one (the first call compiles: timed).
 start = time.perf_counter()
@@ -47,7 +49,7 @@ got = compiled_loss(x, target)
 compile_s = time.perf_counter() - start
 want = loss_fn(x, target)
 diff = max(abs(a.item() - b.item()) / abs(b.item()) for a, b in zip(got, want))
-print(f"first compiled call (compiles) {compile_s:.1f} s; compiled vs eager, the loss and each term: "
+print(f"first compiled call ({backend}, compiles) {compile_s:.1f} s; compiled vs eager, the loss and each term: "
       f"max relative difference {diff:.1e}")
 assert diff < 1e-4, diff
 
