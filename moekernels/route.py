@@ -20,19 +20,14 @@ CUDA_MAX_GROUPS = 32
 CUDA_MAX_EXPERTS = 1024
 
 
-def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor):
-    _checks.tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
-    num_experts = logits.shape[1]
-    if num_experts < 1:
-        raise ValueError(f"logits must have at least one expert column, got shape {tuple(logits.shape)}")
+def check_arguments(num_experts, top_k, scoring, renormalize, has_bias, n_group, topk_group,
+                    routed_scaling_factor) -> None:
+    """Validate the routing arguments other than the tensors: shared by :func:`topk_routing`
+    and ``MoE.__init__``, so that a layer with impossible groups fails when it is built."""
     _checks.integer("top_k", top_k, low=1, high=num_experts)
     _checks.choice("scoring", scoring, SCORINGS)
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-    if bias is not None:
-        _checks.tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
-        if bias.shape[0] != num_experts:
-            raise ValueError(f"bias must have shape [E] = [{num_experts}], got {tuple(bias.shape)}")
     if (n_group is None) != (topk_group is None):
         raise ValueError(f"n_group and topk_group go together; got n_group={n_group}, topk_group={topk_group}")
     if n_group is not None:
@@ -46,7 +41,7 @@ def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, route
                 f"top_k={top_k} exceeds the experts in the eligible groups: "
                 f"topk_group * E / n_group = {topk_group} * {group_size} = {topk_group * group_size}"
             )
-        if bias is not None and group_size < 2 and n_group > 1:
+        if has_bias and group_size < 2 and n_group > 1:
             raise ValueError(
                 f"with a bias a group scores its two best experts, so E / n_group must be >= 2; "
                 f"got n_group={n_group} for E={num_experts}"
@@ -55,6 +50,19 @@ def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, route
         raise TypeError(f"routed_scaling_factor must be a float, got {type(routed_scaling_factor).__name__}")
     if not -math.inf < routed_scaling_factor < math.inf:  # math.isfinite is opaque to dynamo
         raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor}")
+
+
+def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor):
+    _checks.tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    num_experts = logits.shape[1]
+    if num_experts < 1:
+        raise ValueError(f"logits must have at least one expert column, got shape {tuple(logits.shape)}")
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
+        if bias.shape[0] != num_experts:
+            raise ValueError(f"bias must have shape [E] = [{num_experts}], got {tuple(bias.shape)}")
+    check_arguments(num_experts, top_k, scoring, renormalize, bias is not None, n_group, topk_group,
+                    routed_scaling_factor)
 
 
 def _cuda_reason(num_experts: int, n_group: int) -> str | None:
