@@ -162,7 +162,7 @@ def _backward(ctx, grad_weights, _grad_ids):
     """d topk_weights / d logits. The choice (bias, groups, top-k) is piecewise constant and
     carries no gradient; the weights are scores gathered at the ids, renormalised, scaled."""
     logits, ids = ctx.saved_tensors
-    x = logits.float()
+    x = reference.sanitize_logits(logits.float())  # the logits the forward scored
     scores = torch.softmax(x, dim=-1) if ctx.scoring == "softmax" else torch.sigmoid(x)
     ids = ids.long()
     g = grad_weights.float() * ctx.scale
@@ -175,6 +175,9 @@ def _backward(ctx, grad_weights, _grad_ids):
         grad_x = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
     else:
         grad_x = grad_scores * scores * (1.0 - scores)
+    # A NaN or -inf logit scores 0 whatever its value: no gradient (not the 0 * NaN of a row
+    # with no softmax). +inf, read as FLT_MAX, gets the exact derivative there (0 in sigmoid).
+    grad_x = grad_x.masked_fill(x == float("-inf"), 0.0)
     return grad_x.to(logits.dtype), None, None, None, None, None, None, None, None
 
 
@@ -213,6 +216,13 @@ def topk_routing(
         ``topk_weights`` float32 [T, top_k], differentiable with respect to ``logits``, and
         ``topk_ids`` int32 [T, top_k], in descending order of choice, ties to the lower id.
         Ids are bit-identical across backends (see ``moekernels.reference``).
+
+    Non-finite logits, the same on every backend: NaN counts as -inf (never chosen over a
+    larger logit, ties with -inf to the lower id, weight 0, gradient 0) and +inf as the largest
+    float32 (softmax gives the +inf experts the whole weight, equally; sigmoid gives them 1).
+    Weights are NaN only in a softmax row with no logit above -inf (all NaN / -inf: 0 / 0);
+    such a row takes the lowest eligible ids, and in sigmoid weighs 0 (the bias, if any,
+    chooses). A row with a logit above -inf gets finite weights and a finite gradient.
     """
     _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor)
     return _topk_routing_op(
