@@ -251,7 +251,6 @@ class MoE(nn.Module):
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
         _checks.integer("num_experts", num_experts, low=1)
-        _checks.integer("top_k", top_k, low=1, high=num_experts)
         _checks.integer("num_shared_experts", num_shared_experts, low=0)
         _checks.choice("activation", activation, ("silu", "gelu"))
         # Every routing argument now, not at the first forward (the same checks as topk_routing).
@@ -317,7 +316,9 @@ class MoE(nn.Module):
                 f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
                 f"scoring={self.scoring!r}, {groups}renormalize={self.renormalize}, "
                 f"routed_scaling_factor={self.routed_scaling_factor}, num_shared_experts={self.num_shared_experts}, "
-                f"correction_bias={self.e_score_correction_bias is not None}")
+                f"correction_bias={self.e_score_correction_bias is not None}"
+                + (f", local experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1}"
+                   if self.group is not None else ""))
 
     def _check_input(self, x) -> None:
         """Name the input as the cause: fused_moe's own checks would blame the layer's weights."""
