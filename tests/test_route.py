@@ -260,6 +260,9 @@ NONFINITE_MODES = {
     "softmax_bias_groups": (64, 4, dict(bias=True, n_group=8, topk_group=3)),
     "sigmoid": (64, 4, dict(scoring="sigmoid", renormalize=True)),
     "sigmoid_bias_groups": (64, 6, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4, renormalize=True)),
+    # top_k past the kernels' register tiles (32): picks stored one by one, renormalised from memory
+    "softmax_k40_stored": (64, 40, dict(renormalize=True, routed_scaling_factor=2.0)),
+    "sigmoid_bias_k40_stored": (64, 40, dict(scoring="sigmoid", bias=True)),
 }
 ALL_NONFINITE_ROWS = (8, 9, 10)  # no logit above -inf
 
