@@ -152,14 +152,15 @@ def _ptxas_info(ptx: str, fmad: bool = True) -> dict:
     }
 
 
-def _cubin_info(cubin: bytes) -> tuple[dict, str]:
-    """Registers and static shared memory of the cubin Triton built, and its SASS."""
+def _cubin_info(cubin: bytes, sass: bool = True) -> tuple[dict, str]:
+    """Registers and static shared memory of the cubin Triton built, and its SASS if ``sass`` (a
+    second of nvdisasm each: only the matrix kernels' K loops are read from it)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         usage = _run([_nvidia_bin("cuobjdump"), "-res-usage", path])
-        sass = _run([_nvidia_bin("nvdisasm"), "-c", path])
+        sass = _run([_nvidia_bin("nvdisasm"), "-c", path]) if sass else ""
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
     if m is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no REG/SHARED:\n{usage}")
@@ -196,6 +197,8 @@ def _natural_loops(insts: list[str], succ: list[list[int]]) -> list[set[int]]:
     (every path from the entry to u passes h); its loop is h with every instruction that reaches u
     without passing h. Loops that share a header are one loop. Returned as sets of indices."""
     n = len(insts)
+    if n == 0:
+        return []
     order, seen, stack = [], [False] * n, [(0, 0)]
     seen[0] = True
     while stack:  # iterative DFS postorder
@@ -413,7 +416,7 @@ def compile_variant(v: Variant) -> Report:
     src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=v.options)
     ptx = kernel.asm["ptx"]
-    cubin, sass = _cubin_info(kernel.asm["cubin"])
+    cubin, sass = _cubin_info(kernel.asm["cubin"], sass=v.matrix)
     info = _ptxas_info(ptx, fmad=v.options.get("enable_fp_fusion", True))
     threads = kernel.metadata.num_warps * 32
     per_sm, limit = occupancy(cubin["registers"], threads, kernel.metadata.shared + cubin["shared_static"],
