@@ -26,6 +26,8 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
+from .configs import HOPPER_SMEM_PER_SM as SM90_SMEM  # shared memory per SM (the largest carveout)
+
 HOPPER_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block can opt into on sm_90
 # Triton's pointer type of each torch dtype a shipped kernel takes (names, so torch stays unimported).
 TRITON_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float8_e4m3fn": "*fp8e4nv"}
@@ -37,7 +39,6 @@ SM90_SUB_PARTITIONS = 4  # a warp's registers come from one sub-partition
 SM90_REG_GRANULE = 256  # registers are allocated per warp, rounded up to 256 (8 a thread)
 SM90_MAX_WARPS = 64  # 2048 threads per SM
 SM90_MAX_BLOCKS = 32
-SM90_SMEM = 228 * 1024  # shared memory per SM (the largest carveout)
 SM90_SMEM_RESERVED = 1024  # the driver reserves 1 KB of it per block (reservedSharedMemPerBlock)
 SM90_SMEM_GRANULE = 128
 SM90_BARRIERS = 64  # named barriers per SM: 2 x the 32 blocks
