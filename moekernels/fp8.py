@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _backend, _checks, configs, reference
+from . import _backend, _checks, _sm90_registry, configs, reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -218,6 +218,7 @@ SM90_FP8_GEMMS = {
 }
 
 
+@_sm90_registry.register
 def sm90_variants():
     from . import _sm90, grouped_gemm
     from .kernels._fp8 import quantize_fp8_kernel as fn
@@ -236,7 +237,8 @@ def sm90_variants():
             sig = _sm90.signature(fn, cx, x_ptr=_sm90.ptr(dtype), idx_ptr="*i32", q_ptr=_sm90.ptr(FP8),
                                   scale_ptr="*fp32", amax_ptr="*fp32")
             out.append(_sm90.Variant(f"quantize_fp8/{name}" + (f"_pass{mode}" if cfg.two_pass else ""), fn, sig, cx,
-                                     dict(num_warps=cfg.num_warps), aligned=("x_ptr", "q_ptr", "C", "stride_xr")))
+                                     dict(num_warps=cfg.num_warps), aligned=("x_ptr", "q_ptr", "C", "stride_xr"),
+                                     rows=True))
     return out
 
 

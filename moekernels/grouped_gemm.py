@@ -31,7 +31,7 @@ import functools
 import torch
 import triton
 
-from . import _backend, _checks, configs, reference
+from . import _backend, _checks, _sm90_registry, configs, reference
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = {"": 0, "silu": 1, "gelu": 2}
@@ -114,23 +114,41 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
     scale_mode, a_scale, b_scale = scales if scales is not None else (0, out, out.view(1, 1, -1))
-    accumulators = (2 if act else 1) * (2 if scale_mode == 3 else 1)
-    per_sm = configs.programs_per_sm(cfg, x.element_size(), "gated" if act else "plain", accumulators)
+    cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
+                           scatter=c_index is not None, act=act, scale=scale_mode,
+                           block_e=triton.next_power_of_2(num_experts))
+    per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
         assert cfg.BLOCK_K == 128 and 128 % cfg.BLOCK_N == 0, f"block-scaled fp8 needs 128-wide K steps: {cfg}"
     with _backend.device_guard(x):
-        grouped_mm_kernel[(min(num_programs(x.device) * (per_sm if x.is_cuda else 1), bound),)](
+        grouped_mm_kernel[(min(num_programs(x.device) * per_sm, bound),)](
             a, a_index if a_index is not None else dummy, b, out, c_index if c_index is not None else dummy,
             c_scale if c_scale is not None else out, offs, a_scale, b_scale,
             rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
             a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(),
-            A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=a_index is not None, SCATTER=c_index is not None,
-            ACT=act, SWAP_AB=cfg.SWAP_AB, SCALE=scale_mode, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-            BLOCK_K=cfg.BLOCK_K,
-            BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **cx, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+
+def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale, block_e) -> dict:
+    """grouped_mm_kernel's constexprs of one launch (the launcher and the sm_90 variants share it)."""
+    return dict(A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=gather, SCATTER=scatter, ACT=act,
+                SWAP_AB=cfg.SWAP_AB, SCALE=scale, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)
+
+
+def programs_per_sm(cfg, cx: dict, dtype, out_dtype) -> int:
+    """Persistent programs per SM of a grouped_mm_kernel launch: what its sm_90a compile allows
+    (configs/sm90_resources.json, registers and shared memory read from ptxas's cubin), so that the
+    grid never holds a second wave it assumed resident; the estimate for a config the table lacks
+    (a tuned table's config not among the shipped ones)."""
+    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype, cx, cfg.num_warps, cfg.num_stages)
+    per_sm = configs.sm90_programs_per_sm(key)
+    if per_sm is not None:
+        return per_sm
+    accumulators = (2 if cx["ACT"] else 1) * (2 if cx["SCALE"] == 3 else 1)
+    return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators)
 
 
 def _launch_dw(a, grad, offs, out, *, a_index=None, gather_div=1):
@@ -426,6 +444,8 @@ SM90_GEMMS = {
     "plain_prefill_bf16_kmajor": ("plain", 512, 1536, 2048, torch.bfloat16, True),
     "plain_prefill_fp16": ("plain", 512, 28672, 4096, torch.float16, False),
     "plain_prefill_fp32": ("plain", 512, 3072, 4096, torch.float32, True),
+    # fp32 on a contiguous [E, K, N] weight (N inner): tf32 wgmma reads B only K-major.
+    "plain_prefill_fp32_ekn": ("plain", 512, 3072, 4096, torch.float32, False),
     "gather_prefill_bf16_kmajor": ("gather", 512, 1536, 2048, torch.bfloat16, True),
     # Rows or weight strides not 16-byte aligned (K or N odd): pointer loads on both operands.
     "unaligned_prefill_bf16_kmajor": ("unaligned", 512, 1536, 2048, torch.bfloat16, True),
@@ -453,9 +473,11 @@ def _dw_variant(name, cfg, dtype, gather):
     cx = dict(GATHER=gather, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M,
               stride_cn=1)
     sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32", offs_ptr="*i32")
+    # The contract: x's rows by 16-byte cp.async when gathered, else both tiles by TMA.
     return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
                          aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce",
-                                  "stride_ck"))
+                                  "stride_ck"),
+                         loads={"x": "cp.async" if gather else "tma", "dy": "tma"})
 
 
 def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None):
@@ -467,9 +489,14 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     parts = variant.split("+")
     gather, unaligned = "gather" in parts, "unaligned" in parts
     pointers = gather or unaligned
-    cx = dict(A_TMA=not pointers, B_TMA=not unaligned, B_KMAJOR=kmajor, GATHER=gather,
-              SCATTER="scatter" in parts, ACT=1 if "gated" in parts else 0, SWAP_AB=cfg.SWAP_AB, SCALE=scale,
-              BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=128, GROUP_M=cfg.GROUP_M)
+    cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
+                           scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128)
+    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, cfg.num_stages)
+    # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
+    # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.
+    b_path = "pointer" if unaligned else "tma"
+    loads = {"a": "cp.async" if gather else ("pointer" if unaligned else "tma"),
+             **({"w_gate": b_path, "w_up": b_path} if cx["ACT"] else {"w": b_path})}
     if unaligned:  # the weight's unit stride, which Triton specialises as the constant 1
         cx["stride_bk" if kmajor else "stride_bn"] = 1
     ptr = _sm90.ptr(dtype)
@@ -483,7 +510,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
     # pipelining of the pointer loads depends on it.
     return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
-                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()))
+                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()),
+                         loads=loads, launch_key=key)
 
 
 def sm90_config(variant, per_expert, n, k, dtype):
@@ -497,6 +525,7 @@ def config_variant(variant: str) -> str:
     return next((v for v in ("dw", "gated", "scatter", "unaligned") if any(p.startswith(v) for p in parts)), "plain")
 
 
+@_sm90_registry.register
 def sm90_variants():
     out = []
     for name, (variant, per_expert, n, k, dtype, kmajor) in SM90_GEMMS.items():

@@ -11,7 +11,7 @@ import math
 import torch
 import triton
 
-from . import _backend, _checks, _ext, configs, reference
+from . import _backend, _checks, _ext, _sm90_registry, configs, reference
 
 SCORINGS = ("softmax", "sigmoid")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -405,6 +405,7 @@ SM90_LOSSES = {"mixtral_e8": (8, torch.bfloat16), "qwen3_e128": (128, torch.floa
                "deepseek_v3_e256": (256, torch.float32), "e1024": (1024, torch.bfloat16)}
 
 
+@_sm90_registry.register
 def sm90_variants():
     from ._sm90 import Variant, ptr, signature
     from .kernels._route import router_loss_kernel, topk_routing_kernel
