@@ -276,6 +276,64 @@ def test_module_router_dtype():
     assert layer(x).dtype == torch.bfloat16
 
 
+def test_module_deepseek_v3_balancing():
+    """seq_aux_loss over the [B, S] sequences (top-k of the unbiased, ungrouped scores), the loads
+    counted over training forwards only, and update_bias applying them at the end of a step."""
+    layer = moekernels.MoE(32, 16, 8, 2, scoring="sigmoid", n_group=4, topk_group=2, correction_bias=True,
+                           bias_update_rate=0.01)
+    with torch.no_grad():
+        layer.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    bias0 = layer.e_score_correction_bias.clone()
+    assert layer.expert_load.dtype == torch.int64 and "expert_load" not in layer.state_dict()
+    x, x_single = torch.randn(3, 7, 32), torch.randn(1, 32)
+    want_load = torch.zeros(8, dtype=torch.int64)
+    for inp in (x, x_single):  # B = 3 sequences of 7, then one sequence of a single token
+        layer(inp)
+        x2 = inp.reshape(-1, 32)
+        logits = x2 @ layer.gate.weight.T
+        seq_len = inp.shape[-2] if inp.dim() > 2 else x2.shape[0]
+        want = reference.sequence_balance_loss(logits.double(), logits.topk(2).indices, 8, seq_len, "sigmoid")
+        assert rel_err(layer.seq_aux_loss, want) <= 1e-5
+        _, ids = reference.topk_routing(logits, 2, scoring="sigmoid", renormalize=True,
+                                        bias=layer.e_score_correction_bias, n_group=4, topk_group=2)
+        want_load += torch.bincount(ids.reshape(-1).long(), minlength=8)
+    assert torch.equal(layer.expert_load, want_load)
+    layer.eval()
+    layer(x)  # inference: no loads counted
+    assert torch.equal(layer.expert_load, want_load)
+    layer.update_bias()
+    assert torch.equal(layer.e_score_correction_bias, reference.update_correction_bias(bias0, want_load, 0.01))
+    assert not layer.expert_load.any()
+    plain = moekernels.MoE(32, 16, 8, 2)
+    plain(x)  # no bias, no groups: the routed ids themselves; a softmax router
+    logits = x.reshape(-1, 32) @ plain.gate.weight.T
+    _, ids = reference.topk_routing(logits, 2, renormalize=True)
+    assert rel_err(plain.seq_aux_loss, reference.sequence_balance_loss(logits.double(), ids, 8, 7)) <= 1e-5
+    assert plain.expert_load is None
+    with pytest.raises(ValueError, match="correction_bias"):
+        plain.update_bias()
+
+
+def test_module_balancing_compiles():
+    """A training forward with the load count and the bias update traces under fullgraph."""
+    layer = moekernels.MoE(16, 8, 4, 2, scoring="sigmoid", correction_bias=True)
+
+    def step(inp):
+        y = layer(inp)
+        loss = y.square().mean() + 1e-4 * layer.seq_aux_loss
+        layer.update_bias()
+        return loss
+
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    bias0 = layer.e_score_correction_bias.clone()
+    ids = layer.route(x.reshape(-1, 16))[2]  # the ids of the step, before its bias update
+    compiled(x).backward()
+    want = reference.update_correction_bias(bias0, reference.pair_counts(ids, 4, torch.int64), 1e-3)
+    assert torch.equal(layer.e_score_correction_bias, want) and not layer.expert_load.any()
+    assert layer.gate.weight.grad is not None
+
+
 def test_module_bad_arguments():
     with pytest.raises(ValueError, match="top_k"):
         moekernels.MoE(16, 8, 4, 5)
