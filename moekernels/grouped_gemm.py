@@ -31,7 +31,7 @@ import functools
 import torch
 import triton
 
-from . import _backend, _checks, configs, reference
+from . import _autocast, _backend, _checks, configs, reference
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = {"": 0, "silu": 1, "gelu": 2}
@@ -223,6 +223,8 @@ def _grouped_mm_backward(ctx, grad):
 
 
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+_autocast.register("grouped_mm", (0, 1))
+_autocast.register("grouped_mm_dw", (0, 1))
 
 
 # ----------------------------------------------------------------------------- fused variants
@@ -320,6 +322,7 @@ def _fused_backward(ctx, grad):
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+_autocast.register("grouped_mm_fused", (0, 1))  # not scatter_weights: router weights stay float32
 
 
 # ----------------------------------------------------------------------------- public
@@ -349,7 +352,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend:
     Returns:
         [M, N] in x's dtype, accumulated in float32; rows at or after ``offs[-1]`` are zero.
         Differentiable with respect to x and w (``torch._grouped_mm``'s 2D x 3D semantics).
+        Under ``torch.autocast`` x and w are cast to its dtype (see moekernels/_autocast.py).
     """
+    x, w = _autocast.cast(x, w)
     _check(x, w, offs)
     return _grouped_mm_op(x, w, offs, backend or "")
 
@@ -380,6 +385,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
     Differentiable with respect to x, w and scatter_weights (not in fp8).
     """
     activation = activation or ""
+    x, w = _autocast.cast(x, w)
     _checks.choice("activation", activation, tuple(ACTIVATIONS))
     scaled = a_scale is not None or b_scale is not None
     _check(x, w, offs, (torch.float8_e4m3fn,) if scaled else DTYPES)

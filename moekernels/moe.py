@@ -30,7 +30,7 @@ import math
 import torch
 from torch import nn
 
-from . import _checks, reference
+from . import _autocast, _checks, reference
 from .fp8 import FP8, _quantize_op
 from .grouped_gemm import ACTIVATIONS, _fused_op, _grouped_mm_dw_op, _grouped_mm_op
 from .permute import _permute_backward_op
@@ -121,6 +121,7 @@ def _backward(ctx, grad_y):
 
 
 _fused_moe_op.register_autograd(_backward, setup_context=_setup)
+_autocast.register("fused_moe", (0, 1, 2))  # not topk_weights: router weights stay float32
 
 
 def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2):
@@ -184,8 +185,10 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
         [T, H] in hidden's dtype. Differentiable with respect to hidden, w_gate_up, w_down and
         topk_weights (not with fp8 weights). No host sync: it captures in CUDA graphs (decode
         steps of 1-64 tokens take the grouped GEMM's decode tiles) and traces under
-        ``torch.compile(fullgraph=True)``.
+        ``torch.compile(fullgraph=True)``. Under ``torch.autocast`` hidden and the (non-fp8)
+        weights are cast to its dtype and the result is in it; topk_weights stay as they are.
     """
+    hidden, w_gate_up, w_down = _autocast.cast(hidden, w_gate_up, w_down)
     _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale)
     return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
                          w_down_scale, backend or "")

@@ -299,6 +299,58 @@ def test_torch_compile_fullgraph(backend):
     assert rel_err(loss, want) <= 1e-6 and rel_err(gx, wx) <= 1e-6 and rel_err(gw, ww) <= 1e-6
 
 
+# ----------------------------------------------------------------------------- autocast
+
+
+def _leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_computes_in_its_dtype(dtype, backend):
+    """Under CPU autocast, float32 x and w give what x and w cast by hand give, bit for bit, and
+    float32 gradients: those of the cast copies, in float32. The op itself autocasts too."""
+    rows, k, n, num_experts = 21, 36, 40, 5
+    x, w = torch.randn(rows, k), make_weight(num_experts, k, n, torch.float32, "cpu", True)
+    offs = make_offs(rows, num_experts, 3)  # an empty expert, a single row, a tail
+    g = torch.randn(rows, n)
+    xa, wa, xh, wh = _leaf(x), _leaf(w), _leaf(x, dtype), _leaf(w, dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y = moekernels.grouped_mm(xa, wa, offs, backend=backend)
+        y_op = torch.ops.moekernels.grouped_mm(x, w, offs, backend)
+    want = moekernels.grouped_mm(xh, wh, offs, backend=backend)
+    assert y.dtype == dtype and torch.equal(y, want) and torch.equal(y_op, want)
+    (y.float() * g).sum().backward()
+    (want.float() * g).sum().backward()
+    assert xa.grad.dtype == torch.float32 and wa.grad.dtype == torch.float32
+    assert torch.equal(xa.grad, xh.grad.float()) and torch.equal(wa.grad, wh.grad.float())
+    # against float32 without autocast: the error of the low-precision dtype, not zero
+    assert 0 < rel_err(y, moekernels.grouped_mm(x, w, offs, backend=backend)) <= 2**-6
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_autocast_fused_keeps_router_weights_and_compiles(backend):
+    """grouped_mm_fused under autocast: x and w cast, the scatter weights kept in float32 (a bf16
+    copy would round them), and the same under torch.compile(fullgraph=True)."""
+    tokens, top_k, num_experts, k, n = 7, 2, 6, 40, 24
+    x, w = torch.randn(tokens, k), make_weight(num_experts, k, 2 * n, torch.float32, "cpu", True)
+    ids = make_ids(tokens, top_k, num_experts)
+    plan = moekernels.plan_routing(ids, num_experts)
+    tw = torch.rand(tokens, top_k)
+
+    def fused(x, w, tw):
+        return gg.grouped_mm_fused(x, w, plan.expert_offsets, source_index=plan.source_index, top_k=top_k,
+                                   gather=True, activation="silu", scatter_weights=tw, backend=backend)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(x, w, tw)
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")(x, w, tw)
+    want = fused(x.bfloat16(), w.bfloat16(), tw)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want) and torch.equal(compiled, want)
+    assert not torch.equal(want, fused(x.bfloat16(), w.bfloat16(), tw.bfloat16()))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

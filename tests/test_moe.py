@@ -334,6 +334,57 @@ def test_module_balancing_compiles():
     assert layer.gate.weight.grad is not None
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_autocast_training_step(backend):
+    """MoE(64, 32, 8, 2) with float32 master weights under CPU bf16 autocast: a bf16 output, the
+    same loss as the layer with its weights cast by hand, and float32 gradients equal to that
+    layer's; then the same step under torch.compile(fullgraph=True)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = moekernels.MoE(64, 32, 8, 2, backend=backend)
+    by_hand = copy.deepcopy(layer).bfloat16()
+    x = torch.randn(2, 5, 64)
+
+    def step(model, inp):
+        y = model(inp)
+        loss = y.float().square().mean() + 0.01 * model.aux_loss
+        loss.backward()
+        return y, loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, loss = step(layer, x)
+    y_hand, loss_hand = step(by_hand, x.bfloat16())
+    assert y.dtype == torch.bfloat16 and rel_err(y, y_hand) <= 1e-6 and rel_err(loss, loss_hand) <= 1e-6
+    for (name, p), p_hand in zip(layer.named_parameters(), by_hand.parameters()):
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        assert rel_err(p.grad, p_hand.grad) <= 1e-6, name
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_c, _ = step(compiled, x)
+    assert y_c.dtype == torch.bfloat16 and rel_err(y_c, y) <= 1e-6
+    assert all(rel_err(p.grad, g) <= 1e-6 for p, g in zip(layer.parameters(), grads))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_moe_autocast_keeps_router_weights(backend):
+    """fused_moe and its op under autocast: hidden and weights in the autocast dtype (fp16
+    here), topk_weights as given (float32), and their gradient float32."""
+    x, w1, w2, tw, ids = make_layer(CASES[1], torch.float32, "cpu")
+    tw = tw.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = moekernels.fused_moe(x, w1, w2, tw, ids, backend=backend)
+        got_op = torch.ops.moekernels.fused_moe(x, w1, w2, tw, ids, "silu", None, None, backend)
+    want = moekernels.fused_moe(x.half(), w1.half(), w2.half(), tw, ids, backend=backend)
+    assert got.dtype == torch.float16 and torch.equal(got, want) and torch.equal(got_op, want)
+    assert not torch.equal(want, moekernels.fused_moe(x.half(), w1.half(), w2.half(), tw.half(), ids,
+                                                      backend=backend))
+    got.float().sum().backward()
+    assert tw.grad.dtype == torch.float32
+
+
 def test_module_bad_arguments():
     with pytest.raises(ValueError, match="top_k"):
         moekernels.MoE(16, 8, 4, 5)
