@@ -27,13 +27,13 @@ _LIB = torch.library.Library("moekernels", "FRAGMENT")  # noqa: TOR901 (kernels 
 
 def cast(*tensors):
     """``tensors`` in the autocast dtype of their device where autocast is on there, else as
-    they are (None, float8 and float64 tensors always as they are)."""
-    first = next((t for t in tensors if t is not None), None)
+    they are (anything but a float32, float16 or bfloat16 tensor always as it is)."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
     device_type = first.device.type if first is not None else None
     if device_type not in DEVICE_TYPES or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.dtype in CAST_DTYPES else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype in CAST_DTYPES else t for t in tensors)
 
 
 def register(name: str, positions: tuple[int, ...]) -> None:

@@ -322,15 +322,36 @@ def _segments(offs: torch.Tensor, rows: int):
     return [(e, min(s, t), t) for e, (s, t) in enumerate(zip(starts, ends))]
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of :func:`moekernels.grouped_mm`: y[seg e] = x[seg e] @ w[e] in float32 (float64
-    for float64), rows at or after offs[-1] zero."""
+    for float64), rows at or after offs[-1] zero; the other forms in :func:`grouped_mm_forms`."""
+    if x.dim() == 3 or w.dim() == 2:
+        return grouped_mm_forms(x, w, offs)
     acc = acc_dtype(x.dtype)
     out = torch.zeros(x.shape[0], w.shape[2], dtype=acc, device=x.device)
     for e, s, t in _segments(offs, x.shape[0]):
         if t > s:
             out[s:t] = x[s:t].to(acc) @ w[e].to(acc)
     return out.to(x.dtype)
+
+
+def grouped_mm_forms(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+    """torch._grouped_mm's other forms, accumulated in float32 (float64 for float64):
+    2D x 2D, offs along K: out[g] = a[:, seg g] @ b[seg g, :], [G, M, N], zero for an empty group;
+    3D x 3D: out[g] = a[g] @ b[g] (bmm); 3D x 2D, offs along N: out[:, seg g] = a[g] @ b[:, seg g],
+    [M, N], columns at or after offs[-1] zero."""
+    acc = acc_dtype(a.dtype)
+    if a.dim() == 3 and b.dim() == 3:
+        return (a.to(acc) @ b.to(acc)).to(a.dtype)
+    if a.dim() == 2:
+        out = torch.zeros(offs.shape[0], a.shape[0], b.shape[1], dtype=acc, device=a.device)
+        for g, s, t in _segments(offs, a.shape[1]):
+            out[g] = a[:, s:t].to(acc) @ b[s:t].to(acc)
+    else:
+        out = torch.zeros(a.shape[1], b.shape[1], dtype=acc, device=a.device)
+        for g, s, t in _segments(offs, b.shape[1]):
+            out[:, s:t] = a[g].to(acc) @ b[:, s:t].to(acc)
+    return out.to(a.dtype)
 
 
 def grouped_mm_dw(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None = None,
