@@ -1,7 +1,8 @@
 """Stage 4, grouped GEMM: the expert weights applied to the expert-sorted rows.
 
 ``grouped_mm(x, w, offs)``: ``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]``, rows at or
-after ``offs[-1]`` zero; the 2D x 3D case of ``torch._grouped_mm``. Differentiable:
+after ``offs[-1]`` zero; the 2D x 3D case of ``torch._grouped_mm`` (its 2D x 2D, 3D x 3D and 3D x 2D
+forms are compositions of the two kernels below: see :func:`grouped_mm`). Differentiable:
     dx = grouped_mm(dy, w^T)                  (the same kernel, the weight read transposed)
     dw[e] = x[seg e]^T @ dy[seg e]            (a K-grouped GEMM, zeros for an empty expert)
 
@@ -31,7 +32,7 @@ import functools
 import torch
 import triton
 
-from . import _backend, _checks, _sm90_registry, configs, reference
+from . import _autocast, _backend, _checks, _sm90_registry, configs, reference
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = {"": 0, "silu": 1, "gelu": 2}
@@ -211,6 +212,7 @@ def _(x, w, offs, backend):
 def _grouped_mm_dw_op(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None,
                       gather_div: int, transposed: bool, backend: str) -> torch.Tensor:
     """dw[e] = A[seg e]^T @ grad[seg e], A[r] = a[a_index[r] // gather_div] (a itself without a_index)."""
+    _checks.offsets_in_range("offs", offs, grad.shape[0])
     out = _new_weight_grad((offs.shape[0], a.shape[1], grad.shape[1]), grad, transposed)
     if _choose("grouped_mm", grad, backend) == "torch":
         out.copy_(reference.grouped_mm_dw(a, grad, offs, a_index, gather_div))
@@ -241,6 +243,32 @@ def _grouped_mm_backward(ctx, grad):
 
 
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _dw_setup(ctx, inputs, output):
+    a, grad, offs, a_index, gather_div, transposed, backend = inputs
+    ctx.save_for_backward(a, grad, offs)
+    ctx.gathered, ctx.backend = a_index is not None, backend
+
+
+def _dw_backward(ctx, dout):
+    """out[e] = A[seg e]^T grad[seg e], so dA[seg e] = grad[seg e] dout[e]^T and
+    dgrad[seg e] = A[seg e] dout[e]: two 2D x 3D grouped GEMMs (the 2D x 2D form's backward, and
+    grouped_mm's double backward)."""
+    a, grad, offs = ctx.saved_tensors
+    if ctx.gathered:
+        raise NotImplementedError("grouped_mm_dw with a_index (the fused layers' backward) has no backward")
+    da = dgrad = None
+    if ctx.needs_input_grad[0]:
+        da = _grouped_mm_op(grad, dout.transpose(1, 2), offs, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dgrad = _grouped_mm_op(a, dout, offs, ctx.backend)
+    return da, dgrad, None, None, None, None, None
+
+
+_grouped_mm_dw_op.register_autograd(_dw_backward, setup_context=_dw_setup)
+_autocast.register("grouped_mm", (0, 1))
+_autocast.register("grouped_mm_dw", (0, 1))
 
 
 # ----------------------------------------------------------------------------- fused variants
@@ -338,6 +366,7 @@ def _fused_backward(ctx, grad):
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+_autocast.register("grouped_mm_fused", (0, 1))  # not scatter_weights: router weights stay float32
 
 
 # ----------------------------------------------------------------------------- public
@@ -353,7 +382,42 @@ def _check(x, w, offs, dtypes=DTYPES, name="x"):
         raise ValueError(f"K mismatch: x is [M, K={x.shape[1]}] but w is [E, K={w.shape[1]}, N]")
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def _check_form(x, w, offs):
+    """The checks of the forms other than 2D x 3D (torch._grouped_mm's, with our dtypes)."""
+    _checks.tensor("x", x, dtypes=DTYPES)
+    _checks.tensor("w", w, dtypes=(x.dtype,), device=x.device)
+    if x.dim() not in (2, 3) or w.dim() not in (2, 3):
+        raise ValueError(f"x and w must be 2-D or 3-D, got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[-2]:
+        raise ValueError(f"K mismatch: x is {tuple(x.shape)} and w is {tuple(w.shape)} (x's last dim is w's "
+                         f"second to last)")
+    if x.dim() == 3 and w.dim() == 3:
+        if offs is not None:
+            raise ValueError("offs must be None for 3D x 3D (a batched matmul)")
+        if x.shape[0] != w.shape[0]:
+            raise ValueError(f"x and w must have the same batch (groups): x {tuple(x.shape)}, w {tuple(w.shape)}")
+        return
+    if offs is None:
+        raise ValueError(f"offs is required for {x.dim()}D x {w.dim()}D")
+    _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
+    if x.dim() == 3 and offs.shape[0] != x.shape[0]:
+        raise ValueError(f"offs must have one entry per group: x has G={x.shape[0]}, offs has {offs.shape[0]}")
+
+
+def _grouped_mm_form(x, w, offs, backend):
+    """2D x 2D, 3D x 3D and 3D x 2D as the 2D x 3D op and the K-grouped (dw) op, each with its autograd."""
+    if x.dim() == 2:  # out[g] = x[:, seg g] @ w[seg g]: the dw op over the K-sorted rows of x^T and w
+        return _grouped_mm_dw_op(x.t(), w, offs, None, 1, False, backend)
+    if w.dim() == 3:  # bmm: G uniform segments of M rows (offsets built on the device: no sync)
+        groups, rows = x.shape[0], x.shape[1]
+        uniform = torch.arange(1, groups + 1, device=x.device, dtype=torch.int32) * rows
+        return _grouped_mm_op(x.reshape(groups * rows, x.shape[2]), w, uniform, backend).view(groups, rows, -1)
+    # out[:, seg g] = x[g] @ w[:, seg g], transposed: out^T[seg g] = w^T[seg g] @ x[g]^T, a 2D x 3D product
+    return _grouped_mm_op(w.t(), x.transpose(1, 2), offs, backend).t().contiguous()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None, *,
+               backend: str | None = None) -> torch.Tensor:
     """Grouped GEMM over row segments: ``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]``.
 
     Args:
@@ -367,7 +431,20 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend:
     Returns:
         [M, N] in x's dtype, accumulated in float32; rows at or after ``offs[-1]`` are zero.
         Differentiable with respect to x and w (``torch._grouped_mm``'s 2D x 3D semantics).
+        Under ``torch.autocast`` x and w are cast to its dtype (see moekernels/_autocast.py).
+
+    The other forms of ``torch._grouped_mm``, with its semantics, also differentiable (any
+    strides; a layout the kernels cannot read in place is copied once):
+        2D x 2D, offs [G] along K: x [M, K], w [K, N] -> [G, M, N], ``out[g] = x[:, seg g] @ w[seg g]``
+            (the weight-gradient form: the K-grouped kernel; zero for an empty group);
+        3D x 3D, offs None: x [G, M, K], w [G, K, N] -> [G, M, N], ``out[g] = x[g] @ w[g]``;
+        3D x 2D, offs [G] along N: x [G, M, K], w [K, N] -> [M, N], ``out[:, seg g] = x[g] @ w[:, seg g]``,
+            columns at or after ``offs[-1]`` zero (torch leaves them unwritten).
     """
+    x, w = _autocast.cast(x, w)
+    if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and (x.dim() == 3 or w.dim() == 2):
+        _check_form(x, w, offs)
+        return _grouped_mm_form(x, w, offs, backend or "")
     _check(x, w, offs)
     return _grouped_mm_op(x, w, offs, backend or "")
 
@@ -398,6 +475,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
     Differentiable with respect to x, w and scatter_weights (not in fp8).
     """
     activation = activation or ""
+    x, w = _autocast.cast(x, w)
     _checks.choice("activation", activation, tuple(ACTIVATIONS))
     scaled = a_scale is not None or b_scale is not None
     _check(x, w, offs, (torch.float8_e4m3fn,) if scaled else DTYPES)
