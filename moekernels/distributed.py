@@ -49,7 +49,7 @@ from .plan import RoutingPlan, plan_routing
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 _FP8_CODE = len(_DTYPE_CODES)  # added to the dtype code in the count exchange by fp8 dispatch
 # DeepSeek-V3's activation tiles: a scale per token per 128 channels.
-FP8_TILE = 128
+_FP8_TILE = 128
 
 
 class _AllToAll(torch.autograd.Function):
@@ -149,9 +149,9 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         weight scales. Not differentiable: ``dequantize(x_local, handle)`` is, straight through.
     """
     _checks.tensor("x", x, ndim=2, dtypes=QUANT_INPUTS if fp8 else tuple(_DTYPE_CODES))
-    if fp8 and x.shape[1] % FP8_TILE:
-        raise ValueError(f"fp8 dispatch quantizes x in (1, {FP8_TILE}) tiles: x's H must be a multiple of "
-                         f"{FP8_TILE}, got x of shape {tuple(x.shape)}")
+    if fp8 and x.shape[1] % _FP8_TILE:
+        raise ValueError(f"fp8 dispatch quantizes x in (1, {_FP8_TILE}) tiles: x's H must be a multiple of "
+                         f"{_FP8_TILE}, got x of shape {tuple(x.shape)}")
     world, _ = _world(group)
     _checks.integer("num_experts", num_experts, low=1)
     if num_experts % world:
@@ -162,7 +162,7 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     num_local = num_experts // world
     plan = plan_routing(topk_ids, num_experts)
     if fp8:  # [T*k, H + 4H/128] bytes: each sorted row's e4m3 values, then its scales
-        q, scale = quantize_fp8_gathered(x.detach(), plan, (1, FP8_TILE))
+        q, scale = quantize_fp8_gathered(x.detach(), plan, (1, _FP8_TILE))
         rows = torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], 1)
     else:
         rows = permute(x, plan)  # [T*k, H], by global expert: by destination rank too
