@@ -72,7 +72,7 @@ def run_ranks(world, scenario, tmp_path, *, timeout=RUN_TIMEOUT_S, collective_ti
                 errors.append(f"rank {rank}:\n{err}")
     finally:
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=30)  # teardown (gloo, interpreter exit) of 4 ranks on 2 loaded cores took > 10 s
             if p.is_alive():
                 p.kill()
     if errors:
@@ -85,11 +85,11 @@ def run_ranks(world, scenario, tmp_path, *, timeout=RUN_TIMEOUT_S, collective_ti
 # ----------------------------------------------------------------------------- scenarios (run in each rank)
 
 
-def _shared_inputs(world, tokens_per_rank, *, avoid_rank=None):
+def _shared_inputs(world, tokens_per_rank, *, avoid_rank=None, hidden=H):
     """Every rank draws the same tensors (same seed): all ranks' tokens, ids, weights, experts."""
     g = torch.Generator().manual_seed(1234)
     total = sum(tokens_per_rank)
-    x = torch.randn(total, H, generator=g)
+    x = torch.randn(total, hidden, generator=g)
     experts = torch.arange(E)
     if avoid_rank is not None:  # that rank's experts get no pair: the rank receives no tokens
         loc = E // world
@@ -99,7 +99,7 @@ def _shared_inputs(world, tokens_per_rank, *, avoid_rank=None):
     ids[ids == 0] = 1  # expert 0 gets no pair anywhere: an expert with no tokens
     ids[:, 1] = torch.where(ids[:, 1] == ids[:, 0], (ids[:, 0] % (E - 1)) + 1, ids[:, 1])
     w = torch.softmax(torch.randn(total, K, generator=g), -1)
-    w1 = torch.randn(E, H, INTER, generator=g) / H**0.5  # logical [E, K=H, N=I]
+    w1 = torch.randn(E, hidden, INTER, generator=g) / hidden**0.5  # logical [E, K=H, N=I]
     starts = [sum(tokens_per_rank[:r]) for r in range(world)]
     return x.to(DEV), ids.to(DEV), w.to(DEV), w1.to(DEV), starts
 
@@ -196,6 +196,65 @@ def scenario_module(rank, world):
     assert rel_err(router, full.gate.weight.grad) <= 1e-5
 
 
+def _fp8_matches_bf16(x_all, ids, w, s, t, capacity):
+    """fp8 dispatch of this rank's tokens against the default path on the same inputs: q and scale
+    bit for bit quantize_fp8 of its rows (padding 0), combine of the dequantized identity experts
+    within e4m3's 2^-4, and the straight-through gradient equal to the default path's."""
+    x, xr = (x_all[s:t].clone().requires_grad_() for _ in range(2))
+    handle, (q, scale) = ep.dispatch(x, ids, w, E, capacity=capacity, fp8=True)
+    ref_handle, rows = ep.dispatch(xr, ids, w, E, capacity=capacity)
+    assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and not q.requires_grad
+    assert torch.equal(handle.expert_offsets, ref_handle.expert_offsets)
+    assert int(handle.dropped) == int(ref_handle.dropped)
+    n = int(handle.expert_offsets[-1]) if handle.expert_offsets.numel() else 0
+    want_q, want_scale = moekernels.quantize_fp8(rows.detach(), (1, 128))
+    assert torch.equal(q[:n].view(torch.uint8), want_q[:n].view(torch.uint8))
+    assert torch.equal(scale[:n], want_scale[:n])
+    assert not q[n:].view(torch.uint8).any() and not scale[n:].any(), "padding rows are 0"
+    y = ep.combine(ep.dequantize((q, scale), handle), handle)
+    want = ep.combine(rows, ref_handle)
+    exact = ep.combine(moekernels.fp8.dequantize_fp8(want_q, want_scale), ref_handle)  # the same rows, quantized
+    assert rel_err(y, exact) <= 1e-6
+    assert 0 < rel_err(y, want) <= 2**-4 or (t == s and y.numel() == 0)
+    g = torch.randn(x_all.shape[0], x_all.shape[1], generator=torch.Generator().manual_seed(5)).to(DEV)[s:t]
+    (y * g).sum().backward()
+    (want * g).sum().backward()
+    assert rel_err(x.grad, xr.grad) <= 1e-6
+    return handle
+
+
+def scenario_fp8(rank, world):
+    """dispatch(fp8=True) in both modes (a rank with no tokens, one that receives none, overflow),
+    and the bytes it sends: H + 4H/128 a row against 2H for bf16 rows."""
+    hidden = 256
+    tokens = [5, 0, 9, 3][:world]
+    x_all, ids_all, w_all, _, starts = _shared_inputs(world, tokens, avoid_rank=world - 1, hidden=hidden)
+    s, t = starts[rank], starts[rank] + tokens[rank]
+    _fp8_matches_bf16(x_all, ids_all[s:t], w_all[s:t], s, t, None)
+    tokens = [7, 6, 8, 5][:world]
+    x_all, ids_all, w_all, _, starts = _shared_inputs(world, tokens, hidden=hidden)
+    s, t = starts[rank], starts[rank] + tokens[rank]
+    handle = _fp8_matches_bf16(x_all, ids_all[s:t], w_all[s:t], s, t, 3)
+    overflow = handle.dropped.clone()
+    dist.all_reduce(overflow)
+    assert int(overflow) > 0, "no overflow to test"
+    sent = []
+    all_to_all = dist.all_to_all_single
+
+    def record(out, inp, *args, **kwargs):
+        sent.append(inp.nbytes)
+        return all_to_all(out, inp, *args, **kwargs)
+
+    ep.dist.all_to_all_single = record  # this process only (spawned)
+    try:
+        for fp8 in (False, True):  # each: the count exchange, then the rows
+            ep.dispatch(x_all[s:t].bfloat16(), ids_all[s:t], w_all[s:t], E, fp8=fp8)
+    finally:
+        ep.dist.all_to_all_single = all_to_all
+    assert sent[0] == sent[2] and sent[1] > 0
+    assert sent[3] / sent[1] == (hidden + 4 * hidden // 128) / (2 * hidden)  # 0.516
+
+
 def scenario_bad_input(rank, world):
     x = torch.randn(4, H, dtype=torch.float32 if rank == 0 else torch.float64)
     ids = torch.randint(0, E, (4, K), dtype=torch.int32)
@@ -206,6 +265,12 @@ def scenario_bad_input(rank, world):
         assert "differs across ranks" in str(exc), exc
     else:
         raise AssertionError("mismatched dtypes across ranks were not caught")
+    try:
+        ep.dispatch(torch.randn(4, 128), ids, w, E, fp8=rank == 0)
+    except ValueError as exc:
+        assert "fp8=True" in str(exc) and "fp8=False" in str(exc), exc
+    else:
+        raise AssertionError("fp8 on one rank only was not caught")
     try:
         ep.dispatch(x.float(), ids, w, E + 1)
     except ValueError as exc:
@@ -221,7 +286,8 @@ def scenario_rank_raises(rank, world):
 
 
 SCENARIOS = {f.__name__.removeprefix("scenario_"): f for f in
-             (scenario_ops, scenario_capacity, scenario_module, scenario_bad_input, scenario_rank_raises)}
+             (scenario_ops, scenario_capacity, scenario_module, scenario_fp8, scenario_bad_input,
+              scenario_rank_raises)}
 
 
 # ----------------------------------------------------------------------------- the tests
@@ -231,6 +297,21 @@ SCENARIOS = {f.__name__.removeprefix("scenario_"): f for f in
 @pytest.mark.parametrize("scenario", ["ops", "capacity", "module"])
 def test_matches_one_process(scenario, world, tmp_path):
     run_ranks(world, scenario, tmp_path)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fp8_dispatch(world, tmp_path):
+    run_ranks(world, "fp8", tmp_path)
+
+
+def test_fp8_dispatch_bad_input():  # checked before any collective: no process group needed
+    ids, w = torch.zeros(2, K, dtype=torch.int32), torch.rand(2, K)
+    with pytest.raises(ValueError, match=r"multiple of 128, got x of shape \(2, 192\)"):
+        ep.dispatch(torch.randn(2, 192), ids, w, E, fp8=True)
+    with pytest.raises(TypeError, match="x must have dtype float32, bfloat16, float16"):
+        ep.dispatch(torch.randn(2, 128, dtype=torch.float64), ids, w, E, fp8=True)
+    with pytest.raises(TypeError, match="dispatch\\(..., fp8=True\\)"):
+        ep.dequantize(torch.randn(2, 128), None)
 
 
 def test_bad_input_across_ranks(tmp_path):
@@ -252,6 +333,6 @@ def test_group_not_initialized():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL expert parallelism needs 2 or more GPUs")
-@pytest.mark.parametrize("scenario", ["ops", "capacity", "module"])
+@pytest.mark.parametrize("scenario", ["ops", "capacity", "module", "fp8"])
 def test_gpu_nccl(scenario, tmp_path):
     run_ranks(2, scenario, tmp_path, backend="nccl")
