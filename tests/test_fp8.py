@@ -76,6 +76,59 @@ def test_quantize_values(granularity, backend):
         assert not q[:, 0].float().any()  # the all-zero row quantizes to zeros
 
 
+def make_non_finite(shape, dtype, device):
+    """make_x with a NaN, a -NaN, an inf and a -inf in four places of the first matrix (the
+    last three in the last row or column: the block tails); the other matrices finite."""
+    x = make_x(shape, dtype, device)
+    for (r, c), v in zip([(1, 3), (-1, 5), (shape[-2] // 2, -1), (-1, -1)],
+                         [float("nan"), -float("nan"), float("inf"), -float("inf")]):
+        x.view(-1, *shape[-2:])[0, r, c] = v
+    return x
+
+
+def check_non_finite(x, q, scale, br, bc, pow2):
+    """Blocks holding a NaN or an inf: scale the canonical NaN and every q NaN; the other blocks
+    bit-exact against the reference."""
+    rows, cols = x.shape[-2:]
+    pad = torch.zeros(*x.shape[:-2], -(-rows // br) * br, -(-cols // bc) * bc, dtype=torch.bool)
+    pad[..., :rows, :cols] = ~x.cpu().isfinite()
+    bad = pad.view(*x.shape[:-2], pad.shape[-2] // br, br, pad.shape[-1] // bc, bc).any(-1).any(-2)
+    assert bad.any() and not bad.all()  # both kinds of block are checked
+    scale, q = scale.cpu(), q.cpu()
+    assert torch.equal(scale.view(torch.int32) == 0x7FC00000, bad)
+    bad_values = bad.repeat_interleave(br, -2).repeat_interleave(bc, -1)[..., :rows, :cols]
+    assert torch.equal(q.float().isnan(), bad_values)
+    want_q, want_s = reference.quantize_fp8(x.cpu(), (br, bc), pow2_scale=pow2)
+    assert torch.equal(scale.view(torch.int32), want_s.view(torch.int32))  # equal bits, NaN included
+    assert same_bits(q[~bad_values], want_q[~bad_values])
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("pow2", [False, True], ids=["scale", "pow2"])
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=gran_id)
+def test_non_finite_blocks_quantize_to_nan(granularity, pow2, device, backend):
+    """NaN and inf are data errors: their block's scale and values become NaN on every backend
+    (the compiled max drops NaN; the kernels must not). 2 x 300 x 260 runs "tensor" and "col" in
+    two passes (atomic_max of the block maxima), the others in one."""
+    x = make_non_finite((2, 300, 260), torch.float32, device)
+    q, scale = moekernels.quantize_fp8(x, granularity, pow2_scale=pow2, backend=backend)
+    check_non_finite(x, q, scale, *fp8.block_shape(granularity, 300, 260), pow2)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_non_finite_tokens_quantize_to_nan_1x128(dtype, device, backend):
+    """The (1, 128) path of every backend, csrc/quantize.cu included on the GPU, alone and
+    fused with the gather."""
+    num_tokens, top_k, num_experts, hidden = 13, 2, 4, 384
+    x = make_non_finite((num_tokens, hidden), dtype, device)
+    check_non_finite(x, *moekernels.quantize_fp8(x, (1, 128), backend=backend), 1, 128, False)
+    plan = moekernels.plan_routing(make_ids(num_tokens, top_k, num_experts, device=device), num_experts,
+                                   backend="torch")
+    xs = moekernels.permute(x, plan, backend="torch")
+    check_non_finite(xs, *fp8.quantize_fp8_gathered(x, plan, backend=backend), 1, 128, False)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_pow2_scales_are_powers_of_two_that_cover_amax(backend):
     x = make_x((64, 256), torch.bfloat16, "cpu")
