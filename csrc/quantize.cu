@@ -14,6 +14,8 @@
 // canonical 0x7fc00000) and all its q NaN (0x7f), as the reference. |x| enters the warp max
 // with NaN mapped to inf (abs_or_inf): fmaxf drops NaN but keeps inf. The clamp of q keeps the
 // NaN that x / NaN gives (fmaxf(NaN, -448) would be -448).
+// The scale [rows, groups] is written with its strides: row-major, or column-major (the GEMMs'
+// fast layout, one 128-column group's scales contiguous).
 // VEC: the 4 columns of a lane in one 8-byte (16-bit types) or 16-byte (float32) load, and q
 // in one 4-byte store, when every row start is aligned (the launcher checks) and H % 4 == 0.
 //
@@ -67,6 +69,7 @@ template <typename T, bool VEC, bool PERMUTE>
 __global__ void __launch_bounds__(kThreads) quantize_1x128_kernel(const T* __restrict__ x,
                                                                   const int32_t* __restrict__ dest,
                                                                   uint8_t* __restrict__ q, float* __restrict__ scale,
+                                                                  int64_t scale_row_stride, int64_t scale_col_stride,
                                                                   int64_t num_rows, int top_k, int64_t hidden,
                                                                   int64_t x_stride, bool pow2) {
   const int lane = threadIdx.x % 32;
@@ -101,15 +104,16 @@ __global__ void __launch_bounds__(kThreads) quantize_1x128_kernel(const T* __res
           if (c0 + i < hidden) out[c0 + i] = static_cast<uint8_t>(packed >> (8 * i));
         }
       }
-      if (lane == 0) scale[row * groups + g] = s;
+      if (lane == 0) scale[row * scale_row_stride + g * scale_col_stride] = s;
     }
   }
 }
 
 }  // namespace
 
-void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale, int64_t num_rows,
-                        int top_k, int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream) {
+void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale,
+                        int64_t scale_row_stride, int64_t scale_col_stride, int64_t num_rows, int top_k,
+                        int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream) {
   // Shapes and dtypes were validated by the Python custom op (moekernels/fp8.py); these guards
   // only keep a direct caller from reading out of bounds.
   if (top_k < 1) throw std::invalid_argument("quantize_fp8_1x128: top_k must be >= 1");
@@ -128,7 +132,8 @@ void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uin
     const T* in = reinterpret_cast<const T*>(x);
     auto go = [&](auto vec_tag, auto permute_tag) {
       quantize_1x128_kernel<T, decltype(vec_tag)::value, decltype(permute_tag)::value>
-          <<<grid, kThreads, 0, s>>>(in, idx, out, sc, num_rows, top_k, hidden, x_stride, pow2);
+          <<<grid, kThreads, 0, s>>>(in, idx, out, sc, scale_row_stride, scale_col_stride, num_rows, top_k, hidden,
+                                     x_stride, pow2);
     };
     using Yes = std::true_type;
     using No = std::false_type;

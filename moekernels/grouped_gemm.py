@@ -458,9 +458,10 @@ def _dw_variant(name, cfg, dtype, gather):
                                   "stride_ck"))
 
 
-def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None):
+def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False):
     """The sm_90 compile job of one grouped_mm_kernel launch: ``variant`` is plain, gather (rows by
-    pointer), unaligned (both operands by pointer), gated or scatter; ``scale`` the fp8 mode."""
+    pointer), unaligned (both operands by pointer), gated or scatter; ``scale`` the fp8 mode;
+    ``col_major_a_scale``: a_scale's row stride 1, which Triton specialises as the constant 1."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
@@ -472,6 +473,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
               BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=128, GROUP_M=cfg.GROUP_M)
     if unaligned:  # the weight's unit stride, which Triton specialises as the constant 1
         cx["stride_bk" if kmajor else "stride_bn"] = 1
+    if col_major_a_scale:
+        cx["stride_sam"] = 1
     ptr = _sm90.ptr(dtype)
     elem = ptr.removeprefix("*")
     block_b = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]

@@ -151,14 +151,39 @@ def test_transposes_compose(granularity, transposed, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_quantize_fused_with_the_gather(device, backend):
+@pytest.mark.parametrize("layout", fp8.SCALE_LAYOUTS)
+def test_quantize_fused_with_the_gather(layout, device, backend):
     num_tokens, top_k, num_experts, hidden = 13, 3, 6, 384
     ids = make_ids(num_tokens, top_k, num_experts, device=device)
     plan = moekernels.plan_routing(ids, num_experts, backend="torch")
     x = make_x((num_tokens, hidden), torch.bfloat16, device)
-    q, scale = fp8.quantize_fp8_gathered(x, plan, backend=backend)
+    q, scale = fp8.quantize_fp8_gathered(x, plan, scale_layout=layout, backend=backend)
     want_q, want_s = moekernels.quantize_fp8(moekernels.permute(x, plan, backend="torch"), (1, 128), backend="torch")
     assert same_bits(q, want_q) and same_bits(scale, want_s)
+    assert scale.stride() == ((1, scale.shape[0]) if layout == "col_major" else (scale.shape[1], 1))
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("shape", [(3, 130, 384), (300, 260)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=gran_id)
+def test_col_major_scales_are_the_same_bits(granularity, shape, device, backend):
+    """scale_layout="col_major": the same q and scale bits, the scale stored [..., nbc, nbr]
+    (a transposed view of a contiguous tensor), on the one-pass and two-pass kernels."""
+    x = make_x(shape, torch.bfloat16, device)
+    q, scale = moekernels.quantize_fp8(x, granularity, scale_layout="col_major", backend=backend)
+    want_q, want_s = moekernels.quantize_fp8(x, granularity, backend="torch")
+    assert want_s.is_contiguous() and scale.transpose(-1, -2).is_contiguous() and scale.shape == want_s.shape
+    assert same_bits(q, want_q) and same_bits(scale, want_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_gpu_col_major_scales_1x128(backend):
+    """csrc/quantize.cu and the Triton kernel write column-major (1, 128) scales, bit for bit."""
+    x = make_x((300, 7168), torch.bfloat16, "cuda")
+    q, scale = moekernels.quantize_fp8(x, (1, 128), scale_layout="col_major", backend=backend)
+    want_q, want_s = moekernels.quantize_fp8(x, (1, 128), backend="torch")
+    assert scale.stride() == (1, 300) and same_bits(q, want_q) and same_bits(scale, want_s)
 
 
 # ----------------------------------------------------------------------------- GEMMs
@@ -213,17 +238,37 @@ def test_block_scaling_beats_per_tensor_on_outlier_channels(backend):
     assert diffs["block"] <= 1e-3 and diffs["block"] < diffs["tensor"], diffs
 
 
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("case", [(50, 256, 192, 3, 3), (130, 384, 128, 4, 1), (1, 128, 128, 2, 0)],
+                         ids=lambda c: "M{}_K{}_N{}_E{}_tail{}".format(*c))
+def test_fp8_grouped_mm_takes_col_major_activation_scales(case, device, backend):
+    """The (1, 128) activation scales in either layout: the same product, bit for bit (only the
+    scale addresses differ), within 1e-2 of the dequantized product."""
+    rows, k, n, num_experts, tail = case
+    qa, sa, qb, sb, x, w = quantized_problem(rows, k, n, num_experts, "block", device)
+    sa_col = sa.t().contiguous().t()
+    offs = make_offs(rows, num_experts, tail, device)
+    y = moekernels.fp8_grouped_mm(qa, sa_col, qb, sb, offs, out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y, moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend=backend))
+    deq = reference.grouped_mm(fp8.dequantize_fp8(qa, sa).double().cpu(), fp8.dequantize_fp8(qb, sb).double().cpu(),
+                               offs.cpu())
+    assert rel_err(y, deq) <= 1e-2
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("mode", MODES)
-def test_fp8_mm_dense(mode, backend):
+@pytest.mark.parametrize("mode,layout", [(m, "row_major") for m in MODES] + [("block", "col_major")])
+def test_fp8_mm_dense(mode, layout, backend):
     qa, sa, qb, sb, x, w = quantized_problem(40, 256, 96, 1, mode, "cpu")
+    if layout == "col_major":
+        sa = sa.t().contiguous().t()
     y = moekernels.fp8_mm(qa, sa, qb[0], sb[0], out_dtype=torch.float32, backend=backend)
     deq = fp8.dequantize_fp8(qa, sa).double() @ fp8.dequantize_fp8(qb[0], sb[0]).double()
     assert y.dtype == torch.float32 and rel_err(y, deq) <= 1e-2
 
 
 @pytest.mark.parametrize("device,backend", device_backends(cuda=False))
-def test_fp8_moe_path(device, backend):
+@pytest.mark.parametrize("layout", fp8.SCALE_LAYOUTS)
+def test_fp8_moe_path(layout, device, backend):
     """The w8a8 block path of the MoE layer: tokens quantized (1, 128) once, GEMM 1 gathers their
     fp8 rows and scales with SwiGLU in its epilogue, h quantized (1, 128), GEMM 2 scatters with
     the router weights; against the same composition on the dequantized operands."""
@@ -234,13 +279,13 @@ def test_fp8_moe_path(device, backend):
     w1 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
     w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
     weights = torch.rand(num_tokens, top_k, device=device)
-    qx, sx = moekernels.quantize_fp8(x, (1, 128), backend=backend)
+    qx, sx = moekernels.quantize_fp8(x, (1, 128), scale_layout=layout, backend=backend)
     q1, s1 = moekernels.quantize_fp8(w1, (128, 128), backend=backend)
     q2, s2 = moekernels.quantize_fp8(w2, (128, 128), backend=backend)
     common = dict(source_index=plan.source_index, top_k=top_k, backend=backend)
     h = gg.grouped_mm_fused(qx, q1.transpose(1, 2), plan.expert_offsets, gather=True, activation="silu",
                             a_scale=sx, b_scale=s1.transpose(1, 2), **common)
-    qh, sh = moekernels.quantize_fp8(h, (1, 128), backend=backend)
+    qh, sh = moekernels.quantize_fp8(h, (1, 128), scale_layout=layout, backend=backend)
     out = gg.grouped_mm_fused(qh, q2.transpose(1, 2), plan.expert_offsets, scatter_weights=weights, a_scale=sh,
                               b_scale=s2.transpose(1, 2), **common)
     deq = {name: fp8.dequantize_fp8(q, s) for name, q, s in (("x", qx, sx), ("h", qh, sh))}
@@ -263,8 +308,9 @@ def test_fp8_moe_path(device, backend):
 def test_opcheck(backend):
     x = make_x((3, 40, 256), torch.bfloat16, "cpu")
     ops = torch.ops.moekernels
-    torch.library.opcheck(ops.quantize_fp8.default, (x, 1, 128, False, None, None, 1, backend))
-    torch.library.opcheck(ops.quantize_fp8.default, (x, 40, 256, True, None, None, 1, backend))  # per tensor: 2 passes
+    torch.library.opcheck(ops.quantize_fp8.default, (x, 1, 128, False, None, None, 1, False, backend))
+    torch.library.opcheck(ops.quantize_fp8.default, (x, 1, 128, False, None, None, 1, True, backend))  # col-major
+    torch.library.opcheck(ops.quantize_fp8.default, (x, 40, 256, True, None, None, 1, False, backend))  # 2 passes
     qa, sa, qb, sb, _, _ = quantized_problem(24, 256, 64, 3, "block", "cpu")
     offs = make_offs(24, 3, 2)
     # test_schema compares the inputs before and after with arithmetic torch lacks for fp8 on the
@@ -342,6 +388,8 @@ def test_bad_quantize_input():
         moekernels.quantize_fp8(torch.randn(8), "row")
     with pytest.raises(TypeError, match="dtype"):
         moekernels.quantize_fp8(torch.randn(4, 8), "row", dtype=torch.float8_e5m2)
+    with pytest.raises(ValueError, match="scale_layout"):
+        moekernels.quantize_fp8(torch.randn(4, 8), "row", scale_layout="k_major")
 
 
 # ----------------------------------------------------------------------------- on the GPU

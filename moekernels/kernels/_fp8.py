@@ -21,6 +21,9 @@ Non-finite input is a data error: a block holding a NaN or an inf gets the NaN s
 canonical 0x7FC00000) and all its values NaN, as the reference. |x| enters the block max with
 NaN mapped to inf (``abs_or_inf``), because the compiled max and atomic_max drop NaN.
 
+The scale is written with its strides: row-major, or column-major (stride_sr = 1: a tile's
+(1, 128) scales of one column block are a contiguous run of TR floats).
+
 With GATHER, row r of the tile is row ``idx[r] // gather_div`` of x: the tokens are quantized
 while they are gathered into expert order (the permute of the MoE layer).
 """
@@ -69,7 +72,7 @@ def block_scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr):
 
 @triton.jit
 def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
-                        R, C, br, bc, nbr, nbc, gather_div, stride_xb, stride_xr,
+                        R, C, br, bc, nbr, nbc, gather_div, stride_xb, stride_xr, stride_sb, stride_sr, stride_sc,
                         MODE: tl.constexpr, POW2: tl.constexpr, GATHER: tl.constexpr, FMAX: tl.constexpr,
                         TR: tl.constexpr, TC: tl.constexpr, BRF: tl.constexpr, BCF: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
@@ -84,7 +87,9 @@ def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
     NBC: tl.constexpr = TC // BCF
     sub_r = r0 + tl.arange(0, NBR) * BRF  # first row of each block-row part in the tile
     sub_c = c0 + tl.arange(0, NBC) * BCF
-    blk = b * nbr * nbc + (sub_r // br)[:, None] * nbc + (sub_c // bc)[None, :]
+    blk_r = (sub_r // br)[:, None]
+    blk_c = (sub_c // bc)[None, :]
+    blk = b * nbr * nbc + blk_r * nbc + blk_c  # in the contiguous amax buffer
     blk_ok = (sub_r < R)[:, None] & (sub_c < C)[None, :]
     src = rows
     if GATHER:
@@ -100,7 +105,7 @@ def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
     if MODE != 1:
         scale = block_scale(amax, FMAX, POW2)
         first = ((sub_r % br) == 0)[:, None] & ((sub_c % bc) == 0)[None, :]
-        tl.store(scale_ptr + blk, scale, mask=blk_ok & first)
+        tl.store(scale_ptr + b * stride_sb + blk_r * stride_sr + blk_c * stride_sc, scale, mask=blk_ok & first)
         s = tl.reshape(tl.broadcast_to(tl.reshape(scale, (NBR, 1, NBC, 1)), (NBR, BRF, NBC, BCF)), (TR, TC))
         # x / NaN is NaN, and the clamp keeps it (a plain min/max would turn it into -448).
         v = tl.maximum(tl.math.div_rn(x, s), -FMAX, propagate_nan=tl.PropagateNan.ALL)
