@@ -75,6 +75,17 @@ def _weight_storage(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return w.contiguous(), False  # neither dim is unit-stride: one copy, then the fast path
 
 
+def _descriptor_strides(storage: torch.Tensor) -> list[int]:
+    """The [E, rows, cols] weight storage's strides for its TMA descriptor. With one expert the
+    outer stride is never stepped, but a view may carry any (``b.unsqueeze(0)`` of a transposed
+    [N, K] weight has outer stride K, less than the N * K it spans): give it the expert's span,
+    so the descriptor is well-formed (each stride at least the extent of the dims inside it)."""
+    strides = list(storage.stride())
+    if storage.shape[0] == 1:
+        strides[0] = storage.shape[1] * strides[1]
+    return strides
+
+
 def _is_kmajor(w: torch.Tensor) -> bool:
     return _weight_storage(w)[1]
 
@@ -109,7 +120,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device))
     a = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [cfg.BLOCK_M, cfg.BLOCK_K]) if a_tma else x
     block_b = [1, cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [1, cfg.BLOCK_K, cfg.BLOCK_N]
-    b = TensorDescriptor(storage, list(storage.shape), list(storage.stride()), block_b) if b_tma else storage
+    b = TensorDescriptor(storage, list(storage.shape), _descriptor_strides(storage), block_b) if b_tma else storage
     # Strides of the logical [E, K, N] weight, for the pointer path.
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most

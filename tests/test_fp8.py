@@ -266,6 +266,32 @@ def test_fp8_mm_dense(mode, layout, backend):
     assert y.dtype == torch.float32 and rel_err(y, deq) <= 1e-2
 
 
+@pytest.mark.parametrize("device,backend", [p for p in device_backends(cuda=False) if p.values[1] == "triton"])
+def test_fp8_mm_weight_descriptor_is_well_formed(device, backend, monkeypatch):
+    """fp8_mm's b is the transposed view of an [N, K] weight; as the one expert of a 3-D TMA
+    descriptor over its [1, N, K] storage, every stride must cover the dims inside it (the view's
+    own outer stride, K, does not)."""
+    from triton.tools import tensor_descriptor
+
+    made = []
+
+    class Recording(tensor_descriptor.TensorDescriptor):
+        def __init__(self, base, shape, strides, block_shape, *args, **kwargs):
+            made.append((list(shape), list(strides)))
+            super().__init__(base, shape, strides, block_shape, *args, **kwargs)
+
+    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", Recording)
+    qa, sa, qb, sb, _, _ = quantized_problem(40, 256, 96, 1, "block", device)
+    y = moekernels.fp8_mm(qa, sa, qb[0], sb[0], out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y, moekernels.fp8_grouped_mm(qa, sa, qb, sb, torch.tensor([40], dtype=torch.int32,
+                                                                                   device=device), out_dtype=torch.float32,
+                                                    backend=backend))
+    weights = [(shape, strides) for shape, strides in made if len(shape) == 3]
+    assert weights and all(shape == [1, 96, 256] for shape, _ in weights), made
+    for shape, strides in weights:
+        assert strides[2] == 1 and strides[1] >= shape[2] and strides[0] >= shape[1] * strides[1], (shape, strides)
+
+
 @pytest.mark.parametrize("device,backend", device_backends(cuda=False))
 @pytest.mark.parametrize("layout", fp8.SCALE_LAYOUTS)
 def test_fp8_moe_path(layout, device, backend):
