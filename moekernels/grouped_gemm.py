@@ -97,6 +97,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
+def num_stages(cfg, scale_mode: int, act: int, kmajor: bool) -> int:
+    """Software-pipeline stages of a forward launch. The block-scaled fp8 loop over a K-major
+    weight without an activation takes two K steps an iteration (kernels/_grouped_gemm.py,
+    _block_scaled_loop), so half the stages (at least 2) prefetch as many K steps: 2 stages of two
+    128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB."""
+    two_steps = scale_mode == 3 and not act and kmajor
+    return max(2, (cfg.num_stages + 1) // 2) if two_steps else cfg.num_stages
+
+
 def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1, c_index=None, c_scale=None,
             scales=None):
     """out[:, :N] = epilogue(A @ w[e]) over ``rows`` rows of A (x, or x gathered by a_index).
@@ -125,7 +134,9 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
     scale_mode, a_scale, b_scale = scales if scales is not None else (0, out, out.view(1, 1, -1))
-    accumulators = (2 if act else 1) * (2 if scale_mode == 3 else 1)
+    # float32 tiles held: block-scaled fp8 adds the per-step products (two, in flight and being
+    # promoted, unless the one-step loop of an N-major weight without activation: one).
+    accumulators = (2 if act else 1) * (2 if scale_mode == 3 else 1) + (scale_mode == 3 and not act and kmajor)
     per_sm = configs.programs_per_sm(cfg, x.element_size(), "gated" if act else "plain", accumulators)
     dummy = offs
     if scale_mode == 3:
@@ -140,7 +151,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
             ACT=act, SWAP_AB=cfg.SWAP_AB, SCALE=scale_mode, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             BLOCK_K=cfg.BLOCK_K,
             BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=num_stages(cfg, scale_mode, act, kmajor),
         )
 
 
@@ -496,7 +507,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
                           b_scale_ptr="*fp32")
     # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
     # pipelining of the pointer loads depends on it.
-    return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
+    options = dict(num_warps=cfg.num_warps, num_stages=num_stages(cfg, scale, cx["ACT"], kmajor))
+    return _sm90.Variant(name, fn, sig, cx, options, matrix=True,
                          aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()))
 
 
