@@ -283,9 +283,8 @@ def test_fp8_mm_weight_descriptor_is_well_formed(device, backend, monkeypatch):
     monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", Recording)
     qa, sa, qb, sb, _, _ = quantized_problem(40, 256, 96, 1, "block", device)
     y = moekernels.fp8_mm(qa, sa, qb[0], sb[0], out_dtype=torch.float32, backend=backend)
-    assert torch.equal(y, moekernels.fp8_grouped_mm(qa, sa, qb, sb, torch.tensor([40], dtype=torch.int32,
-                                                                                   device=device), out_dtype=torch.float32,
-                                                    backend=backend))
+    offs = torch.tensor([40], dtype=torch.int32, device=device)
+    assert torch.equal(y, moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend=backend))
     weights = [(shape, strides) for shape, strides in made if len(shape) == 3]
     assert weights and all(shape == [1, 96, 256] for shape, _ in weights), made
     for shape, strides in weights:
