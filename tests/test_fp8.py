@@ -346,12 +346,13 @@ def test_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("layout", fp8.SCALE_LAYOUTS)
+def test_torch_compile_fullgraph(layout, backend):
     qa, sa, qb, sb, x, w = quantized_problem(30, 256, 64, 3, "block", "cpu")
     offs = make_offs(30, 3, 1)
 
     def layer(x, qb, sb, offs):
-        qx, sx = moekernels.quantize_fp8(x, (1, 128), backend=backend)
+        qx, sx = moekernels.quantize_fp8(x, (1, 128), scale_layout=layout, backend=backend)
         return moekernels.fp8_grouped_mm(qx, sx, qb, sb, offs, backend=backend)
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
