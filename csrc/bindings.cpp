@@ -23,8 +23,9 @@ void plan_routing(uintptr_t ids, int id_itemsize, int64_t num_pairs, int num_exp
                   uintptr_t partial, uintptr_t counts, uintptr_t offsets, uintptr_t source, uintptr_t dest,
                   uintptr_t padded, uintptr_t block_expert, uintptr_t num_padded, int64_t num_blocks,
                   uintptr_t stream);
-void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale, int64_t num_rows,
-                        int top_k, int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream);
+void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale,
+                        int64_t scale_row_stride, int64_t scale_col_stride, int64_t num_rows, int top_k,
+                        int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream);
 }  // namespace moekernels
 
 PYBIND11_MODULE(_C, m) {

@@ -10,11 +10,18 @@
 // PERMUTE: token t's row is read and quantized once, and its q and scales written to the k
 // rows dest[t*k + j] of the expert-sorted order (the Triton kernel gathers row r from
 // x[source[r] // k]: the same rows, as dest and source are inverse permutations).
+// Non-finite input is a data error: a group holding a NaN or an inf gets the NaN scale (the
+// canonical 0x7fc00000) and all its q NaN (0x7f), as the reference. |x| enters the warp max
+// with NaN mapped to inf (abs_or_inf): fmaxf drops NaN but keeps inf. The clamp of q keeps the
+// NaN that x / NaN gives (fmaxf(NaN, -448) would be -448).
+// The scale [rows, groups] is written with its strides: row-major, or column-major (the GEMMs'
+// fast layout, one 128-column group's scales contiguous).
 // VEC: the 4 columns of a lane in one 8-byte (16-bit types) or 16-byte (float32) load, and q
 // in one 4-byte store, when every row start is aligned (the launcher checks) and H % 4 == 0.
 //
 // Resources (ptxas -v, sm_90a): 256 threads a block (8 groups), no shared memory, no local
 // memory; 29-32 registers, 40-44 fused with permute with 4-column vectors.
+#include <cfloat>
 #include <cuda_fp8.h>
 
 #include "common.cuh"
@@ -44,19 +51,25 @@ __device__ __forceinline__ void load4(const T* row, int64_t c0, int64_t hidden, 
   }
 }
 
+__device__ __forceinline__ float abs_or_inf(float v) {
+  const float a = fabsf(v);
+  return a <= FLT_MAX ? a : __int_as_float(0x7f800000);  // NaN <= FLT_MAX is false
+}
+
 __device__ __forceinline__ float group_scale(float amax, bool pow2) {
   float s = __fdiv_rn(fmaxf(amax, kAmaxFloor), kFp8Max);
   if (pow2) {
     const int bits = __float_as_int(s);
     s = (bits & 0x7fffff) ? __int_as_float(((bits >> 23) + 1) << 23) : s;
   }
-  return s;
+  return amax <= FLT_MAX ? s : __int_as_float(0x7fc00000);
 }
 
 template <typename T, bool VEC, bool PERMUTE>
 __global__ void __launch_bounds__(kThreads) quantize_1x128_kernel(const T* __restrict__ x,
                                                                   const int32_t* __restrict__ dest,
                                                                   uint8_t* __restrict__ q, float* __restrict__ scale,
+                                                                  int64_t scale_row_stride, int64_t scale_col_stride,
                                                                   int64_t num_rows, int top_k, int64_t hidden,
                                                                   int64_t x_stride, bool pow2) {
   const int lane = threadIdx.x % 32;
@@ -69,13 +82,14 @@ __global__ void __launch_bounds__(kThreads) quantize_1x128_kernel(const T* __res
     const int64_t c0 = g * kGroup + lane * 4;
     float v[4];
     load4<T, VEC>(x + t * x_stride, c0, hidden, v);
-    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+    float amax = fmaxf(fmaxf(abs_or_inf(v[0]), abs_or_inf(v[1])), fmaxf(abs_or_inf(v[2]), abs_or_inf(v[3])));
     amax = seg_max<32>(amax);
     const float s = group_scale(amax, pow2);
     uint32_t packed = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const float r = fminf(fmaxf(__fdiv_rn(v[i], s), -kFp8Max), kFp8Max);
+      const float d = __fdiv_rn(v[i], s);
+      const float r = d == d ? fminf(fmaxf(d, -kFp8Max), kFp8Max) : d;
       const uint32_t byte = __nv_cvt_float_to_fp8(r, __NV_SATFINITE, __NV_E4M3);
       packed |= byte << (8 * i);
     }
@@ -90,15 +104,16 @@ __global__ void __launch_bounds__(kThreads) quantize_1x128_kernel(const T* __res
           if (c0 + i < hidden) out[c0 + i] = static_cast<uint8_t>(packed >> (8 * i));
         }
       }
-      if (lane == 0) scale[row * groups + g] = s;
+      if (lane == 0) scale[row * scale_row_stride + g * scale_col_stride] = s;
     }
   }
 }
 
 }  // namespace
 
-void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale, int64_t num_rows,
-                        int top_k, int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream) {
+void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale,
+                        int64_t scale_row_stride, int64_t scale_col_stride, int64_t num_rows, int top_k,
+                        int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream) {
   // Shapes and dtypes were validated by the Python custom op (moekernels/fp8.py); these guards
   // only keep a direct caller from reading out of bounds.
   if (top_k < 1) throw std::invalid_argument("quantize_fp8_1x128: top_k must be >= 1");
@@ -117,7 +132,8 @@ void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uin
     const T* in = reinterpret_cast<const T*>(x);
     auto go = [&](auto vec_tag, auto permute_tag) {
       quantize_1x128_kernel<T, decltype(vec_tag)::value, decltype(permute_tag)::value>
-          <<<grid, kThreads, 0, s>>>(in, idx, out, sc, num_rows, top_k, hidden, x_stride, pow2);
+          <<<grid, kThreads, 0, s>>>(in, idx, out, sc, scale_row_stride, scale_col_stride, num_rows, top_k, hidden,
+                                     x_stride, pow2);
     };
     using Yes = std::true_type;
     using No = std::false_type;

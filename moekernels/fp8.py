@@ -25,6 +25,11 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 QUANT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 NAMED = ("tensor", "row", "col")
+# "row_major": scale [..., nbr, nbc] contiguous (the default). "col_major": the same logical
+# scale, a transposed view of a contiguous [..., nbc, nbr]: for (1, 128) activation scales
+# [M, K/128], one K step's M scales are contiguous (DeepGEMM's MN-major scales), so a GEMM
+# tile loads them with one coalesced vector load instead of BLOCK_M strided 4-byte loads.
+SCALE_LAYOUTS = ("row_major", "col_major")
 
 
 
@@ -74,12 +79,14 @@ def _launch_cuda(x, q, scale, pow2, inverse, top_k):
     vec = x.shape[1] % 4 == 0 and x.stride(0) % 4 == 0 and x.data_ptr() % (4 * x.element_size()) == 0
     with _backend.device_guard(x):
         _ext.C.quantize_fp8_1x128(x.data_ptr(), _ext.dtype_code(x.dtype), inverse.data_ptr() if inverse is not None
-                                  else 0, q.data_ptr(), scale.data_ptr(), x.shape[0], top_k if inverse is not None
-                                  else 1, x.shape[1], x.stride(0), pow2, vec, _ext.stream(x))
+                                  else 0, q.data_ptr(), scale.data_ptr(), *scale.stride(), x.shape[0],
+                                  top_k if inverse is not None else 1, x.shape[1], x.stride(0), pow2, vec,
+                                  _ext.stream(x))
 
 
 def _launch_quantize(x3, q, scale, br, bc, pow2, index=None, gather_div=1):
-    """x3 [B, R_in, C] (rows gathered by index when given: then R = len(index)), q [B, R, C]."""
+    """x3 [B, R_in, C] (rows gathered by index when given: then R = len(index)), q [B, R, C],
+    scale [B, nbr, nbc] of any strides (a transposed view for the column-major layout)."""
     from .kernels._fp8 import quantize_fp8_kernel
 
     batch, _, cols = x3.shape
@@ -89,7 +96,8 @@ def _launch_quantize(x3, q, scale, br, bc, pow2, index=None, gather_div=1):
     grid = (triton.cdiv(rows, cfg.TR) * triton.cdiv(cols, cfg.TC), batch)
     amax = torch.zeros(batch, nbr, nbc, dtype=torch.float32, device=x3.device) if cfg.two_pass else scale
     idx = index if index is not None else scale
-    args = (x3, idx, q, scale, amax, rows, cols, br, bc, nbr, nbc, gather_div, x3.stride(0), x3.stride(1))
+    args = (x3, idx, q, scale, amax, rows, cols, br, bc, nbr, nbc, gather_div, x3.stride(0), x3.stride(1),
+            *scale.stride())
     meta = dict(POW2=pow2, GATHER=index is not None, FMAX=FP8_MAX, TR=cfg.TR, TC=cfg.TC, BRF=cfg.BRF,
                 BCF=cfg.BCF, num_warps=cfg.num_warps)
     with _backend.device_guard(x3):
@@ -103,36 +111,48 @@ def _quant_shapes(x, br, bc, index):
     return (*lead, rows, x.shape[-1]), (*lead, triton.cdiv(rows, br), triton.cdiv(x.shape[-1], bc))
 
 
+def _new_scale(x, shape, col_major):
+    """The float32 scale [..., nbr, nbc]: row-major, or a transposed view of a contiguous
+    [..., nbc, nbr] (col_major: for activations, one K block's M scales are contiguous)."""
+    if col_major:
+        return x.new_empty(*shape[:-2], shape[-1], shape[-2], dtype=torch.float32).transpose(-1, -2)
+    return x.new_empty(shape, dtype=torch.float32)
+
+
 @torch.library.custom_op("moekernels::quantize_fp8", mutates_args=())
 def _quantize_op(x: torch.Tensor, block_rows: int, block_cols: int, pow2_scale: bool, index: torch.Tensor | None,
-                 inverse: torch.Tensor | None, gather_div: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 inverse: torch.Tensor | None, gather_div: int, col_major_scale: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """index: row r of the rows quantized is x[index[r] // gather_div] (the plan's source_index);
-    inverse: its inverse (dest_index), which the cuda kernel walks instead (a token read once)."""
+    inverse: its inverse (dest_index), which the cuda kernel walks instead (a token read once);
+    col_major_scale: the scale as a transposed view of a contiguous [..., nbc, nbr] tensor."""
     reason = _cuda_reason(x, block_rows, block_cols, index, inverse)
     name = _backend.choose("quantize_fp8", x.device, backend or None, cuda_reason=reason)
+    q_shape, s_shape = _quant_shapes(x, block_rows, block_cols, index)
+    scale = _new_scale(x, s_shape, col_major_scale)
     if name == "torch":
         rows = x if index is None else reference.permute_rows(x, index, gather_div)
-        return reference.quantize_fp8(rows, (block_rows, block_cols), pow2_scale=pow2_scale)
-    q_shape, s_shape = _quant_shapes(x, block_rows, block_cols, index)
+        q, want = reference.quantize_fp8(rows, (block_rows, block_cols), pow2_scale=pow2_scale)
+        return q, scale.copy_(want)
     q = torch.empty(q_shape, dtype=FP8, device=x.device)
-    scale = torch.empty(s_shape, dtype=torch.float32, device=x.device)
     if q.numel() and name == "cuda":
         _launch_cuda(x, q, scale, pow2_scale, inverse, gather_div)
     elif q.numel():
         x3 = x.reshape(-1, *x.shape[-2:])
         x3 = x3 if x3.stride(-1) == 1 else x3.contiguous()
-        _launch_quantize(x3, q.view(-1, *q_shape[-2:]), scale, block_rows, block_cols, pow2_scale, index, gather_div)
+        _launch_quantize(x3, q.view(-1, *q_shape[-2:]), scale.view(-1, *s_shape[-2:]), block_rows, block_cols,
+                         pow2_scale, index, gather_div)
     return q, scale
 
 
 @_quantize_op.register_fake
-def _(x, block_rows, block_cols, pow2_scale, index, inverse, gather_div, backend):
+def _(x, block_rows, block_cols, pow2_scale, index, inverse, gather_div, col_major_scale, backend):
     q_shape, s_shape = _quant_shapes(x, block_rows, block_cols, index)
-    return x.new_empty(q_shape, dtype=FP8), x.new_empty(s_shape, dtype=torch.float32)
+    return x.new_empty(q_shape, dtype=FP8), _new_scale(x, s_shape, col_major_scale)
 
 
 def quantize_fp8(x: torch.Tensor, granularity="row", *, dtype: torch.dtype = FP8, pow2_scale: bool = False,
-                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 scale_layout: str = "row_major", backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize to float8_e4m3fn with one float32 scale per block of the last two dims [R, C].
 
     Args:
@@ -142,7 +162,11 @@ def quantize_fp8(x: torch.Tensor, granularity="row", *, dtype: torch.dtype = FP8
             weight block (DeepSeek-V3).
         dtype: torch.float8_e4m3fn (the only one).
         pow2_scale: round each scale up to a power of two (UE8M0, as DeepGEMM on Blackwell).
-        backend: ``"torch"``, ``"triton"`` or None (automatic).
+        scale_layout: ``"row_major"`` (default: scale contiguous) or ``"col_major"``: the same
+            logical scale, stored [..., C / bc, R / br] (the returned scale is its transposed
+            view). The fast layout for the activation scales of :func:`fp8_mm` and
+            :func:`fp8_grouped_mm` ((1, 128): one K step's scales are one contiguous vector).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"`` or None (automatic).
 
     Returns:
         q: x's shape, float8_e4m3fn, ``q = saturate(x / scale)`` rounded to nearest even, so that
@@ -159,19 +183,20 @@ def quantize_fp8(x: torch.Tensor, granularity="row", *, dtype: torch.dtype = FP8
     if dtype != FP8:
         raise TypeError(f"dtype must be torch.float8_e4m3fn, got {dtype}")
     _check_granularity(granularity)
+    _checks.choice("scale_layout", scale_layout, SCALE_LAYOUTS)
     br, bc = block_shape(granularity, x.shape[-2], x.shape[-1])
-    return _quantize_op(x, br, bc, bool(pow2_scale), None, None, 1, backend or "")
+    return _quantize_op(x, br, bc, bool(pow2_scale), None, None, 1, scale_layout == "col_major", backend or "")
 
 
 def quantize_fp8_gathered(x: torch.Tensor, plan, granularity=(1, 128), *, pow2_scale: bool = False,
-                          backend: str | None = None):
+                          scale_layout: str = "row_major", backend: str | None = None):
     """``quantize_fp8(permute(x, plan), granularity)`` in one kernel: the tokens [T, H] are
     quantized as they are gathered into expert order, never written in bf16 (the Triton kernel
     gathers row r from ``x[source_index[r] // k]``; the cuda one, (1, 128) only, quantizes token t
     once and writes it to its k rows ``dest_index[t*k + j]``).
 
     Returns q [T*k, H] float8_e4m3fn and scale [T*k / br, H / bc] float32 (internal API: the fp8
-    MoE path). Not differentiable.
+    MoE path), ``scale_layout`` as in :func:`quantize_fp8`. Not differentiable.
     """
     from .plan import RoutingPlan
 
@@ -181,8 +206,10 @@ def quantize_fp8_gathered(x: torch.Tensor, plan, granularity=(1, 128), *, pow2_s
     if plan.source_index.device != x.device or plan.source_index.shape[0] != x.shape[0] * plan.top_k:
         raise ValueError(f"plan must hold the {x.shape[0]} x {plan.top_k} pairs of x's tokens, on {x.device}")
     _check_granularity(granularity)
+    _checks.choice("scale_layout", scale_layout, SCALE_LAYOUTS)
     br, bc = block_shape(granularity, plan.source_index.shape[0], x.shape[1])
-    return _quantize_op(x, br, bc, bool(pow2_scale), plan.source_index, plan.dest_index, plan.top_k, backend or "")
+    return _quantize_op(x, br, bc, bool(pow2_scale), plan.source_index, plan.dest_index, plan.top_k,
+                        scale_layout == "col_major", backend or "")
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -206,15 +233,17 @@ SM90_QUANTS = {
 
 # (grouped_mm_kernel variant, rows per expert, N, K, scaling mode, weight storage): the scaled
 # GEMMs of the fp8 MoE path (DeepSeek-V3's gate/up and down, a 7168 x 4096 dense slice).
+# "+colscale": column-major (1, 128) activation scales, as the MoE layer quantizes them.
 SM90_FP8_GEMMS = {
     "fp8_block_prefill_kmajor": ("plain", 512, 4096, 7168, 3, True),
+    "fp8_block_prefill_kmajor_colscale": ("plain+colscale", 512, 4096, 7168, 3, True),
     "fp8_block_decode_kmajor": ("plain", 4, 4096, 7168, 3, True),
     "fp8_block_ekn": ("plain", 512, 4096, 7168, 3, False),
     "fp8_rowcol_prefill_kmajor": ("plain", 512, 4096, 7168, 2, True),
     "fp8_tensor_prefill_kmajor": ("plain", 512, 4096, 7168, 1, True),
-    "fp8_block_gather_gated_kmajor": ("gather+gated", 512, 2048, 7168, 3, True),
-    "fp8_block_gather_gated_decode": ("gather+gated", 4, 2048, 7168, 3, True),
-    "fp8_block_scatter_kmajor": ("scatter", 512, 7168, 2048, 3, True),
+    "fp8_block_gather_gated_kmajor": ("gather+gated+colscale", 512, 2048, 7168, 3, True),
+    "fp8_block_gather_gated_decode": ("gather+gated+colscale", 4, 2048, 7168, 3, True),
+    "fp8_block_scatter_kmajor": ("scatter+colscale", 512, 7168, 2048, 3, True),
 }
 
 
@@ -226,8 +255,9 @@ def sm90_variants():
     out = []
     for name, (variant, per_expert, n, k, scale, kmajor) in SM90_FP8_GEMMS.items():
         cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8)
-        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", variant, cfg, FP8, kmajor, scale=scale,
-                                                out_dtype=torch.bfloat16))
+        launch = "+".join(p for p in variant.split("+") if p != "colscale")
+        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, kmajor, scale=scale,
+                                                out_dtype=torch.bfloat16, col_major_a_scale=launch != variant))
     for name, (granularity, rows, cols, dtype, gather) in SM90_QUANTS.items():
         br, bc = block_shape(granularity, rows, cols)
         cfg = configs.quant_config(br, bc, rows, cols)
@@ -266,7 +296,8 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     Args:
         a: [M, K] float8_e4m3fn, rows sorted by expert.
         a_scale: float32 from :func:`quantize_fp8` of the [M, K] rows: [1, 1] ("tensor"),
-            [M, 1] ("row") or [M, K / 128] ((1, 128)).
+            [M, 1] ("row") or [M, K / 128] ((1, 128)), in either layout, read by its strides;
+            column-major (``scale_layout="col_major"``, [K / 128, M] in memory) is the fast one.
         b: [E, K, N] float8_e4m3fn, usually the transposed view of an [E, N, K] weight.
         b_scale: float32 scales of the logical [E, K, N]: [E, 1, 1] ("tensor"), [E, 1, N]
             ("col", or "row" of the [E, N, K] storage, transposed) or [E, K / 128, N / 128]

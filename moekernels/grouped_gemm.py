@@ -76,6 +76,17 @@ def _weight_storage(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return w.contiguous(), False  # neither dim is unit-stride: one copy, then the fast path
 
 
+def _descriptor_strides(storage: torch.Tensor) -> list[int]:
+    """The [E, rows, cols] weight storage's strides for its TMA descriptor. With one expert the
+    outer stride is never stepped, but a view may carry any (``b.unsqueeze(0)`` of a transposed
+    [N, K] weight has outer stride K, less than the N * K it spans): give it the expert's span,
+    so the descriptor is well-formed (each stride at least the extent of the dims inside it)."""
+    strides = list(storage.stride())
+    if storage.shape[0] == 1:
+        strides[0] = storage.shape[1] * strides[1]
+    return strides
+
+
 def _is_kmajor(w: torch.Tensor) -> bool:
     return _weight_storage(w)[1]
 
@@ -85,6 +96,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def num_stages(cfg, scale_mode: int, act: int, kmajor: bool) -> int:
+    """Software-pipeline stages of a forward launch. The block-scaled fp8 loop over a K-major
+    weight without an activation takes two K steps an iteration (kernels/_grouped_gemm.py,
+    _block_scaled_loop), so half the stages (at least 2) prefetch as many K steps: 2 stages of two
+    128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB."""
+    two_steps = scale_mode == 3 and not act and kmajor
+    return max(2, (cfg.num_stages + 1) // 2) if two_steps else cfg.num_stages
 
 
 def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1, c_index=None, c_scale=None,
@@ -110,7 +130,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device))
     a = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [cfg.BLOCK_M, cfg.BLOCK_K]) if a_tma else x
     block_b = [1, cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [1, cfg.BLOCK_K, cfg.BLOCK_N]
-    b = TensorDescriptor(storage, list(storage.shape), list(storage.stride()), block_b) if b_tma else storage
+    b = TensorDescriptor(storage, list(storage.shape), _descriptor_strides(storage), block_b) if b_tma else storage
     # Strides of the logical [E, K, N] weight, for the pointer path.
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
@@ -118,7 +138,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
                            scatter=c_index is not None, act=act, scale=scale_mode,
                            block_e=triton.next_power_of_2(num_experts))
-    per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype) if x.is_cuda else 1
+    stages = num_stages(cfg, scale_mode, act, kmajor)
+    per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
         assert cfg.BLOCK_K == 128 and 128 % cfg.BLOCK_N == 0, f"block-scaled fp8 needs 128-wide K steps: {cfg}"
@@ -128,7 +149,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
             c_scale if c_scale is not None else out, offs, a_scale, b_scale,
             rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
             a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(),
-            **cx, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **cx, num_warps=cfg.num_warps, num_stages=stages,
         )
 
 
@@ -139,16 +160,19 @@ def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale,
                 BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)
 
 
-def programs_per_sm(cfg, cx: dict, dtype, out_dtype) -> int:
+def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int) -> int:
     """Persistent programs per SM of a grouped_mm_kernel launch: what its sm_90a compile allows
     (configs/sm90_resources.json, registers and shared memory read from ptxas's cubin), so that the
     grid never holds a second wave it assumed resident; the estimate for a config the table lacks
     (a tuned table's config not among the shipped ones)."""
-    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype, cx, cfg.num_warps, cfg.num_stages)
+    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype, cx, cfg.num_warps, stages)
     per_sm = configs.sm90_programs_per_sm(key)
     if per_sm is not None:
         return per_sm
-    accumulators = (2 if cx["ACT"] else 1) * (2 if cx["SCALE"] == 3 else 1)
+    # float32 tiles held: block-scaled fp8 adds the per-step products (two, in flight and being
+    # promoted, unless the one-step loop of an N-major weight without activation: one).
+    scaled = cx["SCALE"] == 3
+    accumulators = (2 if cx["ACT"] else 1) * (2 if scaled else 1) + (scaled and not cx["ACT"] and cx["B_KMAJOR"])
     return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators)
 
 
@@ -558,9 +582,10 @@ def _dw_variant(name, cfg, dtype, gather):
                          loads={"x": "cp.async" if gather else "tma", "dy": "tma"})
 
 
-def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None):
+def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False):
     """The sm_90 compile job of one grouped_mm_kernel launch: ``variant`` is plain, gather (rows by
-    pointer), unaligned (both operands by pointer), gated or scatter; ``scale`` the fp8 mode."""
+    pointer), unaligned (both operands by pointer), gated or scatter; ``scale`` the fp8 mode;
+    ``col_major_a_scale``: a_scale's row stride 1, which Triton specialises as the constant 1."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
@@ -569,7 +594,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     pointers = gather or unaligned
     cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128)
-    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, cfg.num_stages)
+    stages = num_stages(cfg, scale, cx["ACT"], kmajor)
+    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
     # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.
     b_path = "pointer" if unaligned else "tma"
@@ -577,6 +603,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
              **({"w_gate": b_path, "w_up": b_path} if cx["ACT"] else {"w": b_path})}
     if unaligned:  # the weight's unit stride, which Triton specialises as the constant 1
         cx["stride_bk" if kmajor else "stride_bn"] = 1
+    if col_major_a_scale:
+        cx["stride_sam"] = 1
     ptr = _sm90.ptr(dtype)
     elem = ptr.removeprefix("*")
     block_b = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
@@ -587,7 +615,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
                           b_scale_ptr="*fp32")
     # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
     # pipelining of the pointer loads depends on it.
-    return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
+    options = dict(num_warps=cfg.num_warps, num_stages=stages)
+    return _sm90.Variant(name, fn, sig, cx, options, matrix=True,
                          aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()),
                          loads=loads, launch_key=key)
 

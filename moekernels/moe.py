@@ -60,10 +60,11 @@ def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
         return hidden.new_zeros(0, hid)
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
     if w_gate_up.dtype == FP8:
-        qx, sx = _quantize_op(hidden, 1, 128, False, None, None, 1, backend)
+        # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs.
+        qx, sx = _quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
         h = _fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, sx,
                       w_gate_up_scale.transpose(1, 2), hidden.dtype, backend)
-        qh, sh = _quantize_op(h, 1, 128, False, None, None, 1, backend)
+        qh, sh = _quantize_op(h, 1, 128, False, None, None, 1, True, backend)
         pairs = _fused_op(qh, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, sh,
                           w_down_scale.transpose(1, 2), hidden.dtype, backend)
     else:

@@ -429,12 +429,14 @@ FP8_AMAX_FLOOR = 1e-12  # the amax of an all-zero block: a finite, positive scal
 
 def fp8_block_scale(amax: torch.Tensor, pow2_scale: bool, fmax: float) -> torch.Tensor:
     """max(amax, 1e-12) / fmax in float32 (an IEEE division), rounded up to a power of two by its
-    exponent bits with pow2_scale (a mantissa of 0 is already one)."""
+    exponent bits with pow2_scale (a mantissa of 0 is already one). A non-finite amax (a NaN or
+    an inf in the block: a data error) gives the canonical NaN (0x7FC00000), so that every value
+    of the block quantizes to NaN; pow2's exponent bump would turn a NaN into -0.0, hence last."""
     scale = amax.float().clamp(min=FP8_AMAX_FLOOR) / fmax
     if pow2_scale:
         bits = scale.view(torch.int32)
         scale = torch.where(bits & 0x7FFFFF != 0, ((bits >> 23) + 1) << 23, bits).view(torch.float32)
-    return scale
+    return torch.where(amax.isfinite(), scale, float("nan"))
 
 
 def block_dims(scale_shape, rows: int, cols: int) -> tuple[int, int]:

@@ -73,8 +73,8 @@ def test_errors_surface_as_python_exceptions():
     with pytest.raises(ValueError, match="num_pairs"):
         _ext.C.plan_routing(0, 4, 2**31, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match="top_k"):
-        _ext.C.quantize_fp8_1x128(0, 1, 0, 0, 0, 4, 0, 128, 128, False, False, 0)
+        _ext.C.quantize_fp8_1x128(0, 1, 0, 0, 0, 1, 4, 4, 0, 128, 128, False, False, 0)
     with pytest.raises(ValueError, match="vec"):
-        _ext.C.quantize_fp8_1x128(0, 1, 0, 0, 0, 4, 1, 130, 130, False, True, 0)
+        _ext.C.quantize_fp8_1x128(0, 1, 0, 0, 0, 2, 1, 4, 1, 130, 130, False, True, 0)
     with pytest.raises(ValueError, match="dtype"):
-        _ext.C.quantize_fp8_1x128(0, 5, 0, 0, 0, 4, 1, 128, 128, False, False, 0)
+        _ext.C.quantize_fp8_1x128(0, 5, 0, 0, 0, 1, 1, 4, 1, 128, 128, False, False, 0)

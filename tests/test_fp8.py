@@ -76,6 +76,59 @@ def test_quantize_values(granularity, backend):
         assert not q[:, 0].float().any()  # the all-zero row quantizes to zeros
 
 
+def make_non_finite(shape, dtype, device):
+    """make_x with a NaN, a -NaN, an inf and a -inf in four places of the first matrix (the
+    last three in the last row or column: the block tails); the other matrices finite."""
+    x = make_x(shape, dtype, device)
+    for (r, c), v in zip([(1, 3), (-1, 5), (shape[-2] // 2, -1), (-1, -1)],
+                         [float("nan"), -float("nan"), float("inf"), -float("inf")]):
+        x.view(-1, *shape[-2:])[0, r, c] = v
+    return x
+
+
+def check_non_finite(x, q, scale, br, bc, pow2):
+    """Blocks holding a NaN or an inf: scale the canonical NaN and every q NaN; the other blocks
+    bit-exact against the reference."""
+    rows, cols = x.shape[-2:]
+    pad = torch.zeros(*x.shape[:-2], -(-rows // br) * br, -(-cols // bc) * bc, dtype=torch.bool)
+    pad[..., :rows, :cols] = ~x.cpu().isfinite()
+    bad = pad.view(*x.shape[:-2], pad.shape[-2] // br, br, pad.shape[-1] // bc, bc).any(-1).any(-2)
+    assert bad.any() and not bad.all()  # both kinds of block are checked
+    scale, q = scale.cpu(), q.cpu()
+    assert torch.equal(scale.view(torch.int32) == 0x7FC00000, bad)
+    bad_values = bad.repeat_interleave(br, -2).repeat_interleave(bc, -1)[..., :rows, :cols]
+    assert torch.equal(q.float().isnan(), bad_values)
+    want_q, want_s = reference.quantize_fp8(x.cpu(), (br, bc), pow2_scale=pow2)
+    assert torch.equal(scale.view(torch.int32), want_s.view(torch.int32))  # equal bits, NaN included
+    assert same_bits(q[~bad_values], want_q[~bad_values])
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("pow2", [False, True], ids=["scale", "pow2"])
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=gran_id)
+def test_non_finite_blocks_quantize_to_nan(granularity, pow2, device, backend):
+    """NaN and inf are data errors: their block's scale and values become NaN on every backend
+    (the compiled max drops NaN; the kernels must not). 2 x 300 x 260 runs "tensor" and "col" in
+    two passes (atomic_max of the block maxima), the others in one."""
+    x = make_non_finite((2, 300, 260), torch.float32, device)
+    q, scale = moekernels.quantize_fp8(x, granularity, pow2_scale=pow2, backend=backend)
+    check_non_finite(x, q, scale, *fp8.block_shape(granularity, 300, 260), pow2)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_non_finite_tokens_quantize_to_nan_1x128(dtype, device, backend):
+    """The (1, 128) path of every backend, csrc/quantize.cu included on the GPU, alone and
+    fused with the gather."""
+    num_tokens, top_k, num_experts, hidden = 13, 2, 4, 384
+    x = make_non_finite((num_tokens, hidden), dtype, device)
+    check_non_finite(x, *moekernels.quantize_fp8(x, (1, 128), backend=backend), 1, 128, False)
+    plan = moekernels.plan_routing(make_ids(num_tokens, top_k, num_experts, device=device), num_experts,
+                                   backend="torch")
+    xs = moekernels.permute(x, plan, backend="torch")
+    check_non_finite(xs, *fp8.quantize_fp8_gathered(x, plan, backend=backend), 1, 128, False)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_pow2_scales_are_powers_of_two_that_cover_amax(backend):
     x = make_x((64, 256), torch.bfloat16, "cpu")
@@ -98,14 +151,39 @@ def test_transposes_compose(granularity, transposed, backend):
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_quantize_fused_with_the_gather(device, backend):
+@pytest.mark.parametrize("layout", fp8.SCALE_LAYOUTS)
+def test_quantize_fused_with_the_gather(layout, device, backend):
     num_tokens, top_k, num_experts, hidden = 13, 3, 6, 384
     ids = make_ids(num_tokens, top_k, num_experts, device=device)
     plan = moekernels.plan_routing(ids, num_experts, backend="torch")
     x = make_x((num_tokens, hidden), torch.bfloat16, device)
-    q, scale = fp8.quantize_fp8_gathered(x, plan, backend=backend)
+    q, scale = fp8.quantize_fp8_gathered(x, plan, scale_layout=layout, backend=backend)
     want_q, want_s = moekernels.quantize_fp8(moekernels.permute(x, plan, backend="torch"), (1, 128), backend="torch")
     assert same_bits(q, want_q) and same_bits(scale, want_s)
+    assert scale.stride() == ((1, scale.shape[0]) if layout == "col_major" else (scale.shape[1], 1))
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("shape", [(3, 130, 384), (300, 260)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("granularity", GRANULARITIES, ids=gran_id)
+def test_col_major_scales_are_the_same_bits(granularity, shape, device, backend):
+    """scale_layout="col_major": the same q and scale bits, the scale stored [..., nbc, nbr]
+    (a transposed view of a contiguous tensor), on the one-pass and two-pass kernels."""
+    x = make_x(shape, torch.bfloat16, device)
+    q, scale = moekernels.quantize_fp8(x, granularity, scale_layout="col_major", backend=backend)
+    want_q, want_s = moekernels.quantize_fp8(x, granularity, backend="torch")
+    assert want_s.is_contiguous() and scale.transpose(-1, -2).is_contiguous() and scale.shape == want_s.shape
+    assert same_bits(q, want_q) and same_bits(scale, want_s)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_gpu_col_major_scales_1x128(backend):
+    """csrc/quantize.cu and the Triton kernel write column-major (1, 128) scales, bit for bit."""
+    x = make_x((300, 7168), torch.bfloat16, "cuda")
+    q, scale = moekernels.quantize_fp8(x, (1, 128), scale_layout="col_major", backend=backend)
+    want_q, want_s = moekernels.quantize_fp8(x, (1, 128), backend="torch")
+    assert scale.stride() == (1, 300) and same_bits(q, want_q) and same_bits(scale, want_s)
 
 
 # ----------------------------------------------------------------------------- GEMMs
@@ -160,17 +238,62 @@ def test_block_scaling_beats_per_tensor_on_outlier_channels(backend):
     assert diffs["block"] <= 1e-3 and diffs["block"] < diffs["tensor"], diffs
 
 
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("case", [(50, 256, 192, 3, 3), (130, 384, 128, 4, 1), (1, 128, 128, 2, 0)],
+                         ids=lambda c: "M{}_K{}_N{}_E{}_tail{}".format(*c))
+def test_fp8_grouped_mm_takes_col_major_activation_scales(case, device, backend):
+    """The (1, 128) activation scales in either layout: the same product, bit for bit (only the
+    scale addresses differ), within 1e-2 of the dequantized product."""
+    rows, k, n, num_experts, tail = case
+    qa, sa, qb, sb, x, w = quantized_problem(rows, k, n, num_experts, "block", device)
+    sa_col = sa.t().contiguous().t()
+    offs = make_offs(rows, num_experts, tail, device)
+    y = moekernels.fp8_grouped_mm(qa, sa_col, qb, sb, offs, out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y, moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend=backend))
+    deq = reference.grouped_mm(fp8.dequantize_fp8(qa, sa).double().cpu(), fp8.dequantize_fp8(qb, sb).double().cpu(),
+                               offs.cpu())
+    assert rel_err(y, deq) <= 1e-2
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
-@pytest.mark.parametrize("mode", MODES)
-def test_fp8_mm_dense(mode, backend):
+@pytest.mark.parametrize("mode,layout", [(m, "row_major") for m in MODES] + [("block", "col_major")])
+def test_fp8_mm_dense(mode, layout, backend):
     qa, sa, qb, sb, x, w = quantized_problem(40, 256, 96, 1, mode, "cpu")
+    if layout == "col_major":
+        sa = sa.t().contiguous().t()
     y = moekernels.fp8_mm(qa, sa, qb[0], sb[0], out_dtype=torch.float32, backend=backend)
     deq = fp8.dequantize_fp8(qa, sa).double() @ fp8.dequantize_fp8(qb[0], sb[0]).double()
     assert y.dtype == torch.float32 and rel_err(y, deq) <= 1e-2
 
 
+@pytest.mark.parametrize("device,backend", [p for p in device_backends(cuda=False) if p.values[1] == "triton"])
+def test_fp8_mm_weight_descriptor_is_well_formed(device, backend, monkeypatch):
+    """fp8_mm's b is the transposed view of an [N, K] weight; as the one expert of a 3-D TMA
+    descriptor over its [1, N, K] storage, every stride must cover the dims inside it (the view's
+    own outer stride, K, does not)."""
+    from triton.tools import tensor_descriptor
+
+    made = []
+
+    class Recording(tensor_descriptor.TensorDescriptor):
+        def __init__(self, base, shape, strides, block_shape, *args, **kwargs):
+            made.append((list(shape), list(strides)))
+            super().__init__(base, shape, strides, block_shape, *args, **kwargs)
+
+    monkeypatch.setattr(tensor_descriptor, "TensorDescriptor", Recording)
+    qa, sa, qb, sb, _, _ = quantized_problem(40, 256, 96, 1, "block", device)
+    y = moekernels.fp8_mm(qa, sa, qb[0], sb[0], out_dtype=torch.float32, backend=backend)
+    offs = torch.tensor([40], dtype=torch.int32, device=device)
+    assert torch.equal(y, moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend=backend))
+    weights = [(shape, strides) for shape, strides in made if len(shape) == 3]
+    assert weights and all(shape == [1, 96, 256] for shape, _ in weights), made
+    for shape, strides in weights:
+        assert strides[2] == 1 and strides[1] >= shape[2] and strides[0] >= shape[1] * strides[1], (shape, strides)
+
+
 @pytest.mark.parametrize("device,backend", device_backends(cuda=False))
-def test_fp8_moe_path(device, backend):
+@pytest.mark.parametrize("layout", fp8.SCALE_LAYOUTS)
+def test_fp8_moe_path(layout, device, backend):
     """The w8a8 block path of the MoE layer: tokens quantized (1, 128) once, GEMM 1 gathers their
     fp8 rows and scales with SwiGLU in its epilogue, h quantized (1, 128), GEMM 2 scatters with
     the router weights; against the same composition on the dequantized operands."""
@@ -181,13 +304,13 @@ def test_fp8_moe_path(device, backend):
     w1 = (torch.randn(num_experts, 2 * inter, hidden, device=device) / hidden**0.5).bfloat16()
     w2 = (torch.randn(num_experts, hidden, inter, device=device) / inter**0.5).bfloat16()
     weights = torch.rand(num_tokens, top_k, device=device)
-    qx, sx = moekernels.quantize_fp8(x, (1, 128), backend=backend)
+    qx, sx = moekernels.quantize_fp8(x, (1, 128), scale_layout=layout, backend=backend)
     q1, s1 = moekernels.quantize_fp8(w1, (128, 128), backend=backend)
     q2, s2 = moekernels.quantize_fp8(w2, (128, 128), backend=backend)
     common = dict(source_index=plan.source_index, top_k=top_k, backend=backend)
     h = gg.grouped_mm_fused(qx, q1.transpose(1, 2), plan.expert_offsets, gather=True, activation="silu",
                             a_scale=sx, b_scale=s1.transpose(1, 2), **common)
-    qh, sh = moekernels.quantize_fp8(h, (1, 128), backend=backend)
+    qh, sh = moekernels.quantize_fp8(h, (1, 128), scale_layout=layout, backend=backend)
     out = gg.grouped_mm_fused(qh, q2.transpose(1, 2), plan.expert_offsets, scatter_weights=weights, a_scale=sh,
                               b_scale=s2.transpose(1, 2), **common)
     deq = {name: fp8.dequantize_fp8(q, s) for name, q, s in (("x", qx, sx), ("h", qh, sh))}
@@ -210,8 +333,9 @@ def test_fp8_moe_path(device, backend):
 def test_opcheck(backend):
     x = make_x((3, 40, 256), torch.bfloat16, "cpu")
     ops = torch.ops.moekernels
-    torch.library.opcheck(ops.quantize_fp8.default, (x, 1, 128, False, None, None, 1, backend))
-    torch.library.opcheck(ops.quantize_fp8.default, (x, 40, 256, True, None, None, 1, backend))  # per tensor: 2 passes
+    torch.library.opcheck(ops.quantize_fp8.default, (x, 1, 128, False, None, None, 1, False, backend))
+    torch.library.opcheck(ops.quantize_fp8.default, (x, 1, 128, False, None, None, 1, True, backend))  # col-major
+    torch.library.opcheck(ops.quantize_fp8.default, (x, 40, 256, True, None, None, 1, False, backend))  # 2 passes
     qa, sa, qb, sb, _, _ = quantized_problem(24, 256, 64, 3, "block", "cpu")
     offs = make_offs(24, 3, 2)
     # test_schema compares the inputs before and after with arithmetic torch lacks for fp8 on the
@@ -222,12 +346,13 @@ def test_opcheck(backend):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("layout", fp8.SCALE_LAYOUTS)
+def test_torch_compile_fullgraph(layout, backend):
     qa, sa, qb, sb, x, w = quantized_problem(30, 256, 64, 3, "block", "cpu")
     offs = make_offs(30, 3, 1)
 
     def layer(x, qb, sb, offs):
-        qx, sx = moekernels.quantize_fp8(x, (1, 128), backend=backend)
+        qx, sx = moekernels.quantize_fp8(x, (1, 128), scale_layout=layout, backend=backend)
         return moekernels.fp8_grouped_mm(qx, sx, qb, sb, offs, backend=backend)
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager", dynamic=True)
@@ -289,6 +414,8 @@ def test_bad_quantize_input():
         moekernels.quantize_fp8(torch.randn(8), "row")
     with pytest.raises(TypeError, match="dtype"):
         moekernels.quantize_fp8(torch.randn(4, 8), "row", dtype=torch.float8_e5m2)
+    with pytest.raises(ValueError, match="scale_layout"):
+        moekernels.quantize_fp8(torch.randn(4, 8), "row", scale_layout="k_major")
 
 
 # ----------------------------------------------------------------------------- on the GPU

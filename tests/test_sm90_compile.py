@@ -212,7 +212,7 @@ def test_launch_sizes_its_grid_from_the_compile():
     cx = grouped_gemm.kernel_constexprs(cfg, a_tma=False, b_tma=True, kmajor=True, gather=True, scatter=False,
                                         act=0, scale=0, block_e=256)
     compiled = reports()["grouped_mm/gather_prefill_bf16_kmajor"]
-    assert grouped_gemm.programs_per_sm(cfg, cx, bf16, bf16) == compiled["programs_per_sm"]
+    assert grouped_gemm.programs_per_sm(cfg, cx, bf16, bf16, cfg.num_stages) == compiled["programs_per_sm"]
     assert compiled["programs_per_sm"] < configs.programs_per_sm(cfg, 2)  # what the estimate got wrong
     untuned = dict(cx, GROUP_M=cx["GROUP_M"] * 2)
-    assert grouped_gemm.programs_per_sm(cfg, untuned, bf16, bf16) == configs.programs_per_sm(cfg, 2)
+    assert grouped_gemm.programs_per_sm(cfg, untuned, bf16, bf16, cfg.num_stages) == configs.programs_per_sm(cfg, 2)

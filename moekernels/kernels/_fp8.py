@@ -17,6 +17,13 @@ by exponent bits with pow2; q rounds ``x / scale`` to the e4m3 grid in float32 a
 wrongly near binade edges (127.2 -> 64 instead of 128: 1633 of 69638 random values), and a
 value already on the grid converts exactly everywhere.
 
+Non-finite input is a data error: a block holding a NaN or an inf gets the NaN scale (the
+canonical 0x7FC00000) and all its values NaN, as the reference. |x| enters the block max with
+NaN mapped to inf (``abs_or_inf``), because the compiled max and atomic_max drop NaN.
+
+The scale is written with its strides: row-major, or column-major (stride_sr = 1: a tile's
+(1, 128) scales of one column block are a contiguous run of TR floats).
+
 With GATHER, row r of the tile is row ``idx[r] // gather_div`` of x: the tokens are quantized
 while they are gathered into expert order (the permute of the MoE layer).
 """
@@ -25,6 +32,7 @@ import triton
 import triton.language as tl
 
 AMAX_FLOOR: tl.constexpr = tl.constexpr(1e-12)  # the scale of an all-zero block: finite and > 0
+F32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
@@ -43,18 +51,28 @@ def round_e4m3(v):
 
 
 @triton.jit
+def abs_or_inf(x):
+    """|x|, with NaN mapped to +inf: the compiled max (max.f32, atomic max) drops NaN, but keeps
+    inf, so a block's max is inf exactly when the block holds a NaN or an inf."""
+    a = tl.abs(x)
+    return tl.where(a <= F32_MAX, a, float("inf"))
+
+
+@triton.jit
 def block_scale(amax, FMAX: tl.constexpr, POW2: tl.constexpr):
     s = tl.math.div_rn(tl.maximum(amax, AMAX_FLOOR), tl.full(amax.shape, FMAX, tl.float32))
     if POW2:  # round up to a power of two (UE8M0): bump the exponent unless the mantissa is 0
         bits = s.to(tl.int32, bitcast=True)
         up = tl.where((bits & 0x7FFFFF) != 0, ((bits >> 23) + 1) << 23, bits)
         s = up.to(tl.float32, bitcast=True)
-    return s
+    # A non-finite block (amax = inf from abs_or_inf) gets the canonical NaN, as the reference.
+    nan = tl.full(amax.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(amax <= F32_MAX, s, nan)
 
 
 @triton.jit
 def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
-                        R, C, br, bc, nbr, nbc, gather_div, stride_xb, stride_xr,
+                        R, C, br, bc, nbr, nbc, gather_div, stride_xb, stride_xr, stride_sb, stride_sr, stride_sc,
                         MODE: tl.constexpr, POW2: tl.constexpr, GATHER: tl.constexpr, FMAX: tl.constexpr,
                         TR: tl.constexpr, TC: tl.constexpr, BRF: tl.constexpr, BCF: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
@@ -69,7 +87,9 @@ def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
     NBC: tl.constexpr = TC // BCF
     sub_r = r0 + tl.arange(0, NBR) * BRF  # first row of each block-row part in the tile
     sub_c = c0 + tl.arange(0, NBC) * BCF
-    blk = b * nbr * nbc + (sub_r // br)[:, None] * nbc + (sub_c // bc)[None, :]
+    blk_r = (sub_r // br)[:, None]
+    blk_c = (sub_c // bc)[None, :]
+    blk = b * nbr * nbc + blk_r * nbc + blk_c  # in the contiguous amax buffer
     blk_ok = (sub_r < R)[:, None] & (sub_c < C)[None, :]
     src = rows
     if GATHER:
@@ -79,14 +99,19 @@ def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
     if MODE == 2:
         amax = tl.load(amax_ptr + blk, mask=blk_ok, other=0.0)
     else:
-        amax = tl.max(tl.max(tl.reshape(tl.abs(x), (NBR, BRF, NBC, BCF)), axis=3), axis=1)
+        amax = tl.max(tl.max(tl.reshape(abs_or_inf(x), (NBR, BRF, NBC, BCF)), axis=3), axis=1)
         if MODE == 1:
             tl.atomic_max(amax_ptr + blk, amax, mask=blk_ok)
     if MODE != 1:
         scale = block_scale(amax, FMAX, POW2)
         first = ((sub_r % br) == 0)[:, None] & ((sub_c % bc) == 0)[None, :]
-        tl.store(scale_ptr + blk, scale, mask=blk_ok & first)
+        tl.store(scale_ptr + b * stride_sb + blk_r * stride_sr + blk_c * stride_sc, scale, mask=blk_ok & first)
         s = tl.reshape(tl.broadcast_to(tl.reshape(scale, (NBR, 1, NBC, 1)), (NBR, BRF, NBC, BCF)), (TR, TC))
-        q = round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FMAX), FMAX))
+        # x / NaN is NaN, and the clamp keeps it (a plain min/max would turn it into -448).
+        v = tl.maximum(tl.math.div_rn(x, s), -FMAX, propagate_nan=tl.PropagateNan.ALL)
+        q = round_e4m3(tl.minimum(v, FMAX, propagate_nan=tl.PropagateNan.ALL))
+        # A NaN with e4m3's three mantissa bits set (0x7FF00000): the GPU converts any NaN to
+        # e4m3's NaN, the interpreter keeps the top mantissa bits (0x7FC00000 would become 384).
+        q = tl.where(q == q, q, tl.full(q.shape, 0x7FF00000, tl.int32).to(tl.float32, bitcast=True))
         out = q_ptr + b * R * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
         tl.store(out, q.to(q_ptr.dtype.element_ty), mask=mask)

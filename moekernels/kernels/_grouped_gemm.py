@@ -24,6 +24,11 @@ ready for the combine. SWAP_AB (decode, at most 16 rows per tile) computes the t
 ``b^T a^T``: the weight columns fill wgmma's 64-row M and the few tokens its N of 16, instead of
 padding 1-16 token rows to 64.
 
+Block-scaled fp8 (SCALE 3) promotes each 128-wide K step's product with its scales, which
+triton 3.6 can only do after waiting for that step's wgmma; ``_block_scaled_loop`` (and
+``_block_scaled_gated_loop``) order the steps so that another wgmma is in flight during each
+promotion (see there).
+
 ``grouped_mm_dw_kernel`` is the K-grouped product of the weight gradient,
 dw[e] = a[seg e]^T @ b[seg e]: one work item per (expert, K tile, N tile), a loop over the
 expert's rows, masked at the segment's end (the rows of other experts must not enter the sum),
@@ -109,17 +114,97 @@ def _mma(a, b, acc, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
-def _block_scaled(a_tile, b_tile, acc, sa, b_scale_ptr, sb_off, SWAP_AB: tl.constexpr):
-    """acc + (a @ b) * sa[row] * sb: one 128-wide K step's product promoted to the float32
-    accumulator with its block scales (sa per row of the tile, sb one scalar: the tile's BLOCK_N
-    <= 128 columns lie in one 128-column scale block)."""
-    part = _mma(a_tile, b_tile, tl.zeros(acc.shape, dtype=tl.float32), SWAP_AB)
-    sb = tl.load(b_scale_ptr + sb_off)
+def _promote(acc, part, s, SWAP_AB: tl.constexpr):
+    """acc + part * s[row]: a K step's product promoted with its scales (sa[row] * sb)."""
     if SWAP_AB:
-        acc += part * (sa * sb)[None, :]
+        acc += part * s[None, :]
     else:
-        acc += part * (sa * sb)[:, None]
+        acc += part * s[:, None]
     return acc
+
+
+@triton.jit
+def _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride_sak, sb_ptr, stride_sbk):
+    """sa[row] * sb of K step kk (zeros past the last step): sb is one scalar, the tile's BLOCK_N
+    <= 128 columns lying in one 128-column scale block. With column-major a_scale (stride_sam
+    1) the tile's row scales are one contiguous run."""
+    ok = kk < num_k_tiles
+    sa = tl.load(a_scale_ptr + src64 * stride_sam + kk * stride_sak, mask=row_ok & ok, other=0.0)
+    return sa * tl.load(sb_ptr + kk * stride_sbk, mask=ok, other=0.0)
+
+
+@triton.jit
+def _block_scaled_loop(a, b, acc, src, src64, row_ok, row0, e, e64, n0, K, num_k_tiles, width_b, stride_am,
+                       stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr, stride_sam, stride_sak, stride_sbe,
+                       stride_sbk, stride_sbn, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr,
+                       SWAP_AB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TWO_STEPS: tl.constexpr):
+    """The (1, 128) x (128, 128) K loop, two K steps an iteration (TWO_STEPS), so that a wgmma is in flight
+    while the previous step's product is promoted. Each K step's product needs its own scales,
+    so it is read in the loop, and triton 3.6's pipeliner then waits for that wgmma at once
+    (pendings 0) unless the read comes after another wait 0 in the loop (WGMMAPipeline's rule
+    3b). So step A's wgmma is waited for at once; that wait also retires step B's wgmma of the
+    previous iteration, whose product is promoted then; step B's wgmma is issued next and runs
+    while step A's product is promoted, and on into the next iteration. An odd step count gets a
+    last step of zeros (TMA and masked loads past K read zeros; its scales are 0).
+
+    The overlap holds a third 128x128 float32 tile (255 registers a thread at 8 warps, sm_90a).
+    Without TWO_STEPS, one step an iteration, waited for at once: for the N-major weight, which
+    is transposed through shared memory (issue 13, item 3) and would spill 28 bytes."""
+    sb_ptr = b_scale_ptr + e64 * stride_sbe + (n0 // 128) * stride_sbn
+    zero = tl.zeros(acc.shape, dtype=tl.float32)
+    part_b = zero
+    s_b = tl.zeros(src.shape, dtype=tl.float32)
+    STEPS: tl.constexpr = 2 if TWO_STEPS else 1
+    for kp in range(0, tl.cdiv(num_k_tiles, STEPS)):
+        ka = kp * STEPS
+        s_a = _step_scales(a_scale_ptr, src64, row_ok, ka, num_k_tiles, stride_sam, stride_sak, sb_ptr, stride_sbk)
+        a_tile = _load_a(a, src, row_ok, row0, ka * BLOCK_K, K, stride_am, A_TMA, BLOCK_K)
+        b_tile = _load_b(b, e, ka * BLOCK_K, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
+                         BLOCK_K, BLOCK_N)
+        part_a = _mma(a_tile, b_tile, zero, SWAP_AB)  # waited for at once
+        if TWO_STEPS:
+            acc = _promote(acc, part_b, s_b, SWAP_AB)  # the previous iteration's step B
+            kb = ka + 1
+            s_b = _step_scales(a_scale_ptr, src64, row_ok, kb, num_k_tiles, stride_sam, stride_sak, sb_ptr,
+                               stride_sbk)
+            a_tile = _load_a(a, src, row_ok, row0, kb * BLOCK_K, K, stride_am, A_TMA, BLOCK_K)
+            b_tile = _load_b(b, e, kb * BLOCK_K, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
+                             BLOCK_K, BLOCK_N)
+            part_b = _mma(a_tile, b_tile, zero, SWAP_AB)  # in flight across the promotion below
+        acc = _promote(acc, part_a, s_a, SWAP_AB)
+    if TWO_STEPS:
+        acc = _promote(acc, part_b, s_b, SWAP_AB)
+    return acc
+
+
+@triton.jit
+def _block_scaled_gated_loop(a, b, acc, acc_up, src, src64, row_ok, row0, e, e64, n0, N, K, num_k_tiles, width_b,
+                             stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr, stride_sam,
+                             stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA: tl.constexpr,
+                             B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, SWAP_AB: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The block-scaled K loop of the gated epilogue: the same overlap as _block_scaled_loop with
+    its two products a K step, gate and up: the gate wgmma is waited for at once (retiring the
+    previous step's up wgmma, promoted then), the up wgmma runs while the gate is promoted."""
+    sb_row = b_scale_ptr + e64 * stride_sbe
+    zero = tl.zeros(acc.shape, dtype=tl.float32)
+    part_up = zero
+    s_up = tl.zeros(src.shape, dtype=tl.float32)
+    for kk in range(0, num_k_tiles):
+        k0 = kk * BLOCK_K
+        a_tile = _load_a(a, src, row_ok, row0, k0, K, stride_am, A_TMA, BLOCK_K)
+        gate = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K, BLOCK_N)
+        up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
+                     BLOCK_N)
+        s_gate = _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride_sak,
+                              sb_row + (n0 // 128) * stride_sbn, stride_sbk)
+        part_gate = _mma(a_tile, gate, zero, SWAP_AB)  # waited for at once
+        acc_up = _promote(acc_up, part_up, s_up, SWAP_AB)  # the previous step's up
+        s_up = _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride_sak,
+                            sb_row + ((n0 + N) // 128) * stride_sbn, stride_sbk)
+        part_up = _mma(a_tile, up, zero, SWAP_AB)  # in flight across the promotion below
+        acc = _promote(acc, part_gate, s_gate, SWAP_AB)
+    return acc, _promote(acc_up, part_up, s_up, SWAP_AB)
 
 
 @triton.jit(do_not_specialize=["num_rows"])
@@ -170,23 +255,27 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
         e64 = e.to(tl.int64)
         acc = tl.zeros(acc_shape, dtype=tl.float32)
         acc_up = tl.zeros(acc_shape, dtype=tl.float32)
-        for kk in range(0, tl.where(in_expert, num_k_tiles, 0)):  # tail tiles: no K steps, zeros
-            k0 = kk * BLOCK_K
-            a_tile = _load_a(a, src, row_ok, row0, k0, K, stride_am, A_TMA, BLOCK_K)
-            b_tile = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
-                             BLOCK_N)
-            if ACT != 0:
-                up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
-                             BLOCK_K, BLOCK_N)
-            if SCALE == 3:
-                sa = tl.load(a_scale_ptr + src64 * stride_sam + kk * stride_sak, mask=row_ok, other=0.0)
-                sb_off = e64 * stride_sbe + kk * stride_sbk
-                acc = _block_scaled(a_tile, b_tile, acc, sa, b_scale_ptr, sb_off + (n0 // 128) * stride_sbn,
-                                    SWAP_AB)
+        num_steps = tl.where(in_expert, num_k_tiles, 0)  # tail tiles: no K steps, zeros
+        if SCALE == 3 and ACT != 0:
+            acc, acc_up = _block_scaled_gated_loop(a, b, acc, acc_up, src, src64, row_ok, row0, e, e64, n0, N, K,
+                                                   num_steps, width_b, stride_am, stride_be, stride_bk, stride_bn,
+                                                   a_scale_ptr, b_scale_ptr, stride_sam, stride_sak, stride_sbe,
+                                                   stride_sbk, stride_sbn, A_TMA, B_TMA, B_KMAJOR, SWAP_AB,
+                                                   BLOCK_K, BLOCK_N)
+        elif SCALE == 3:
+            acc = _block_scaled_loop(a, b, acc, src, src64, row_ok, row0, e, e64, n0, K, num_steps, width_b,
+                                     stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr,
+                                     stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA, B_TMA,
+                                     B_KMAJOR, SWAP_AB, BLOCK_K, BLOCK_N, B_KMAJOR)
+        else:
+            for kk in range(0, num_steps):
+                k0 = kk * BLOCK_K
+                a_tile = _load_a(a, src, row_ok, row0, k0, K, stride_am, A_TMA, BLOCK_K)
+                b_tile = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
+                                 BLOCK_K, BLOCK_N)
                 if ACT != 0:
-                    acc_up = _block_scaled(a_tile, up, acc_up, sa, b_scale_ptr,
-                                           sb_off + ((n0 + N) // 128) * stride_sbn, SWAP_AB)
-            else:
+                    up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
+                                 BLOCK_K, BLOCK_N)
                 acc = _mma(a_tile, b_tile, acc, SWAP_AB)
                 if ACT != 0:
                     acc_up = _mma(a_tile, up, acc_up, SWAP_AB)
