@@ -147,10 +147,10 @@ def _launch_dw(a, grad, offs, out, *, a_index=None, gather_div=1):
     grid = min(items, num_programs(a.device)) if a.device.type != "cuda" else items
     with _backend.device_guard(a):
         grouped_mm_dw_kernel[(grid,)](
-            a, a_index if a_index is not None else offs, grad, out, offs,
-            rows, k, n, num_experts, gather_div, a.stride(0), grad.stride(0), *out.stride(),
-            GATHER=a_index is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
-            GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            a, a_index if a_index is not None else offs, grad, out, offs, offs, offs,
+            rows, k, n, num_experts, gather_div, a.stride(0), 1, grad.stride(0), 1, *out.stride(),
+            GATHER=a_index is not None, SCALED=False, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
+            BLOCK_E=1, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
 
@@ -449,10 +449,12 @@ def _dw_variant(name, cfg, dtype, gather):
     from .kernels._grouped_gemm import grouped_mm_dw_kernel as fn
 
     ptr = _sm90.ptr(dtype)
-    # stride_cn = 1 (a contiguous gradient): Triton specialises an integer argument of 1.
-    cx = dict(GATHER=gather, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M,
-              stride_cn=1)
-    sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32", offs_ptr="*i32")
+    # stride_cn = 1 (a contiguous gradient), and the channels of a and b contiguous: Triton
+    # specialises an integer argument of 1.
+    cx = dict(GATHER=gather, SCALED=False, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
+              BLOCK_E=1, GROUP_M=cfg.GROUP_M, stride_ak=1, stride_bn=1, stride_cn=1)
+    sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32", offs_ptr="*i32",
+                          sa_ptr="*i32", sb_ptr="*i32")
     return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
                          aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce",
                                   "stride_ck"))

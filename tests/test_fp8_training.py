@@ -1,0 +1,200 @@
+"""FP8 training (issue 14): the segment-tiled quantize + transpose of the weight gradient, the
+fp8 weight-gradient GEMM, and grouped_mm_fp8 (fprop, dgrad, wgrad on e4m3)."""
+
+import pytest
+import torch
+
+from conftest import device_backends, rel_err
+from moekernels import fp8, reference
+
+
+def calc_diff(x, y):
+    """DeepGEMM's measure: 1 - 2 <x, y> / (|x|^2 + |y|^2), in float64."""
+    x, y = x.double(), y.double()
+    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
+
+
+def segments(sizes, device):
+    """int32 cumulative ends of the given segment sizes."""
+    return torch.tensor(sizes, device=device).cumsum(0).int()
+
+
+# Segments with an empty expert, a single token, ones shorter than a tile, not a multiple of it,
+# longer than one, ending exactly on a tile, and rows after offs[-1].
+SIZES = [(0, 1, 130, 7, 128, 0, 300), (5,), (129, 0, 0, 2)]
+
+
+def rows_after(sizes):
+    return 3 if len(sizes) > 1 else 0
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("pow2", [False, True], ids=["scale", "pow2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "-".join(map(str, s)))
+def test_segment_quantize_is_bit_exact(sizes, dtype, pow2, device, backend):
+    torch.manual_seed(0)
+    offs = segments(sizes, device)
+    rows = sum(sizes) + rows_after(sizes)
+    x = (torch.randn(rows, 72, device=device) * torch.rand(72, device=device) * 10).to(dtype)
+    q, scale = fp8.quantize_fp8_segments(x, offs, pow2_scale=pow2, backend=backend)
+    ref_q, ref_scale = reference.quantize_fp8_segments(x.cpu(), offs.cpu(), pow2_scale=pow2)
+    assert q.shape == (72, -(-rows // 16) * 16) and scale.shape == (-(-rows // 128) + len(sizes), 72)
+    assert torch.equal(q[:, :rows].cpu().view(torch.uint8), ref_q.view(torch.uint8))
+    assert not q[:, rows:].float().any()
+    assert torch.equal(scale.cpu(), ref_scale)
+
+
+def test_segment_tiles_never_cross_a_segment():
+    offs = segments((0, 1, 130, 7, 128, 0, 300), "cpu")
+    first, bound = reference.segment_tiles(offs, 566 + 3)
+    assert first.tolist() == [0, 0, 1, 3, 4, 5, 5]  # tiles: 0, 1, 2, 1, 1, 0, 3
+    assert bound == 5 + 7
+    x = torch.randn(569, 4)
+    x[1:131] *= 1000  # expert 2's tokens: its scales must not reach expert 1's single token
+    _, scale = reference.quantize_fp8_segments(x, offs)
+    assert torch.equal(scale[0], x[0].abs().clamp(min=1e-12) / 448)
+
+
+def nonfinite_rows():
+    x = torch.randn(140, 8)
+    x[3, 2] = float("nan")  # tile 0 of expert 0 (rows 0-127), channel 2
+    x[130, 5] = float("inf")  # tile 1, channel 5
+    return x, segments((140,), "cpu")
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+def test_segment_quantize_nonfinite(device, backend):
+    x, offs = nonfinite_rows()
+    q, scale = fp8.quantize_fp8_segments(x.to(device), offs.to(device), backend=backend)
+    q, scale = q.cpu().float(), scale.cpu()
+    assert scale[0, 2].isnan() and q[2, :128].isnan().all()
+    assert scale[1, 5].isinf() and q[5, 130].isnan() and (q[5, 128:140][torch.arange(12) != 2] == 0).all()
+    finite = torch.ones_like(scale, dtype=torch.bool)
+    finite[0, 2] = finite[1, 5] = False
+    assert scale[finite].isfinite().all()
+
+
+def dw_problem(sizes, k, n, device, outliers=False):
+    torch.manual_seed(1)
+    offs = segments(sizes, device)
+    rows = sum(sizes) + rows_after(sizes)
+    x = torch.randn(rows, k, device=device)
+    dy = torch.randn(rows, n, device=device)
+    if outliers:
+        x[:, ::17] *= 50
+    return x, dy, offs
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("sizes", SIZES[:2], ids=lambda s: "-".join(map(str, s)))
+def test_wgrad_matches_the_dequantized_product(sizes, device, backend):
+    x, dy, offs = dw_problem(sizes, 48, 40, device)
+    xq, xs = fp8.quantize_fp8_segments(x, offs, backend=backend)
+    gq, gs = fp8.quantize_fp8_segments(dy, offs, backend=backend)
+    dw = fp8._dw_fp8_op(xq, xs, gq, gs, offs, x.shape[0], False, torch.float32, backend)
+    ref = reference.grouped_mm_dw_fp8(xq[:, :x.shape[0]].cpu(), xs.cpu(), gq[:, :x.shape[0]].cpu(), gs.cpu(),
+                                      offs.cpu())
+    assert rel_err(dw, ref) <= 1e-5
+    hp = reference.grouped_mm_dw(x.cpu(), dy.cpu(), offs.cpu())
+    assert calc_diff(dw.cpu(), hp) <= 1e-3
+    for e, size in enumerate(sizes):
+        if size == 0:
+            assert not dw[e].any()
+
+
+def fp8_problem(sizes, k, n, device, dtype=torch.float32, kmajor=True, outliers=True):
+    torch.manual_seed(2)
+    offs = segments(sizes, device)
+    rows = sum(sizes) + rows_after(sizes)
+    x = torch.randn(rows, k, device=device)
+    if outliers:  # DeepSeek-V3's reason for fine-grained scales: a few channels far larger
+        x[:, ::37] *= 30
+    w = torch.randn(len(sizes), n, k, device=device) / k ** 0.5
+    w = w.transpose(1, 2) if kmajor else w.transpose(1, 2).contiguous()
+    return x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), offs
+
+
+GEMM_SIZES = [(0, 1, 130, 7, 200), (129, 0, 2)]
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("kmajor", [True, False], ids=["kmajor", "ekn"])
+@pytest.mark.parametrize("sizes", GEMM_SIZES, ids=lambda s: "-".join(map(str, s)))
+def test_grouped_mm_fp8_block_fprop_dgrad_wgrad(sizes, kmajor, device, backend):
+    """Each of the three GEMMs within DeepGEMM's calc_diff <= 1e-3 of the high-precision one, and
+    within 1e-2 of the product of its own dequantized operands."""
+    x, w, offs = fp8_problem(sizes, 256, 128, device, kmajor=kmajor)
+    y = fp8.grouped_mm_fp8(x, w, offs, backend=backend)
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert dw.stride() == w.stride() and dx.dtype == x.dtype and dw.dtype == w.dtype
+    xc, wc, oc, gc = x.detach().cpu(), w.detach().cpu(), offs.cpu(), dy.cpu()
+    hp_y = reference.grouped_mm(xc, wc, oc)
+    hp_dx = reference.grouped_mm(gc, wc.transpose(1, 2), oc)
+    hp_dw = reference.grouped_mm_dw(xc, gc, oc)
+    rows = sum(sizes)
+    assert calc_diff(y.detach().cpu()[:rows], hp_y[:rows]) <= 1e-3
+    assert calc_diff(dx.cpu()[:rows], hp_dx[:rows]) <= 1e-3
+    assert calc_diff(dw.cpu(), hp_dw) <= 1e-3
+    assert not y[rows:].any() and not dx[rows:].any()
+    # Against the dequantized operands of each product.
+    deq = reference.dequantize_fp8
+    xq, xs = reference.quantize_fp8(xc, (1, 128))
+    wq, ws = reference.quantize_fp8(wc.transpose(1, 2), (128, 128))  # the [E, N, K] blocks
+    wd = deq(wq, ws).transpose(1, 2)
+    assert rel_err(y.detach().cpu()[:rows], reference.grouped_mm(deq(xq, xs), wd, oc)[:rows]) <= 1e-2
+    gq, gs = reference.quantize_fp8(gc, (1, 128))
+    assert rel_err(dx.cpu()[:rows], reference.grouped_mm(deq(gq, gs), wd.transpose(1, 2), oc)[:rows]) <= 1e-2
+    xt, xts = reference.quantize_fp8_segments(xc, oc)
+    gt, gts = reference.quantize_fp8_segments(gc, oc)
+    assert rel_err(dw.cpu(), reference.grouped_mm_dw_fp8(xt, xts, gt, gts, oc)) <= 1e-2
+    for e, size in enumerate(sizes):
+        if size == 0:
+            assert not dw[e].any()
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+def test_grouped_mm_fp8_row_recipe(device, backend):
+    x, w, offs = fp8_problem((3, 0, 40), 96, 48, device, dtype=torch.bfloat16, outliers=False)
+    y = fp8.grouped_mm_fp8(x, w, offs, recipe="row", backend=backend)
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    xc, wc, oc, gc = x.detach().cpu().float(), w.detach().cpu().float(), offs.cpu(), dy.cpu().float()
+    assert y.dtype == dx.dtype == dw.dtype == torch.bfloat16
+    assert calc_diff(y.detach().cpu()[:43], reference.grouped_mm(xc, wc, oc)[:43]) <= 2e-3
+    assert calc_diff(dx.cpu()[:43], reference.grouped_mm(gc, wc.transpose(1, 2), oc)[:43]) <= 2e-3
+    assert calc_diff(dw.cpu(), reference.grouped_mm_dw(xc, gc, oc)) <= 2e-3
+
+
+def test_fp8_training_bad_input_names_the_argument():
+    x, w, offs = fp8_problem((4, 4), 200, 128, "cpu")
+    with pytest.raises(ValueError, match="K % 128"):
+        fp8.grouped_mm_fp8(x, w, offs)
+    x, w, offs = fp8_problem((4, 4), 128, 128, "cpu")
+    with pytest.raises(ValueError, match="recipe"):
+        fp8.grouped_mm_fp8(x, w, offs, recipe="tile")
+    with pytest.raises(TypeError, match="w must have dtype"):
+        fp8.grouped_mm_fp8(x, w.detach().half(), offs)
+    with pytest.raises(TypeError, match="offs"):
+        fp8.quantize_fp8_segments(x.detach(), offs.long())
+    with pytest.raises(ValueError, match="offs"):
+        fp8.quantize_fp8_segments(x.detach(), torch.tensor([5, 3], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_training_ops_pass_opcheck_and_compile(backend):
+    from conftest import _NEEDS_INTERPRETER
+    if backend == "triton" and _NEEDS_INTERPRETER:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    x, w, offs = fp8_problem((0, 3, 130), 128, 128, "cpu")
+    torch.library.opcheck(fp8._segments_op, (x.detach(), offs, False, backend))
+    torch.library.opcheck(fp8._grouped_mm_fp8_op, (x, w, offs, "block", backend))
+
+    def step(x, w):
+        return fp8.grouped_mm_fp8(x, w, offs, backend=backend).float().square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    gx, gw = torch.autograd.grad(compiled(x, w), (x, w))
+    ex, ew = torch.autograd.grad(step(x, w), (x, w))
+    assert torch.equal(gx, ex) and torch.equal(gw, ew)
