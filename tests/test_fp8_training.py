@@ -198,3 +198,83 @@ def test_fp8_training_ops_pass_opcheck_and_compile(backend):
     gx, gw = torch.autograd.grad(compiled(x, w), (x, w))
     ex, ew = torch.autograd.grad(step(x, w), (x, w))
     assert torch.equal(gx, ex) and torch.equal(gw, ew)
+
+    from moekernels import fused_moe
+    from moekernels.moe import _fused_moe_fp8_op
+
+    hid, w1, w2, tw, ids = moe_problem(5, 128, 128, 3, 2, "cpu")
+    torch.library.opcheck(_fused_moe_fp8_op, (hid, w1, w2, tw, ids, "silu", backend))
+
+    def layer(hid, w1, w2, tw):
+        return fused_moe(hid, w1, w2, tw, ids, precision="fp8", backend=backend).square().sum()
+
+    got = torch.autograd.grad(torch.compile(layer, fullgraph=True, backend="aot_eager")(hid, w1, w2, tw),
+                              (hid, w1, w2, tw))
+    want = torch.autograd.grad(layer(hid, w1, w2, tw), (hid, w1, w2, tw))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+def moe_problem(t, h, i, e, k, device, dtype=torch.float32, seed=3):
+    torch.manual_seed(seed)
+    x = torch.randn(t, h, device=device, dtype=dtype)
+    w1 = (torch.randn(e, 2 * i, h, device=device) / h ** 0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, device=device) / i ** 0.5).to(dtype)
+    ids = torch.rand(t, e, device=device).topk(k, dim=1).indices.int()
+    ids[ids == 1] = 0 if e > 2 else ids[ids == 1]  # expert 1 gets no tokens (may leave duplicates: fine)
+    tw = torch.rand(t, k, device=device).softmax(-1)
+    return [v.requires_grad_() if v.is_floating_point() else v for v in (x, w1, w2, tw, ids)]
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+def test_fused_moe_fp8_training_matches_the_high_precision_layer(device, backend):
+    from moekernels import fused_moe
+
+    x, w1, w2, tw, ids = moe_problem(37, 256, 128, 4, 2, device)
+    y = fused_moe(x, w1, w2, tw, ids, precision="fp8", backend=backend)
+    y_hp = fused_moe(x, w1, w2, tw, ids, backend="torch")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w1, w2, tw), dy)
+    grads_hp = torch.autograd.grad(y_hp, (x, w1, w2, tw), dy)
+    assert calc_diff(y.detach().cpu(), y_hp.detach().cpu()) <= 3e-3
+    for name, g, g_hp in zip(("x", "w_gate_up", "w_down", "topk_weights"), grads, grads_hp):
+        assert g.dtype == g_hp.dtype and g.shape == g_hp.shape
+        assert calc_diff(g.cpu(), g_hp.cpu()) <= 6e-3, name
+    assert not grads[1][1].any() and not grads[2][1].any()  # the expert with no tokens
+
+
+def saved_activation_bytes(fn, params):
+    """Bytes of the tensors autograd keeps for backward, less the parameters (by storage)."""
+    keep = {p.untyped_storage().data_ptr() for p in params}
+    total = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in keep:
+            total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_fp8_layer_saves_about_half_the_activation_bytes():
+    from moekernels import fused_moe
+
+    x, w1, w2, tw, ids = moe_problem(64, 512, 256, 4, 2, "cpu", dtype=torch.bfloat16)
+    bf16 = saved_activation_bytes(lambda: fused_moe(x, w1, w2, tw, ids), (w1, w2))
+    fp8_bytes = saved_activation_bytes(lambda: fused_moe(x, w1, w2, tw, ids, precision="fp8"), (w1, w2))
+    assert bf16 >= x.numel() * 2  # the bf16 path keeps the tokens in bf16
+    assert fp8_bytes <= 0.55 * bf16, (fp8_bytes, bf16)
+
+
+def test_fused_moe_fp8_bad_input():
+    from moekernels import fused_moe
+
+    x, w1, w2, tw, ids = moe_problem(4, 192, 128, 4, 2, "cpu")
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fused_moe(x, w1, w2, tw, ids, precision="fp8")
+    with pytest.raises(ValueError, match="precision"):
+        fused_moe(x, w1, w2, tw, ids, precision="fp4")
