@@ -20,13 +20,14 @@ from __future__ import annotations
 import torch
 
 import moekernels
-from benchmarks.bench_fp8 import naive_quantize
-from benchmarks.bench_plan import naive_plan
-from benchmarks.bench_route import compare as compare_route
-from benchmarks.bench_route import naive_router
-from benchmarks.harness import Case, library_backends
-from benchmarks.shapes import DEEPSEEK_V3, QWEN3_30B_A3B, MoEShape, token_sweep
 from moekernels import fp8
+
+from .bench_fp8 import naive_quantize
+from .bench_plan import naive_plan
+from .bench_route import compare as compare_route
+from .bench_route import naive_router
+from .harness import Case, library_backends
+from .shapes import DEEPSEEK_V3, QWEN3_30B_A3B, MoEShape, token_sweep
 
 TOKENS_FULL = [1, 4, 16, 64]
 TOKENS_QUICK = [1, 16, 64]

@@ -57,12 +57,17 @@ import torch
 import torch.distributed as dist
 
 import moekernels
-from benchmarks.bench_moe import moe_flops
-from benchmarks.bench_permute import compare_unpermute, permute_bytes, unpermute_bytes
-from benchmarks.harness import Case
-from benchmarks.shapes import DEEPSEEK_V3, MoEShape, balanced_ids, token_sweep
+from .bench_moe import moe_flops
+from .bench_permute import compare_unpermute, permute_bytes, unpermute_bytes
+from .harness import Case
+from .shapes import DEEPSEEK_V3, MoEShape, balanced_ids, token_sweep
 
 BENCH = "distributed"
+# The legend under the table (harness.IMPLS has the common names): see the docstring.
+IMPLS = {"local": "plan_routing + permute + unpermute on one process (in a CUDA graph on a GPU)",
+         "local_eager": "the same, timed eagerly: the baseline of the ep rows",
+         "ep": "dispatch + combine on a single-rank group, default mode (a host sync a call)",
+         "ep_capacity": "dispatch(capacity=T*k) + combine: no host sync"}
 DTYPE = torch.bfloat16
 SHAPE = DEEPSEEK_V3
 TOKENS_FULL = [1, 16, 128, 512, 4096, 16384]

@@ -60,8 +60,8 @@ from dataclasses import dataclass
 import torch
 
 import moekernels
-from benchmarks.harness import Case, rel_err, target_line
-from benchmarks.shapes import token_sweep
+from .harness import Case, rel_err, target_line
+from .shapes import token_sweep
 from moekernels import fp8
 
 BENCH = "fp8"
@@ -108,6 +108,8 @@ MEMORY_ROWS = 128
 # FLOPs is ~2.5 ms a call, ~0.4 s a timing; past it the reference would take minutes.
 TORCH_MAX_FLOPS = 2**37
 KERNELS = ("triton", "cuda")
+# The legend under the table (harness.IMPLS has the common names): see the docstring.
+IMPLS = {"bf16": "moekernels.grouped_mm (Triton) on the bf16 operands: the baseline of the 1.6x target"}
 
 # The targets, printed as information and never asserted.
 TARGET_VS_BF16 = 1.6  # block-wise fp8 over our bf16 grouped_mm on the same shapes

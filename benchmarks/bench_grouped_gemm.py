@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 
 import moekernels
-from benchmarks.harness import Case, rel_err, target_line
-from benchmarks.shapes import (
+from .harness import Case, rel_err, target_line
+from .shapes import (
     DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, QWEN3_235B_A22B, GemmShape, down, gate_up, token_sweep,
 )
 
@@ -79,6 +79,8 @@ QUICK_MAX_FLOPS = 4 * 10**12
 # ~2.5 ms a call, ~0.4 s a timing; past it the reference would take minutes of the full suite.
 TORCH_MAX_FLOPS = 2**37
 KERNELS = ("triton",)
+# The legend under the table (harness.IMPLS has the common names): see the docstring.
+IMPLS = {"dense": "one torch.mm of all the rows by one weight: the roofline a grouped GEMM aims at, not checked"}
 
 # The targets, printed as information and never asserted.
 DECODE_ROWS = 64  # decode: 1-64 rows per expert

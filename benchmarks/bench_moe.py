@@ -77,9 +77,9 @@ import torch
 import torch.nn.functional as F
 
 import moekernels
-from benchmarks.bench_fp8 import FP8, FP8_MAX, dequantize
-from benchmarks.harness import Case, rel_err, target_line
-from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, QWEN3_235B_A22B, MoEShape, token_sweep
+from .bench_fp8 import FP8, FP8_MAX, dequantize
+from .harness import Case, rel_err, target_line
+from .shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, QWEN3_235B_A22B, MoEShape, token_sweep
 
 BENCH = "moe"
 DTYPE = torch.bfloat16
@@ -108,6 +108,9 @@ MAX_FLOPS = 2**44
 TORCH_MAX_FLOPS = 2**37
 KERNELS = ("triton",)
 HF_IMPLS = ("hf_eager", "hf_grouped_mm")
+# The legend under the table (harness.IMPLS has the common names): see the docstring.
+IMPLS = {"hf_eager": "transformers' \"eager\" experts (its loop over the experts)",
+         "hf_grouped_mm": "transformers' \"grouped_mm\" experts (torch grouped_mm)"}
 
 # The issue's targets, printed as information and never asserted.
 PREFILL_T = 4096  # prefill: T >= 4096, forward and fwd+bwd

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import moekernels
-from benchmarks.harness import Case, library_backends
-from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, balanced_ids, token_sweep
+from .harness import Case, library_backends
+from .shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, balanced_ids, token_sweep
 
 TOKENS_FULL = [1, 16, 128, 1024, 4096, 16384, 65536]
 # The issue's target sits at 16384 tokens; 16 stands for decode.
@@ -36,6 +36,8 @@ TOKENS_QUICK = [16, 1024, 16384]
 # Real H, few tokens: the CPU run is a dry run of the code paths, not a result.
 TOKENS_CPU = [1, 16, 128]
 KERNELS = ("triton", "cuda")
+# The legend under the table (harness.IMPLS has the common names): see the docstring.
+IMPLS = {"naive_loop": "transformers' loop over the experts (one-hot mask, torch.where, index_add_), eager"}
 # A case whose sorted rows pass this is skipped: DeepSeek-V3 at 65536 tokens holds 7.5 GB of
 # bf16 rows, the naive unpermute a float32 product twice that, and each call then takes
 # milliseconds for a size past the issue's target (16384).

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 import moekernels
-from benchmarks.harness import Case, library_backends
-from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, balanced_ids, token_sweep
+from .harness import Case, library_backends
+from .shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, balanced_ids, token_sweep
 from moekernels.reference import padded_rows_bound
 
 TOKENS_FULL = [1, 16, 128, 1024, 4096, 16384, 65536]

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import moekernels
-from benchmarks.harness import Case
-from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, token_sweep
+from .harness import Case
+from .shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, token_sweep
 
 TOKENS_FULL = [1, 16, 128, 1024, 4096, 16384, 40000, 65536]
 # The two targets sit at 40000 and 65536 tokens; 16 stands for decode.

@@ -3,7 +3,7 @@
 # CUDA extension, runs the GPU tests and the quick benchmark suite, and prints a
 # short summary last.
 #
-#   bash benchmarks/device_check.sh [OUT_DIR]    # default: benchmarks/results/<gpu>/
+#   bash benchmarks/device_check.sh [OUT_DIR]    # default: benchmarks/results/<gpu>/quick/
 #
 # On the lent device machine pass "$OUT", so that the logs and results come back.
 # It leaves at most 8 files in OUT_DIR (build.log, gpu_tests.log, bench.log,
@@ -12,6 +12,8 @@
 # so plan.png, fp8.png, moe.png, decode.png and distributed.png are deleted after it
 # (their times are in bench.md and bench.json); a ninth benchmark needs another file
 # dropped here (tests/test_benchmarks.py counts them).
+# The default OUT_DIR is where run.py files a quick run, so a full run's results stay.
+# The three logs leave with the machine's absolute paths replaced (benchmarks/sanitize.py).
 # Exits non-zero if the build, the GPU tests or the benchmark suite failed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +63,7 @@ BUILD_LIMIT=75
 TEST_LIMIT=180
 BENCH_LIMIT=270
 
-OUT_DIR=${1:-benchmarks/results/$(python3 -c 'from benchmarks.harness import gpu_name; print(gpu_name())')}
+OUT_DIR=${1:-benchmarks/results/$(python3 -c 'from benchmarks.harness import gpu_name; print(gpu_name())')/quick}
 mkdir -p "$OUT_DIR"
 
 verdict() {  # verdict RC LIMIT -> ok / TIMED OUT / FAILED
@@ -107,6 +109,8 @@ timeout "$BENCH_LIMIT" python3 -m benchmarks.run --quick --out "$OUT_DIR" >"$OUT
 bench_rc=$?
 bench_s=$((SECONDS - t0))
 rm -f "$OUT_DIR/plan.png" "$OUT_DIR/fp8.png" "$OUT_DIR/moe.png" "$OUT_DIR/decode.png" "$OUT_DIR/distributed.png"
+python3 -m benchmarks.sanitize --out "$OUT_DIR" "$OUT_DIR/build.log" "$OUT_DIR/gpu_tests.log" "$OUT_DIR/bench.log" \
+    || echo "sanitize failed: the logs keep this machine's paths"
 
 echo
 echo "================================ summary"

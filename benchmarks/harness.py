@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -31,7 +32,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parent
+# In a clone the suite is the repository's benchmarks/ folder, beside pyproject.toml; installed
+# (the wheel maps it to the package moekernels.benchmarks) it sits in site-packages/moekernels/.
+IN_CLONE = HERE.name == "benchmarks" and (REPO_ROOT / "pyproject.toml").is_file()
 
 # One graph replays at most this many input sets in turn. Past it a set is
 # smaller than 2 x L2 / 64 (under 2 MB on a 60 MB L2), so the sets would not
@@ -76,6 +81,8 @@ def git_commit() -> str | None:
     # The device machine gets a copy of the work tree without .git: the caller names the commit.
     if os.environ.get("MOEKERNELS_COMMIT"):
         return os.environ["MOEKERNELS_COMMIT"]
+    if not IN_CLONE:  # site-packages may sit in a venv inside another project's git repository
+        return None
     try:
         done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, timeout=10)
@@ -298,22 +305,55 @@ def measure_roofline(timer: GpuTimer) -> dict:
 
 # ---------------------------------------------------------------- running
 
-class Progress:
-    """A plain stderr progress line: rewritten in place on a terminal, one line per step in a log."""
+def _clock(seconds: float) -> str:
+    """65.2 -> '1:05', 3725 -> '1:02:05'."""
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
-    def __init__(self, total: int):
+
+class Progress:
+    """The suite's progress on stderr, with the time so far and an estimate of the time left.
+
+    On a terminal: one bar rewritten in place (\\r), cut to the terminal's width; in a log (or a
+    pipe): one plain line per step. The estimate assumes the steps left take as long as the
+    finished ones on average (a full GPU suite's sizes grow along it, so it runs low at first).
+    """
+
+    BAR = 20  # characters
+
+    def __init__(self, total: int, stream=None, clock: Callable[[], float] = perf_counter):
         self.total = total
         self.done = 0
-        self.tty = sys.stderr.isatty()
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.clock = clock
+        self.t0 = clock()
+
+    def _times(self) -> str:
+        """'0:12 elapsed, ETA 0:40' from the steps finished so far (one before the one starting)."""
+        elapsed = self.clock() - self.t0
+        finished = self.done - 1
+        eta = _clock(elapsed / finished * (self.total - finished)) if finished else "?"
+        return f"{_clock(elapsed)} elapsed, ETA {eta}"
 
     def step(self, text: str) -> None:
+        """Announces the step about to run."""
         self.done += 1
-        line = f"[{self.done:>{len(str(self.total))}}/{self.total}] {text}"
+        count = f"{self.done:>{len(str(self.total))}}/{self.total}"
         if self.tty:
-            sys.stderr.write("\r\033[K" + line + ("\n" if self.done == self.total else ""))
+            filled = self.BAR * (self.done - 1) // max(self.total, 1)
+            line = f"[{'#' * filled}{'.' * (self.BAR - filled)}] {count} {self._times()}  {text}"
+            width = shutil.get_terminal_size().columns
+            self.stream.write("\r\033[K" + line[:max(width - 1, 20)])
         else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+            self.stream.write(f"[{count}] {self._times()}: {text}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Ends the bar (or the lines) with the total time."""
+        line = f"done: {self.done} timings in {_clock(self.clock() - self.t0)}"
+        self.stream.write(("\r\033[K" if self.tty else "") + line + "\n")
+        self.stream.flush()
 
 
 def _free_device_memory() -> None:
@@ -353,6 +393,7 @@ def run_cases(cases: list[Case], timer) -> list[dict]:
             records.append(rec)
         del sets, naive_out
         _free_device_memory()
+    progress.close()
     return records
 
 
@@ -380,6 +421,10 @@ def derive(records: list[dict], roofline: dict | None) -> None:
 
 
 # ---------------------------------------------------------------- reports
+
+CPU_DRY_RUN = ("CPU timings are a dry run of the benchmarks' code paths (the naive and reference ones) "
+               "at small sizes: they say nothing about the kernels, which need a CUDA GPU")
+
 
 def _fmt(value, kind: str) -> str:
     if value is None:
@@ -494,10 +539,46 @@ def error_lines(records: list[dict]) -> list[str]:
             for r in records if r["error"] is not None]
 
 
-def console_report(records: list[dict]) -> str:
+# What each implementation is; a benchmark module adds its own in a module-level IMPLS.
+IMPLS = {
+    "naive": "plain PyTorch written the obvious way: the baseline of 'x naive' and 'check'",
+    "native": "torch's own op for the same job",
+    "torch": "this library's reference backend (backend=\"torch\", pure PyTorch), not torch's native op",
+    "triton": "this library's Triton kernels (backend=\"triton\")",
+    "cuda": "this library's CUDA extension, moekernels._C (backend=\"cuda\")",
+}
+
+# What each column says, for the legend under a table: only the columns the table shows.
+COLUMN_LEGEND = {
+    "us": "median over the repetitions; each repetition times N calls and gives the mean of one",
+    "spread": "20th to 80th percentile of the repetitions: the middle 60% of them, the timing's noise",
+    "gbps": "the least bytes the problem moves (inputs read once, outputs written once) / median",
+    "tflops": "the problem's FLOPs / median",
+    "roof": "GB/s of the device copy's, or TFLOP/s of bf16 torch.mm's, both measured in this run",
+    "vs_naive": "naive's median / this row's: above 1x is faster than naive",
+    "vs_native": "torch's native op's median / this row's",
+    "check": "output against naive's, once, outside the timing: ok, DIFFERS, or - (naive itself, or unchecked)",
+    "timing": "graph: a CUDA graph of N calls; events: N eager calls between CUDA events (it syncs with "
+              "the host); wall: the CPU's clock / cold: the input sets together pass 2x L2; warm: they fit",
+}
+
+
+def legend(records: list[dict], impls: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """(term, meaning) pairs for one benchmark's table: its implementations, then its columns."""
+    impls = IMPLS if impls is None else impls
+    out = [(impl, impls.get(impl, "see the benchmark's docstring"))
+           for impl in dict.fromkeys(r["impl"] for r in records)]
+    rows = table_rows(records)
+    return out + [(header, COLUMN_LEGEND[key]) for key, header in _columns(rows, records[0]["x_name"])
+                  if key in COLUMN_LEGEND]
+
+
+def console_report(records: list[dict], impls: dict[str, dict[str, str]] | None = None) -> str:
+    """Each benchmark's table with its legend below; ``impls`` maps a benchmark to its IMPLS."""
     parts = []
     for bench, recs in _by_bench(records).items():
-        parts.append(f"== {bench}\n" + format_table(table_rows(recs), recs[0]["x_name"]))
+        lines = [f"  {term}: {text}" for term, text in legend(recs, (impls or {}).get(bench))]
+        parts.append(f"== {bench}\n" + format_table(table_rows(recs), recs[0]["x_name"]) + "\n\n" + "\n".join(lines))
     return "\n\n".join(parts)
 
 
@@ -516,13 +597,17 @@ def _header_lines(meta: dict, roofline: dict | None) -> list[str]:
                      "'cold': the rotated input sets together pass 2x L2")
     else:
         lines.append("- timing: wall clock on the CPU, median of the repetitions; no roofline without a GPU")
+        lines.append(f"- {CPU_DRY_RUN}")
     return lines
 
 
-def markdown_report(meta: dict, roofline: dict | None, records: list[dict], notes: list[str]) -> str:
+def markdown_report(meta: dict, roofline: dict | None, records: list[dict], notes: list[str],
+                    impls: dict[str, dict[str, str]] | None = None) -> str:
     parts = [f"# moekernels benchmarks: {meta['gpu']}", "\n".join(_header_lines(meta, roofline))]
     for bench, recs in _by_bench(records).items():
-        parts.append(f"## {bench}\n\n" + markdown_table(table_rows(recs), recs[0]["x_name"]))
+        lines = [f"- `{term}`: {text}" for term, text in legend(recs, (impls or {}).get(bench))]
+        parts.append(f"## {bench}\n\n" + markdown_table(table_rows(recs), recs[0]["x_name"]) + "\n\n"
+                     + "\n".join(lines))
     if notes:
         parts.append("## Notes\n\n" + "\n".join(f"- {n}" for n in notes))
     return "\n\n".join(parts) + "\n"
@@ -530,6 +615,16 @@ def markdown_report(meta: dict, roofline: dict | None, records: list[dict], note
 
 def write_plots(out_dir: Path, records: list[dict], roofline: dict | None) -> list[Path]:
     """One PNG per benchmark: time (top) and achieved rate against the roofline (bottom), one column per case."""
+    benches = {}
+    for bench, recs in _by_bench(records).items():
+        recs = [r for r in recs if r["error"] is None]
+        groups = list(dict.fromkeys(r["group"] for r in recs))
+        # A line needs two sizes: plots of lone points say nothing, and took ~20 of the ~35 s of
+        # the CPU's quick run (one case a benchmark).
+        if any(len({r["x"] for r in recs if r["group"] == g}) > 1 for g in groups):
+            benches[bench] = (recs, groups)
+    if not benches:
+        return []
     try:
         import matplotlib
     except ImportError:  # matplotlib is the optional "bench" extra
@@ -538,11 +633,7 @@ def write_plots(out_dir: Path, records: list[dict], roofline: dict | None) -> li
     import matplotlib.pyplot as plt
 
     paths = []
-    for bench, recs in _by_bench(records).items():
-        recs = [r for r in recs if r["error"] is None]
-        if not recs:
-            continue
-        groups = list(dict.fromkeys(r["group"] for r in recs))
+    for bench, (recs, groups) in benches.items():
         fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 7), squeeze=False)
         for col, group in enumerate(groups):
             in_group = [r for r in recs if r["group"] == group]
@@ -575,8 +666,8 @@ def write_plots(out_dir: Path, records: list[dict], roofline: dict | None) -> li
     return paths
 
 
-def write_results(out_dir: Path, meta: dict, roofline: dict | None,
-                  records: list[dict], notes: list[str]) -> list[Path]:
+def write_results(out_dir: Path, meta: dict, roofline: dict | None, records: list[dict], notes: list[str],
+                  impls: dict[str, dict[str, str]] | None = None) -> list[Path]:
     """bench.json (every raw number), bench.md, and one PNG per benchmark where matplotlib is there.
 
     Few files on purpose: the device machine returns at most 8 from its output folder.
@@ -586,5 +677,5 @@ def write_results(out_dir: Path, meta: dict, roofline: dict | None,
     json_path = out_dir / "bench.json"
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     md_path = out_dir / "bench.md"
-    md_path.write_text(markdown_report(meta, roofline, records, notes))
+    md_path.write_text(markdown_report(meta, roofline, records, notes, impls))
     return [json_path, md_path] + write_plots(out_dir, records, roofline)

@@ -12,8 +12,8 @@ tokens is made once, before): skip the first round, which compiles, and read the
 import torch
 
 import moekernels
-from benchmarks.shapes import DEEPSEEK_V3 as S
-from benchmarks.shapes import balanced_ids
+from .shapes import DEEPSEEK_V3 as S
+from .shapes import balanced_ids
 
 
 def main() -> None:

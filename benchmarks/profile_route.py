@@ -10,7 +10,7 @@ The first two launches (one per backend) warm up and compile; the next two are t
 import torch
 
 import moekernels
-from benchmarks.shapes import DEEPSEEK_V3 as S
+from .shapes import DEEPSEEK_V3 as S
 
 
 def main() -> None:

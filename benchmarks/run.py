@@ -1,17 +1,21 @@
 """The benchmark suite.
 
-    python -m benchmarks.run [--quick] [--out DIR] [--only route] [--tokens 1,16,...]
+    python -m benchmarks.run [--quick] [--out DIR] [--only route] [--tokens 1,16,...]   # in a clone
+    moekernels-bench [--quick] [--out DIR] [--only route] [--tokens 1,16,...]           # installed
 
 With a CUDA GPU: measures the roofline (bf16 torch.mm and device copy), times
 every case, writes bench.json, bench.md and one PNG per benchmark (where
-matplotlib is installed) under benchmarks/results/<gpu>/, and prints the table
-last. Without one: times the naive and reference paths on the CPU at small
-sizes, says so, and writes the same files under benchmarks/results/cpu/.
+matplotlib is installed) and prints the table last. Without one: times the
+naive and reference paths on the CPU at small sizes, says so, and writes the
+same files. They go to benchmarks/results/<gpu>/ in a clone and to
+./moekernels-bench-results/<gpu>/ when installed; a --quick run to quick/
+below that, so that it never overwrites a full run.
 
 A benchmark is a module with
     cases(device: str, quick: bool, tokens: list[int] | None) -> list[harness.Case]
     notes(records: list[dict]) -> list[str]
-and one line in BENCHMARKS.
+and optionally IMPLS (its own implementations' names -> one line for the legend), and one line
+in BENCHMARKS.
 """
 
 from __future__ import annotations
@@ -23,17 +27,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import harness
+from . import harness
 
-BENCHMARKS = {
-    "route": "benchmarks.bench_route",
-    "plan": "benchmarks.bench_plan",
-    "permute": "benchmarks.bench_permute",
-    "grouped_gemm": "benchmarks.bench_grouped_gemm",
-    "fp8": "benchmarks.bench_fp8",
-    "moe": "benchmarks.bench_moe",
-    "decode": "benchmarks.bench_decode",
-    "distributed": "benchmarks.bench_distributed",
+BENCHMARKS = {  # the registry name -> the module, in this package
+    "route": "bench_route",
+    "plan": "bench_plan",
+    "permute": "bench_permute",
+    "grouped_gemm": "bench_grouped_gemm",
+    "fp8": "bench_fp8",
+    "moe": "bench_moe",
+    "decode": "bench_decode",
+    "distributed": "bench_distributed",
 }
 
 NO_GPU = ("no CUDA GPU found: kernel timings (triton, cuda) need a CUDA GPU; "
@@ -44,10 +48,32 @@ def _tokens(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t]
 
 
+def default_out(gpu: str, quick: bool) -> Path:
+    """benchmarks/results/<gpu>/ in a clone, ./moekernels-bench-results/<gpu>/ installed (never
+    inside site-packages); a quick run's in quick/ below it, so that it never replaces a full run's."""
+    base = harness.HERE / "results" if harness.IN_CLONE else Path.cwd() / "moekernels-bench-results"
+    return base / gpu / "quick" if quick else base / gpu
+
+
+def cpu_quick(cases: list[harness.Case]) -> list[harness.Case]:
+    """--quick on the CPU: each benchmark's first case. The CPU times say nothing about the
+    kernels, so its quick run is a smoke test of every benchmark's code paths: 7 cases, ~20 s on
+    2 shared cores with the imports, where all of them took ~2 minutes."""
+    first: dict[str, harness.Case] = {}
+    for case in cases:
+        first.setdefault(case.bench, case)
+    return list(first.values())
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer sizes and repetitions (the device check's suite)")
-    p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<gpu>/)")
+    prog = "moekernels-bench" if __package__ == "moekernels.benchmarks" else "python -m benchmarks.run"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="fewer sizes and repetitions (the device check's suite); on the CPU, each benchmark's "
+                        "first case only (every case at the sizes --tokens gives)")
+    p.add_argument("--out", type=Path,
+                   help="output folder (default: benchmarks/results/<gpu>/ in a clone, ./moekernels-bench-results/"
+                        "<gpu>/ installed; quick/ below it with --quick)")
     p.add_argument("--only", action="append", choices=sorted(BENCHMARKS),
                    help="run only this benchmark; may be repeated")
     p.add_argument("--tokens", type=_tokens, help="comma-separated token counts T, instead of each benchmark's own")
@@ -56,8 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    modules = [importlib.import_module(BENCHMARKS[name]) for name in (args.only or BENCHMARKS)]
-    out_dir = args.out or Path(__file__).resolve().parent / "results" / harness.gpu_name()
+    modules = {name: importlib.import_module(f".{BENCHMARKS[name]}", __package__) for name in (args.only or BENCHMARKS)}
+    out_dir = args.out or default_out(harness.gpu_name(), args.quick)
     torch.manual_seed(0)
 
     gpu = harness.has_gpu()
@@ -67,16 +93,20 @@ def main(argv: list[str] | None = None) -> int:
         timer = harness.GpuTimer(reps=15 if args.quick else 50, target_ms=0.5 if args.quick else 1.0)
         roofline = harness.measure_roofline(timer)
     else:
+        print(harness.CPU_DRY_RUN, flush=True)  # up front: before minutes of numbers that mean nothing
         timer = harness.CpuTimer(reps=5 if args.quick else 15, target_ms=2.0)
         roofline = None
         notes.append(NO_GPU)
 
-    cases = [c for m in modules for c in m.cases("cuda" if gpu else "cpu", args.quick, args.tokens)]
+    cases = [c for m in modules.values() for c in m.cases("cuda" if gpu else "cpu", args.quick, args.tokens)]
+    if args.quick and not gpu and args.tokens is None:
+        cases = cpu_quick(cases)
     records = harness.run_cases(cases, timer)
     harness.derive(records, roofline)
     errors = harness.error_lines(records)
-    notes += [line for m in modules for line in m.notes(records)] + errors
-    paths = harness.write_results(out_dir, harness.metadata(args.quick), roofline, records, notes)
+    notes += [line for m in modules.values() for line in m.notes(records)] + errors
+    impls = {name: {**harness.IMPLS, **getattr(m, "IMPLS", {})} for name, m in modules.items()}
+    paths = harness.write_results(out_dir, harness.metadata(args.quick), roofline, records, notes, impls)
 
     if roofline is not None:
         print(f"roofline: bf16 torch.mm {roofline['mm_bf16_tflops']:.0f} TFLOP/s, "
@@ -85,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in notes:
         print(line)
     print()
-    print(harness.console_report(records))
+    print(harness.console_report(records, impls))
     return 1 if errors else 0
 
 

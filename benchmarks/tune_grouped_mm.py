@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import harness
-from benchmarks.bench_grouped_gemm import GEMMS
+from . import harness
+from .bench_grouped_gemm import GEMMS
 from moekernels import configs
 from moekernels.configs import GemmConfig
 

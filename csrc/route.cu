@@ -15,6 +15,9 @@
 //   holding it (lower lanes hold lower ids, and a lane scans its slots in order: ties go to the
 //   lower id), and two shuffles for the winner's slot and score.
 // Resources: tests/test_cuda_ext.py asserts no local memory in any instantiation.
+// Non-finite logits follow moekernels/reference.py's policy: sanitize() as a logit is loaded
+// (NaN -> -inf, +inf -> FLT_MAX), and a row of -inf takes 0 as its softmax maximum (0 / 0 = NaN
+// weights, as every backend gives).
 #include "common.cuh"
 
 namespace moekernels {
@@ -33,6 +36,9 @@ __device__ __forceinline__ void unpack(uint32_t w, float* out, __half) {
   out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
+// NaN -> -inf, +inf -> FLT_MAX (reference.sanitize_logits); a compare, a select and a min.
+__device__ __forceinline__ float sanitize(float v) { return v != v ? -INFINITY : fminf(v, 3.4028234663852886e38f); }
+
 template <typename T, int VPT>
 __device__ __forceinline__ void load_row(const T* row, int first, int num_experts, float (&x)[VPT]) {
   constexpr int kPerWord = 4 / sizeof(T);
@@ -47,11 +53,13 @@ __device__ __forceinline__ void load_row(const T* row, int first, int num_expert
         unpack(v.z, &x[c * kPerVec + 2 * kPerWord], T());
         unpack(v.w, &x[c * kPerVec + 3 * kPerWord], T());
       }
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) x[i] = sanitize(x[i]);
       return;
     }
   }
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) x[i] = first + i < num_experts ? to_float(row[first + i]) : -INFINITY;
+  for (int i = 0; i < VPT; ++i) x[i] = first + i < num_experts ? sanitize(to_float(row[first + i])) : -INFINITY;
 }
 
 // Top-2 of a multiset, kept as (t1 >= t2); merging two keeps the top-2 of the four.
@@ -82,6 +90,7 @@ __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
 #pragma unroll
     for (int i = 0; i < VPT; ++i) m = fmaxf(m, x[i]);
     m = seg_max<LANES>(m);
+    if (m == -INFINITY) m = 0.0f;  // all NaN / -inf: exp 0 everywhere, 0 / 0 weights
     double sum = 0.0;  // float64, rounded once: the summation order cannot change the bits
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
@@ -101,7 +110,7 @@ __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
   for (int i = 0; i < VPT; ++i) {
     const int e = first + i;
     // Without a bias rank the logits: softmax and sigmoid are monotone.
-    choice[i] = bias != nullptr ? __fadd_rn(score[i], e < num_experts ? bias[e] : 0.0f) : x[i];
+    choice[i] = bias != nullptr ? sanitize(__fadd_rn(score[i], e < num_experts ? bias[e] : 0.0f)) : x[i];
     if (e < num_experts) avail |= 1u << i;
   }
 

@@ -39,6 +39,9 @@ def choose(op: str, device: torch.device, requested: str | None, *, cuda_reason:
     groups); the automatic choice then falls back to ``triton``, and a forced ``cuda`` raises.
     """
     name = requested or os.environ.get("MOEKERNELS_BACKEND") or None
+    # Errors name where the choice came from: the argument, or the environment variable that a
+    # user may have set long ago in another shell.
+    source = f"backend={name!r}" if requested else f"MOEKERNELS_BACKEND={name!r} (environment variable)"
     if not requested and name == "cuda" and cuda_reason is not None and device.type == "cuda":
         # The variable means "cuda for every op that has a CUDA kernel"; an argument means this op.
         name = "triton"
@@ -47,17 +50,18 @@ def choose(op: str, device: torch.device, requested: str | None, *, cuda_reason:
             return "torch"
         return "cuda" if _ext.HAS_CUDA_EXT and cuda_reason is None else "triton"
     if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+        what = "backend" if requested else "MOEKERNELS_BACKEND (environment variable)"
+        raise ValueError(f"{what} must be one of {BACKENDS} or 'auto', got {name!r}")
     if name == "triton" and device.type != "cuda" and not interpreting():
         raise ValueError(
-            f"{op}: backend='triton' on {device.type} tensors needs Triton's interpreter: "
+            f"{op}: {source} on {device.type} tensors needs Triton's interpreter: "
             "set TRITON_INTERPRET=1 before importing moekernels"
         )
     if name == "cuda":
         if not _ext.HAS_CUDA_EXT:
-            raise RuntimeError(f"{op}: backend='cuda' but moekernels._C is not built ({_ext.LOAD_ERROR})")
+            raise RuntimeError(f"{op}: {source} but moekernels._C is not built ({_ext.LOAD_ERROR})")
         if device.type != "cuda":
-            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type} tensors")
+            raise ValueError(f"{op}: {source} needs CUDA tensors, got {device.type} tensors")
         if cuda_reason is not None:
-            raise ValueError(f"{op}: backend='cuda' cannot run this call: {cuda_reason}")
+            raise ValueError(f"{op}: {source} cannot run this call: {cuda_reason}")
     return name

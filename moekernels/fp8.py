@@ -41,9 +41,9 @@ def block_shape(granularity, rows: int, cols: int) -> tuple[int, int]:
 
 
 def _check_granularity(granularity) -> None:
-    if isinstance(granularity, str):
-        _checks.choice("granularity", granularity, NAMED)
+    if isinstance(granularity, str) and granularity in NAMED:
         return
+    # Any other value, a string included, gets the message that lists every form.
     ok = isinstance(granularity, (tuple, list)) and len(granularity) == 2
     ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in granularity)
     if not ok or any(v & (v - 1) for v in granularity):
@@ -282,12 +282,31 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     return grouped_mm_fused(a, b, offs, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, backend=backend)
 
 
+def _check_mm_scales(a, a_scale, b, b_scale) -> None:
+    """fp8_mm's scaling pair, reported in its own 2-D shapes: the grouped check it delegates to
+    would show b as [1, K, N], an expert dim the caller never wrote."""
+    from .grouped_gemm import scaling_mode
+
+    (m, k), n = a.shape, b.shape[1]
+    kb, nb = -(-k // 128), -(-n // 128)
+    try:
+        scaling_mode(a, a_scale, b.unsqueeze(0), b_scale.unsqueeze(0))
+    except ValueError:
+        if (tuple(a_scale.shape), tuple(b_scale.shape)) == ((m, kb), (kb, nb)):
+            raise  # a supported pair with K % 128 != 0: that message has no expert dim
+        raise ValueError(
+            f"unsupported scaling pair: a_scale {tuple(a_scale.shape)} and b_scale {tuple(b_scale.shape)} for "
+            f"a [{m}, {k}] and b [{k}, {n}]; supported: per tensor ((1, 1) and (1, 1)), per row x per column "
+            f"(({m}, 1) and (1, {n})), and (1, 128) x (128, 128) blocks (({m}, {kb}) and ({kb}, {nb}))") from None
+
+
 def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *,
            out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> torch.Tensor:
     """Scaled fp8 GEMM ``(a * sa) @ (b * sb)``: a [M, K], b [K, N] (usually the transposed view of
     an [N, K] weight), scales as in :func:`fp8_grouped_mm` without the expert dim ([1, 1], [1, N]
     or [K / 128, N / 128] for b). The grouped kernel with one group."""
     _check_scaled(a, a_scale, b, b_scale, out_dtype, 2)
+    _check_mm_scales(a, a_scale, b, b_scale)
     offs = torch.full((1,), a.shape[0], dtype=torch.int32, device=a.device)
     return fp8_grouped_mm(a, a_scale, b.unsqueeze(0), b_scale.unsqueeze(0), offs, out_dtype=out_dtype,
                           backend=backend)

@@ -36,7 +36,7 @@ from .fp8 import _weight_operands as _fp8_weight_operands
 from .grouped_gemm import ACTIVATIONS, _fused_op, _grouped_mm_dw_op, _grouped_mm_op
 from .permute import _permute_backward_op
 from .plan import _plan_routing_op
-from .route import load_balancing_loss, router_z_loss, topk_routing
+from .route import check_arguments, load_balancing_loss, router_z_loss, topk_routing
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -376,15 +376,24 @@ class MoE(nn.Module):
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
         _checks.integer("num_experts", num_experts, low=1)
-        _checks.integer("top_k", top_k, low=1, high=num_experts)
         _checks.integer("num_shared_experts", num_shared_experts, low=0)
-        _checks.choice("scoring", scoring, ("softmax", "sigmoid"))
         _checks.choice("activation", activation, ("silu", "gelu"))
+        # Every routing argument now, not at the first forward (the same checks as topk_routing).
+        check_arguments(num_experts, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
+                        routed_scaling_factor)
+        for name, value in (("dtype", dtype), ("router_dtype", router_dtype)):
+            if value is not None and value not in DTYPES:
+                raise TypeError(
+                    f"{name} must be one of torch.bfloat16, float16 or float32 (or None), got {value}"
+                    + (". MoE trains in those; for fp8 inference quantize a trained layer's weights, "
+                       "q1, s1 = moekernels.quantize_fp8(moe.w_gate_up, (128, 128)) and likewise w_down, and call "
+                       "moekernels.fused_moe(x, q1, q2, topk_weights, topk_ids, w_gate_up_scale=s1, "
+                       "w_down_scale=s2) (see the README's FP8 section)" if value == FP8 else ""))
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.scoring, self.renormalize = scoring, renormalize
         self.n_group, self.topk_group = n_group, topk_group
-        self.routed_scaling_factor = routed_scaling_factor
+        self.routed_scaling_factor, self.num_shared_experts = routed_scaling_factor, num_shared_experts
         self.activation, self.backend = activation, backend
         self.group, self.capacity = expert_parallel_group, capacity
         local, self.expert_offset = num_experts, 0
@@ -426,7 +435,30 @@ class MoE(nn.Module):
             routed_scaling_factor=self.routed_scaling_factor, backend=self.backend)
         return logits, weights, ids
 
+    def extra_repr(self) -> str:
+        groups = f"n_group={self.n_group}, topk_group={self.topk_group}, " if self.n_group is not None else ""
+        return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, activation={self.activation!r}, "
+                f"scoring={self.scoring!r}, {groups}renormalize={self.renormalize}, "
+                f"routed_scaling_factor={self.routed_scaling_factor}, num_shared_experts={self.num_shared_experts}, "
+                f"correction_bias={self.e_score_correction_bias is not None}"
+                + (f", local experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1}"
+                   if self.group is not None else ""))
+
+    def _check_input(self, x) -> None:
+        """Name the input as the cause: fused_moe's own checks would blame the layer's weights."""
+        _checks.tensor("x", x)
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
+        if x.dtype != self.w_gate_up.dtype:
+            raise TypeError(f"x has dtype {str(x.dtype).removeprefix('torch.')} but the layer's parameters are "
+                            f"{str(self.w_gate_up.dtype).removeprefix('torch.')}: cast the input "
+                            f"(x.to({self.w_gate_up.dtype})) or the layer (moe.to(...))")
+        if x.device != self.w_gate_up.device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w_gate_up.device}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x2)

@@ -19,6 +19,16 @@ numpy, Sleef (torch CPU), libdevice and ``ex2.approx`` (Triton's fast ``tl.exp``
   so every backend gets the same bits. Its error is below 2 ulp of the true exp.
 * The softmax denominator is accumulated in float64 and rounded once to float32, so the order
   of the summation (a tree on the GPU, pairwise in numpy, vectorised in torch) does not show.
+
+Non-finite logits (the same on every backend, applied where a kernel loads a logit):
+
+* NaN is read as -inf: it is never chosen over a larger logit, ties with -inf to the lower id,
+  and scores 0. +inf is read as FLT_MAX, so the scores stay finite (softmax gives the +inf
+  experts the whole weight, shared equally; sigmoid gives them 1). -inf stays -inf.
+* A row with no logit above -inf (all NaN / -inf) has no softmax: its softmax weights are NaN
+  (0 / 0: its row maximum is taken as 0, so every exp is 0), its sigmoid weights 0, and its ids
+  the lowest eligible ids (every key ties). With a bias such a row's NaN scores are again read
+  as -inf for the choice, so the ids stay the lowest ones (the lowest groups with groups).
 """
 
 from __future__ import annotations
@@ -48,6 +58,12 @@ EXP_COEFFS = (
 EXP_MIN = -87.0
 EXP_MAX = 88.0
 RENORM_EPS = 1e-20
+FLT_MAX = 3.4028234663852886e38  # float32's largest finite value, what +inf logits become
+
+
+def sanitize_logits(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf, +inf -> FLT_MAX, on float32 logits (see "Non-finite logits" above)."""
+    return x.nan_to_num(nan=float("-inf"), posinf=FLT_MAX, neginf=float("-inf"))
 
 
 def exp_f32(x: torch.Tensor) -> torch.Tensor:
@@ -83,10 +99,12 @@ def _top_ids(choice: torch.Tensor, k: int, eligible: torch.Tensor | None = None)
 
 def routing_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     """softmax or sigmoid of ``logits.float()`` over the last dim, bit-identical on every backend."""
-    x = logits.float()
+    x = sanitize_logits(logits.float())
     if scoring == "sigmoid":
         return 1.0 / (1.0 + exp_f32(-x))
-    e = exp_f32(x - x.amax(dim=-1, keepdim=True))
+    row_max = x.amax(dim=-1, keepdim=True)
+    # A row of -inf would give -inf - -inf = NaN inside exp; 0 gives exp = 0 and a 0 / 0 row.
+    e = exp_f32(x - row_max.masked_fill(row_max == float("-inf"), 0.0))
     return e / e.double().sum(dim=-1, keepdim=True).float()
 
 
@@ -106,11 +124,11 @@ def topk_routing(
     Returns ``topk_weights`` float32 [T, top_k] and ``topk_ids`` int32 [T, top_k]; ids in
     descending order of choice, ties to the lower expert id.
     """
-    x = logits.float()
+    x = sanitize_logits(logits.float())
     num_tokens, num_experts = x.shape
     scores = routing_scores(x, scoring)
     # Without a bias rank the logits: monotone in the score, so no rounding can reorder them.
-    choice = x if bias is None else scores + bias.float()
+    choice = x if bias is None else sanitize_logits(scores + bias.float())
     if n_group is not None and n_group > 1:
         grouped = choice.view(num_tokens, n_group, num_experts // n_group)
         if bias is not None:  # DeepSeek-V3: a group scores the sum of its two best experts

@@ -20,19 +20,14 @@ CUDA_MAX_GROUPS = 32
 CUDA_MAX_EXPERTS = 1024
 
 
-def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor):
-    _checks.tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
-    num_experts = logits.shape[1]
-    if num_experts < 1:
-        raise ValueError(f"logits must have at least one expert column, got shape {tuple(logits.shape)}")
+def check_arguments(num_experts, top_k, scoring, renormalize, has_bias, n_group, topk_group,
+                    routed_scaling_factor) -> None:
+    """Validate the routing arguments other than the tensors: shared by :func:`topk_routing`
+    and ``MoE.__init__``, so that a layer with impossible groups fails when it is built."""
     _checks.integer("top_k", top_k, low=1, high=num_experts)
     _checks.choice("scoring", scoring, SCORINGS)
     if not isinstance(renormalize, bool):
         raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__}")
-    if bias is not None:
-        _checks.tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
-        if bias.shape[0] != num_experts:
-            raise ValueError(f"bias must have shape [E] = [{num_experts}], got {tuple(bias.shape)}")
     if (n_group is None) != (topk_group is None):
         raise ValueError(f"n_group and topk_group go together; got n_group={n_group}, topk_group={topk_group}")
     if n_group is not None:
@@ -46,7 +41,7 @@ def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, route
                 f"top_k={top_k} exceeds the experts in the eligible groups: "
                 f"topk_group * E / n_group = {topk_group} * {group_size} = {topk_group * group_size}"
             )
-        if bias is not None and group_size < 2 and n_group > 1:
+        if has_bias and group_size < 2 and n_group > 1:
             raise ValueError(
                 f"with a bias a group scores its two best experts, so E / n_group must be >= 2; "
                 f"got n_group={n_group} for E={num_experts}"
@@ -55,6 +50,19 @@ def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, route
         raise TypeError(f"routed_scaling_factor must be a float, got {type(routed_scaling_factor).__name__}")
     if not -math.inf < routed_scaling_factor < math.inf:  # math.isfinite is opaque to dynamo
         raise ValueError(f"routed_scaling_factor must be finite, got {routed_scaling_factor}")
+
+
+def _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor):
+    _checks.tensor("logits", logits, ndim=2, dtypes=LOGIT_DTYPES)
+    num_experts = logits.shape[1]
+    if num_experts < 1:
+        raise ValueError(f"logits must have at least one expert column, got shape {tuple(logits.shape)}")
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1, dtypes=(torch.float32,), device=logits.device)
+        if bias.shape[0] != num_experts:
+            raise ValueError(f"bias must have shape [E] = [{num_experts}], got {tuple(bias.shape)}")
+    check_arguments(num_experts, top_k, scoring, renormalize, bias is not None, n_group, topk_group,
+                    routed_scaling_factor)
 
 
 def _cuda_reason(num_experts: int, n_group: int) -> str | None:
@@ -154,7 +162,7 @@ def _backward(ctx, grad_weights, _grad_ids):
     """d topk_weights / d logits. The choice (bias, groups, top-k) is piecewise constant and
     carries no gradient; the weights are scores gathered at the ids, renormalised, scaled."""
     logits, ids = ctx.saved_tensors
-    x = logits.float()
+    x = reference.sanitize_logits(logits.float())  # the logits the forward scored
     scores = torch.softmax(x, dim=-1) if ctx.scoring == "softmax" else torch.sigmoid(x)
     ids = ids.long()
     g = grad_weights.float() * ctx.scale
@@ -167,6 +175,9 @@ def _backward(ctx, grad_weights, _grad_ids):
         grad_x = scores * (grad_scores - (grad_scores * scores).sum(dim=-1, keepdim=True))
     else:
         grad_x = grad_scores * scores * (1.0 - scores)
+    # A NaN or -inf logit scores 0 whatever its value: no gradient (not the 0 * NaN of a row
+    # with no softmax). +inf, read as FLT_MAX, gets the exact derivative there (0 in sigmoid).
+    grad_x = grad_x.masked_fill(x == float("-inf"), 0.0)
     return grad_x.to(logits.dtype), None, None, None, None, None, None, None, None
 
 
@@ -205,6 +216,13 @@ def topk_routing(
         ``topk_weights`` float32 [T, top_k], differentiable with respect to ``logits``, and
         ``topk_ids`` int32 [T, top_k], in descending order of choice, ties to the lower id.
         Ids are bit-identical across backends (see ``moekernels.reference``).
+
+    Non-finite logits, the same on every backend: NaN counts as -inf (never chosen over a
+    larger logit, ties with -inf to the lower id, weight 0, gradient 0) and +inf as the largest
+    float32 (softmax gives the +inf experts the whole weight, equally; sigmoid gives them 1).
+    Weights are NaN only in a softmax row with no logit above -inf (all NaN / -inf: 0 / 0);
+    such a row takes the lowest eligible ids, and in sigmoid weighs 0 (the bias, if any,
+    chooses). A row with a logit above -inf gets finite weights and a finite gradient.
     """
     _check(logits, top_k, scoring, renormalize, bias, n_group, topk_group, routed_scaling_factor)
     return _topk_routing_op(

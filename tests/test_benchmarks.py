@@ -1,5 +1,8 @@
 """The benchmark harness, dry-run on the CPU: counters, derived numbers, reports, the suite's files."""
 
+import importlib
+import importlib.util
+import io
 import json
 import re
 import subprocess
@@ -12,7 +15,7 @@ import torch
 import moekernels
 from benchmarks import (
     bench_distributed, bench_fp8, bench_grouped_gemm, bench_moe, bench_permute, bench_plan, bench_route, harness, run,
-    tune_grouped_mm,
+    sanitize, tune_grouped_mm,
 )
 from benchmarks.shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, GemmShape, MoEShape
 from moekernels import _backend, configs
@@ -25,8 +28,15 @@ def test_cpu_dry_run_writes_the_records(tmp_path, monkeypatch, capsys):
     assert run.main(["--quick", "--out", str(tmp_path), "--only", "route", "--tokens", "1,16"]) == 0
 
     printed = capsys.readouterr().out
+    lines = printed.rstrip().splitlines()
+    assert lines[0] == harness.CPU_DRY_RUN  # said up front, before the numbers
     assert run.NO_GPU in printed
-    assert printed.rstrip().splitlines()[-1].startswith("deepseek-v3 fp32")  # the table comes last
+    # The table comes last, then its legend: every implementation and column it shows.
+    last_row = max(i for i, line in enumerate(lines) if line.startswith("deepseek-v3 fp32"))
+    legend = lines[last_row + 2:]
+    assert lines[last_row + 1] == "" and [line.split(":")[0].strip() for line in legend] == [
+        "naive", "torch", "median us", "p20-p80 us", "GB/s", "x naive", "check", "timing"]
+    assert "not torch's native op" in legend[1]
 
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["meta"]["gpu"] == "cpu"
@@ -49,7 +59,9 @@ def test_cpu_dry_run_writes_the_records(tmp_path, monkeypatch, capsys):
             assert r["speedup_vs_naive"] == 1.0
         else:
             assert r["check"]["ok"] and r["check"]["ids_match"] == 1.0
-    assert "| case | T | impl | median us |" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "| case | T | impl | median us |" in md and harness.CPU_DRY_RUN in md
+    assert "- `torch`: this library's reference backend" in md and "- `p20-p80 us`: 20th to 80th" in md
 
 
 def test_route_bytes_counts_each_input_and_output_once():
@@ -135,6 +147,164 @@ def test_gpu_slug(name, slug):
 
 def test_device_check_script_parses():
     subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "device_check.sh")], check=True)
+
+
+# ---------------------------------------------------------------- what a newcomer reads
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+class _Clock:
+    """10 s a step: the fake time each call to the clock returns, from 0."""
+    def __init__(self):
+        self.now = -10.0
+
+    def __call__(self) -> float:
+        self.now += 10.0
+        return self.now
+
+
+@pytest.mark.parametrize("tty", [True, False], ids=["terminal", "log"])
+def test_progress_shows_elapsed_time_and_eta(tty):
+    stream = _Stream(tty)
+    progress = harness.Progress(4, stream=stream, clock=_Clock())  # t0 = 0 s
+    for name in "abcd":
+        progress.step(f"bench {name}")  # at 10, 20, 30 and 40 s
+    progress.close()  # at 50 s
+    out = stream.getvalue()
+    if tty:  # one line rewritten in place, a bar, cut to the terminal; a newline only at the end
+        frames = out.split("\r\033[K")[1:]
+        assert out.count("\n") == 1 and out.endswith("\n") and len(frames) == 5
+        assert frames[0].startswith("[....................] 1/4 0:10 elapsed, ETA ?  bench a")
+        # 1 step done in 20 s, 3 left: 60 s; then 2 in 30 s, 2 left: 30 s.
+        assert frames[1].startswith("[#####...............] 2/4 0:20 elapsed, ETA 1:00  bench b")
+        assert frames[2].startswith("[##########..........] 3/4 0:30 elapsed, ETA 0:30  bench c")
+        assert frames[4] == "done: 4 timings in 0:50\n"
+    else:  # one plain line per step, no control characters
+        assert "\r" not in out and "\033" not in out
+        assert out.splitlines() == ["[1/4] 0:10 elapsed, ETA ?: bench a", "[2/4] 0:20 elapsed, ETA 1:00: bench b",
+                                    "[3/4] 0:30 elapsed, ETA 0:30: bench c", "[4/4] 0:40 elapsed, ETA 0:13: bench d",
+                                    "done: 4 timings in 0:50"]
+
+
+def test_cpu_quick_runs_each_benchmarks_first_case(tmp_path, monkeypatch, capsys):
+    modules = [importlib.import_module(f"benchmarks.{m}") for m in run.BENCHMARKS.values()]
+    cases = [c for m in modules for c in m.cases("cpu", True)]  # builds cases only: no input is made
+    picked = run.cpu_quick(cases)
+    assert [c.bench for c in picked] == list(run.BENCHMARKS) and len(cases) > 4 * len(picked)
+    assert all(c is next(d for d in cases if d.bench == c.bench) for c in picked)
+
+    monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    assert run.main(["--quick", "--out", str(tmp_path), "--only", "plan", "--only", "route"]) == 0
+    records = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["bench"], r["group"], r["x"], r["impl"]) for r in records] == [
+        ("plan", "mixtral-8x7b", 1, "naive"), ("plan", "mixtral-8x7b", 1, "torch"),
+        ("route", "mixtral-8x7b fp32", 1, "naive"), ("route", "mixtral-8x7b fp32", 1, "torch")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.md"]  # no plot of lone points
+
+
+def test_default_out_keeps_quick_runs_apart(tmp_path, monkeypatch):
+    assert harness.IN_CLONE
+    assert run.default_out("h200", quick=False) == REPO / "benchmarks" / "results" / "h200"
+    assert run.default_out("h200", quick=True) == REPO / "benchmarks" / "results" / "h200" / "quick"
+    monkeypatch.setattr(harness, "IN_CLONE", False)  # installed: in the current folder, not site-packages
+    monkeypatch.chdir(tmp_path)
+    assert run.default_out("cpu", quick=True) == tmp_path / "moekernels-bench-results" / "cpu" / "quick"
+    # The device check's default is the quick suite's.
+    script = (REPO / "benchmarks" / "device_check.sh").read_text()
+    assert "print(gpu_name())')/quick}" in script
+
+
+def test_legend_names_every_implementation():
+    generic = {"naive", "native", "torch", "triton", "cuda"}
+    assert set(harness.IMPLS) == generic and "not torch's native op" in harness.IMPLS["torch"]
+    for name, module in run.BENCHMARKS.items():
+        m = importlib.import_module(f"benchmarks.{module}")
+        known = {**harness.IMPLS, **getattr(m, "IMPLS", {})}
+        builds = [("cpu", True)] + ([] if m is bench_moe else [("cuda", True), ("cuda", False)])  # moe: below
+        impls = {i for device, quick in builds for c in m.cases(device, quick) for i in c.impls}
+        impls |= set(getattr(m, "HF_IMPLS", ()))
+        assert impls <= set(known), (name, impls - set(known))
+        assert not set(getattr(m, "IMPLS", {})) & generic, name  # a module adds names, never redefines one
+
+
+def test_legend_explains_the_columns_a_table_shows():
+    records = [_record("naive", 4.0), _record("triton", 1.0)]
+    records[1]["check"] = {"ok": True}
+    harness.derive(records, None)
+    terms = harness.legend(records, {**harness.IMPLS, "triton": "mine"})
+    shown = [h for k, h in harness._columns(harness.table_rows(records), "T") if k in harness.COLUMN_LEGEND]
+    assert [t for t, _ in terms] == ["naive", "triton"] + shown
+    assert shown == ["median us", "p20-p80 us", "GB/s", "x naive", "check", "timing"]
+    assert dict(terms)["triton"] == "mine"
+    text = harness.console_report(records)
+    assert text.endswith("  timing: " + harness.COLUMN_LEGEND["timing"])
+
+
+def test_sanitize_replaces_the_machines_paths(tmp_path):
+    pairs = [("/work/main", "<repo>"), ("/work/main/.venv/lib/python3.12/site-packages", "<site-packages>"),
+             ("/tmp", "<tmp>"), ("/root/out", "<out>"), ("/root", "~")]
+    text = ("Obtaining file:///work/main\n"
+            "  /work/main/.venv/lib/python3.12/site-packages/torch/jit/_script.py:365: DeprecationWarning\n"
+            "  Stored in directory: /tmp/pip-ephem-wheel-cache-uvl59lj1/wheels/1e\n"
+            "wrote /root/out/bench.json, /root/x; kept /work/mainline, /x/work/main and /tmpfs; cwd /work/main.\n")
+    assert sanitize.sanitize(text, pairs) == (
+        "Obtaining file://<repo>\n"
+        "  <site-packages>/torch/jit/_script.py:365: DeprecationWarning\n"
+        "  Stored in directory: <tmp>/pip-ephem-wheel-cache-uvl59lj1/wheels/1e\n"
+        "wrote <out>/bench.json, ~/x; kept /work/mainline, /x/work/main and /tmpfs; cwd <repo>.\n")
+
+    # This machine's own: the checkout, the interpreter's site-packages, the output folder.
+    site_packages = Path(torch.__file__).resolve().parent.parent
+    log = tmp_path / "build.log"
+    log.write_text(f"Obtaining file://{REPO}\n{site_packages}/torch/__init__.py\nwrote {tmp_path}/bench.md\n")
+    assert sanitize.main(["--root", str(REPO), "--out", str(tmp_path), str(log), str(tmp_path / "absent.log")]) == 0
+    assert log.read_text() == "Obtaining file://<repo>\n<site-packages>/torch/__init__.py\nwrote <out>/bench.md\n"
+
+
+def test_device_check_sanitizes_every_log_it_writes():
+    script = (REPO / "benchmarks" / "device_check.sh").read_text()
+    written = set(re.findall(r'>"\$OUT_DIR/(\w+\.log)"', script))
+    assert written == {"build.log", "gpu_tests.log", "bench.log"}
+    (call,) = [line for line in script.splitlines() if "benchmarks.sanitize" in line]
+    assert set(re.findall(r'"\$OUT_DIR/(\w+\.log)"', call)) == written
+    assert not re.search(r"(/work/|/tmp/|/opt/|site-packages)", (REPO / "benchmarks" / "results" / "h200"
+                                                                 / "build.log").read_text())
+
+
+def test_moekernels_bench_entry_point(monkeypatch, capsys):
+    """pyproject ships benchmarks/ as moekernels.benchmarks with a console script; the suite's modules
+    import relatively, so they load under that name (here by hand, as the wheel's layout has it)."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert config["project"]["scripts"]["moekernels-bench"] == "moekernels.benchmarks.run:main"
+    setuptools = config["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"moekernels.benchmarks": "benchmarks"}
+    packages = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "moekernels").rglob("__init__.py")}
+    assert set(setuptools["packages"]) == packages | {"moekernels.benchmarks"}  # every package, no other
+
+    saved = {k: v for k, v in sys.modules.items() if k.startswith("moekernels.benchmarks")}
+    spec = importlib.util.spec_from_file_location("moekernels.benchmarks", REPO / "benchmarks" / "__init__.py",
+                                                  submodule_search_locations=[str(REPO / "benchmarks")])
+    package = importlib.util.module_from_spec(spec)
+    try:
+        sys.modules["moekernels.benchmarks"] = package
+        spec.loader.exec_module(package)
+        main = importlib.import_module("moekernels.benchmarks.run").main
+        with pytest.raises(SystemExit) as done:
+            main(["--help"])
+    finally:
+        for k in [k for k in sys.modules if k.startswith("moekernels.benchmarks")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: moekernels-bench ")
 
 
 # ---------------------------------------------------------------- plan and permute
@@ -528,7 +698,8 @@ f8 = bench_fp8
 def test_fp8_cpu_dry_run(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "has_gpu", lambda: False)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # the plots cost ~9 s here and are the harness's
-    assert run.main(["--quick", "--out", str(tmp_path), "--only", "fp8"]) == 0
+    # --tokens: every case at the CPU's sizes (a bare --quick runs only the first on the CPU).
+    assert run.main(["--quick", "--out", str(tmp_path), "--only", "fp8", "--tokens", ",".join(map(str, f8.M_CPU))]) == 0
     payload = json.loads((tmp_path / "bench.json").read_text())
     assert payload["roofline"] is None and run.NO_GPU in payload["notes"]
     records = payload["results"]

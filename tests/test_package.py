@@ -77,3 +77,20 @@ def test_cuda_from_the_environment_skips_ops_without_a_cuda_kernel(monkeypatch):
     assert _backend.choose("plan_routing", cuda, None, cuda_reason=_backend.NO_CUDA_KERNEL) == "triton"
     with pytest.raises(ValueError, match="no CUDA kernel"):
         _backend.choose("plan_routing", cuda, "cuda", cuda_reason=_backend.NO_CUDA_KERNEL)
+
+
+def test_import_survives_a_transformers_without_experts_interface():
+    """``import moekernels`` registers the transformers backend only where it can: with a transformers that has no
+    experts interface (4.x, here a bare stub) the import still works, and ``register_transformers()`` says why not."""
+    code = (
+        "import sys, types; sys.modules['transformers'] = types.ModuleType('transformers')\n"
+        "import moekernels\n"
+        "try:\n"
+        "    moekernels.register_transformers()\n"
+        "except ImportError as exc:\n"
+        "    assert 'transformers >= 5' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('registered into a transformers without ExpertsInterface')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

@@ -247,6 +247,141 @@ def test_torch_compile_fullgraph(backend):
         assert rel_err(loss1, loss2) <= 1e-6 and rel_err(x1.grad, x2.grad) <= 1e-6
 
 
+# ----------------------------------------------------------------------------- non-finite logits
+
+NAN, INF = float("nan"), float("inf")
+FLT_MAX = torch.finfo(torch.float32).max
+# name -> (E, top_k, keyword arguments): softmax and sigmoid, with and without bias and groups;
+# groups of 10 (CUDA's range path) and of 8 (its aligned path), 2 rows a token in Triton.
+NONFINITE_MODES = {
+    "softmax": (40, 3, dict()),
+    "softmax_renorm_groups": (40, 4, dict(renormalize=True, n_group=4, topk_group=2)),
+    "softmax_bias": (40, 3, dict(bias=True, routed_scaling_factor=2.0)),
+    "softmax_bias_groups": (64, 4, dict(bias=True, n_group=8, topk_group=3)),
+    "sigmoid": (64, 4, dict(scoring="sigmoid", renormalize=True)),
+    "sigmoid_bias_groups": (64, 6, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4, renormalize=True)),
+    # top_k past the kernels' register tiles (32): picks stored one by one, renormalised from memory
+    "softmax_k40_stored": (64, 40, dict(renormalize=True, routed_scaling_factor=2.0)),
+    "sigmoid_bias_k40_stored": (64, 40, dict(scoring="sigmoid", bias=True)),
+}
+ALL_NONFINITE_ROWS = (8, 9, 10)  # no logit above -inf
+
+
+def nonfinite_logits(num_experts, dtype, device):
+    """Fresh random rows, each with its kind of non-finite logits (row r: case r below)."""
+    x, _ = make_inputs(12, num_experts, {}, torch.float32)
+    x[0, 5] = NAN  # one NaN: among the larger logits, so it would be picked if NaN ranked high
+    x[0, 5 + num_experts // 2] = x[0].nan_to_num(-INF).max() + 1  # a finite best in another group
+    x[1, 7] = INF  # one +inf: the whole softmax weight
+    x[2, [3, num_experts - 2]] = INF  # two +inf: half each, the lower id first
+    x[3, 1::3] = NAN  # many NaN
+    x[4, ::2] = -INF  # -inf and NaN mixed with finite logits
+    x[4, 1:9:2] = NAN
+    x[5, [0, 9]] = INF
+    x[5, [2, 4]] = NAN
+    x[6, :] = -INF  # one finite logit, the rest -inf / NaN
+    x[6, 1::2] = NAN
+    x[6, num_experts - 1] = 0.5
+    x[7, 0] = -INF  # finite but for a -inf on the first expert
+    x[8] = NAN
+    x[9] = -INF
+    x[10, ::2] = NAN
+    x[10, 1::2] = -INF
+    return x.to(dtype).to(device)
+
+
+def assert_same_nonfinite_routing(out, ref):
+    """Ids equal; weights NaN at the same places, equal to rounding elsewhere."""
+    (w, ids), (w_ref, ids_ref) = out, ref
+    assert torch.equal(ids.cpu(), ids_ref.cpu()), "expert ids differ"
+    assert torch.equal(w.isnan().cpu(), w_ref.isnan().cpu()), "NaN weights differ"
+    assert rel_err(w.nan_to_num(0.0), w_ref.nan_to_num(0.0)) <= 1e-6
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", NONFINITE_MODES)
+def test_nonfinite_logits_policy(mode, dtype, device, backend):
+    """NaN is read as -inf and +inf as FLT_MAX (reference.py's "Non-finite logits"), the same
+    on every backend: the outputs equal those of the substituted logits, and the reference's."""
+    num_experts, top_k, kwargs = NONFINITE_MODES[mode]
+    logits = nonfinite_logits(num_experts, dtype, device)
+    _, kw = make_inputs(1, num_experts, kwargs, torch.float32, device)
+    w, ids = out = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    assert_same_nonfinite_routing(out, reference.topk_routing(logits.cpu(), top_k, **{
+        k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}))
+
+    # The substitution, done by hand, gives the same bits on the same backend.
+    f = logits.float()
+    subst = torch.where(f.isnan(), -INF, torch.where(f == INF, FLT_MAX, f))
+    w_s, ids_s = moekernels.topk_routing(subst, top_k, backend=backend, **kw)
+    assert torch.equal(ids, ids_s)
+    assert torch.equal(w.nan_to_num(7.0).view(torch.int32), w_s.nan_to_num(7.0).view(torch.int32))
+
+    w, ids, x = w.cpu(), ids.cpu().long(), logits.cpu().float()
+    scale = kw.get("routed_scaling_factor", 1.0)
+    softmax = kwargs.get("scoring", "softmax") == "softmax"
+    some = [r for r in range(x.shape[0]) if r not in ALL_NONFINITE_ROWS]
+    assert w[some].isfinite().all(), "a row with a logit above -inf has finite weights"
+    # A NaN expert never outranks a finite one (row 0's NaN sits above most logits), and the
+    # NaN and -inf experts a row must pick (row 6) weigh 0.
+    if "bias" not in kw:  # (with a bias a NaN expert scores 0, like -inf, and its bias counts)
+        assert 5 not in ids[0].tolist()
+    if "n_group" not in kw:
+        assert 5 + num_experts // 2 in ids[0].tolist()
+    picked = x.gather(1, ids)
+    assert (w[some][~picked[some].isfinite() & (picked[some] != INF)] == 0).all()
+    assert ids[6, 0] == num_experts - 1  # its one finite logit, first, with the whole softmax
+    assert w[6, 0] == scale or not softmax
+    if "bias" not in kw:
+        assert ids[1, 0] == 7 and ids[2, :2].tolist() == [3, num_experts - 2] and ids[5, :2].tolist() == [0, 9]
+        if softmax:  # +inf takes the whole softmax weight, shared equally between two
+            assert w[1, 0] == scale and w[2, 0] == w[2, 1] == scale / 2
+        else:  # sigmoid(FLT_MAX) = 1
+            assert w[2, 0] == w[2, 1] and (w[1, 0] > w[1, 1:]).all()
+    for r in ALL_NONFINITE_ROWS:
+        if softmax:  # no softmax: 0 / 0, and every key ties, so the lowest ids (lowest groups)
+            assert w[r].isnan().all()
+            assert ids[r].tolist() == list(range(top_k))
+        else:  # sigmoid scores 0: weights 0, the bias alone chooses (lowest ids without one)
+            assert (w[r] == 0).all()
+            assert torch.equal(ids[r], ids[ALL_NONFINITE_ROWS[0]])
+            if "bias" not in kw:
+                assert ids[r].tolist() == list(range(top_k))
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("mode", NONFINITE_MODES)
+def test_nonfinite_logits_gradient(mode, device, backend):
+    """Finite gradients in every row with a logit above -inf, 0 at NaN and -inf logits; the
+    gradient of the substituted logits, which torch's own autograd gives."""
+    num_experts, top_k, kwargs = NONFINITE_MODES[mode]
+    logits = nonfinite_logits(num_experts, torch.float32, device).requires_grad_(True)
+    _, kw = make_inputs(1, num_experts, kwargs, torch.float32, device)
+    w, ids = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    grad_out = torch.randn_like(w)
+    (grad,) = torch.autograd.grad((w.nan_to_num(0.0) * grad_out).sum(), logits)
+    grad, x = grad.cpu(), logits.detach().cpu()
+    assert grad.isfinite().all()
+    assert (grad[x.isnan() | (x == -INF)] == 0).all()
+    assert (grad[list(ALL_NONFINITE_ROWS)] == 0).all()
+
+    subst = torch.where(x.isnan(), -INF, torch.where(x == INF, FLT_MAX, x)).requires_grad_(True)
+    w_ref = torch_autograd_weights(subst, ids.cpu(), kwargs.get("scoring", "softmax"), kw.get("renormalize", False),
+                                   kw.get("routed_scaling_factor", 1.0))
+    (grad_ref,) = torch.autograd.grad((w_ref.nan_to_num(0.0) * grad_out.cpu()).sum(), subst)
+    some = [r for r in range(x.shape[0]) if r not in ALL_NONFINITE_ROWS]
+    assert rel_err(grad[some], grad_ref[some]) <= 1e-5
+
+
+def test_exp_f32_of_the_substituted_extremes():
+    """What softmax and sigmoid feed exp_f32 after the substitution: never NaN."""
+    x = torch.tensor([-INF, -FLT_MAX, FLT_MAX, INF, -FLT_MAX - (-FLT_MAX), 0.0 - FLT_MAX])
+    assert reference.exp_f32(x).tolist() == [0.0, 0.0, INF, INF, 1.0, 0.0]
+    scores = reference.routing_scores(torch.tensor([[FLT_MAX, -INF, 0.0, NAN]]), "sigmoid")
+    assert scores.tolist() == [[1.0, 0.0, 0.5, 0.0]]
+
+
 # ----------------------------------------------------------------------------- bad input
 
 BAD = [

@@ -185,6 +185,53 @@ def test_registered_and_import_is_lazy():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+# A fresh interpreter per order of imports (this process has imported both long ago). A one-layer Qwen3-MoE built
+# with experts_implementation="moekernels" is what a user does first.
+_TINY = ("import torch, transformers\n"
+         "config = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1, "
+         "num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=64, moe_intermediate_size=32, "
+         "num_experts=8, num_experts_per_tok=2)\n"
+         "def build():\n"
+         "    return transformers.AutoModelForCausalLM.from_config(config, experts_implementation='moekernels')\n")
+
+
+def run_python(code):
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_import_after_transformers_registers():
+    """transformers first, then moekernels: registered by the import alone, and a model builds with it."""
+    code = ("import transformers, moekernels\n" + _TINY +
+            "model = build()\n"
+            "assert model.config._experts_implementation == 'moekernels'\n"
+            "assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 64)\n"
+            "print('ok')\n")
+    assert run_python(code).strip() == "ok"
+
+
+def test_register_transformers_after_import_of_moekernels():
+    """moekernels first: transformers raises its own error (the one the README quotes) until
+    moekernels.register_transformers() registers the backend; that returns the name and can be called again."""
+    code = ("import sys, moekernels\n"
+            "assert 'transformers' not in sys.modules\n" + _TINY +
+            "try:\n"
+            "    build()\n"
+            "except ValueError as exc:\n"
+            "    print(exc)\n"
+            "else:\n"
+            "    raise AssertionError('built without registering')\n"
+            "assert moekernels.register_transformers() == moekernels.register_transformers() == 'moekernels'\n"
+            "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"
+            "import moekernels.integrations.transformers as integration\n"
+            "assert ALL_EXPERTS_FUNCTIONS['moekernels'] is integration.moekernels_experts_forward\n"
+            "assert build().config._experts_implementation == 'moekernels'\n")
+    out = run_python(code)
+    assert 'Specified `experts_implementation="moekernels"` is not supported' in out
+    assert '`experts_implementation="eager"`' in out
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", MODELS)

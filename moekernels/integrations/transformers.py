@@ -1,7 +1,8 @@
 """transformers v5: moekernels as an experts implementation, MoE blocks as ``moekernels.MoE``, and a patch for
 user modules that hold their own experts.
 
-Importing this module registers ``"moekernels"`` in transformers' ``ExpertsInterface``; then
+Importing this module registers ``"moekernels"`` in transformers' ``ExpertsInterface``, and so does
+``moekernels.register_transformers()`` (which returns the name) or ``import moekernels`` after transformers; then
 
     model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moekernels")
     model.set_experts_implementation("moekernels")

@@ -16,14 +16,25 @@ Selection uses one int64 key per expert: the float32 choice mapped to an order-p
 int32 in the high half, and E - 1 - expert in the low half. One max-reduction then yields the
 best expert and breaks ties to the lower id, and each key is unique within a token, so
 ``key == max`` marks exactly one expert.
+
+Non-finite logits follow reference.py's policy: ``_sanitize`` where a logit is loaded (NaN ->
+-inf, +inf -> FLT_MAX: a select and a min per element, no extra pass over memory).
 """
 
 import triton
 import triton.language as tl
 
+from ..reference import FLT_MAX
 from ._math import exp_f32, order_key
 
 _NONE: tl.constexpr = tl.constexpr(-9223372036854775808)  # key of an ineligible expert
+_FLT_MAX: tl.constexpr = tl.constexpr(FLT_MAX)
+
+
+@triton.jit
+def _sanitize(x):
+    """reference.sanitize_logits: NaN -> -inf, +inf -> FLT_MAX, -inf and finite values kept."""
+    return tl.where(x != x, float("-inf"), tl.minimum(x, _FLT_MAX))
 
 
 @triton.jit
@@ -56,13 +67,16 @@ def topk_routing_kernel(
     valid = (col[None, :] < row_len) & (expert < num_experts)
     tmask = tok < num_tokens
     ptrs = logits_ptr + tok[:, None, None] * stride_t + expert[None, :, :]
-    x = tl.load(ptrs, mask=tmask[:, None, None] & valid[None, :, :], other=0.0).to(tl.float32)
+    x = _sanitize(tl.load(ptrs, mask=tmask[:, None, None] & valid[None, :, :], other=0.0).to(tl.float32))
     # Padding experts get -inf: a zero score, and never chosen. Padding tokens keep 0 logits,
     # so their (unstored) rows stay finite.
     x = tl.where(valid[None, :, :], x, float("-inf"))
 
     if SOFTMAX:
         row_max = tl.max(tl.max(x, axis=1), axis=1)
+        # A row of -inf (all NaN / -inf logits): 0, so every exp is 0 and the weights 0 / 0 = NaN
+        # on every backend (-inf - -inf would put NaN into exp_f32, whose clamp differs there).
+        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
         e = exp_f32(x - row_max[:, None, None])
         # float64 sum, rounded once: the summation order cannot change the bits.
         denom = tl.sum(tl.sum(e.to(tl.float64), axis=1), axis=1).to(tl.float32)
@@ -74,7 +88,7 @@ def topk_routing_kernel(
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + expert, mask=valid, other=0.0)
-        choice = scores + b[None, :, :]
+        choice = _sanitize(scores + b[None, :, :])  # NaN scores of a row with no softmax
         choice = tl.where(valid[None, :, :], choice, float("-inf"))
     else:
         choice = x  # softmax and sigmoid are monotone: rank the logits, no rounding involved
@@ -117,7 +131,7 @@ def topk_routing_kernel(
         eid = (num_experts - 1 - (kbest & 0xFFFFFFFF)).to(tl.int32)
         # The winner's score is recomputed from its logit (an L1 hit, same bits) rather than
         # pulled out of the tile by another cross-lane reduction (5 shuffles per pick).
-        x_pick = tl.load(row_ptr + eid, mask=tmask, other=0.0).to(tl.float32)
+        x_pick = _sanitize(tl.load(row_ptr + eid, mask=tmask, other=0.0).to(tl.float32))
         w = _score(x_pick, row_max, denom, SOFTMAX)
         total += w
         if K_IN_TILE:
