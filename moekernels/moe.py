@@ -358,6 +358,10 @@ class MoE(nn.Module):
             The router and shared experts are replicated: all-reduce their gradients as DDP does.
         capacity: with expert parallelism, None (exchange the counts: one host sync a layer) or
             the rows each pair of ranks exchanges (no sync; overflow dropped, ``dropped`` counts it).
+        precision: None (the experts compute in the parameters' dtype) or ``"fp8"``: the routed
+            experts run DeepSeek-V3's FP8 training recipe (``fused_moe(precision="fp8")``) on the
+            high-precision parameters, which stay the master weights; H and I multiples of 128.
+            The router and the shared experts keep the parameters' dtype.
         backend: the backend of every op (None: automatic).
 
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
@@ -371,7 +375,7 @@ class MoE(nn.Module):
                  topk_group: int | None = None, routed_scaling_factor: float = 1.0, num_shared_experts: int = 0,
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
                  router_dtype=None, expert_parallel_group=None, capacity: int | None = None,
-                 backend: str | None = None):
+                 precision: str | None = None, backend: str | None = None):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -381,6 +385,13 @@ class MoE(nn.Module):
         # Every routing argument now, not at the first forward (the same checks as topk_routing).
         check_arguments(num_experts, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                         routed_scaling_factor)
+        _checks.choice("precision", precision, PRECISIONS)
+        if precision == "fp8" and (hidden_size % 128 or intermediate_size % 128):
+            raise ValueError(f"precision='fp8' needs hidden_size and intermediate_size multiples of 128, got "
+                             f"{hidden_size} and {intermediate_size}")
+        if precision == "fp8" and expert_parallel_group is not None:
+            raise ValueError("precision='fp8' with expert_parallel_group is not supported yet: the local experts "
+                             "run bf16 grouped GEMMs")
         for name, value in (("dtype", dtype), ("router_dtype", router_dtype)):
             if value is not None and value not in DTYPES:
                 raise TypeError(
@@ -394,7 +405,7 @@ class MoE(nn.Module):
         self.scoring, self.renormalize = scoring, renormalize
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.num_shared_experts = routed_scaling_factor, num_shared_experts
-        self.activation, self.backend = activation, backend
+        self.activation, self.backend, self.precision = activation, backend, precision
         self.group, self.capacity = expert_parallel_group, capacity
         local, self.expert_offset = num_experts, 0
         if expert_parallel_group is not None:
@@ -442,6 +453,7 @@ class MoE(nn.Module):
                 f"scoring={self.scoring!r}, {groups}renormalize={self.renormalize}, "
                 f"routed_scaling_factor={self.routed_scaling_factor}, num_shared_experts={self.num_shared_experts}, "
                 f"correction_bias={self.e_score_correction_bias is not None}"
+                + (f", precision={self.precision!r}" if self.precision else "")
                 + (f", local experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1}"
                    if self.group is not None else ""))
 
@@ -464,7 +476,7 @@ class MoE(nn.Module):
         logits, weights, ids = self.route(x2)
         if self.group is None:
             y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
-                          backend=self.backend)
+                          precision=self.precision, backend=self.backend)
         else:
             y = self._expert_parallel(x2, weights, ids)
         if self.shared_experts is not None:
