@@ -19,13 +19,13 @@ from .grouped_gemm import grouped_mm
 from .moe import MoE, fused_moe
 from .permute import permute, unpermute
 from .plan import RoutingPlan, plan_routing
-from .route import load_balancing_loss, router_z_loss, topk_routing
+from .route import load_balancing_loss, router_z_loss, sequence_balance_loss, topk_routing, update_correction_bias
 
 __version__ = "0.1.0"
 __all__ = [
     "HAS_CUDA_EXT", "MoE", "RoutingPlan", "distributed", "fp8_grouped_mm", "fp8_mm", "fused_moe", "grouped_mm",
-    "load_balancing_loss", "permute", "plan_routing", "quantize_fp8", "reference", "router_z_loss", "topk_routing",
-    "register_transformers", "unpermute", "__version__",
+    "load_balancing_loss", "permute", "plan_routing", "quantize_fp8", "reference", "register_transformers",
+    "router_z_loss", "sequence_balance_loss", "topk_routing", "unpermute", "update_correction_bias", "__version__",
 ]
 
 

@@ -1,12 +1,19 @@
-"""Compile shipped Triton kernel configs for Hopper on a machine with no GPU.
+"""Compile shipped Triton kernel configs for Hopper on a machine with no GPU, and read off the
+static performance contract (DESIGN.md) from what the compiler produced.
 
-``triton.compile`` with ``GPUTarget("cuda", 90, 32)`` gives PTX and a cubin without a device.
-Register and spill counts on a ``CompiledKernel`` are only filled in when it is loaded on a
-GPU, so the wheel's own ``ptxas -v --gpu-name sm_90a`` is run on the PTX instead.
+``triton.compile`` with ``GPUTarget("cuda", 90, 32)`` gives TTGIR, PTX and a cubin without a
+device. Register and spill counts on a ``CompiledKernel`` are only filled in when it is loaded on a
+GPU, so they are read from the cubin (``cuobjdump -res-usage``: what ptxas built, with Triton's own
+flags) and from the wheel's ``ptxas -v`` on the PTX (spills, stack frame).
 
-``python -m moekernels._sm90`` prints one JSON report per shipped variant. It must run without
-``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` gives objects that cannot be
-compiled), which is why the test suite calls it in a subprocess.
+Each stage module registers the function that lists its shipped variants (``_sm90_registry``)
+at import; :func:`shipped_variants` imports the package once and reads the registry, so a new
+stage or variant is compiled and checked without touching this file.
+
+``python -m moekernels._sm90`` prints one JSON report per shipped variant;
+``python -m moekernels._sm90 --write-resources`` regenerates ``configs/sm90_resources.json``. Both
+must run without ``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` gives objects that
+cannot be compiled), which is why the test suite calls them in a subprocess.
 """
 
 from __future__ import annotations
@@ -17,11 +24,24 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+from .configs import HOPPER_SMEM_PER_SM as SM90_SMEM  # shared memory per SM (the largest carveout)
 
 HOPPER_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block can opt into on sm_90
 # Triton's pointer type of each torch dtype a shipped kernel takes (names, so torch stays unimported).
 TRITON_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float8_e4m3fn": "*fp8e4nv"}
+
+# The occupancy rules of sm_90, from CUDA 13.0's cuda_occupancy.h (the calculator the driver's own
+# cudaOccupancyMaxActiveBlocksPerMultiprocessor implements):
+SM90_REGISTERS = 65536  # the register file of an SM, in four sub-partitions of 16384
+SM90_SUB_PARTITIONS = 4  # a warp's registers come from one sub-partition
+SM90_REG_GRANULE = 256  # registers are allocated per warp, rounded up to 256 (8 a thread)
+SM90_MAX_WARPS = 64  # 2048 threads per SM
+SM90_MAX_BLOCKS = 32
+SM90_SMEM_RESERVED = 1024  # the driver reserves 1 KB of it per block (reservedSharedMemPerBlock)
+SM90_SMEM_GRANULE = 128
+SM90_BARRIERS = 64  # named barriers per SM: 2 x the 32 blocks
 
 
 def ptr(dtype) -> str:
@@ -31,7 +51,7 @@ def ptr(dtype) -> str:
 
 @dataclass
 class Variant:
-    """One shipped kernel config: what ``triton.compile`` needs."""
+    """One shipped kernel config: what ``triton.compile`` needs, and the contract it is held to."""
 
     name: str
     fn: object  # the @triton.jit function
@@ -42,14 +62,30 @@ class Variant:
     # Arguments the launch specialises as divisible by 16, as Triton does for 16-byte-aligned
     # pointers and integers that are multiples of 16: what the vectorised loads depend on.
     aligned: tuple = ()
+    # How each operand of a matrix kernel's K loop must arrive: "tma" (cp.async.bulk.tensor),
+    # "cp.async" (16-byte cp.async: gathered rows) or "pointer" (no claim: the unaligned fallback).
+    loads: dict = field(default_factory=dict)
+    rows: bool = False  # a row-moving kernel (permute, combine, quantize): 16-byte global accesses
+    # The launcher's identity of this config (configs.launch_key), when a launcher sizes its grid
+    # from the compiled resources: the key of its row in configs/sm90_resources.json.
+    launch_key: str | None = None
+
+
+def shipped_variants() -> list[Variant]:
+    """Every stage's shipped variants, from the registry (moekernels/_sm90_registry.py)."""
+    import moekernels  # noqa: F401  (importing the package imports every stage, which registers)
+
+    from ._sm90_registry import REGISTRY
+
+    return [v for fn in REGISTRY.values() for v in fn()]
 
 
 @dataclass
 class Report:
     name: str
     matrix: bool
-    shared: int
-    registers: int
+    shared: int  # bytes per program: Triton's dynamic allocation (metadata.shared)
+    registers: int  # per thread, from the cubin
     spill_stores: int
     spill_loads: int
     stack_frame: int
@@ -58,38 +94,318 @@ class Report:
     vector16: bool = False  # a 16-byte global load or store (ld/st.global.v4 of 32-bit words)
     tma: bool = False  # a TMA bulk tensor copy (cp.async.bulk.tensor): descriptor loads
     wgmma_fp8: bool = False  # a wgmma on e4m3 operands
+    shared_static: int = 0  # bytes per program ptxas placed in the cubin (.nv.shared: 1 KB with mbarriers)
+    threads: int = 0  # num_warps * 32
+    barriers: int = 0  # named barriers per block (ptxas "used N barriers")
+    programs_per_sm: int = 0  # resident at once: see occupancy()
+    limited_by: str = ""  # what bounds programs_per_sm
+    k_loops: int = 0  # loops of the PTX that issue wgmma and hold no smaller such loop
+    wgmma_depth: int | None = None  # min N of wgmma.wait_group N in the K loops (None: no K loop)
+    ttgir_pendings: int | None = None  # min pendings of ttng.warp_group_dot_wait in the TTGIR's K loops
+    k_barriers: int | None = None  # most BAR.SYNC in one SASS K loop's body
+    smem_round_trip: bool = False  # local_load -> local_alloc feeding a warp_group_dot in a K loop
+    k_tma: int = 0  # cp.async.bulk.tensor in the PTX K loop body (per K step)
+    k_cp16: int = 0  # 16-byte cp.async per thread in the PTX K loop body
+    k_cp_narrow: int = 0  # cp.async of 4 or 8 bytes per thread in the PTX K loop body
+    k_copy_bytes: int = 0  # bytes of the tiles (rank >= 2) the TTGIR K loop copies by cp.async
+    rows: bool = False  # a row-moving kernel (Variant.rows)
+    launch_key: str | None = None
     error: str | None = None
 
 
-def ptxas_path() -> str:
+def _nvidia_bin(tool: str) -> str:
     import triton
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def _ptxas_info(ptx: str) -> dict:
+def ptxas_path() -> str:
+    return _nvidia_bin("ptxas")
+
+
+def _run(cmd: list[str]) -> str:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return out.stdout + out.stderr
+
+
+def _ptxas_info(ptx: str, fmad: bool = True) -> dict:
+    """Spills and stack frame from ``ptxas -v``, with Triton's --fmad flag so the code matches."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        out = subprocess.run(
-            [ptxas_path(), "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True, text=True, check=True,
-        )
-    log = out.stdout + out.stderr
+        log = _run([ptxas_path(), "-v", *([] if fmad else ["--fmad=false"]), "--gpu-name", "sm_90a", src,
+                    "-o", os.path.join(tmp, "k.cubin")])
 
-    def grab(pattern: str) -> int:
+    def grab(pattern: str, default: int | None = None) -> int:
         m = re.search(pattern, log)
         if m is None:
+            if default is not None:
+                return default
             raise RuntimeError(f"ptxas -v printed no {pattern!r}:\n{log}")
         return int(m.group(1))
 
     return {
-        "registers": grab(r"Used (\d+) registers"),
         "spill_stores": grab(r"(\d+) bytes spill stores"),
         "spill_loads": grab(r"(\d+) bytes spill loads"),
         "stack_frame": grab(r"(\d+) bytes stack frame"),
+        "barriers": grab(r"used (\d+) barriers", 0),
     }
+
+
+def _cubin_info(cubin: bytes, sass: bool = True) -> tuple[dict, str]:
+    """Registers and static shared memory of the cubin Triton built, and its SASS if ``sass`` (a
+    second of nvdisasm each: only the matrix kernels' K loops are read from it)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        usage = _run([_nvidia_bin("cuobjdump"), "-res-usage", path])
+        sass = _run([_nvidia_bin("nvdisasm"), "-c", path]) if sass else ""
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/SHARED:\n{usage}")
+    return {"registers": int(m.group(1)), "shared_static": int(m.group(3))}, sass
+
+
+# ----------------------------------------------------------------------------- occupancy
+
+
+def occupancy(registers: int, threads: int, shared: int, barriers: int = 1) -> tuple[int, str]:
+    """Programs (blocks) of ``threads`` threads resident on one sm_90 SM at once, and the limit that
+    binds: cuda_occupancy.h's rules. Registers go to warps in 256-register units (a thread's count
+    rounded up to 8), each warp from one of 4 sub-partitions of 16384; at most 64 warps and 32
+    blocks; ``shared`` bytes per block plus the 1 KB the driver reserves, in 128-byte units, out of
+    228 KB; 64 named barriers. ``shared`` counts what ptxas placed statically too (callers add it)."""
+    warps = -(-threads // 32)
+    per_warp = -(-registers * 32 // SM90_REG_GRANULE) * SM90_REG_GRANULE
+    by_regs = (SM90_REGISTERS // SM90_SUB_PARTITIONS // per_warp) * SM90_SUB_PARTITIONS // warps if per_warp else 99
+    smem = -(-(shared + SM90_SMEM_RESERVED) // SM90_SMEM_GRANULE) * SM90_SMEM_GRANULE
+    fits = registers <= 255 and per_warp * -(-warps // SM90_SUB_PARTITIONS) * SM90_SUB_PARTITIONS <= SM90_REGISTERS
+    limits = {"registers": by_regs if fits else 0, "warps": SM90_MAX_WARPS // warps,
+              "blocks": SM90_MAX_BLOCKS, "shared memory": SM90_SMEM // smem if shared <= HOPPER_SMEM_LIMIT else 0,
+              "barriers": SM90_BARRIERS // barriers if barriers else SM90_MAX_BLOCKS}
+    limit = min(limits, key=limits.get)
+    return limits[limit], limit
+
+
+# ----------------------------------------------------------------------------- loops of the code
+
+
+def _natural_loops(insts: list[str], succ: list[list[int]]) -> list[set[int]]:
+    """Natural loops of an instruction-level control-flow graph (``succ``: each instruction's
+    successors; instruction 0 the entry). A back edge u -> h is an edge whose target h dominates u
+    (every path from the entry to u passes h); its loop is h with every instruction that reaches u
+    without passing h. Loops that share a header are one loop. Returned as sets of indices."""
+    n = len(insts)
+    if n == 0:
+        return []
+    order, seen, stack = [], [False] * n, [(0, 0)]
+    seen[0] = True
+    while stack:  # iterative DFS postorder
+        node, i = stack.pop()
+        if i < len(succ[node]):
+            stack.append((node, i + 1))
+            s = succ[node][i]
+            if not seen[s]:
+                seen[s] = True
+                stack.append((s, 0))
+        else:
+            order.append(node)
+    rpo = order[::-1]
+    index = {v: i for i, v in enumerate(rpo)}
+    pred: list[list[int]] = [[] for _ in range(n)]
+    for u in rpo:
+        for s in succ[u]:
+            pred[s].append(u)
+    idom = {0: 0}
+    changed = True
+    while changed:  # Cooper, Harvey and Kennedy: "A Simple, Fast Dominance Algorithm"
+        changed = False
+        for v in rpo[1:]:
+            ps = [p for p in pred[v] if p in idom]
+            new = ps[0]
+            for p in ps[1:]:
+                a, b = p, new
+                while a != b:
+                    while index[a] > index[b]:
+                        a = idom[a]
+                    while index[b] > index[a]:
+                        b = idom[b]
+                new = a
+            if idom.get(v) != new:
+                idom[v], changed = new, True
+
+    def dominates(h: int, u: int) -> bool:
+        while u != h and idom[u] != u:
+            u = idom[u]
+        return u == h
+
+    loops: dict[int, set[int]] = {}
+    for u in rpo:
+        for h in succ[u]:
+            if dominates(h, u):
+                body, work = loops.setdefault(h, {h}), [u]
+                while work:
+                    x = work.pop()
+                    if x not in body:
+                        body.add(x)
+                        work.extend(pred[x])
+    return list(loops.values())
+
+
+def _cfg(lines: list[str], label_re: str, branch_re: str, exit_re: str, scoped: bool):
+    """Instructions, successor lists and the instruction index of each label of PTX or SASS text.
+    ``branch_re`` matches a branch, group 1 its predicate (empty if unconditional), group 2 its
+    target. PTX labels are scoped by braces (each inline-asm block declares its own ``waitLoop``)."""
+    insts, label_at, pending, scopes, refs = [], {}, [], [0], []
+    next_scope = 1
+    for line in lines:
+        text = line.split("//")[0].strip() if scoped else line.strip()
+        if scoped and text == "{":
+            scopes.append(next_scope)
+            next_scope += 1
+            continue
+        if scoped and text == "}":
+            scopes.pop()
+            continue
+        m = re.match(label_re, text)
+        if m:
+            pending.append((scopes[-1] if scoped else 0, m.group(1)))
+            continue
+        if not text or (scoped and not text.endswith(";")) or (scoped and text.startswith(".")):
+            continue
+        for key in pending:
+            label_at[key] = len(insts)
+        pending = []
+        insts.append(text)
+        refs.append(tuple(scopes))
+    succ: list[list[int]] = []
+    for i, text in enumerate(insts):
+        nxt = [i + 1] if i + 1 < len(insts) else []
+        b = re.search(branch_re, text)
+        if b:
+            target = next((label_at[(s, b.group(2))] for s in reversed(refs[i]) if (s, b.group(2)) in label_at), None)
+            if target is None:
+                target = label_at.get((0, b.group(2)))
+            succ.append(([target] if target is not None else []) + (nxt if b.group(1) else []))
+        elif re.search(exit_re, text):
+            succ.append(nxt if text.startswith("@") else [])
+        else:
+            succ.append(nxt)
+    return insts, succ
+
+
+def _k_loops(insts: list[str], succ: list[list[int]], mma_re: str) -> list[list[str]]:
+    """The K loops: innermost loops that issue an mma (``mma_re``), each as its instructions."""
+    with_mma = [body for body in _natural_loops(insts, succ) if any(re.search(mma_re, insts[i]) for i in body)]
+    inner = [b for b in with_mma if not any(o < b for o in with_mma)]
+    return [[insts[i] for i in sorted(b)] for b in inner]
+
+
+def ptx_k_loops(ptx: str) -> list[list[str]]:
+    """K loops of the PTX: loops of its control-flow graph (natural loops: a branch back to a label
+    that dominates it) that issue ``wgmma.mma_async`` and contain no smaller such loop. This skips
+    the persistent grid's tile loop around the K loop and the mbarrier wait's spin loop inside it,
+    and does not depend on where the compiler placed the blocks."""
+    insts, succ = _cfg(ptx.splitlines(), r"^([$\w]+):", r"^(@!?%?\w+\s+)?bra(?:\.uni)?\s+([$\w]+)\s*;",
+                       r"^(?:@!?%?\w+\s+)?(?:ret|exit|trap)\s*;", scoped=True)
+    return _k_loops(insts, succ, r"\bwgmma\.mma_async")
+
+
+def sass_k_loops(sass: str) -> list[list[str]]:
+    """K loops of the SASS (nvdisasm -c), found as in :func:`ptx_k_loops` (HGMMA/QGMMA/...)."""
+    lines = []
+    for line in sass.splitlines():
+        inst = re.match(r"^\s*/\*[0-9a-f]+\*/\s*([^;]*;)", line)
+        if inst or re.match(r"^[.$\w]+:", line):
+            lines.append(inst.group(1) if inst else line.strip())
+    insts, succ = _cfg(lines, r"^([.$\w]+):", r"^(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+`\(([.$\w]+)\)",
+                       r"^(?:@!?U?P\w+\s+)?(?:EXIT|RET)\b", scoped=False)
+    return _k_loops(insts, succ, r"\b[A-Z]*GMMA\b")
+
+
+def ttgir_k_loops(ttgir: str) -> list[list[str]]:
+    """K loops of the TTGIR: the innermost ``scf.for`` regions that hold a ``ttng.warp_group_dot``.
+    A region runs from the ``scf.for`` line to the ``}`` at its indentation."""
+    lines = ttgir.splitlines()
+    regions = []
+    for i, line in enumerate(lines):
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            indent = len(line) - len(line.lstrip())
+            j = next(j for j in range(i + 1, len(lines))
+                     if lines[j].lstrip().startswith("}") and len(lines[j]) - len(lines[j].lstrip()) == indent)
+            regions.append((i, j))
+    with_dot = [(i, j) for i, j in regions if any("ttng.warp_group_dot " in lines[x] for x in range(i, j))]
+    inner = [(i, j) for i, j in with_dot if not any(i < a and b < j for a, b in with_dot)]
+    return [lines[i:j + 1] for i, j in inner]
+
+
+def smem_round_trip(loop: list[str]) -> bool:
+    """A wgmma operand in this TTGIR loop made by ``ttg.local_alloc`` of a value that comes (through
+    any ops in the loop) from ``ttg.local_load``: a tile read out of shared memory and written back,
+    a transpose through shared memory every K step."""
+    defs = {}
+    for line in loop:
+        m = re.match(r"\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)", line)
+        if m:
+            defs[m.group(1)] = (m.group(2), re.findall(r"%[\w.]+", m.group(3).split(":")[0]))
+
+    def from_load(value: str, depth: int = 0) -> bool:
+        op = defs.get(value.split("#")[0])
+        if op is None or depth > 16:
+            return False
+        return op[0] == "ttg.local_load" or any(from_load(v, depth + 1) for v in op[1])
+
+    for line in loop:
+        m = re.search(r"ttng\.warp_group_dot\s+(%[\w.#]+),\s*(%[\w.#]+)", line)
+        for operand in m.groups() if m else ():
+            op = defs.get(operand.split("#")[0])
+            if op and op[0] == "ttg.local_alloc" and any(from_load(v) for v in op[1]):
+                return True
+    return False
+
+
+# cp.async.{ca,cg}.shared.global [dst], [src], bytes(, src-size): the byte count in hex or decimal.
+_CP_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared(?:::\w+)?\.global(?:\.\w+)*"
+                       r"\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)")
+
+
+def loop_facts(ttgir: str, ptx: str, sass: str) -> dict:
+    """The K-loop facts of one compiled kernel (see Report)."""
+    ptx_loops, sass_loops, ir_loops = ptx_k_loops(ptx), sass_k_loops(sass), ttgir_k_loops(ttgir)
+    waits = [int(w) for loop in ptx_loops for i in loop
+             for w in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", i)]
+    pend = [int(p) for loop in ir_loops for i in loop if "warp_group_dot_wait" in i
+            for p in re.findall(r"pendings = (\d+)", i)]
+    body = [i for loop in ptx_loops for i in loop]
+    widths = [int(m.group(1), 0) for i in body for m in [_CP_ASYNC.search(i)] if m]
+    return dict(
+        k_loops=len(ptx_loops),
+        wgmma_depth=min(waits) if waits else None,
+        ttgir_pendings=min(pend) if pend else None,
+        k_barriers=max((sum(bool(re.match(r"(@!?U?P\w+\s+)?BAR\.SYNC", i)) for i in loop) for loop in sass_loops),
+                       default=None),
+        smem_round_trip=any(smem_round_trip(loop) for loop in ir_loops),
+        k_tma=sum("cp.async.bulk.tensor" in i for i in body),
+        k_cp16=widths.count(16),
+        k_cp_narrow=sum(w < 16 for w in widths),
+        k_copy_bytes=sum(_tile_bytes(i) for loop in ir_loops for i in loop if "ttg.async_copy_global_to_local" in i),
+    )
+
+
+def _tile_bytes(line: str) -> int:
+    """Bytes of the pointer tile an async copy reads (0 for a vector: an index, not an operand)."""
+    m = re.search(r"tensor<((?:\d+x)+)!tt\.ptr<[a-z]*(\d+)", line)
+    if m is None or m.group(1).count("x") < 2:
+        return 0
+    elements = 1
+    for d in m.group(1).rstrip("x").split("x"):
+        elements *= int(d)
+    return elements * int(m.group(2)) // 8
+
+
+# ----------------------------------------------------------------------------- compile
 
 
 def compile_variant(v: Variant) -> Report:
@@ -101,6 +417,11 @@ def compile_variant(v: Variant) -> Report:
     src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=v.options)
     ptx = kernel.asm["ptx"]
+    cubin, sass = _cubin_info(kernel.asm["cubin"], sass=v.matrix)
+    info = _ptxas_info(ptx, fmad=v.options.get("enable_fp_fusion", True))
+    threads = kernel.metadata.num_warps * 32
+    per_sm, limit = occupancy(cubin["registers"], threads, kernel.metadata.shared + cubin["shared_static"],
+                              info["barriers"])
     return Report(
         name=v.name,
         matrix=v.matrix,
@@ -110,7 +431,14 @@ def compile_variant(v: Variant) -> Report:
         vector16=re.search(r"\b(ld|st)\.global(\.\w+)*\.v4\.(b32|f32|u32|s32)\b", ptx) is not None,
         tma="cp.async.bulk.tensor" in ptx,
         wgmma_fp8=re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx) is not None,
-        **_ptxas_info(ptx),
+        threads=threads,
+        programs_per_sm=per_sm,
+        limited_by=limit,
+        rows=v.rows,
+        launch_key=v.launch_key,
+        **cubin,
+        **info,
+        **loop_facts(kernel.asm["ttgir"], ptx, sass),
     )
 
 
@@ -122,28 +450,43 @@ def signature(fn, constexprs: dict, **types) -> dict:
     }
 
 
-def shipped_variants() -> list[Variant]:
-    from . import fp8, grouped_gemm, plan, route
-    from .permute import sm90_variants as permute_variants  # moekernels.permute is the function
-
-    return (route.sm90_variants() + plan.sm90_variants() + permute_variants() + grouped_gemm.sm90_variants()
-            + fp8.sm90_variants())
-
-
-def main() -> int:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
-        return 2
+def compile_all(variants: list[Variant] | None = None) -> list[Report]:
+    """A report per variant; a variant that fails to compile gets one with ``error`` set."""
     reports = []
-    for v in shipped_variants():
+    for v in shipped_variants() if variants is None else variants:
         try:
             reports.append(compile_variant(v))
         except Exception as exc:  # report every variant, not just the first failure
-            reports.append(Report(v.name, v.matrix, -1, -1, -1, -1, -1, False, False,
-                                  error=f"{type(exc).__name__}: {exc}"))
-    print(json.dumps([asdict(r) for r in reports], indent=1))
+            reports.append(Report(v.name, v.matrix, -1, -1, -1, -1, -1, False, False, rows=v.rows,
+                                  launch_key=v.launch_key, error=f"{type(exc).__name__}: {exc}"))
+    return reports
+
+
+def resources(reports: list[dict]) -> dict:
+    """The rows of configs/sm90_resources.json: per launch key, what the compile reports (as dicts)."""
+    return {r["launch_key"]: dict(variant=r["name"], registers=r["registers"], shared=r["shared"] + r["shared_static"],
+                                  threads=r["threads"], programs_per_sm=r["programs_per_sm"])
+            for r in sorted(reports, key=lambda r: r["launch_key"] or "") if r["launch_key"] and r["error"] is None}
+
+
+def main(argv: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
+        return 2
+    reports = compile_all()
+    if "--write-resources" in argv:
+        from . import configs
+
+        with open(configs.SM90_RESOURCES, "w") as f:
+            json.dump({"generated_by": "python -m moekernels._sm90 --write-resources",
+                       "target": "cuda sm_90a, triton " + __import__("triton").__version__,
+                       "configs": resources([asdict(r) for r in reports])}, f, indent=1)
+            f.write("\n")
+        print(f"wrote {configs.SM90_RESOURCES}", file=sys.stderr)
+    else:
+        print(json.dumps([asdict(r) for r in reports], indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _backend, _checks, configs, reference
+from . import _autocast, _backend, _checks, _sm90_registry, configs, reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -218,6 +218,7 @@ SM90_FP8_GEMMS = {
 }
 
 
+@_sm90_registry.register
 def sm90_variants():
     from . import _sm90, grouped_gemm
     from .kernels._fp8 import quantize_fp8_kernel as fn
@@ -236,7 +237,8 @@ def sm90_variants():
             sig = _sm90.signature(fn, cx, x_ptr=_sm90.ptr(dtype), idx_ptr="*i32", q_ptr=_sm90.ptr(FP8),
                                   scale_ptr="*fp32", amax_ptr="*fp32")
             out.append(_sm90.Variant(f"quantize_fp8/{name}" + (f"_pass{mode}" if cfg.two_pass else ""), fn, sig, cx,
-                                     dict(num_warps=cfg.num_warps), aligned=("x_ptr", "q_ptr", "C", "stride_xr")))
+                                     dict(num_warps=cfg.num_warps), aligned=("x_ptr", "q_ptr", "C", "stride_xr"),
+                                     rows=True))
     return out
 
 
@@ -513,6 +515,7 @@ def _fp8_backward(ctx, grad, *_):
 
 
 _grouped_mm_fp8_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
+_autocast.register("grouped_mm_fp8", (0, 1))  # under autocast it quantizes the autocast dtype's operands
 
 
 def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, recipe: str = "block",
@@ -539,6 +542,7 @@ def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, reci
     """
     from .grouped_gemm import _check
 
+    x, w = _autocast.cast(x, w)
     _check(x, w, offs, dtypes=QUANT_INPUTS)
     _checks.choice("recipe", recipe, RECIPES)
     k, n = w.shape[1], w.shape[2]

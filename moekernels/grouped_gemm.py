@@ -1,7 +1,8 @@
 """Stage 4, grouped GEMM: the expert weights applied to the expert-sorted rows.
 
 ``grouped_mm(x, w, offs)``: ``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]``, rows at or
-after ``offs[-1]`` zero; the 2D x 3D case of ``torch._grouped_mm``. Differentiable:
+after ``offs[-1]`` zero; the 2D x 3D case of ``torch._grouped_mm`` (its 2D x 2D, 3D x 3D and 3D x 2D
+forms are compositions of the two kernels below: see :func:`grouped_mm`). Differentiable:
     dx = grouped_mm(dy, w^T)                  (the same kernel, the weight read transposed)
     dw[e] = x[seg e]^T @ dy[seg e]            (a K-grouped GEMM, zeros for an empty expert)
 
@@ -31,7 +32,7 @@ import functools
 import torch
 import triton
 
-from . import _backend, _checks, configs, reference
+from . import _autocast, _backend, _checks, _sm90_registry, configs, reference
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ACTIVATIONS = {"": 0, "silu": 1, "gelu": 2}
@@ -114,23 +115,41 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
     scale_mode, a_scale, b_scale = scales if scales is not None else (0, out, out.view(1, 1, -1))
-    accumulators = (2 if act else 1) * (2 if scale_mode == 3 else 1)
-    per_sm = configs.programs_per_sm(cfg, x.element_size(), "gated" if act else "plain", accumulators)
+    cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
+                           scatter=c_index is not None, act=act, scale=scale_mode,
+                           block_e=triton.next_power_of_2(num_experts))
+    per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
         assert cfg.BLOCK_K == 128 and 128 % cfg.BLOCK_N == 0, f"block-scaled fp8 needs 128-wide K steps: {cfg}"
     with _backend.device_guard(x):
-        grouped_mm_kernel[(min(num_programs(x.device) * (per_sm if x.is_cuda else 1), bound),)](
+        grouped_mm_kernel[(min(num_programs(x.device) * per_sm, bound),)](
             a, a_index if a_index is not None else dummy, b, out, c_index if c_index is not None else dummy,
             c_scale if c_scale is not None else out, offs, a_scale, b_scale,
             rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
             a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(),
-            A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=a_index is not None, SCATTER=c_index is not None,
-            ACT=act, SWAP_AB=cfg.SWAP_AB, SCALE=scale_mode, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-            BLOCK_K=cfg.BLOCK_K,
-            BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **cx, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
+
+
+def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale, block_e) -> dict:
+    """grouped_mm_kernel's constexprs of one launch (the launcher and the sm_90 variants share it)."""
+    return dict(A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=gather, SCATTER=scatter, ACT=act,
+                SWAP_AB=cfg.SWAP_AB, SCALE=scale, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)
+
+
+def programs_per_sm(cfg, cx: dict, dtype, out_dtype) -> int:
+    """Persistent programs per SM of a grouped_mm_kernel launch: what its sm_90a compile allows
+    (configs/sm90_resources.json, registers and shared memory read from ptxas's cubin), so that the
+    grid never holds a second wave it assumed resident; the estimate for a config the table lacks
+    (a tuned table's config not among the shipped ones)."""
+    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype, cx, cfg.num_warps, cfg.num_stages)
+    per_sm = configs.sm90_programs_per_sm(key)
+    if per_sm is not None:
+        return per_sm
+    accumulators = (2 if cx["ACT"] else 1) * (2 if cx["SCALE"] == 3 else 1)
+    return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators)
 
 
 def _launch_dw(a, grad, offs, out, *, a_index=None, gather_div=1):
@@ -193,6 +212,7 @@ def _(x, w, offs, backend):
 def _grouped_mm_dw_op(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None,
                       gather_div: int, transposed: bool, backend: str) -> torch.Tensor:
     """dw[e] = A[seg e]^T @ grad[seg e], A[r] = a[a_index[r] // gather_div] (a itself without a_index)."""
+    _checks.offsets_in_range("offs", offs, grad.shape[0])
     out = _new_weight_grad((offs.shape[0], a.shape[1], grad.shape[1]), grad, transposed)
     if _choose("grouped_mm", grad, backend) == "torch":
         out.copy_(reference.grouped_mm_dw(a, grad, offs, a_index, gather_div))
@@ -223,6 +243,32 @@ def _grouped_mm_backward(ctx, grad):
 
 
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def _dw_setup(ctx, inputs, output):
+    a, grad, offs, a_index, gather_div, transposed, backend = inputs
+    ctx.save_for_backward(a, grad, offs)
+    ctx.gathered, ctx.backend = a_index is not None, backend
+
+
+def _dw_backward(ctx, dout):
+    """out[e] = A[seg e]^T grad[seg e], so dA[seg e] = grad[seg e] dout[e]^T and
+    dgrad[seg e] = A[seg e] dout[e]: two 2D x 3D grouped GEMMs (the 2D x 2D form's backward, and
+    grouped_mm's double backward)."""
+    a, grad, offs = ctx.saved_tensors
+    if ctx.gathered:
+        raise NotImplementedError("grouped_mm_dw with a_index (the fused layers' backward) has no backward")
+    da = dgrad = None
+    if ctx.needs_input_grad[0]:
+        da = _grouped_mm_op(grad, dout.transpose(1, 2), offs, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dgrad = _grouped_mm_op(a, dout, offs, ctx.backend)
+    return da, dgrad, None, None, None, None, None
+
+
+_grouped_mm_dw_op.register_autograd(_dw_backward, setup_context=_dw_setup)
+_autocast.register("grouped_mm", (0, 1))
+_autocast.register("grouped_mm_dw", (0, 1))
 
 
 # ----------------------------------------------------------------------------- fused variants
@@ -320,6 +366,7 @@ def _fused_backward(ctx, grad):
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+_autocast.register("grouped_mm_fused", (0, 1))  # not scatter_weights: router weights stay float32
 
 
 # ----------------------------------------------------------------------------- public
@@ -335,7 +382,42 @@ def _check(x, w, offs, dtypes=DTYPES, name="x"):
         raise ValueError(f"K mismatch: x is [M, K={x.shape[1]}] but w is [E, K={w.shape[1]}, N]")
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+def _check_form(x, w, offs):
+    """The checks of the forms other than 2D x 3D (torch._grouped_mm's, with our dtypes)."""
+    _checks.tensor("x", x, dtypes=DTYPES)
+    _checks.tensor("w", w, dtypes=(x.dtype,), device=x.device)
+    if x.dim() not in (2, 3) or w.dim() not in (2, 3):
+        raise ValueError(f"x and w must be 2-D or 3-D, got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[-2]:
+        raise ValueError(f"K mismatch: x is {tuple(x.shape)} and w is {tuple(w.shape)} (x's last dim is w's "
+                         f"second to last)")
+    if x.dim() == 3 and w.dim() == 3:
+        if offs is not None:
+            raise ValueError("offs must be None for 3D x 3D (a batched matmul)")
+        if x.shape[0] != w.shape[0]:
+            raise ValueError(f"x and w must have the same batch (groups): x {tuple(x.shape)}, w {tuple(w.shape)}")
+        return
+    if offs is None:
+        raise ValueError(f"offs is required for {x.dim()}D x {w.dim()}D")
+    _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
+    if x.dim() == 3 and offs.shape[0] != x.shape[0]:
+        raise ValueError(f"offs must have one entry per group: x has G={x.shape[0]}, offs has {offs.shape[0]}")
+
+
+def _grouped_mm_form(x, w, offs, backend):
+    """2D x 2D, 3D x 3D and 3D x 2D as the 2D x 3D op and the K-grouped (dw) op, each with its autograd."""
+    if x.dim() == 2:  # out[g] = x[:, seg g] @ w[seg g]: the dw op over the K-sorted rows of x^T and w
+        return _grouped_mm_dw_op(x.t(), w, offs, None, 1, False, backend)
+    if w.dim() == 3:  # bmm: G uniform segments of M rows (offsets built on the device: no sync)
+        groups, rows = x.shape[0], x.shape[1]
+        uniform = torch.arange(1, groups + 1, device=x.device, dtype=torch.int32) * rows
+        return _grouped_mm_op(x.reshape(groups * rows, x.shape[2]), w, uniform, backend).view(groups, rows, -1)
+    # out[:, seg g] = x[g] @ w[:, seg g], transposed: out^T[seg g] = w^T[seg g] @ x[g]^T, a 2D x 3D product
+    return _grouped_mm_op(w.t(), x.transpose(1, 2), offs, backend).t().contiguous()
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None, *,
+               backend: str | None = None) -> torch.Tensor:
     """Grouped GEMM over row segments: ``y[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]``.
 
     Args:
@@ -349,7 +431,20 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, backend:
     Returns:
         [M, N] in x's dtype, accumulated in float32; rows at or after ``offs[-1]`` are zero.
         Differentiable with respect to x and w (``torch._grouped_mm``'s 2D x 3D semantics).
+        Under ``torch.autocast`` x and w are cast to its dtype (see moekernels/_autocast.py).
+
+    The other forms of ``torch._grouped_mm``, with its semantics, also differentiable (any
+    strides; a layout the kernels cannot read in place is copied once):
+        2D x 2D, offs [G] along K: x [M, K], w [K, N] -> [G, M, N], ``out[g] = x[:, seg g] @ w[seg g]``
+            (the weight-gradient form: the K-grouped kernel; zero for an empty group);
+        3D x 3D, offs None: x [G, M, K], w [G, K, N] -> [G, M, N], ``out[g] = x[g] @ w[g]``;
+        3D x 2D, offs [G] along N: x [G, M, K], w [K, N] -> [M, N], ``out[:, seg g] = x[g] @ w[:, seg g]``,
+            columns at or after ``offs[-1]`` zero (torch leaves them unwritten).
     """
+    x, w = _autocast.cast(x, w)
+    if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and (x.dim() == 3 or w.dim() == 2):
+        _check_form(x, w, offs)
+        return _grouped_mm_form(x, w, offs, backend or "")
     _check(x, w, offs)
     return _grouped_mm_op(x, w, offs, backend or "")
 
@@ -380,6 +475,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
     Differentiable with respect to x, w and scatter_weights (not in fp8).
     """
     activation = activation or ""
+    x, w = _autocast.cast(x, w)
     _checks.choice("activation", activation, tuple(ACTIVATIONS))
     scaled = a_scale is not None or b_scale is not None
     _check(x, w, offs, (torch.float8_e4m3fn,) if scaled else DTYPES)
@@ -426,6 +522,8 @@ SM90_GEMMS = {
     "plain_prefill_bf16_kmajor": ("plain", 512, 1536, 2048, torch.bfloat16, True),
     "plain_prefill_fp16": ("plain", 512, 28672, 4096, torch.float16, False),
     "plain_prefill_fp32": ("plain", 512, 3072, 4096, torch.float32, True),
+    # fp32 on a contiguous [E, K, N] weight (N inner): tf32 wgmma reads B only K-major.
+    "plain_prefill_fp32_ekn": ("plain", 512, 3072, 4096, torch.float32, False),
     "gather_prefill_bf16_kmajor": ("gather", 512, 1536, 2048, torch.bfloat16, True),
     # Rows or weight strides not 16-byte aligned (K or N odd): pointer loads on both operands.
     "unaligned_prefill_bf16_kmajor": ("unaligned", 512, 1536, 2048, torch.bfloat16, True),
@@ -455,9 +553,11 @@ def _dw_variant(name, cfg, dtype, gather):
               BLOCK_E=1, GROUP_M=cfg.GROUP_M, stride_ak=1, stride_bn=1, stride_cn=1)
     sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32", offs_ptr="*i32",
                           sa_ptr="*i32", sb_ptr="*i32")
+    # The contract: x's rows by 16-byte cp.async when gathered, else both tiles by TMA.
     return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
                          aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce",
-                                  "stride_ck"))
+                                  "stride_ck"),
+                         loads={"x": "cp.async" if gather else "tma", "dy": "tma"})
 
 
 def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None):
@@ -469,9 +569,14 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     parts = variant.split("+")
     gather, unaligned = "gather" in parts, "unaligned" in parts
     pointers = gather or unaligned
-    cx = dict(A_TMA=not pointers, B_TMA=not unaligned, B_KMAJOR=kmajor, GATHER=gather,
-              SCATTER="scatter" in parts, ACT=1 if "gated" in parts else 0, SWAP_AB=cfg.SWAP_AB, SCALE=scale,
-              BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=128, GROUP_M=cfg.GROUP_M)
+    cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
+                           scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128)
+    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, cfg.num_stages)
+    # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
+    # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.
+    b_path = "pointer" if unaligned else "tma"
+    loads = {"a": "cp.async" if gather else ("pointer" if unaligned else "tma"),
+             **({"w_gate": b_path, "w_up": b_path} if cx["ACT"] else {"w": b_path})}
     if unaligned:  # the weight's unit stride, which Triton specialises as the constant 1
         cx["stride_bk" if kmajor else "stride_bn"] = 1
     ptr = _sm90.ptr(dtype)
@@ -485,7 +590,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
     # pipelining of the pointer loads depends on it.
     return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
-                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()))
+                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()),
+                         loads=loads, launch_key=key)
 
 
 def sm90_config(variant, per_expert, n, k, dtype):
@@ -499,6 +605,7 @@ def config_variant(variant: str) -> str:
     return next((v for v in ("dw", "gated", "scatter", "unaligned") if any(p.startswith(v) for p in parts)), "plain")
 
 
+@_sm90_registry.register
 def sm90_variants():
     out = []
     for name, (variant, per_expert, n, k, dtype, kmajor) in SM90_GEMMS.items():

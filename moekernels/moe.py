@@ -30,13 +30,15 @@ import math
 import torch
 from torch import nn
 
-from . import _checks, reference
+from . import _autocast, _checks, reference
 from .fp8 import FP8, _dw_fp8_op, _quantize_op, _segments_op
 from .fp8 import _weight_operands as _fp8_weight_operands
 from .grouped_gemm import ACTIVATIONS, _fused_op, _grouped_mm_dw_op, _grouped_mm_op
 from .permute import _permute_backward_op
 from .plan import _plan_routing_op
-from .route import check_arguments, load_balancing_loss, router_z_loss, topk_routing
+from .route import (
+    check_arguments, load_balancing_loss, router_z_loss, sequence_balance_loss, topk_routing, update_correction_bias,
+)
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -122,6 +124,7 @@ def _backward(ctx, grad_y):
 
 
 _fused_moe_op.register_autograd(_backward, setup_context=_setup)
+_autocast.register("fused_moe", (0, 1, 2))  # not topk_weights: router weights stay float32
 
 
 # ----------------------------------------------------------------------------- FP8 training
@@ -224,6 +227,7 @@ def _fp8_backward(ctx, grad_y, *_):
 
 
 _fused_moe_fp8_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
+_autocast.register("fused_moe_fp8", (0, 1, 2))  # the operands it quantizes; router weights stay float32
 
 
 def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2):
@@ -299,8 +303,10 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
         topk_weights (not with fp8 weights: that path is inference-only; ``precision="fp8"``
         trains). No host sync: it captures in CUDA graphs (decode
         steps of 1-64 tokens take the grouped GEMM's decode tiles) and traces under
-        ``torch.compile(fullgraph=True)``.
+        ``torch.compile(fullgraph=True)``. Under ``torch.autocast`` hidden and the (non-fp8)
+        weights are cast to its dtype and the result is in it; topk_weights stay as they are.
     """
+    hidden, w_gate_up, w_down = _autocast.cast(hidden, w_gate_up, w_down)
     _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale)
     _checks.choice("precision", precision, PRECISIONS)
     if precision == "fp8":
@@ -345,7 +351,8 @@ class MoE(nn.Module):
         routed_scaling_factor: multiplies the routed output's weights (DeepSeek-V3: 2.5).
         num_shared_experts: shared experts of intermediate size I * num_shared_experts.
         correction_bias: keep DeepSeek-V3's ``e_score_correction_bias`` [E] (float32, a buffer:
-            it is adjusted outside the gradient).
+            it is adjusted outside the gradient, by :meth:`update_bias`).
+        bias_update_rate: the speed gamma of :meth:`update_bias` (DeepSeek-V3: 1e-3).
         activation: ``"silu"`` or ``"gelu"``.
         dtype, device: of the parameters.
         router_dtype: of the router's weight and logits (default: dtype). DeepSeek-V3 keeps its
@@ -366,8 +373,17 @@ class MoE(nn.Module):
 
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
     [E, H, I], ``shared_experts``. In training mode the forward sets ``aux_loss`` (the
-    load-balancing loss of transformers' ``load_balancing_loss_func``) and ``z_loss`` (ST-MoE's);
-    add them to the model's loss with coefficients of your choice.
+    load-balancing loss of transformers' ``load_balancing_loss_func``), ``z_loss`` (ST-MoE's) and
+    ``seq_aux_loss`` (DeepSeek-V3's sequence-wise balance loss, :func:`sequence_balance_loss` over
+    the sequences of an x [B, S, H]; x [T, H] is one sequence; it counts the top-k of the unbiased,
+    ungrouped scores, as the report does); add them to the model's loss with coefficients of your
+    choice (DeepSeek-V3: 1e-4 times ``seq_aux_loss`` alone).
+
+    DeepSeek-V3's auxiliary-loss-free balancing: with ``correction_bias=True`` each training
+    forward adds its (token, slot) counts per expert to the buffer ``expert_load`` [E] (int64, on
+    the device, no sync), and :meth:`update_bias`, called after ``optimizer.step()``, moves the
+    bias by ``bias_update_rate * sign(mean load - load_e)`` and zeroes ``expert_load``. With data
+    or expert parallelism, all-reduce ``expert_load`` over the ranks that share the router first.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, *,
@@ -375,7 +391,7 @@ class MoE(nn.Module):
                  topk_group: int | None = None, routed_scaling_factor: float = 1.0, num_shared_experts: int = 0,
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
                  router_dtype=None, expert_parallel_group=None, capacity: int | None = None,
-                 precision: str | None = None, backend: str | None = None):
+                 precision: str | None = None, backend: str | None = None, bias_update_rate: float = 1e-3):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -425,9 +441,12 @@ class MoE(nn.Module):
         self.w_down = nn.Parameter(torch.empty(local, hidden_size, intermediate_size, **kw))
         bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
+        load = torch.zeros(num_experts, dtype=torch.int64, device=device) if correction_bias else None
+        self.register_buffer("expert_load", load, persistent=False)  # not in checkpoints: one step's counts
+        self.bias_update_rate = bias_update_rate
         self.shared_experts = (SharedExperts(hidden_size, intermediate_size * num_shared_experts, **kw)
                                if num_shared_experts else None)
-        self.aux_loss = self.z_loss = None
+        self.aux_loss = self.z_loss = self.seq_aux_loss = None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -484,7 +503,22 @@ class MoE(nn.Module):
         if self.training:
             self.aux_loss = load_balancing_loss(logits, ids, self.num_experts, backend=self.backend)
             self.z_loss = router_z_loss(logits, backend=self.backend)
+            plain = self.e_score_correction_bias is None and (self.n_group or 1) == 1
+            self.seq_aux_loss = sequence_balance_loss(
+                logits, ids if plain else logits.topk(self.top_k, dim=-1).indices, self.num_experts,
+                max(shape[-2] if x.dim() > 2 else x2.shape[0], 1), scoring=self.scoring)
+            if self.expert_load is not None:
+                with torch.no_grad():
+                    self.expert_load += reference.pair_counts(ids, self.num_experts, torch.int64)
         return y.view(shape)
+
+    def update_bias(self) -> None:
+        """DeepSeek-V3's end-of-step bias update from the loads counted since the last call
+        (:func:`update_correction_bias` with ``bias_update_rate``), then zero the counts."""
+        if self.e_score_correction_bias is None:
+            raise ValueError("update_bias needs correction_bias=True: this MoE has no e_score_correction_bias")
+        update_correction_bias(self.e_score_correction_bias, self.expert_load, self.bias_update_rate)
+        self.expert_load.zero_()
 
     def _expert_parallel(self, x, weights, ids):
         """dispatch -> the local experts (two grouped GEMMs over the received rows) -> combine."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _backend, _checks, _ext, configs, reference
+from . import _backend, _checks, _ext, _sm90_registry, configs, reference
 from .plan import RoutingPlan
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -327,6 +327,7 @@ SM90_PERMUTES = {
 }
 
 
+@_sm90_registry.register
 def sm90_variants():
     from . import _sm90
     from .kernels._permute import combine_rows_kernel, scatter_rows_kernel
@@ -342,5 +343,6 @@ def sm90_variants():
         # launch specialises them so, which is what lets the 16-byte accesses through.
         aligned = tuple(a for a in fn.arg_names
                         if a.endswith("_ptr") or a in ("hidden", "h_span") or a.startswith("stride"))
-        out.append(_sm90.Variant(f"{name}", fn, _sm90.signature(fn, cx, **types), cx, opts, aligned=aligned))
+        out.append(_sm90.Variant(f"{name}", fn, _sm90.signature(fn, cx, **types), cx, opts, aligned=aligned,
+                                 rows=True))
     return out

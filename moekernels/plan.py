@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import _backend, _checks, configs, reference
+from . import _backend, _checks, _sm90_registry, configs, reference
 
 ID_DTYPES = (torch.int32, torch.int64)
 INT32_MAX = 2**31 - 1
@@ -198,6 +198,7 @@ SM90_PLANS = {"mixtral_e8_b16": (8, 16), "qwen15_e60_b64": (60, 64), "qwen3_e128
               "deepseek_v3_e256_b128": (256, 128), "e1024_b256": (1024, 256)}
 
 
+@_sm90_registry.register
 def sm90_variants():
     from . import _sm90
     from .kernels import _plan as k

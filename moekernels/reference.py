@@ -281,6 +281,49 @@ def pair_counts(topk_ids: torch.Tensor, num_experts: int, dtype: torch.dtype) ->
     return counts.scatter_add(0, torch.where(valid, flat, 0), valid.to(dtype))
 
 
+def balance_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """The affinity scores normalized over the experts of each token, in ``acc_dtype``: softmax,
+    or sigmoid divided by its sum (+ 1e-20), DeepSeek-V3's s'_{i,t} (report eq. 19)."""
+    x = logits.to(acc_dtype(logits.dtype))
+    if scoring == "softmax":
+        return torch.softmax(x, dim=-1)
+    s = torch.sigmoid(x)
+    return s / (s.sum(dim=-1, keepdim=True) + RENORM_EPS)
+
+
+def sequence_balance_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, seq_len: int,
+                          scoring: str = "softmax") -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (tech report eq. 17-20) without its
+    alpha: the mean over the B = T / seq_len sequences (token t in sequence t // seq_len) of
+    sum_e f_e P_e, where in one sequence of S tokens f_e = E / (k S) * (pairs routed to e) and
+    P_e = mean over its tokens of :func:`balance_scores`. Megatron-LM's
+    ``sequence_load_balancing_loss_func`` (moe_utils.py) computes the same, from the probs of its
+    ``compute_routing_scores_for_aux_loss``. Dropped ids count for no expert; no tokens give 0."""
+    num_tokens, top_k = topk_ids.shape
+    num_seqs = num_tokens // seq_len
+    p = balance_scores(logits, scoring).view(num_seqs, seq_len, num_experts).mean(1)
+    counts = sequence_pair_counts(topk_ids, num_experts, seq_len, p.dtype)
+    return num_experts / (seq_len * top_k) * (counts * p).sum() / max(num_seqs, 1)
+
+
+def sequence_pair_counts(topk_ids: torch.Tensor, num_experts: int, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, E] (token, slot) pairs routed to each expert within each sequence of seq_len tokens."""
+    num_tokens = topk_ids.shape[0]
+    flat = topk_ids.long()
+    seq = torch.arange(num_tokens, device=topk_ids.device).unsqueeze(1) // seq_len
+    key = torch.where((flat >= 0) & (flat < num_experts), flat + seq * num_experts, -1)  # dropped: -1
+    num_seqs = num_tokens // seq_len
+    return pair_counts(key, num_seqs * num_experts, dtype).view(num_seqs, num_experts)
+
+
+def update_correction_bias(bias: torch.Tensor, expert_counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's auxiliary-loss-free balancing step: b_e + rate * sign(mean load - load_e),
+    returned as a new tensor. The sign is taken of E * mean - E * load_e in float64, exact for
+    integer counts, so an expert at exactly the mean load keeps its bias."""
+    c = expert_counts.double()
+    return bias + rate * torch.sign(c.sum() - c.shape[0] * c).to(bias.dtype)
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """The mean over tokens of logsumexp(logits)**2 (ST-MoE); no tokens give 0."""
     lse = torch.logsumexp(logits.to(acc_dtype(logits.dtype)), dim=-1)
@@ -297,15 +340,36 @@ def _segments(offs: torch.Tensor, rows: int):
     return [(e, min(s, t), t) for e, (s, t) in enumerate(zip(starts, ends))]
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None) -> torch.Tensor:
     """Reference of :func:`moekernels.grouped_mm`: y[seg e] = x[seg e] @ w[e] in float32 (float64
-    for float64), rows at or after offs[-1] zero."""
+    for float64), rows at or after offs[-1] zero; the other forms in :func:`grouped_mm_forms`."""
+    if x.dim() == 3 or w.dim() == 2:
+        return grouped_mm_forms(x, w, offs)
     acc = acc_dtype(x.dtype)
     out = torch.zeros(x.shape[0], w.shape[2], dtype=acc, device=x.device)
     for e, s, t in _segments(offs, x.shape[0]):
         if t > s:
             out[s:t] = x[s:t].to(acc) @ w[e].to(acc)
     return out.to(x.dtype)
+
+
+def grouped_mm_forms(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None) -> torch.Tensor:
+    """torch._grouped_mm's other forms, accumulated in float32 (float64 for float64):
+    2D x 2D, offs along K: out[g] = a[:, seg g] @ b[seg g, :], [G, M, N], zero for an empty group;
+    3D x 3D: out[g] = a[g] @ b[g] (bmm); 3D x 2D, offs along N: out[:, seg g] = a[g] @ b[:, seg g],
+    [M, N], columns at or after offs[-1] zero."""
+    acc = acc_dtype(a.dtype)
+    if a.dim() == 3 and b.dim() == 3:
+        return (a.to(acc) @ b.to(acc)).to(a.dtype)
+    if a.dim() == 2:
+        out = torch.zeros(offs.shape[0], a.shape[0], b.shape[1], dtype=acc, device=a.device)
+        for g, s, t in _segments(offs, a.shape[1]):
+            out[g] = a[:, s:t].to(acc) @ b[s:t].to(acc)
+    else:
+        out = torch.zeros(a.shape[1], b.shape[1], dtype=acc, device=a.device)
+        for g, s, t in _segments(offs, b.shape[1]):
+            out[:, s:t] = a[g].to(acc) @ b[:, s:t].to(acc)
+    return out.to(a.dtype)
 
 
 def grouped_mm_dw(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None = None,

@@ -11,7 +11,7 @@ import math
 import torch
 import triton
 
-from . import _backend, _checks, _ext, configs, reference
+from . import _backend, _checks, _ext, _sm90_registry, configs, reference
 
 SCORINGS = ("softmax", "sigmoid")
 LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -377,6 +377,132 @@ def router_z_loss(logits: torch.Tensor, *, backend: str | None = None) -> torch.
     return _router_z_loss_op(logits, backend or "")
 
 
+# ----------------------------------------------------------------------------- DeepSeek-V3 balancing
+
+
+@torch.library.custom_op("moekernels::sequence_balance_loss", mutates_args=())
+def _sequence_balance_loss_op(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, seq_len: int,
+                              scoring: str) -> torch.Tensor:
+    # [T, E] elementwise work and a scatter of T*k counts: torch on every device, no kernel.
+    _checks.ids_in_range("topk_ids", topk_ids, num_experts)
+    return reference.sequence_balance_loss(logits, topk_ids, num_experts, seq_len, scoring)
+
+
+@_sequence_balance_loss_op.register_fake
+def _(logits, topk_ids, num_experts, seq_len, scoring):
+    return logits.new_empty((), dtype=reference.acc_dtype(logits.dtype))
+
+
+def _seq_balance_setup(ctx, inputs, output):
+    logits, topk_ids, num_experts, seq_len, scoring = inputs
+    ctx.save_for_backward(logits, topk_ids)
+    ctx.num_experts, ctx.seq_len, ctx.scoring = num_experts, seq_len, scoring
+
+
+def _seq_balance_backward(ctx, grad):
+    """L = E / (k S^2 B) * sum_b sum_e c_be * sum_(t in b) s'_te, so dL/ds'_te = E c_be / (k S^2 B)
+    for t in sequence b, then through the normalization s' = s / sum s (sigmoid) and the score."""
+    logits, topk_ids = ctx.saved_tensors
+    num_experts, seq_len = ctx.num_experts, ctx.seq_len
+    num_tokens, top_k = topk_ids.shape
+    num_seqs = num_tokens // seq_len
+    x = logits.to(reference.acc_dtype(logits.dtype))
+    counts = reference.sequence_pair_counts(topk_ids, num_experts, seq_len, x.dtype).unsqueeze(1)
+    g = grad * num_experts / (top_k * seq_len * seq_len * max(num_seqs, 1)) * counts
+    g = g.expand(num_seqs, seq_len, num_experts).reshape(num_tokens, num_experts)
+    if ctx.scoring == "softmax":
+        p = torch.softmax(x, dim=-1)
+        grad_x = p * (g - (p * g).sum(dim=-1, keepdim=True))
+    else:
+        s = torch.sigmoid(x)
+        total = s.sum(dim=-1, keepdim=True) + reference.RENORM_EPS
+        grad_s = g / total - (g * s).sum(dim=-1, keepdim=True) / (total * total)
+        grad_x = grad_s * s * (1.0 - s)
+    return grad_x.to(logits.dtype), None, None, None, None
+
+
+_sequence_balance_loss_op.register_autograd(_seq_balance_backward, setup_context=_seq_balance_setup)
+
+
+def sequence_balance_loss(logits: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, seq_len: int, *,
+                          scoring: str = "softmax") -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (tech report, eq. 17-20), alpha left out.
+
+    For each sequence of S = ``seq_len`` tokens: ``sum_e f_e * P_e`` with
+    ``f_e = E / (k S) * (pairs of the sequence routed to e)`` and ``P_e`` the sequence's mean of
+    the scores normalized per token (``softmax(logits)``, or ``sigmoid(logits)`` divided by its
+    sum over the experts); the loss is the mean over the sequences. It is Megatron-LM's
+    ``sequence_load_balancing_loss_func`` (megatron/core/transformer/moe/moe_utils.py), whose
+    ``compute_routing_scores_for_aux_loss`` normalizes sigmoid scores the same way, and the
+    ``seq_aux`` loss of DeepSeek-V2's modeling code. 1.0 for perfectly balanced routing; the
+    report's alpha (1e-4 for DeepSeek-V3) is the caller's coefficient.
+
+    Args:
+        logits: [B * S, E] router logits, sequence-major (token b * S + s), float32, bfloat16,
+            float16 or float64.
+        topk_ids: [B * S, k] int32 or int64 experts. The report counts the top-k of the scores
+            without the correction bias or the group limit (Megatron too): pass those ids
+            (``logits.topk(k).indices``) for a biased or grouped router. An id outside [0, E)
+            raises on CPU and counts for none on CUDA.
+        num_experts: E, which must equal ``logits.shape[1]``.
+        seq_len: S, which must divide the token count.
+        scoring: ``"softmax"`` or ``"sigmoid"``, the router's score function.
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), differentiable with respect to logits;
+        no tokens give 0. Torch ops on every backend.
+    """
+    _checks.tensor("logits", logits, ndim=2, dtypes=LOSS_DTYPES)
+    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int32, torch.int64), device=logits.device)
+    _checks.integer("num_experts", num_experts, low=1)
+    _checks.integer("seq_len", seq_len, low=1)
+    _checks.choice("scoring", scoring, SCORINGS)
+    if logits.shape[1] != num_experts:
+        raise ValueError(f"num_experts={num_experts} but logits has {logits.shape[1]} expert columns")
+    if topk_ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"topk_ids has {topk_ids.shape[0]} tokens but logits has {logits.shape[0]}")
+    if logits.shape[0] % seq_len:
+        raise ValueError(f"seq_len={seq_len} must divide the {logits.shape[0]} tokens (B sequences of seq_len)")
+    return _sequence_balance_loss_op(logits, topk_ids, num_experts, seq_len, scoring)
+
+
+@torch.library.custom_op("moekernels::update_correction_bias", mutates_args=("bias",))
+def _update_correction_bias_op(bias: torch.Tensor, expert_counts: torch.Tensor, rate: float) -> None:
+    bias.copy_(reference.update_correction_bias(bias, expert_counts, rate))
+
+
+@_update_correction_bias_op.register_fake
+def _(bias, expert_counts, rate):
+    return None
+
+
+def update_correction_bias(bias: torch.Tensor, expert_counts: torch.Tensor, rate: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free load balancing: ``b_e += rate * sign(mean load - load_e)``
+    in place, so an overloaded expert's bias falls by ``rate`` and an underloaded one's rises (an
+    expert at exactly the mean keeps its bias). DeepSeek-V3 applies it at the end of every step
+    with rate 1e-3 (0 for its last 500B tokens).
+
+    Args:
+        bias: [E] float32 correction bias (``MoE.e_score_correction_bias``), updated in place.
+        expert_counts: [E] the tokens (or token-slot pairs) each expert received over the step,
+            any integer or floating dtype, on bias's device.
+        rate: the update speed gamma, a finite float >= 0.
+
+    Device ops only, no host sync: it captures in CUDA graphs and traces under
+    ``torch.compile(fullgraph=True)``; no gradient flows through it.
+    """
+    _checks.tensor("bias", bias, ndim=1, dtypes=(torch.float32,))
+    _checks.tensor("expert_counts", expert_counts, ndim=1, device=bias.device)
+    if expert_counts.shape != bias.shape:
+        raise ValueError(f"expert_counts must have bias's shape {tuple(bias.shape)}, got {tuple(expert_counts.shape)}")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise TypeError(f"rate must be a float, got {type(rate).__name__}")
+    if not 0 <= rate < math.inf:
+        raise ValueError(f"rate must be finite and >= 0, got {rate}")
+    with torch.no_grad():
+        _update_correction_bias_op(bias, expert_counts, float(rate))
+
+
 # The routers of the models the library targets, plus the extremes of the supported range:
 # every Triton variant they need is compiled for sm_90 by the test suite (moekernels/_sm90.py).
 SM90_ROUTERS = {
@@ -405,6 +531,7 @@ SM90_LOSSES = {"mixtral_e8": (8, torch.bfloat16), "qwen3_e128": (128, torch.floa
                "deepseek_v3_e256": (256, torch.float32), "e1024": (1024, torch.bfloat16)}
 
 
+@_sm90_registry.register
 def sm90_variants():
     from ._sm90 import Variant, ptr, signature
     from .kernels._route import router_loss_kernel, topk_routing_kernel

@@ -299,6 +299,186 @@ def test_torch_compile_fullgraph(backend):
     assert rel_err(loss, want) <= 1e-6 and rel_err(gx, wx) <= 1e-6 and rel_err(gw, ww) <= 1e-6
 
 
+# ----------------------------------------------------------------------------- the four forms of torch._grouped_mm
+
+
+def operand(*shape, row_major, strided, dtype=torch.float32):
+    """[..., r, c] row-major (c contiguous) or column-major (r contiguous), with a leading
+    dimension 8 elements past the extent when strided (torch's test_grouped_gemm layouts)."""
+    *lead, r, c = shape
+    pad = 8 if strided else 0
+    if row_major:
+        return torch.randn(*lead, r, c + pad).to(dtype)[..., :c]
+    return torch.randn(*lead, c, r + pad).to(dtype).transpose(-1, -2)[..., :r, :]
+
+
+def form_problem(form, m, n, k, groups, *, a_row_major=True, b_row_major=True, strided=False,
+                 dtype=torch.float32):
+    """(a, b, offs) of one form, offs with an empty group and a tail the last group leaves out:
+    2d3d along M, 2d2d along K, 3d2d along N, none for 3d3d."""
+    def offs_over(total, step):  # group 1 empty, the last ends short of total
+        ends = [step, step, 2 * step + step // 2, total - step // 4][:groups]
+        return torch.tensor(ends, dtype=torch.int32)
+
+    kw = dict(strided=strided, dtype=dtype)
+    if form == "2d3d":
+        return (operand(m * groups, k, row_major=a_row_major, **kw),
+                operand(groups, k, n, row_major=b_row_major, **kw), offs_over(m * groups, m))
+    if form == "2d2d":
+        return (operand(m, k * groups, row_major=a_row_major, **kw),
+                operand(k * groups, n, row_major=b_row_major, **kw), offs_over(k * groups, k))
+    if form == "3d3d":
+        return (operand(groups, m, k, row_major=a_row_major, **kw),
+                operand(groups, k, n, row_major=b_row_major, **kw), None)
+    return (operand(groups, m, k, row_major=a_row_major, **kw),
+            operand(k, n * groups, row_major=b_row_major, **kw), offs_over(n * groups, n))
+
+
+FORMS = ["2d3d", "2d2d", "3d3d", "3d2d"]
+
+
+def _used(form, out, offs):
+    """The part of the output torch writes (it leaves rows / columns past offs[-1] unwritten)."""
+    if form == "2d3d":
+        return out[:int(offs[-1])]
+    return out[:, :int(offs[-1])] if form == "3d2d" else out
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("strided", [False, True], ids=["dense", "strided"])
+@pytest.mark.parametrize("a_row_major", [True, False], ids=["a_rows", "a_cols"])
+@pytest.mark.parametrize("b_row_major", [True, False], ids=["b_rows", "b_cols"])
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_of_torch_grouped_mm(form, b_row_major, a_row_major, strided, backend):
+    """torch._grouped_mm's own cases (test_matmul_cuda.py): each form, strided and transposed
+    layouts, an empty group. bf16 forward against torch._grouped_mm on the CPU; fp32 gradients
+    against the float64 reference's autograd."""
+    a, b, offs = form_problem(form, 16, 16, 32, 4, a_row_major=a_row_major, b_row_major=b_row_major,
+                              strided=strided, dtype=torch.bfloat16)
+    ours, theirs = moekernels.grouped_mm(a, b, offs, backend=backend), torch._grouped_mm(a, b, offs)
+    exact = reference.grouped_mm(a.double(), b.double(), offs)
+    assert ours.shape == theirs.shape and ours.dtype == torch.bfloat16
+    torch_err = rel_err(_used(form, theirs, offs), _used(form, exact, offs))
+    assert rel_err(ours, exact) <= 2 * torch_err + 2**-8
+    if form in ("2d3d", "3d2d"):  # past offs[-1]: zero here, unwritten by torch
+        assert not (ours[int(offs[-1]):] if form == "2d3d" else ours[:, int(offs[-1]):]).any()
+    if form == "2d2d":
+        assert not ours[1].any()  # the empty group
+    a, b = (t.float().detach().requires_grad_(True) for t in (a, b))
+    out = moekernels.grouped_mm(a, b, offs, backend=backend)
+    g = torch.randn_like(out)
+    ga, gb = torch.autograd.grad(out, (a, b), g)
+    a64, b64 = (t.detach().double().requires_grad_(True) for t in (a, b))
+    wa, wb = torch.autograd.grad(reference.grouped_mm(a64, b64, offs), (a64, b64), g.double())
+    assert ga.shape == a.shape and gb.shape == b.shape
+    assert rel_err(ga, wa) <= 1e-5 and rel_err(gb, wb) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("form", FORMS)
+def test_forms_unaligned_sizes(form, backend):
+    """N = 7 and K = 259 (rows not 16-byte aligned: torch's kernel refuses them, ours takes the
+    pointer loads), fp16, forward and gradients against float64."""
+    a, b, offs = form_problem(form, 5, 7, 259, 3, dtype=torch.float16) if form != "2d2d" else \
+        form_problem(form, 5, 7, 37, 3, dtype=torch.float16)  # 2d2d: K = 3 groups of 37, 111 in all
+    a, b = a.requires_grad_(True), b.requires_grad_(True)
+    out = moekernels.grouped_mm(a, b, offs, backend=backend)
+    a64, b64 = (t.detach().double().requires_grad_(True) for t in (a, b))
+    want = reference.grouped_mm(a64, b64, offs)
+    torch_err = rel_err(reference.grouped_mm(a.detach(), b.detach(), offs), want)  # float32 sums, one fp16 rounding
+    assert out.dtype == torch.float16 and rel_err(out, want) <= 2 * torch_err + 2**-10
+    g = torch.randn_like(want)
+    ga, gb = torch.autograd.grad(out, (a, b), g.half())
+    wa, wb = torch.autograd.grad(want, (a64, b64), g)
+    assert rel_err(ga, wa) <= 2**-8 and rel_err(gb, wb) <= 2**-8
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_forms_compile_and_errors(backend):
+    """Each form under torch.compile(fullgraph=True), forward and backward; bad forms raise."""
+    for form in FORMS:
+        a, b, offs = form_problem(form, 8, 8, 16, 3)
+        a, b = a.requires_grad_(True), b.requires_grad_(True)
+
+        def f(a, b, offs):
+            return moekernels.grouped_mm(a, b, offs, backend=backend).square().sum()
+
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        got = torch.autograd.grad(compiled(a, b, offs), (a, b))
+        want = torch.autograd.grad(f(a, b, offs), (a, b))
+        assert all(rel_err(x, y) <= 1e-6 for x, y in zip(got, want)), form
+    a3, b3 = torch.randn(3, 4, 8), torch.randn(3, 8, 5)
+    offs = torch.tensor([1, 2, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="offs must be None"):
+        moekernels.grouped_mm(a3, b3, offs)
+    with pytest.raises(ValueError, match="offs is required"):
+        moekernels.grouped_mm(a3, torch.randn(8, 5))
+    with pytest.raises(ValueError, match="batch"):
+        moekernels.grouped_mm(a3, b3[:2])
+    with pytest.raises(ValueError, match="K mismatch"):
+        moekernels.grouped_mm(torch.randn(4, 8), torch.randn(9, 5), offs)
+    with pytest.raises(ValueError, match="one entry per group"):
+        moekernels.grouped_mm(a3, torch.randn(8, 5), offs[:2])
+    with pytest.raises(ValueError, match="offs"):  # past K
+        moekernels.grouped_mm(torch.randn(4, 8), torch.randn(8, 5), torch.tensor([2, 4, 9], dtype=torch.int32))
+    with pytest.raises(TypeError, match="w"):
+        moekernels.grouped_mm(a3, b3.double())
+    torch.library.opcheck(torch.ops.moekernels.grouped_mm_dw.default,
+                          (torch.randn(9, 4), torch.randn(9, 5), offs * 3, None, 1, False, backend))
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+def _leaf(t, dtype=None):
+    return t.detach().to(dtype or t.dtype).requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_computes_in_its_dtype(dtype, backend):
+    """Under CPU autocast, float32 x and w give what x and w cast by hand give, bit for bit, and
+    float32 gradients: those of the cast copies, in float32. The op itself autocasts too."""
+    rows, k, n, num_experts = 21, 36, 40, 5
+    x, w = torch.randn(rows, k), make_weight(num_experts, k, n, torch.float32, "cpu", True)
+    offs = make_offs(rows, num_experts, 3)  # an empty expert, a single row, a tail
+    g = torch.randn(rows, n)
+    xa, wa, xh, wh = _leaf(x), _leaf(w), _leaf(x, dtype), _leaf(w, dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        y = moekernels.grouped_mm(xa, wa, offs, backend=backend)
+        y_op = torch.ops.moekernels.grouped_mm(x, w, offs, backend)
+    want = moekernels.grouped_mm(xh, wh, offs, backend=backend)
+    assert y.dtype == dtype and torch.equal(y, want) and torch.equal(y_op, want)
+    (y.float() * g).sum().backward()
+    (want.float() * g).sum().backward()
+    assert xa.grad.dtype == torch.float32 and wa.grad.dtype == torch.float32
+    assert torch.equal(xa.grad, xh.grad.float()) and torch.equal(wa.grad, wh.grad.float())
+    # against float32 without autocast: the error of the low-precision dtype, not zero
+    assert 0 < rel_err(y, moekernels.grouped_mm(x, w, offs, backend=backend)) <= 2**-6
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_autocast_fused_keeps_router_weights_and_compiles(backend):
+    """grouped_mm_fused under autocast: x and w cast, the scatter weights kept in float32 (a bf16
+    copy would round them), and the same under torch.compile(fullgraph=True)."""
+    tokens, top_k, num_experts, k, n = 7, 2, 6, 40, 24
+    x, w = torch.randn(tokens, k), make_weight(num_experts, k, 2 * n, torch.float32, "cpu", True)
+    ids = make_ids(tokens, top_k, num_experts)
+    plan = moekernels.plan_routing(ids, num_experts)
+    tw = torch.rand(tokens, top_k)
+
+    def fused(x, w, tw):
+        return gg.grouped_mm_fused(x, w, plan.expert_offsets, source_index=plan.source_index, top_k=top_k,
+                                   gather=True, activation="silu", scatter_weights=tw, backend=backend)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused(x, w, tw)
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")(x, w, tw)
+    want = fused(x.bfloat16(), w.bfloat16(), tw)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want) and torch.equal(compiled, want)
+    assert not torch.equal(want, fused(x.bfloat16(), w.bfloat16(), tw.bfloat16()))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -276,6 +276,115 @@ def test_module_router_dtype():
     assert layer(x).dtype == torch.bfloat16
 
 
+def test_module_deepseek_v3_balancing():
+    """seq_aux_loss over the [B, S] sequences (top-k of the unbiased, ungrouped scores), the loads
+    counted over training forwards only, and update_bias applying them at the end of a step."""
+    layer = moekernels.MoE(32, 16, 8, 2, scoring="sigmoid", n_group=4, topk_group=2, correction_bias=True,
+                           bias_update_rate=0.01)
+    with torch.no_grad():
+        layer.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    bias0 = layer.e_score_correction_bias.clone()
+    assert layer.expert_load.dtype == torch.int64 and "expert_load" not in layer.state_dict()
+    x, x_single = torch.randn(3, 7, 32), torch.randn(1, 32)
+    want_load = torch.zeros(8, dtype=torch.int64)
+    for inp in (x, x_single):  # B = 3 sequences of 7, then one sequence of a single token
+        layer(inp)
+        x2 = inp.reshape(-1, 32)
+        logits = x2 @ layer.gate.weight.T
+        seq_len = inp.shape[-2] if inp.dim() > 2 else x2.shape[0]
+        want = reference.sequence_balance_loss(logits.double(), logits.topk(2).indices, 8, seq_len, "sigmoid")
+        assert rel_err(layer.seq_aux_loss, want) <= 1e-5
+        _, ids = reference.topk_routing(logits, 2, scoring="sigmoid", renormalize=True,
+                                        bias=layer.e_score_correction_bias, n_group=4, topk_group=2)
+        want_load += torch.bincount(ids.reshape(-1).long(), minlength=8)
+    assert torch.equal(layer.expert_load, want_load)
+    layer.eval()
+    layer(x)  # inference: no loads counted
+    assert torch.equal(layer.expert_load, want_load)
+    layer.update_bias()
+    assert torch.equal(layer.e_score_correction_bias, reference.update_correction_bias(bias0, want_load, 0.01))
+    assert not layer.expert_load.any()
+    plain = moekernels.MoE(32, 16, 8, 2)
+    plain(x)  # no bias, no groups: the routed ids themselves; a softmax router
+    logits = x.reshape(-1, 32) @ plain.gate.weight.T
+    _, ids = reference.topk_routing(logits, 2, renormalize=True)
+    assert rel_err(plain.seq_aux_loss, reference.sequence_balance_loss(logits.double(), ids, 8, 7)) <= 1e-5
+    assert plain.expert_load is None
+    with pytest.raises(ValueError, match="correction_bias"):
+        plain.update_bias()
+
+
+def test_module_balancing_compiles():
+    """A training forward with the load count and the bias update traces under fullgraph."""
+    layer = moekernels.MoE(16, 8, 4, 2, scoring="sigmoid", correction_bias=True)
+
+    def step(inp):
+        y = layer(inp)
+        loss = y.square().mean() + 1e-4 * layer.seq_aux_loss
+        layer.update_bias()
+        return loss
+
+    x = torch.randn(2, 5, 16)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    bias0 = layer.e_score_correction_bias.clone()
+    ids = layer.route(x.reshape(-1, 16))[2]  # the ids of the step, before its bias update
+    compiled(x).backward()
+    want = reference.update_correction_bias(bias0, reference.pair_counts(ids, 4, torch.int64), 1e-3)
+    assert torch.equal(layer.e_score_correction_bias, want) and not layer.expert_load.any()
+    assert layer.gate.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_autocast_training_step(backend):
+    """MoE(64, 32, 8, 2) with float32 master weights under CPU bf16 autocast: a bf16 output, the
+    same loss as the layer with its weights cast by hand, and float32 gradients equal to that
+    layer's; then the same step under torch.compile(fullgraph=True)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = moekernels.MoE(64, 32, 8, 2, backend=backend)
+    by_hand = copy.deepcopy(layer).bfloat16()
+    x = torch.randn(2, 5, 64)
+
+    def step(model, inp):
+        y = model(inp)
+        loss = y.float().square().mean() + 0.01 * model.aux_loss
+        loss.backward()
+        return y, loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, loss = step(layer, x)
+    y_hand, loss_hand = step(by_hand, x.bfloat16())
+    assert y.dtype == torch.bfloat16 and rel_err(y, y_hand) <= 1e-6 and rel_err(loss, loss_hand) <= 1e-6
+    for (name, p), p_hand in zip(layer.named_parameters(), by_hand.parameters()):
+        assert p.dtype == p.grad.dtype == torch.float32, name
+        assert rel_err(p.grad, p_hand.grad) <= 1e-6, name
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_c, _ = step(compiled, x)
+    assert y_c.dtype == torch.bfloat16 and rel_err(y_c, y) <= 1e-6
+    assert all(rel_err(p.grad, g) <= 1e-6 for p, g in zip(layer.parameters(), grads))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_moe_autocast_keeps_router_weights(backend):
+    """fused_moe and its op under autocast: hidden and weights in the autocast dtype (fp16
+    here), topk_weights as given (float32), and their gradient float32."""
+    x, w1, w2, tw, ids = make_layer(CASES[1], torch.float32, "cpu")
+    tw = tw.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = moekernels.fused_moe(x, w1, w2, tw, ids, backend=backend)
+        got_op = torch.ops.moekernels.fused_moe(x, w1, w2, tw, ids, "silu", None, None, backend)
+    want = moekernels.fused_moe(x.half(), w1.half(), w2.half(), tw, ids, backend=backend)
+    assert got.dtype == torch.float16 and torch.equal(got, want) and torch.equal(got_op, want)
+    assert not torch.equal(want, moekernels.fused_moe(x.half(), w1.half(), w2.half(), tw.half(), ids,
+                                                      backend=backend))
+    got.float().sum().backward()
+    assert tw.grad.dtype == torch.float32
+
+
 def test_module_bad_arguments():
     with pytest.raises(ValueError, match="top_k"):
         moekernels.MoE(16, 8, 4, 5)

@@ -554,3 +554,160 @@ def test_losses_bad_input_names_the_argument(name, change, error):
     args.update(change)
     with pytest.raises(error, match=name):
         moekernels.load_balancing_loss(args["logits"], args["topk_ids"], args["num_experts"])
+
+
+# ----------------------------------------------------------------------------- DeepSeek-V3 balancing
+
+
+def report_sequence_loss(logits, ids, num_experts, seq_len, scoring):
+    """DeepSeek-V3 report eq. 17-20, one sequence at a time, written from the formulas in float64:
+    f_i = N_r / (K_r T) * sum_t 1(i chosen at t), s'_t = s_t / sum_j s_jt, P_i = mean_t s'_it."""
+    total, x, k = 0.0, logits.double(), ids.shape[1]
+    seqs = range(0, logits.shape[0], seq_len)
+    for start in seqs:
+        xs, chosen = x[start:start + seq_len], ids[start:start + seq_len].tolist()
+        s = torch.softmax(xs, -1) if scoring == "softmax" else torch.sigmoid(xs)
+        s = s / s.sum(-1, keepdim=True)
+        for i in range(num_experts):
+            f = num_experts / (k * seq_len) * sum(row.count(i) for row in chosen)
+            total += f * s[:, i].mean().item()
+    return torch.tensor(total / max(len(seqs), 1), dtype=torch.float64)
+
+
+SEQ_SHAPES = [(1, 1, 4, 2), (3, 7, 8, 2), (2, 33, 60, 4), (4, 5, 16, 16), (1, 9, 1, 1)]  # B, S, E, k
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SEQ_SHAPES, ids=lambda s: "B{}_S{}_E{}_k{}".format(*s))
+def test_sequence_balance_loss_is_the_report(shape, dtype, scoring):
+    batch, seq_len, num_experts, top_k = shape
+    logits = (torch.randn(batch * seq_len, num_experts) * 2).to(dtype)
+    logits[:, num_experts // 2] = -30  # an expert no token picks (unless k = E)
+    ids = logits.float().topk(top_k, dim=-1).indices
+    got = moekernels.sequence_balance_loss(logits, ids, num_experts, seq_len, scoring=scoring)
+    assert got.shape == () and got.dtype == reference.acc_dtype(dtype)
+    assert rel_err(got, report_sequence_loss(logits, ids, num_experts, seq_len, scoring)) <= 1e-5
+    assert rel_err(got, reference.sequence_balance_loss(logits.double(), ids, num_experts, seq_len, scoring)) <= 1e-5
+
+
+def test_sequence_balance_loss_sees_sequence_boundaries():
+    """Two sequences, each on its own expert: balanced over the batch, not within a sequence."""
+    seq_len, num_experts = 6, 2
+    logits = torch.tensor([[4.0, -4.0]] * seq_len + [[-4.0, 4.0]] * seq_len, dtype=torch.float64)
+    ids = logits.topk(1, dim=-1).indices
+    p = torch.softmax(logits[0], 0)[0].item()
+    per_seq = moekernels.sequence_balance_loss(logits, ids, num_experts, seq_len)
+    whole = moekernels.sequence_balance_loss(logits, ids, num_experts, 2 * seq_len)
+    assert rel_err(per_seq, torch.tensor(2 * p, dtype=torch.float64)) <= 1e-12  # f = (2, 0), P = (p, 1 - p) in each sequence
+    assert rel_err(whole, torch.tensor(1.0, dtype=torch.float64)) <= 1e-12  # f = (1, 1), P = (1/2, 1/2)
+    # One sequence is the batch-wise loss divided by k; shuffling tokens within a sequence changes nothing.
+    logits = torch.randn(4 * 10, 12, dtype=torch.float64)
+    ids = logits.topk(3, dim=-1).indices
+    whole = moekernels.sequence_balance_loss(logits, ids, 12, 40)
+    assert rel_err(whole, moekernels.load_balancing_loss(logits, ids, 12) / 3) <= 1e-12
+    perm = torch.cat([torch.randperm(10) + 10 * b for b in range(4)])
+    got = moekernels.sequence_balance_loss(logits[perm], ids[perm], 12, 10)
+    assert rel_err(got, moekernels.sequence_balance_loss(logits, ids, 12, 10)) <= 1e-12
+    swap = torch.cat([torch.arange(5, 15), torch.arange(5), torch.arange(15, 40)])  # tokens change sequence
+    assert rel_err(moekernels.sequence_balance_loss(logits[swap], ids[swap], 12, 10),
+                   moekernels.sequence_balance_loss(logits, ids, 12, 10)) > 1e-6
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_sequence_balance_loss_gradients(scoring):
+    logits = torch.randn(3 * 5, 9, dtype=torch.float64, requires_grad=True)
+    ids = torch.rand(15, 9).topk(3, dim=1).indices
+    assert torch.autograd.gradcheck(
+        lambda x: moekernels.sequence_balance_loss(x, ids, 9, 5, scoring=scoring), (logits,))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2**-7)):
+        x = logits.detach().to(dtype).requires_grad_(True)
+        got = torch.autograd.grad(moekernels.sequence_balance_loss(x, ids, 9, 5, scoring=scoring) * 1.3, x)[0]
+        xr = x.detach().double().requires_grad_(True)
+        want = torch.autograd.grad(reference.sequence_balance_loss(xr, ids, 9, 5, scoring) * 1.3, xr)[0]
+        assert got.dtype == dtype and rel_err(got, want) <= tol
+
+
+def test_sequence_balance_loss_empty_opcheck_and_compile():
+    logits, ids = torch.randn(12, 16, requires_grad=True), torch.rand(12, 16).topk(2, dim=1).indices.int()
+    assert moekernels.sequence_balance_loss(logits[:0], ids[:0], 16, 4).item() == 0.0
+    for scoring in ("softmax", "sigmoid"):
+        torch.library.opcheck(torch.ops.moekernels.sequence_balance_loss.default, (logits, ids, 16, 4, scoring))
+
+    def loss(x, topk_ids):
+        return moekernels.sequence_balance_loss(x, topk_ids, 16, 4, scoring="sigmoid")
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=True)
+    got = torch.autograd.grad(compiled(logits, ids), logits)[0]
+    assert rel_err(got, torch.autograd.grad(loss(logits, ids), logits)[0]) <= 1e-6
+
+
+SEQ_BAD = [
+    ("seq_len", dict(seq_len=5), ValueError),  # does not divide 12 tokens
+    ("seq_len", dict(seq_len=0), ValueError),
+    ("seq_len", dict(seq_len=4.0), TypeError),
+    ("scoring", dict(scoring="relu"), ValueError),
+    ("topk_ids", dict(topk_ids=torch.full((12, 2), 8)), ValueError),
+    ("num_experts", dict(num_experts=9), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,change,error", SEQ_BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(SEQ_BAD)])
+def test_sequence_balance_loss_bad_input_names_the_argument(name, change, error):
+    args = dict(logits=torch.randn(12, 8), topk_ids=torch.zeros(12, 2, dtype=torch.int64), num_experts=8,
+                seq_len=4, scoring="softmax")
+    args.update(change)
+    with pytest.raises(error, match=name):
+        moekernels.sequence_balance_loss(args["logits"], args["topk_ids"], args["num_experts"], args["seq_len"],
+                                         scoring=args["scoring"])
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32], ids=str)
+def test_update_correction_bias(dtype):
+    num_experts, rate = 16, 1e-3
+    counts = torch.randint(0, 50, (num_experts,))
+    counts[3] = 0  # an empty expert: underloaded
+    counts[7] = 0
+    counts[7] = counts.sum() // (num_experts - 1) if counts.sum() % (num_experts - 1) == 0 else 0
+    counts = counts.to(dtype)
+    mean = counts.double().mean().item()
+    bias = torch.randn(num_experts) * 0.01
+    want = bias.clone()
+    for e in range(num_experts):  # the report: down by rate when overloaded, up when underloaded
+        load = counts[e].item()
+        want[e] += rate if load < mean else -rate if load > mean else 0.0
+    before = bias.data_ptr()
+    moekernels.update_correction_bias(bias, counts, rate)
+    assert bias.data_ptr() == before  # in place: the module's buffer itself
+    assert torch.equal(bias, want)
+    # An expert exactly at the mean keeps its bias; equal loads change nothing; rate 0 neither.
+    even = torch.full((num_experts,), 7, dtype=dtype)
+    moekernels.update_correction_bias(bias, even, rate)
+    moekernels.update_correction_bias(bias, counts, 0.0)
+    assert torch.equal(bias, want)
+    one = torch.zeros(num_experts, dtype=dtype)
+    one[11] = 1  # a single token
+    moekernels.update_correction_bias(bias, one, rate)
+    assert torch.equal(bias, reference.update_correction_bias(want, one, rate))
+    assert bias[11] == want[11] - rate and bias[0] == want[0] + rate
+
+
+def test_update_correction_bias_opcheck_compile_and_errors():
+    bias, counts = torch.randn(8), torch.randint(0, 9, (8,))
+    torch.library.opcheck(torch.ops.moekernels.update_correction_bias.default, (bias, counts, 0.01))
+
+    def step(b, c):
+        moekernels.update_correction_bias(b, c, 0.01)
+        return b * 2
+
+    b1, b2 = bias.clone(), bias.clone()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(b1, counts)
+    assert torch.equal(out, step(b2, counts)) and torch.equal(b1, b2)
+    with pytest.raises(TypeError, match="bias"):
+        moekernels.update_correction_bias(bias.double(), counts, 0.01)
+    with pytest.raises(ValueError, match="expert_counts"):
+        moekernels.update_correction_bias(bias, counts[:7], 0.01)
+    with pytest.raises(ValueError, match="rate"):
+        moekernels.update_correction_bias(bias, counts, -1.0)
+    with pytest.raises(TypeError, match="rate"):
+        moekernels.update_correction_bias(bias, counts, None)

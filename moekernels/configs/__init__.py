@@ -198,12 +198,14 @@ def stage_bytes(cfg: GemmConfig, itemsize: int, variant: str = "plain") -> int:
 
 
 def programs_per_sm(cfg: GemmConfig, itemsize: int, variant: str = "plain", accumulators: int = 1) -> int:
-    """Persistent programs per SM: two when two fit, so that one program's epilogue and tile lookup
-    overlap the other's loads; else one. Two must fit in shared memory, and in the 64K registers
-    at <= 128 a thread (8 warps): estimated as the float32 accumulators (BLOCK_M * BLOCK_N / threads
-    each; two with the gated epilogue, two more with block-scaled fp8's per-step partial) plus
-    ~60 for addresses and operands, which matches ptxas on sm_90a for the shipped configs (bf16
-    128x128: 120; gated 128x64: 128; fp8 block-scaled 128x128: 204)."""
+    """An estimate of the persistent programs per SM, for a config the compiled table
+    (:func:`sm90_programs_per_sm`) does not hold: two when two fit, so that one program's epilogue
+    and tile lookup overlap the other's loads; else one. Two must fit in shared memory, and in the
+    64K registers at <= 128 a thread (8 warps): estimated as the float32 accumulators (BLOCK_M *
+    BLOCK_N / threads each; two with the gated epilogue, two more with block-scaled fp8's per-step
+    partial) plus ~60 for addresses and operands. It misses what gathers and scales cost: ptxas on
+    sm_90a gives 145 registers for the bf16 gather, 170 gather + gated and 188 fp8 row x column, at
+    256 threads, where the estimate says 124-128, so only the table's count is trusted."""
     stage = stage_bytes(cfg, itemsize, variant)
     registers = accumulators * cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) + 60
     fits = 2 * (cfg.num_stages * stage + 1024) <= HOPPER_SMEM_PER_SM and registers <= 128
@@ -247,3 +249,40 @@ def quant_config(block_rows: int, block_cols: int, rows: int, cols: int) -> Quan
     tc = min(p2(max(cols, 1)), _QUANT_ROW)
     tr = min(p2(max(rows, 1)), _QUANT_TILE // tc)
     return QuantConfig(tr, tc, min(fr, tr), min(fc, tc), True, 8 if tr * tc >= 8192 else 4)
+
+
+# ----------------------------------------------------------------------------- compiled resources
+
+# Registers and shared memory of every shipped persistent-grid config, read from the sm_90a compile
+# on the CPU (``python -m moekernels._sm90 --write-resources``; tests/test_sm90_compile.py fails
+# when it is stale), and the programs per SM they allow.
+SM90_RESOURCES = os.path.join(_TABLE_DIR, "sm90_resources.json")
+# Constexprs that are not part of a config's identity: BLOCK_E is the expert count rounded up to a
+# power of two (the table is compiled at 128; it sizes the tile lookup before the K loop, not the
+# K loop's registers), and stride_* are unit strides Triton specialises on.
+_KEY_IGNORED = ("BLOCK_E",)
+
+
+def launch_key(kernel: str, dtype, out_dtype, constexprs: dict, num_warps: int, num_stages: int) -> str:
+    """The identity of one compiled launch: kernel, operand and output dtypes, constexprs, warps and
+    stages. The launcher and the sm_90 variant list build it the same way."""
+    cx = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items())
+                  if k not in _KEY_IGNORED and not k.startswith("stride_"))
+    dt = "/".join(str(d).removeprefix("torch.") for d in (dtype, out_dtype))
+    return f"{kernel}/{dt}/{cx}/w{num_warps}s{num_stages}"
+
+
+@functools.cache
+def _sm90_resources() -> dict:
+    if not os.path.exists(SM90_RESOURCES):
+        return {}
+    with open(SM90_RESOURCES) as f:
+        return json.load(f)["configs"]
+
+
+def sm90_programs_per_sm(key: str) -> int | None:
+    """Programs of the config ``key`` (:func:`launch_key`) resident on one sm_90 SM at once, from
+    its compiled registers and shared memory (the occupancy rules in moekernels/_sm90.py), or None
+    for a config the table does not hold."""
+    row = _sm90_resources().get(key)
+    return None if row is None else row["programs_per_sm"]
