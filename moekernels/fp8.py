@@ -239,6 +239,17 @@ def sm90_variants():
             out.append(_sm90.Variant(f"quantize_fp8/{name}" + (f"_pass{mode}" if cfg.two_pass else ""), fn, sig, cx,
                                      dict(num_warps=cfg.num_warps), aligned=("x_ptr", "q_ptr", "C", "stride_xr"),
                                      rows=True))
+    # FP8 training: the wgrad operands' quantize + transpose, and the fp8 weight-gradient GEMM, at
+    # DeepSeek-V3's shapes (x [T*k, 7168] and dy [T*k, 2048] rows: K = 7168, N = 2048 per expert).
+    from .kernels._fp8 import quantize_fp8_segments_kernel as seg
+
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cx = dict(POW2=False, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=SEGMENT_COLS, BLOCK_E=256)
+        sig = _sm90.signature(seg, cx, x_ptr=_sm90.ptr(dtype), offs_ptr="*i32", q_ptr="*u8", scale_ptr="*fp32")
+        out.append(_sm90.Variant(f"quantize_fp8_segments/{name}", seg, sig, cx, dict(num_warps=8),
+                                 aligned=("x_ptr", "q_ptr", "C", "stride_xr", "stride_qc"), rows=True))
+    cfg = wgrad_config(32768, 256, 2048, 7168, "h200")
+    out.append(grouped_gemm._dw_variant("fp8_grouped_mm/wgrad_segments", cfg, FP8, False, scaled=True))
     return out
 
 
@@ -324,14 +335,15 @@ def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
 # Every fp8 product is summed over at most 128 values before it is promoted.
 
 SEGMENT_TILE = 128  # tokens per wgrad tile: DeepSeek-V3's 128 x 1
-ROW_ALIGN = 16  # the transposed copies' rows (tokens) padded to 16 bytes: 16-byte cp.async rows
+SEGMENT_COLS = 64  # channels a program of the segment quantize: 128 x 64 values, 32 float32 a thread at 8 warps
 RECIPES = ("block", "row")
 
 
 def _segments_shapes(x, offs):
-    rows, cols = x.shape
-    padded = -(-rows // ROW_ALIGN) * ROW_ALIGN
-    return (cols, padded), (-(-rows // SEGMENT_TILE) + offs.shape[0], cols)
+    """q [C, tiles * 128] and scale [tiles, C], tiles = ceil(M / 128) + E: the static bound (each
+    segment adds at most one partial tile), so no host sync sizes them."""
+    tiles = -(-x.shape[0] // SEGMENT_TILE) + offs.shape[0]
+    return (x.shape[1], tiles * SEGMENT_TILE), (tiles, x.shape[1])
 
 
 @torch.library.custom_op("moekernels::quantize_fp8_segments", mutates_args=())
@@ -341,23 +353,20 @@ def _segments_op(x: torch.Tensor, offs: torch.Tensor, pow2_scale: bool, backend:
     rows = x.shape[0]
     name = _backend.choose("quantize_fp8", x.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
     if name == "torch":
-        q, scale = reference.quantize_fp8_segments(x, offs, tile=SEGMENT_TILE, pow2_scale=pow2_scale)
-        out = torch.zeros(q_shape, dtype=FP8, device=x.device)
-        out[:, :rows] = q
-        return out, scale
+        return reference.quantize_fp8_segments(x, offs, tile=SEGMENT_TILE, pow2_scale=pow2_scale)
     from .kernels._fp8 import quantize_fp8_segments_kernel
 
-    # Zeros: the padding columns, rows past offs[-1] and unused tiles are never written by the kernel.
-    q = torch.zeros(q_shape, dtype=FP8, device=x.device)
-    scale = torch.zeros(s_shape, dtype=torch.float32, device=x.device)
-    if x.numel():
-        x = x if x.stride(1) == 1 else x.contiguous()
-        block_c = 64  # 128 tokens x 64 channels: 32 float32 a thread at 8 warps
-        with _backend.device_guard(x):
-            quantize_fp8_segments_kernel[(s_shape[0], triton.cdiv(x.shape[1], block_c))](
-                x, offs, q.view(torch.uint8), scale, rows, x.shape[1], offs.shape[0], x.stride(0), q.stride(0),
-                POW2=pow2_scale, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=block_c,
-                BLOCK_E=triton.next_power_of_2(offs.shape[0]), num_warps=8)
+    # Every tile's program writes its columns and scales (zeros for the spare ones): no memset.
+    q = torch.empty(q_shape, dtype=FP8, device=x.device)
+    scale = torch.empty(s_shape, dtype=torch.float32, device=x.device)
+    if not x.shape[0] or not x.shape[1]:
+        return q.zero_(), scale.zero_()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    with _backend.device_guard(x):
+        quantize_fp8_segments_kernel[(s_shape[0], triton.cdiv(x.shape[1], SEGMENT_COLS))](
+            x, offs, q.view(torch.uint8), scale, rows, x.shape[1], offs.shape[0], x.stride(0), q.stride(0),
+            POW2=pow2_scale, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=SEGMENT_COLS,
+            BLOCK_E=triton.next_power_of_2(offs.shape[0]), num_warps=8)
     return q, scale
 
 
@@ -377,13 +386,15 @@ def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2_scale: bo
         pow2_scale: round each scale up to a power of two.
 
     Returns:
-        q: [C, M_pad] float8_e4m3fn, ``q[c, r] = x[r, c] / scale``; the token dim is contiguous
-            (the K-major operand of a reduction over tokens), padded to M_pad = ceil(M / 16) * 16
-            with zeros, as are the rows at or after offs[-1].
-        scale: [ceil(M / 128) + E, C] float32: one scale per (tile of 128 tokens, channel). The tiles
-            never cross a segment, so a segment's last tile is partial; expert e's tiles are numbered
-            after those of the experts before it (``reference.segment_tiles``), and the spare rows of
-            the static bound are 0. No host sync.
+        q: [C, tiles * 128] float8_e4m3fn, tiles = ceil(M / 128) + E (a static bound: no host sync).
+            Token tile g fills columns [128 g, 128 g + 128): ``q[c, 128 g + j] = x[r, c] / scale[g, c]``
+            for the tile's j-th token r; the token dim is contiguous (the K-major operand of a
+            reduction over tokens) and every tile starts 16-byte aligned. Zeros past a partial
+            tile's end and in the spare tiles.
+        scale: [tiles, C] float32: one scale per (tile of 128 tokens, channel). The tiles never
+            cross a segment, so a segment's last tile is partial; expert e's tiles are numbered
+            after those of the experts before it (``reference.segment_tiles``), and the spare rows
+            are 0. Rows at or after offs[-1] belong to no tile.
 
     The same bits on every backend; a NaN in a tile makes its channel's scale and values NaN.
     """
@@ -391,6 +402,15 @@ def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2_scale: bo
     _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
     _checks.offsets_in_range("offs", offs, x.shape[0])
     return _segments_op(x, offs, bool(pow2_scale), backend or "")
+
+
+def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None):
+    """The fp8 weight gradient's tiles: the weight-gradient config with one token tile (128) a K
+    step. At 128 x 128 x 128, 8 warps and 3 stages: 247 registers, no spills, 96 KB (ptxas, sm_90a)."""
+    import dataclasses
+
+    return dataclasses.replace(configs.grouped_mm_config("dw", rows, num_experts, n, k, FP8, gpu),
+                               BLOCK_M=SEGMENT_TILE)
 
 
 @torch.library.custom_op("moekernels::grouped_mm_dw_fp8", mutates_args=())
@@ -403,20 +423,19 @@ def _dw_fp8_op(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_sc
     num_experts, k, n = offs.shape[0], a_t.shape[0], b_t.shape[0]
     out = _new_weight_grad((num_experts, k, n), a_scale.new_empty(0, dtype=out_dtype), transposed)
     if _backend.choose("grouped_mm", a_t.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL) == "torch":
-        out.copy_(reference.grouped_mm_dw_fp8(a_t[:, :rows], a_scale, b_t[:, :rows], b_scale, offs,
-                                              tile=SEGMENT_TILE))
+        out.copy_(reference.grouped_mm_dw_fp8(a_t, a_scale, b_t, b_scale, offs, rows, tile=SEGMENT_TILE))
         return out
     if out.numel():
         from .grouped_gemm import gpu_name, num_programs
         from .kernels._grouped_gemm import grouped_mm_dw_kernel
 
-        cfg = configs.grouped_mm_config("dw", rows, num_experts, n, k, FP8, gpu_name(a_t.device))
+        cfg = wgrad_config(rows, num_experts, n, k, gpu_name(a_t.device))
         items = num_experts * triton.cdiv(k, cfg.BLOCK_K) * triton.cdiv(n, cfg.BLOCK_N)
         grid = min(items, num_programs(a_t.device)) if a_t.device.type != "cuda" else items
         with _backend.device_guard(a_t):
             grouped_mm_dw_kernel[(grid,)](
                 a_t, offs, b_t, out, offs, a_scale, b_scale, rows, k, n, num_experts, 1, 1, a_t.stride(0), 1,
-                b_t.stride(0), *out.stride(), GATHER=False, SCALED=True, BLOCK_M=SEGMENT_TILE, BLOCK_K=cfg.BLOCK_K,
+                b_t.stride(0), *out.stride(), GATHER=False, SCALED=True, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
                 BLOCK_N=cfg.BLOCK_N, BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out

@@ -492,39 +492,41 @@ def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, tile: int = 12
                           dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`moekernels.fp8.quantize_fp8_segments`: the rows of x [M, C] (sorted by
     expert, segments ending at offs) quantized in tiles of ``tile`` tokens x 1 channel that never
-    cross a segment, and transposed.
+    cross a segment, and transposed into tile-aligned columns.
 
-    Returns qt [C, M] float8_e4m3fn (qt[c, r] = x[r, c] / scale, the token dim contiguous: the
-    K-major operand of the weight gradient's reduction over tokens) and scale [num_tiles, C]
-    float32 (tile g of expert e is tile ``segment_tiles(offs)[0][e] + i``; rows of unused tiles
-    are 0). Rows at or after offs[-1] belong to no tile and quantize to 0.
+    Returns q [C, num_tiles * tile] float8_e4m3fn, token tile g in columns [g * tile, (g + 1) * tile)
+    (``q[c, g * tile + j] = x[r, c] / scale[g, c]`` for the tile's j-th token r; zeros past a
+    partial tile's end and in unused tiles), and scale [num_tiles, C] float32 (0 for unused tiles).
+    Tile g of expert e is tile ``segment_tiles(offs)[0][e] + i``. Rows at or after offs[-1] belong
+    to no tile.
     """
     rows, cols = x.shape
     fmax = torch.finfo(dtype).max
     first, num_tiles = segment_tiles(offs, rows, tile)
     scale = torch.zeros(num_tiles, cols, dtype=torch.float32, device=x.device)
-    q = torch.zeros(cols, rows, dtype=torch.float32, device=x.device)
+    q = torch.zeros(cols, num_tiles * tile, dtype=torch.float32, device=x.device)
     for e, s, t in _segments(offs, rows):
         for i, r in enumerate(range(s, t, tile)):
             block = x[r:min(r + tile, t)].float()
             g = int(first[e]) + i
             scale[g] = fp8_block_scale(block.abs().amax(dim=0), pow2_scale, fmax)
-            q[:, r:r + block.shape[0]] = (block / scale[g]).clamp(-fmax, fmax).T
+            q[:, g * tile:g * tile + block.shape[0]] = (block / scale[g]).clamp(-fmax, fmax).T
     return q.to(dtype), scale
 
 
 def grouped_mm_dw_fp8(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
-                      offs: torch.Tensor, *, tile: int = 128, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dw[e] = sum over expert e's token tiles g of (a_t[:, g] @ b_t[:, g]^T) * a_scale[g][:, None] *
-    b_scale[g][None, :]: the fp8 weight gradient from two :func:`quantize_fp8_segments` outputs
-    (a_t [K, M], b_t [N, M]), each tile's product promoted to the float32 sum with its scales.
-    [E, K, N] in out_dtype, zeros for an empty expert."""
-    k, rows = a_t.shape
+                      offs: torch.Tensor, rows: int, *, tile: int = 128,
+                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dw[e] = sum over expert e's token tiles g of (a_t[:, tile g] @ b_t[:, tile g]^T) * a_scale[g][:, None]
+    * b_scale[g][None, :]: the fp8 weight gradient from two :func:`quantize_fp8_segments` outputs
+    (a_t [K, tiles * tile], b_t [N, tiles * tile]) of ``rows`` tokens, each tile's product promoted
+    to the float32 sum with its scales. [E, K, N] in out_dtype, zeros for an empty expert."""
     first, _ = segment_tiles(offs, rows, tile)
-    out = torch.zeros(offs.shape[0], k, b_t.shape[0], dtype=torch.float32, device=a_t.device)
+    out = torch.zeros(offs.shape[0], a_t.shape[0], b_t.shape[0], dtype=torch.float32, device=a_t.device)
     for e, s, t in _segments(offs, rows):
-        for i, r in enumerate(range(s, t, tile)):
+        for i in range(-(-(t - s) // tile)):
             g = int(first[e]) + i
-            part = a_t[:, r:min(r + tile, t)].float() @ b_t[:, r:min(r + tile, t)].float().T
+            cols = slice(g * tile, (g + 1) * tile)
+            part = a_t[:, cols].float() @ b_t[:, cols].float().T
             out[e] += part * a_scale[g][:, None] * b_scale[g][None, :]
     return out.to(out_dtype)

@@ -39,10 +39,18 @@ def test_segment_quantize_is_bit_exact(sizes, dtype, pow2, device, backend):
     x = (torch.randn(rows, 72, device=device) * torch.rand(72, device=device) * 10).to(dtype)
     q, scale = fp8.quantize_fp8_segments(x, offs, pow2_scale=pow2, backend=backend)
     ref_q, ref_scale = reference.quantize_fp8_segments(x.cpu(), offs.cpu(), pow2_scale=pow2)
-    assert q.shape == (72, -(-rows // 16) * 16) and scale.shape == (-(-rows // 128) + len(sizes), 72)
-    assert torch.equal(q[:, :rows].cpu().view(torch.uint8), ref_q.view(torch.uint8))
-    assert not q[:, rows:].float().any()
+    tiles = -(-rows // 128) + len(sizes)
+    assert q.shape == (72, tiles * 128) and scale.shape == (tiles, 72)
+    assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
     assert torch.equal(scale.cpu(), ref_scale)
+    # Each token sits in its tile's columns: the expert's tiles follow the earlier experts' ones.
+    first, _ = reference.segment_tiles(offs.cpu(), rows)
+    starts = [0] + list(torch.tensor(sizes).cumsum(0)[:-1])
+    for e, (s, size) in enumerate(zip(starts, sizes)):
+        for r in range(int(s), int(s) + size):
+            g, j = int(first[e]) + (r - int(s)) // 128, (r - int(s)) % 128
+            want = (x[r].cpu().float() / ref_scale[g]).clamp(-448, 448).to(torch.float8_e4m3fn)
+            assert torch.equal(q[:, g * 128 + j].cpu().view(torch.uint8), want.view(torch.uint8))
 
 
 def test_segment_tiles_never_cross_a_segment():
@@ -70,6 +78,7 @@ def test_segment_quantize_nonfinite(device, backend):
     q, scale = q.cpu().float(), scale.cpu()
     assert scale[0, 2].isnan() and q[2, :128].isnan().all()
     assert scale[1, 5].isinf() and q[5, 130].isnan() and (q[5, 128:140][torch.arange(12) != 2] == 0).all()
+    assert not q[:, 140:].isnan().any()  # the partial tile's padding stays zero
     finite = torch.ones_like(scale, dtype=torch.bool)
     finite[0, 2] = finite[1, 5] = False
     assert scale[finite].isfinite().all()
@@ -93,8 +102,7 @@ def test_wgrad_matches_the_dequantized_product(sizes, device, backend):
     xq, xs = fp8.quantize_fp8_segments(x, offs, backend=backend)
     gq, gs = fp8.quantize_fp8_segments(dy, offs, backend=backend)
     dw = fp8._dw_fp8_op(xq, xs, gq, gs, offs, x.shape[0], False, torch.float32, backend)
-    ref = reference.grouped_mm_dw_fp8(xq[:, :x.shape[0]].cpu(), xs.cpu(), gq[:, :x.shape[0]].cpu(), gs.cpu(),
-                                      offs.cpu())
+    ref = reference.grouped_mm_dw_fp8(xq.cpu(), xs.cpu(), gq.cpu(), gs.cpu(), offs.cpu(), x.shape[0])
     assert rel_err(dw, ref) <= 1e-5
     hp = reference.grouped_mm_dw(x.cpu(), dy.cpu(), offs.cpu())
     assert calc_diff(dw.cpu(), hp) <= 1e-3
@@ -148,7 +156,7 @@ def test_grouped_mm_fp8_block_fprop_dgrad_wgrad(sizes, kmajor, device, backend):
     assert rel_err(dx.cpu()[:rows], reference.grouped_mm(deq(gq, gs), wd.transpose(1, 2), oc)[:rows]) <= 1e-2
     xt, xts = reference.quantize_fp8_segments(xc, oc)
     gt, gts = reference.quantize_fp8_segments(gc, oc)
-    assert rel_err(dw.cpu(), reference.grouped_mm_dw_fp8(xt, xts, gt, gts, oc)) <= 1e-2
+    assert rel_err(dw.cpu(), reference.grouped_mm_dw_fp8(xt, xts, gt, gts, oc, xc.shape[0])) <= 1e-2
     for e, size in enumerate(sizes):
         if size == 0:
             assert not dw[e].any()
