@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _backend, _checks, _sm90_registry, configs, reference
+from . import _autocast, _backend, _checks, _sm90_registry, configs, reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -269,6 +269,17 @@ def sm90_variants():
             out.append(_sm90.Variant(f"quantize_fp8/{name}" + (f"_pass{mode}" if cfg.two_pass else ""), fn, sig, cx,
                                      dict(num_warps=cfg.num_warps), aligned=("x_ptr", "q_ptr", "C", "stride_xr"),
                                      rows=True))
+    # FP8 training: the wgrad operands' quantize + transpose, and the fp8 weight-gradient GEMM, at
+    # DeepSeek-V3's shapes (x [T*k, 7168] and dy [T*k, 2048] rows: K = 7168, N = 2048 per expert).
+    from .kernels._fp8 import quantize_fp8_segments_kernel as seg
+
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cx = dict(POW2=False, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=SEGMENT_COLS, BLOCK_E=256)
+        sig = _sm90.signature(seg, cx, x_ptr=_sm90.ptr(dtype), offs_ptr="*i32", q_ptr="*u8", scale_ptr="*fp32")
+        out.append(_sm90.Variant(f"quantize_fp8_segments/{name}", seg, sig, cx, dict(num_warps=8),
+                                 aligned=("x_ptr", "q_ptr", "C", "stride_xr", "stride_qc"), rows=True))
+    cfg = wgrad_config(32768, 256, 2048, 7168, "h200")
+    out.append(grouped_gemm._dw_variant("fp8_grouped_mm/wgrad_segments", cfg, FP8, False, scaled=True))
     return out
 
 
@@ -343,3 +354,249 @@ def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
     offs = torch.full((1,), a.shape[0], dtype=torch.int32, device=a.device)
     return fp8_grouped_mm(a, a_scale, b.unsqueeze(0), b_scale.unsqueeze(0), offs, out_dtype=out_dtype,
                           backend=backend)
+
+
+# ----------------------------------------------------------------------------- FP8 training
+# DeepSeek-V3's recipe (technical report, section 3.3) for a grouped GEMM y = x @ w[e] in training:
+#   fprop  x in (1, 128) tiles along K, w in (128, 128) blocks;
+#   dgrad  dy in (1, 128) tiles along N, times w^T: the forward's blocks, transposed with their scales;
+#   wgrad  dw[e] = x_e^T @ dy_e over expert e's tokens, both quantized in (128 tokens x 1 channel)
+#          tiles that never cross a segment (quantize_fp8_segments), each tile's product promoted
+#          to the float32 sum with its scales.
+# Every fp8 product is summed over at most 128 values before it is promoted.
+
+SEGMENT_TILE = 128  # tokens per wgrad tile: DeepSeek-V3's 128 x 1
+SEGMENT_COLS = 64  # channels a program of the segment quantize: 128 x 64 values, 32 float32 a thread at 8 warps
+RECIPES = ("block", "row")
+
+
+def _segments_shapes(x, offs):
+    """q [C, tiles * 128] and scale [tiles, C], tiles = ceil(M / 128) + E: the static bound (each
+    segment adds at most one partial tile), so no host sync sizes them."""
+    tiles = -(-x.shape[0] // SEGMENT_TILE) + offs.shape[0]
+    return (x.shape[1], tiles * SEGMENT_TILE), (tiles, x.shape[1])
+
+
+@torch.library.custom_op("moekernels::quantize_fp8_segments", mutates_args=())
+def _segments_op(x: torch.Tensor, offs: torch.Tensor, pow2_scale: bool, backend: str) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    q_shape, s_shape = _segments_shapes(x, offs)
+    rows = x.shape[0]
+    name = _backend.choose("quantize_fp8", x.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
+    if name == "torch":
+        return reference.quantize_fp8_segments(x, offs, tile=SEGMENT_TILE, pow2_scale=pow2_scale)
+    from .kernels._fp8 import quantize_fp8_segments_kernel
+
+    # Every tile's program writes its columns and scales (zeros for the spare ones): no memset.
+    q = torch.empty(q_shape, dtype=FP8, device=x.device)
+    scale = torch.empty(s_shape, dtype=torch.float32, device=x.device)
+    if not x.shape[0] or not x.shape[1]:
+        return q.zero_(), scale.zero_()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    with _backend.device_guard(x):
+        quantize_fp8_segments_kernel[(s_shape[0], triton.cdiv(x.shape[1], SEGMENT_COLS))](
+            x, offs, q.view(torch.uint8), scale, rows, x.shape[1], offs.shape[0], x.stride(0), q.stride(0),
+            POW2=pow2_scale, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=SEGMENT_COLS,
+            BLOCK_E=triton.next_power_of_2(offs.shape[0]), num_warps=8)
+    return q, scale
+
+
+@_segments_op.register_fake
+def _(x, offs, pow2_scale, backend):
+    q_shape, s_shape = _segments_shapes(x, offs)
+    return x.new_empty(q_shape, dtype=FP8), x.new_empty(s_shape, dtype=torch.float32)
+
+
+def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2_scale: bool = False,
+                          backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize and transpose expert-sorted rows for the fp8 weight gradient, in one read.
+
+    Args:
+        x: [M, C] float32, bfloat16 or float16, rows sorted by expert (the layer's x or dy).
+        offs: [E] int32 cumulative segment ends (``RoutingPlan.expert_offsets``).
+        pow2_scale: round each scale up to a power of two.
+
+    Returns:
+        q: [C, tiles * 128] float8_e4m3fn, tiles = ceil(M / 128) + E (a static bound: no host sync).
+            Token tile g fills columns [128 g, 128 g + 128): ``q[c, 128 g + j] = x[r, c] / scale[g, c]``
+            for the tile's j-th token r; the token dim is contiguous (the K-major operand of a
+            reduction over tokens) and every tile starts 16-byte aligned. Zeros past a partial
+            tile's end and in the spare tiles.
+        scale: [tiles, C] float32: one scale per (tile of 128 tokens, channel). The tiles never
+            cross a segment, so a segment's last tile is partial; expert e's tiles are numbered
+            after those of the experts before it (``reference.segment_tiles``), and the spare rows
+            are 0. Rows at or after offs[-1] belong to no tile.
+
+    The same bits on every backend; a NaN in a tile makes its channel's scale and values NaN.
+    """
+    _checks.tensor("x", x, ndim=2, dtypes=QUANT_INPUTS)
+    _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
+    _checks.offsets_in_range("offs", offs, x.shape[0])
+    return _segments_op(x, offs, bool(pow2_scale), backend or "")
+
+
+def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None):
+    """The fp8 weight gradient's tiles: the weight-gradient config with one token tile (128) a K
+    step. At 128 x 128 x 128, 8 warps and 3 stages: 247 registers, no spills, 96 KB (ptxas, sm_90a)."""
+    import dataclasses
+
+    return dataclasses.replace(configs.grouped_mm_config("dw", rows, num_experts, n, k, FP8, gpu),
+                               BLOCK_M=SEGMENT_TILE)
+
+
+@torch.library.custom_op("moekernels::grouped_mm_dw_fp8", mutates_args=())
+def _dw_fp8_op(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
+               offs: torch.Tensor, rows: int, transposed: bool, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """dw[e] = x_e^T @ dy_e from two quantize_fp8_segments outputs over ``rows`` tokens, laid out
+    as the weight is (``transposed``: an [E, N, K] tensor's transpose)."""
+    from .grouped_gemm import _new_weight_grad
+
+    num_experts, k, n = offs.shape[0], a_t.shape[0], b_t.shape[0]
+    out = _new_weight_grad((num_experts, k, n), a_scale.new_empty(0, dtype=out_dtype), transposed)
+    if _backend.choose("grouped_mm", a_t.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL) == "torch":
+        out.copy_(reference.grouped_mm_dw_fp8(a_t, a_scale, b_t, b_scale, offs, rows, tile=SEGMENT_TILE))
+        return out
+    if out.numel():
+        from .grouped_gemm import gpu_name, num_programs
+        from .kernels._grouped_gemm import grouped_mm_dw_kernel
+
+        cfg = wgrad_config(rows, num_experts, n, k, gpu_name(a_t.device))
+        items = num_experts * triton.cdiv(k, cfg.BLOCK_K) * triton.cdiv(n, cfg.BLOCK_N)
+        grid = min(items, num_programs(a_t.device)) if a_t.device.type != "cuda" else items
+        with _backend.device_guard(a_t):
+            grouped_mm_dw_kernel[(grid,)](
+                a_t, offs, b_t, out, offs, a_scale, b_scale, rows, k, n, num_experts, 1, 1, a_t.stride(0), 1,
+                b_t.stride(0), *out.stride(), GATHER=False, SCALED=True, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
+                BLOCK_N=cfg.BLOCK_N, BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+@_dw_fp8_op.register_fake
+def _(a_t, a_scale, b_t, b_scale, offs, rows, transposed, out_dtype, backend):
+    from .grouped_gemm import _new_weight_grad
+
+    return _new_weight_grad((offs.shape[0], a_t.shape[0], b_t.shape[0]), a_scale.new_empty(0, dtype=out_dtype),
+                            transposed)
+
+
+def _weight_operands(w: torch.Tensor, recipe: str, backend: str):
+    """The fp8 copies of a high-precision weight w (logical [E, K, N], either storage) that the
+    GEMMs read, each K-major for its product (wgmma takes e4m3 operands K-major only):
+    (fprop b [E, K, N] over [E, N, K] storage, its scale, dgrad b = w^T [E, N, K] over [E, K, N]
+    storage, its scale). "block": one (128, 128) quantization, its blocks and scales transposed for
+    dgrad (exact: a block's scale does not depend on its orientation), plus one e4m3 transpose;
+    "row": per output column for each product, two quantizations."""
+    from .grouped_gemm import _is_kmajor
+
+    w_nk = w.transpose(1, 2) if _is_kmajor(w) else w.transpose(1, 2).contiguous()  # [E, N, K] storage
+    if recipe == "block":
+        q_nk, s_nk = _quantize_op(w_nk, 128, 128, False, None, None, 1, backend)
+        q_kn = q_nk.transpose(1, 2).contiguous()
+        return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_nk
+    w_kn = w.contiguous() if not _is_kmajor(w) else w_nk.transpose(1, 2).contiguous()
+    q_nk, s_nk = _quantize_op(w_nk, 1, w_nk.shape[2], False, None, None, 1, backend)  # per n: [E, N, 1]
+    q_kn, s_kn = _quantize_op(w_kn, 1, w_kn.shape[2], False, None, None, 1, backend)  # per k: [E, K, 1]
+    return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_kn.transpose(1, 2).contiguous()
+
+
+def _act_block(recipe: str, cols: int) -> tuple[int, int]:
+    return (1, 128) if recipe == "block" else (1, max(cols, 1))
+
+
+def _fp8_forward(x, w, offs, recipe, backend):
+    bx = _act_block(recipe, x.shape[1])
+    xq, xs = _quantize_op(x, *bx, False, None, None, 1, backend)
+    b, bs, b_t, bs_t = _weight_operands(w, recipe, backend)
+    y = grouped_mm_fp8_product(xq, xs, b, bs, offs, x.dtype, backend)
+    xq_t, xs_t = _segments_op(x, offs, False, backend)
+    # The e4m3 copies leave as their bytes: outputs of an integer dtype need no gradient (and
+    # autograd's checks sum float outputs, which float8 cannot).
+    return y, xq_t.view(torch.uint8), xs_t, b_t.transpose(1, 2).view(torch.uint8), bs_t
+
+
+def grouped_mm_fp8_product(a, a_scale, b, b_scale, offs, out_dtype, backend):
+    from .grouped_gemm import _fused_op
+
+    return _fused_op(a, b, offs, offs, 1, False, "", None, a_scale, b_scale, out_dtype, backend)
+
+
+@torch.library.custom_op("moekernels::grouped_mm_fp8", mutates_args=())
+def _grouped_mm_fp8_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: str,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = grouped_mm(x, w, offs) on e4m3, and what its backward keeps, in fp8 (as uint8 bytes): x
+    quantized for the weight gradient (quantize_fp8_segments), and w^T's fp8 copy [E, K, N] storage
+    with its scale."""
+    return _fp8_forward(x, w, offs, recipe, backend)
+
+
+@_grouped_mm_fp8_op.register_fake
+def _(x, w, offs, recipe, backend):
+    (m, k), (e, _, n) = x.shape, w.shape
+    q_shape, s_shape = _segments_shapes(x, offs)
+    ws_shape = (e, -(-n // 128), -(-k // 128)) if recipe == "block" else (e, 1, k)
+    return (x.new_empty(m, n), x.new_empty(q_shape, dtype=torch.uint8), x.new_empty(s_shape, dtype=torch.float32),
+            x.new_empty(e, k, n, dtype=torch.uint8), x.new_empty(ws_shape, dtype=torch.float32))
+
+
+def _fp8_setup(ctx, inputs, output):
+    x, w, offs, recipe, backend = inputs
+    _, xq_t, xs_t, wq_t, ws_t = output
+    ctx.save_for_backward(offs, xq_t, xs_t, wq_t, ws_t)
+    ctx.mark_non_differentiable(xs_t, ws_t)
+    from .grouped_gemm import _is_kmajor
+
+    ctx.recipe, ctx.backend, ctx.rows, ctx.dtype, ctx.w_dtype = recipe, backend, x.shape[0], x.dtype, w.dtype
+    ctx.kmajor = _is_kmajor(w)
+
+
+def _fp8_backward(ctx, grad, *_):
+    offs, xq_t, xs_t, wq_t, ws_t = ctx.saved_tensors
+    xq_t, wq_t = xq_t.view(FP8), wq_t.view(FP8)
+    dx = dw = None
+    grad = grad.contiguous()
+    if ctx.needs_input_grad[0]:  # dgrad: dy (1, 128) along N times w^T's blocks
+        gq, gs = _quantize_op(grad, *_act_block(ctx.recipe, grad.shape[1]), False, None, None, 1, ctx.backend)
+        dx = grouped_mm_fp8_product(gq, gs, wq_t.transpose(1, 2), ws_t, offs, ctx.dtype, ctx.backend)
+    if ctx.needs_input_grad[1]:  # wgrad: x and dy in (128 tokens x 1 channel) tiles within segments
+        gq_t, gs_t = _segments_op(grad, offs, False, ctx.backend)
+        dw = _dw_fp8_op(xq_t, xs_t, gq_t, gs_t, offs, ctx.rows, ctx.kmajor, ctx.w_dtype, ctx.backend)
+    return dx, dw, None, None, None
+
+
+_grouped_mm_fp8_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
+_autocast.register("grouped_mm_fp8", (0, 1))  # under autocast it quantizes the autocast dtype's operands
+
+
+def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, recipe: str = "block",
+                   backend: str | None = None) -> torch.Tensor:
+    """A differentiable drop-in for :func:`moekernels.grouped_mm` whose three GEMMs run on e4m3, for
+    training with high-precision (master) weights; x and w are quantized on the fly.
+
+    Args:
+        x: [M, K] float32, bfloat16 or float16, rows sorted by expert.
+        w: [E, K, N], x's dtype: contiguous, or the transposed view of an [E, N, K] tensor.
+        offs: [E] int32 cumulative segment ends.
+        recipe: ``"block"`` (DeepSeek-V3: x, dy in (1, 128) tiles, w in (128, 128) blocks; needs
+            K % 128 == 0 and N % 128 == 0) or ``"row"`` (torchao's: per row x per column).
+
+    fprop ``y = x @ w``, dgrad ``dx = dy @ w^T`` (w^T reuses the forward's fp8 blocks, transposed
+    with their scales: no second quantization), wgrad ``dw[e] = x_e^T @ dy_e`` from
+    :func:`quantize_fp8_segments` of x and dy (tiles of 128 tokens x 1 channel that never cross a
+    segment). Every fp8 product is promoted to float32 after at most 128 terms (per K step in the
+    block recipe, per token tile in wgrad). y, dx and dw come back in x's (and w's) dtype.
+
+    Saved for backward: x's fp8 wgrad copy ([K, M] e4m3 and its scales) and w^T's fp8 copy
+    ([E, K, N] e4m3 and its scales): ~1 byte an element instead of x's 2-4 and no re-quantization
+    of the weight in backward.
+    """
+    from .grouped_gemm import _check
+
+    x, w = _autocast.cast(x, w)
+    _check(x, w, offs, dtypes=QUANT_INPUTS)
+    _checks.choice("recipe", recipe, RECIPES)
+    k, n = w.shape[1], w.shape[2]
+    if recipe == "block" and (k % 128 or n % 128):
+        raise ValueError(f"recipe='block' needs K % 128 == 0 and N % 128 == 0 (its (1, 128) tiles and (128, 128) "
+                         f"blocks), got K={k}, N={n}; use recipe='row' or pad the weight")
+    return _grouped_mm_fp8_op(x, w, offs, recipe, backend or "")[0]

@@ -190,10 +190,10 @@ def _launch_dw(a, grad, offs, out, *, a_index=None, gather_div=1):
     grid = min(items, num_programs(a.device)) if a.device.type != "cuda" else items
     with _backend.device_guard(a):
         grouped_mm_dw_kernel[(grid,)](
-            a, a_index if a_index is not None else offs, grad, out, offs,
-            rows, k, n, num_experts, gather_div, a.stride(0), grad.stride(0), *out.stride(),
-            GATHER=a_index is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
-            GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            a, a_index if a_index is not None else offs, grad, out, offs, offs, offs,
+            rows, k, n, num_experts, gather_div, a.stride(0), 1, grad.stride(0), 1, *out.stride(),
+            GATHER=a_index is not None, SCALED=False, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
+            BLOCK_E=1, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
 
@@ -566,20 +566,27 @@ SM90_GEMMS = {
 }
 
 
-def _dw_variant(name, cfg, dtype, gather):
+def _dw_variant(name, cfg, dtype, gather, *, scaled=False):
+    """The sm_90 compile job of a grouped_mm_dw_kernel launch; ``scaled``: the fp8 weight gradient
+    (fp8.grouped_mm_fp8's wgrad: e4m3 operands with the token dim contiguous, float32 out)."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_dw_kernel as fn
 
     ptr = _sm90.ptr(dtype)
-    # stride_cn = 1 (a contiguous gradient): Triton specialises an integer argument of 1.
-    cx = dict(GATHER=gather, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N, GROUP_M=cfg.GROUP_M,
-              stride_cn=1)
-    sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=ptr, a_index_ptr="*i32", offs_ptr="*i32")
-    # The contract: x's rows by 16-byte cp.async when gathered, else both tiles by TMA.
+    # stride_cn = 1 (a contiguous gradient), and the contiguous dim of a and b (channels; tokens
+    # when scaled): Triton specialises an integer argument of 1.
+    unit = dict(stride_am=1, stride_bm=1) if scaled else dict(stride_ak=1, stride_bn=1)
+    cx = dict(GATHER=gather, SCALED=scaled, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
+              BLOCK_E=256 if scaled else 1, GROUP_M=cfg.GROUP_M, stride_cn=1, **unit)
+    sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=_sm90.ptr(torch.float32) if scaled else ptr,
+                          a_index_ptr="*i32", offs_ptr="*i32", sa_ptr="*fp32", sb_ptr="*fp32")
+    strides = ("stride_ak", "stride_bn") if scaled else ("stride_am", "stride_bm")
+    # The contract: x's rows by 16-byte cp.async when gathered, else both tiles by TMA; the fp8
+    # one masks each tile at its segment's end, so both come by 16-byte cp.async.
+    loads = {"x": "cp.async", "dy": "cp.async"} if scaled else {"x": "cp.async" if gather else "tma", "dy": "tma"}
     return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
-                         aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", "stride_am", "stride_bm", "stride_ce",
-                                  "stride_ck"),
-                         loads={"x": "cp.async" if gather else "tma", "dy": "tma"})
+                         aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", *strides, "stride_ce", "stride_ck"),
+                         loads=loads)
 
 
 def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False):

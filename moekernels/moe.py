@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from . import _autocast, _checks, reference
-from .fp8 import FP8, _quantize_op
+from .fp8 import FP8, _dw_fp8_op, _quantize_op, _segments_op
+from .fp8 import _weight_operands as _fp8_weight_operands
 from .grouped_gemm import ACTIVATIONS, _fused_op, _grouped_mm_dw_op, _grouped_mm_op
 from .permute import _permute_backward_op
 from .plan import _plan_routing_op
@@ -127,6 +128,109 @@ _fused_moe_op.register_autograd(_backward, setup_context=_setup)
 _autocast.register("fused_moe", (0, 1, 2))  # not topk_weights: router weights stay float32
 
 
+# ----------------------------------------------------------------------------- FP8 training
+# fused_moe(precision="fp8") with high-precision weights: DeepSeek-V3's recipe on both GEMMs,
+# forward and backward (moekernels/fp8.py's training section has the per-GEMM recipe).
+# Saved for backward: the tokens in e4m3 with their (1, 128) scales (T x H bytes + T x H / 32
+# for the scales, about half of the bf16 tokens), the router outputs and the weights themselves
+# (parameters: no copy). The fp8 weight copies are made again in backward (one more read of each
+# weight, 3 x E x H x I elements: the same bits as the forward's) rather than kept alive between
+# forward and backward (2.5 bytes an expert parameter); the gate/up product is recomputed from
+# the saved e4m3 tokens, as the bf16 path recomputes it from bf16 ones.
+
+
+def _fp8_weights(w: torch.Tensor, backend: str):
+    """An [E, N, K]-stored weight as the fp8 operands of its products: (b [E, K, N], its scale) for
+    x @ w^T and (b^T [E, N, K], its scale) for dy @ w, from one (128, 128) quantization."""
+    return _fp8_weight_operands(w.transpose(1, 2), "block", backend)
+
+
+@torch.library.custom_op("moekernels::fused_moe_fp8", mutates_args=())
+def _fused_moe_fp8_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fused_moe on e4m3 with high-precision weights; also returns the tokens' e4m3 bytes and their
+    (1, 128) scales, which its backward keeps."""
+    num_tokens, top_k = topk_ids.shape
+    qx, sx = _quantize_op(hidden, 1, 128, False, None, None, 1, backend)
+    if num_tokens == 0:
+        return hidden.new_zeros(0, hidden.shape[1]), qx.view(torch.uint8), sx
+    offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
+    b1, s1, _, _ = _fp8_weights(w_gate_up, backend)
+    h = _fused_op(qx, b1, offsets, source, top_k, True, activation, None, sx, s1, hidden.dtype, backend)
+    qh, sh = _quantize_op(h, 1, 128, True, None, None, 1, backend)  # power-of-two scales before the down GEMM
+    b2, s2, _, _ = _fp8_weights(w_down, backend)
+    pairs = _fused_op(qh, b2, offsets, source, top_k, False, "", topk_weights, sh, s2, hidden.dtype, backend)
+    return pairs.view(num_tokens, top_k, hidden.shape[1]).sum(1), qx.view(torch.uint8), sx
+
+
+@_fused_moe_fp8_op.register_fake
+def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend):
+    num_tokens, hid = hidden.shape
+    return (hidden.new_empty(topk_ids.shape[0], hid), hidden.new_empty(num_tokens, hid, dtype=torch.uint8),
+            hidden.new_empty(num_tokens, -(-hid // 128), dtype=torch.float32))
+
+
+def _fp8_setup(ctx, inputs, output):
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend = inputs
+    _, qx, sx = output
+    ctx.save_for_backward(qx, sx, w_gate_up, w_down, topk_weights, topk_ids)
+    ctx.mark_non_differentiable(sx)
+    ctx.activation, ctx.backend, ctx.dtype = activation, backend, hidden.dtype
+
+
+def _fp8_backward(ctx, grad_y, *_):
+    qx, sx, w_gate_up, w_down, topk_weights, topk_ids = ctx.saved_tensors
+    qx = qx.view(FP8)
+    act, backend, dtype = ctx.activation, ctx.backend, ctx.dtype
+    num_tokens, top_k = topk_ids.shape
+    need_x, need_w1, need_w2, need_tw = ctx.needs_input_grad[:4]
+    grads = [None] * 7
+    if num_tokens == 0:
+        grads[:4] = [torch.zeros(qx.shape, dtype=dtype, device=qx.device), torch.zeros_like(w_gate_up),
+                     torch.zeros_like(w_down), torch.zeros_like(topk_weights)]
+        return tuple(grads)
+    offsets, source, dest = _plan(topk_ids, w_gate_up.shape[0], backend)
+    src = source.long()
+    rows = src.shape[0]
+    b1, s1, b1_t, s1_t = _fp8_weights(w_gate_up, backend)
+    _, _, b2_t, s2_t = _fp8_weights(w_down, backend)
+    # The gate/up product, recomputed on e4m3 from the saved tokens: [T*k, 2I].
+    z = _fused_op(qx, b1, offsets, source, top_k, True, "", None, sx, s1, dtype, backend)
+    h = reference.gated_activation(z, act)
+    # The tokens' gradient in (1, 128) tiles with power-of-two scales, gathered per pair by the
+    # GEMM as GEMM 1 gathers the tokens; the router weight multiplies afterwards, in float32.
+    qg, sg = _quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, backend)
+    dh_unweighted = _fused_op(qg, b2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend)
+    w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
+    if need_tw:
+        grad_tw = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=qx.device)
+        grad_tw[src] = (dh_unweighted.float() * h.float()).sum(-1)
+        grads[3] = grad_tw.view(num_tokens, top_k).to(topk_weights.dtype)
+    if need_w2:  # d(w_down^T)[e] = h_e^T (w g)_e on e4m3, in w_down's [E, H, I] layout
+        gw = (grad_y.index_select(0, src // top_k).float() * w).to(dtype)
+        hq_t, hs_t = _segments_op(h, offsets, True, backend)
+        gq_t, gs_t = _segments_op(gw, offsets, False, backend)
+        grads[2] = _dw_fp8_op(hq_t, hs_t, gq_t, gs_t, offsets, rows, True, w_down.dtype, backend).transpose(1, 2)
+    if need_x or need_w1:
+        dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
+        if need_x:
+            qz, sz = _quantize_op(dz, 1, 128, False, None, None, 1, backend)
+            dx = _fused_op(qz, b1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend)
+            grads[0] = _permute_backward_op(dx, dest, top_k, backend)
+        if need_w1:  # the tokens' e4m3 copy, gathered and re-quantized along the tokens (DeepSeek-V3 does too)
+            x_rows = reference.dequantize_fp8(qx, sx).to(dtype).index_select(0, src // top_k)
+            xq_t, xs_t = _segments_op(x_rows, offsets, False, backend)
+            zq_t, zs_t = _segments_op(dz, offsets, False, backend)
+            grads[1] = _dw_fp8_op(xq_t, xs_t, zq_t, zs_t, offsets, rows, True, w_gate_up.dtype,
+                                  backend).transpose(1, 2)
+    return tuple(grads)
+
+
+_fused_moe_fp8_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
+_autocast.register("fused_moe_fp8", (0, 1, 2))  # the operands it quantizes; router weights stay float32
+
+
 def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2):
     _checks.tensor("hidden", hidden, ndim=2, dtypes=DTYPES)
     device = hidden.device
@@ -164,9 +268,13 @@ def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2
                          f"I={two_i // 2}")
 
 
+PRECISIONS = (None, "fp8")
+
+
 def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, activation: str = "silu", w_gate_up_scale: torch.Tensor | None = None,
-              w_down_scale: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+              w_down_scale: torch.Tensor | None = None, precision: str | None = None,
+              backend: str | None = None) -> torch.Tensor:
     """The experts of an MoE layer: ``y[t] = sum_j w[t, j] * w_down[e] @ (act(w_gate[e] @ x) * (w_up[e] @ x))``
     with ``e = topk_ids[t, j]``.
 
@@ -182,17 +290,35 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
             ``quantize_fp8(w, (128, 128))``: [E, 2I/128, H/128] and [E, H/128, I/128]. Activations
             are then quantized (1, 128) on the fly (DeepSeek-V3's w8a8 block recipe; H and I
             multiples of 128).
+        precision: None (compute in the weights' dtype) or ``"fp8"``: DeepSeek-V3's FP8 training
+            recipe with float32, bfloat16 or float16 (master) weights, quantized on the fly: both
+            GEMMs, their dgrads and wgrads on e4m3 ((1, 128) activation and gradient tiles,
+            (128, 128) weight blocks, 128-token x 1-channel wgrad tiles within each expert,
+            power-of-two scales around the down projection); the router weights, the combine and
+            the activation's backward stay in float32. Saves the tokens in e4m3 for backward.
+            H and I multiples of 128.
         backend: ``"torch"``, ``"triton"`` or None (automatic).
 
     Returns:
         [T, H] in hidden's dtype. Differentiable with respect to hidden, w_gate_up, w_down and
-        topk_weights (not with fp8 weights). No host sync: it captures in CUDA graphs (decode
+        topk_weights (not with fp8 weights: that path is inference-only; ``precision="fp8"``
+        trains). No host sync: it captures in CUDA graphs (decode
         steps of 1-64 tokens take the grouped GEMM's decode tiles) and traces under
         ``torch.compile(fullgraph=True)``. Under ``torch.autocast`` hidden and the (non-fp8)
         weights are cast to its dtype and the result is in it; topk_weights stay as they are.
     """
     hidden, w_gate_up, w_down = _autocast.cast(hidden, w_gate_up, w_down)
     _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale)
+    _checks.choice("precision", precision, PRECISIONS)
+    if precision == "fp8":
+        if w_gate_up.dtype == FP8:
+            raise ValueError("precision='fp8' quantizes high-precision weights on the fly; float8_e4m3fn weights "
+                             "already run the fp8 inference path (leave precision=None)")
+        hid, inter = hidden.shape[1], w_down.shape[2]
+        if hid % 128 or inter % 128:
+            raise ValueError(f"precision='fp8' needs H and I multiples of 128 (its 128-wide tiles and blocks), got "
+                             f"H={hid}, I={inter}")
+        return _fused_moe_fp8_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend or "")[0]
     return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
                          w_down_scale, backend or "")
 
@@ -240,6 +366,10 @@ class MoE(nn.Module):
             The router and shared experts are replicated: all-reduce their gradients as DDP does.
         capacity: with expert parallelism, None (exchange the counts: one host sync a layer) or
             the rows each pair of ranks exchanges (no sync; overflow dropped, ``dropped`` counts it).
+        precision: None (the experts compute in the parameters' dtype) or ``"fp8"``: the routed
+            experts run DeepSeek-V3's FP8 training recipe (``fused_moe(precision="fp8")``) on the
+            high-precision parameters, which stay the master weights; H and I multiples of 128.
+            The router and the shared experts keep the parameters' dtype.
         backend: the backend of every op (None: automatic).
 
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
@@ -262,7 +392,7 @@ class MoE(nn.Module):
                  topk_group: int | None = None, routed_scaling_factor: float = 1.0, num_shared_experts: int = 0,
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
                  router_dtype=None, expert_parallel_group=None, capacity: int | None = None,
-                 backend: str | None = None, bias_update_rate: float = 1e-3):
+                 precision: str | None = None, backend: str | None = None, bias_update_rate: float = 1e-3):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -272,6 +402,13 @@ class MoE(nn.Module):
         # Every routing argument now, not at the first forward (the same checks as topk_routing).
         check_arguments(num_experts, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                         routed_scaling_factor)
+        _checks.choice("precision", precision, PRECISIONS)
+        if precision == "fp8" and (hidden_size % 128 or intermediate_size % 128):
+            raise ValueError(f"precision='fp8' needs hidden_size and intermediate_size multiples of 128, got "
+                             f"{hidden_size} and {intermediate_size}")
+        if precision == "fp8" and expert_parallel_group is not None:
+            raise ValueError("precision='fp8' with expert_parallel_group is not supported yet: the local experts "
+                             "run bf16 grouped GEMMs")
         for name, value in (("dtype", dtype), ("router_dtype", router_dtype)):
             if value is not None and value not in DTYPES:
                 raise TypeError(
@@ -285,7 +422,7 @@ class MoE(nn.Module):
         self.scoring, self.renormalize = scoring, renormalize
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.num_shared_experts = routed_scaling_factor, num_shared_experts
-        self.activation, self.backend = activation, backend
+        self.activation, self.backend, self.precision = activation, backend, precision
         self.group, self.capacity = expert_parallel_group, capacity
         local, self.expert_offset = num_experts, 0
         if expert_parallel_group is not None:
@@ -336,6 +473,7 @@ class MoE(nn.Module):
                 f"scoring={self.scoring!r}, {groups}renormalize={self.renormalize}, "
                 f"routed_scaling_factor={self.routed_scaling_factor}, num_shared_experts={self.num_shared_experts}, "
                 f"correction_bias={self.e_score_correction_bias is not None}"
+                + (f", precision={self.precision!r}" if self.precision else "")
                 + (f", local experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1}"
                    if self.group is not None else ""))
 
@@ -358,7 +496,7 @@ class MoE(nn.Module):
         logits, weights, ids = self.route(x2)
         if self.group is None:
             y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
-                          backend=self.backend)
+                          precision=self.precision, backend=self.backend)
         else:
             y = self._expert_parallel(x2, weights, ids)
         if self.shared_experts is not None:

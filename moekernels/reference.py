@@ -474,3 +474,61 @@ def quantize_fp8(x: torch.Tensor, blocks: tuple[int, int], *, pow2_scale: bool =
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 q * scale, each scale broadcast over its block."""
     return q.float() * _expand_blocks(scale, q.shape[-2], q.shape[-1])
+
+
+# ----------------------------------------------------------------------------- FP8 training (wgrad)
+
+
+def segment_tiles(offs: torch.Tensor, rows: int, tile: int = 128) -> tuple[torch.Tensor, int]:
+    """Where each expert's first token tile lies among the tiles of the weight gradient, whose
+    tiles of ``tile`` tokens never cross a segment (a segment's last tile is partial): int32 [E]
+    starts (device ops only, no host sync), and the static bound ceil(rows / tile) + E on the
+    number of tiles (each segment adds at most one partial tile)."""
+    ends = offs.long().clamp(0, rows)
+    starts = torch.minimum(torch.cat([ends.new_zeros(1), ends[:-1]]), ends)
+    tiles = (ends - starts + tile - 1) // tile
+    return (tiles.cumsum(0) - tiles).int(), -(-rows // tile) + offs.shape[0]
+
+
+def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, tile: int = 128, pow2_scale: bool = False,
+                          dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`moekernels.fp8.quantize_fp8_segments`: the rows of x [M, C] (sorted by
+    expert, segments ending at offs) quantized in tiles of ``tile`` tokens x 1 channel that never
+    cross a segment, and transposed into tile-aligned columns.
+
+    Returns q [C, num_tiles * tile] float8_e4m3fn, token tile g in columns [g * tile, (g + 1) * tile)
+    (``q[c, g * tile + j] = x[r, c] / scale[g, c]`` for the tile's j-th token r; zeros past a
+    partial tile's end and in unused tiles), and scale [num_tiles, C] float32 (0 for unused tiles).
+    Tile g of expert e is tile ``segment_tiles(offs)[0][e] + i``. Rows at or after offs[-1] belong
+    to no tile.
+    """
+    rows, cols = x.shape
+    fmax = torch.finfo(dtype).max
+    first, num_tiles = segment_tiles(offs, rows, tile)
+    scale = torch.zeros(num_tiles, cols, dtype=torch.float32, device=x.device)
+    q = torch.zeros(cols, num_tiles * tile, dtype=torch.float32, device=x.device)
+    for e, s, t in _segments(offs, rows):
+        for i, r in enumerate(range(s, t, tile)):
+            block = x[r:min(r + tile, t)].float()
+            g = int(first[e]) + i
+            scale[g] = fp8_block_scale(block.abs().amax(dim=0), pow2_scale, fmax)
+            q[:, g * tile:g * tile + block.shape[0]] = (block / scale[g]).clamp(-fmax, fmax).T
+    return q.to(dtype), scale
+
+
+def grouped_mm_dw_fp8(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
+                      offs: torch.Tensor, rows: int, *, tile: int = 128,
+                      out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dw[e] = sum over expert e's token tiles g of (a_t[:, tile g] @ b_t[:, tile g]^T) * a_scale[g][:, None]
+    * b_scale[g][None, :]: the fp8 weight gradient from two :func:`quantize_fp8_segments` outputs
+    (a_t [K, tiles * tile], b_t [N, tiles * tile]) of ``rows`` tokens, each tile's product promoted
+    to the float32 sum with its scales. [E, K, N] in out_dtype, zeros for an empty expert."""
+    first, _ = segment_tiles(offs, rows, tile)
+    out = torch.zeros(offs.shape[0], a_t.shape[0], b_t.shape[0], dtype=torch.float32, device=a_t.device)
+    for e, s, t in _segments(offs, rows):
+        for i in range(-(-(t - s) // tile)):
+            g = int(first[e]) + i
+            cols = slice(g * tile, (g + 1) * tile)
+            part = a_t[:, cols].float() @ b_t[:, cols].float().T
+            out[e] += part * a_scale[g][:, None] * b_scale[g][None, :]
+    return out.to(out_dtype)

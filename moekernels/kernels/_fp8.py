@@ -115,3 +115,55 @@ def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
         q = tl.where(q == q, q, tl.full(q.shape, 0x7FF00000, tl.int32).to(tl.float32, bitcast=True))
         out = q_ptr + b * R * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
         tl.store(out, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def quantize_fp8_segments_kernel(x_ptr, offs_ptr, q_ptr, scale_ptr, R, C, num_experts, stride_xr, stride_qc,
+                                 POW2: tl.constexpr, FMAX: tl.constexpr, TILE: tl.constexpr, BC: tl.constexpr,
+                                 BLOCK_E: tl.constexpr):
+    """The weight gradient's operand: rows of x [R, C] (sorted by expert, segments ending at offs)
+    quantized per (TILE tokens x 1 channel) tile that never crosses a segment, written transposed
+    into tile-aligned columns: q [C, tiles * TILE], tile g in columns g * TILE.. (zeros past a
+    partial tile's end), scale [tiles, C]. Program (g, channel block) takes token tile g: the tiles
+    are numbered segment by segment (reference.segment_tiles), and g's expert is the count of
+    experts whose tiles all come before it, from one [BLOCK_E] vector of offs. A program past the
+    last tile (the bound has a spare tile an expert) writes zeros: no memset of the outputs.
+
+    Tile-aligned columns are what lets the wgrad GEMM read a tile with 16-byte copies: a segment
+    starts at any token, and a token-contiguous copy of it would start at any byte.
+
+    Non-finite input: a NaN in a tile makes its channel's scale and values NaN, as the reference
+    does (max.f32 would drop it, hence the NaN count beside the max); inf gives an inf scale."""
+    g = tl.program_id(0)
+    e_idx = tl.arange(0, BLOCK_E)
+    e_ok = e_idx < num_experts
+    ends = tl.minimum(tl.maximum(tl.load(offs_ptr + e_idx, mask=e_ok, other=0), 0), R)
+    starts = tl.maximum(tl.minimum(tl.load(offs_ptr + e_idx - 1, mask=e_ok & (e_idx > 0), other=0), ends), 0)
+    tiles = tl.where(e_ok, tl.cdiv(ends - starts, TILE), 0)
+    cum = tl.cumsum(tiles, 0)
+    e = tl.sum((cum <= g).to(tl.int32), 0)
+    in_tile = e < num_experts
+    first = tl.sum(tl.where(e_idx == e, cum - tiles, 0), 0)
+    start = tl.sum(tl.where(e_idx == e, starts, 0), 0)
+    end = tl.where(in_tile, tl.sum(tl.where(e_idx == e, ends, 0), 0), 0)
+    j = tl.arange(0, TILE)
+    rows = start + (g - first) * TILE + j
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    col_ok = cols < C
+    mask = (rows < end)[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=0)
+    scale = block_scale(amax, FMAX, POW2)
+    scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
+    scale = tl.where(in_tile, scale, 0.0)
+    tl.store(scale_ptr + g.to(tl.int64) * C + cols, scale, mask=col_ok)
+    v = tl.math.div_rn(x, scale[None, :])
+    v = tl.minimum(tl.maximum(v, -FMAX, propagate_nan=tl.PropagateNan.ALL), FMAX,
+                   propagate_nan=tl.PropagateNan.ALL)
+    # q_ptr is the e4m3 output viewed as uint8: NaN is written as its bits (0x7F), because
+    # triton 3.6's interpreter converts a float32 NaN to 0x7B (384), not to e4m3's NaN.
+    bits = round_e4m3(v).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    bits = tl.where(mask, tl.where(v != v, 0x7F, bits), 0)  # padding and spare tiles: zeros
+    tl.store(q_ptr + cols.to(tl.int64)[None, :] * stride_qc + (g.to(tl.int64) * TILE + j)[:, None], bits,
+             mask=col_ok[None, :])

@@ -307,35 +307,60 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
 
 
 @triton.jit
-def grouped_mm_dw_kernel(a_ptr, a_index_ptr, b_ptr, c_ptr, offs_ptr,
-                         num_rows, K, N, num_experts, gather_div, stride_am, stride_bm, stride_ce, stride_ck,
-                         stride_cn,
-                         GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                         GROUP_M: tl.constexpr):
+def grouped_mm_dw_kernel(a_ptr, a_index_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr,
+                         num_rows, K, N, num_experts, gather_div, stride_am, stride_ak, stride_bm, stride_bn,
+                         stride_ce, stride_ck, stride_cn,
+                         GATHER: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
     """c[e] = a[seg e]^T @ b[seg e] ([K, N] per expert; zeros for an empty one), a[r] gathered
     from ``a[a_index[r] // gather_div]`` with GATHER. Loads are masked pointer loads: a segment
-    ends mid-tile, and a TMA box would bring the next expert's rows into the sum."""
+    ends mid-tile, and a TMA box would bring the next expert's rows into the sum.
+
+    SCALED (the fp8 weight gradient): a [K, tiles * BLOCK_M] and b [N, tiles * BLOCK_M] are the
+    e4m3 copies of kernels/_fp8.quantize_fp8_segments_kernel, token tile g in columns g * BLOCK_M..
+    (stride_am = stride_bm = 1: the tokens, the reduction, contiguous, which wgmma needs of e4m3
+    operands; zero past a partial tile's end, so no row mask, and every tile 16-byte aligned),
+    with float32 scales sa [tiles, K] and sb [tiles, N]. Expert e's tiles follow the tiles of the
+    experts before it; each tile's product is promoted to the float32 sum times its scales (an
+    fp8 sum never runs past 128 products, as in the forward)."""
     num_kt = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
     per_expert = num_kt * num_n
+    if SCALED:  # each expert's tiles, as the quantize numbered them
+        e_idx, ends_v, tiles_v, cum_v = _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M, 1, BLOCK_E)
     for t in range(tl.program_id(0), num_experts * per_expert, tl.num_programs(0)):
         e = t // per_expert
         pid_k, pid_n = _swizzle(t % per_expert, num_kt, num_n, GROUP_M)
-        end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), num_rows)
-        start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0), num_rows)
         k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for r0 in range(start, end, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            src = rows
-            if GATHER:
-                src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // gather_div
-            a = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_am + k[None, :],
-                        mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
-            b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + n[None, :],
-                        mask=row_ok[:, None] & (n < N)[None, :], other=0.0)
-            acc = dot(tl.trans(a), b, acc)
+        if SCALED:
+            first = tl.sum(tl.where(e_idx == e, cum_v - tiles_v, 0), 0)
+            last = tl.sum(tl.where(e_idx == e, cum_v, 0), 0)
+            for g in range(first, last):
+                # int32 is enough: g * BLOCK_M <= M + BLOCK_M * E, and g * K <= (M / 128 + E) * K.
+                cols = (g * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+                a = tl.load(a_ptr + cols[:, None] * stride_am + k.to(tl.int64)[None, :] * stride_ak,
+                            mask=(k < K)[None, :], other=0.0)
+                b = tl.load(b_ptr + cols[:, None] * stride_bm + n.to(tl.int64)[None, :] * stride_bn,
+                            mask=(n < N)[None, :], other=0.0)
+                sa = tl.load(sa_ptr + g * K + k, mask=k < K, other=0.0)
+                sb = tl.load(sb_ptr + g * N + n, mask=n < N, other=0.0)
+                part = dot(tl.trans(a), b, tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32))
+                acc += part * sa[:, None] * sb[None, :]
+        else:
+            end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), num_rows)
+            start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0), end)
+            for r0 in range(start, end, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < end
+                src = rows
+                if GATHER:
+                    src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // gather_div
+                a = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_am + k[None, :] * stride_ak,
+                            mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+                b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + n[None, :] * stride_bn,
+                            mask=row_ok[:, None] & (n < N)[None, :], other=0.0)
+                acc = dot(tl.trans(a), b, acc)
         ptrs = c_ptr + e.to(tl.int64) * stride_ce + k.to(tl.int64)[:, None] * stride_ck + n[None, :] * stride_cn
         tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(k < K)[:, None] & (n < N)[None, :])

@@ -1,0 +1,288 @@
+"""FP8 training (issue 14): the segment-tiled quantize + transpose of the weight gradient, the
+fp8 weight-gradient GEMM, and grouped_mm_fp8 (fprop, dgrad, wgrad on e4m3)."""
+
+import pytest
+import torch
+
+from conftest import device_backends, rel_err
+from moekernels import fp8, reference
+
+
+def calc_diff(x, y):
+    """DeepGEMM's measure: 1 - 2 <x, y> / (|x|^2 + |y|^2), in float64."""
+    x, y = x.double(), y.double()
+    return (1 - 2 * (x * y).sum() / (x * x + y * y).sum()).item()
+
+
+def segments(sizes, device):
+    """int32 cumulative ends of the given segment sizes."""
+    return torch.tensor(sizes, device=device).cumsum(0).int()
+
+
+# Segments with an empty expert, a single token, ones shorter than a tile, not a multiple of it,
+# longer than one, ending exactly on a tile, and rows after offs[-1].
+SIZES = [(0, 1, 130, 7, 128, 0, 300), (5,), (129, 0, 0, 2)]
+
+
+def rows_after(sizes):
+    return 3 if len(sizes) > 1 else 0
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("pow2", [False, True], ids=["scale", "pow2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "-".join(map(str, s)))
+def test_segment_quantize_is_bit_exact(sizes, dtype, pow2, device, backend):
+    torch.manual_seed(0)
+    offs = segments(sizes, device)
+    rows = sum(sizes) + rows_after(sizes)
+    x = (torch.randn(rows, 72, device=device) * torch.rand(72, device=device) * 10).to(dtype)
+    q, scale = fp8.quantize_fp8_segments(x, offs, pow2_scale=pow2, backend=backend)
+    ref_q, ref_scale = reference.quantize_fp8_segments(x.cpu(), offs.cpu(), pow2_scale=pow2)
+    tiles = -(-rows // 128) + len(sizes)
+    assert q.shape == (72, tiles * 128) and scale.shape == (tiles, 72)
+    assert torch.equal(q.cpu().view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(scale.cpu(), ref_scale)
+    # Each token sits in its tile's columns: the expert's tiles follow the earlier experts' ones.
+    first, _ = reference.segment_tiles(offs.cpu(), rows)
+    starts = [0] + list(torch.tensor(sizes).cumsum(0)[:-1])
+    for e, (s, size) in enumerate(zip(starts, sizes)):
+        for r in range(int(s), int(s) + size):
+            g, j = int(first[e]) + (r - int(s)) // 128, (r - int(s)) % 128
+            want = (x[r].cpu().float() / ref_scale[g]).clamp(-448, 448).to(torch.float8_e4m3fn)
+            assert torch.equal(q[:, g * 128 + j].cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+def test_segment_tiles_never_cross_a_segment():
+    offs = segments((0, 1, 130, 7, 128, 0, 300), "cpu")
+    first, bound = reference.segment_tiles(offs, 566 + 3)
+    assert first.tolist() == [0, 0, 1, 3, 4, 5, 5]  # tiles: 0, 1, 2, 1, 1, 0, 3
+    assert bound == 5 + 7
+    x = torch.randn(569, 4)
+    x[1:131] *= 1000  # expert 2's tokens: its scales must not reach expert 1's single token
+    _, scale = reference.quantize_fp8_segments(x, offs)
+    assert torch.equal(scale[0], x[0].abs().clamp(min=1e-12) / 448)
+
+
+def nonfinite_rows():
+    x = torch.randn(140, 8)
+    x[3, 2] = float("nan")  # tile 0 of expert 0 (rows 0-127), channel 2
+    x[130, 5] = float("inf")  # tile 1, channel 5
+    return x, segments((140,), "cpu")
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+def test_segment_quantize_nonfinite(device, backend):
+    x, offs = nonfinite_rows()
+    q, scale = fp8.quantize_fp8_segments(x.to(device), offs.to(device), backend=backend)
+    q, scale = q.cpu().float(), scale.cpu()
+    assert scale[0, 2].isnan() and q[2, :128].isnan().all()
+    assert scale[1, 5].isinf() and q[5, 130].isnan() and (q[5, 128:140][torch.arange(12) != 2] == 0).all()
+    assert not q[:, 140:].isnan().any()  # the partial tile's padding stays zero
+    finite = torch.ones_like(scale, dtype=torch.bool)
+    finite[0, 2] = finite[1, 5] = False
+    assert scale[finite].isfinite().all()
+
+
+def dw_problem(sizes, k, n, device, outliers=False):
+    torch.manual_seed(1)
+    offs = segments(sizes, device)
+    rows = sum(sizes) + rows_after(sizes)
+    x = torch.randn(rows, k, device=device)
+    dy = torch.randn(rows, n, device=device)
+    if outliers:
+        x[:, ::17] *= 50
+    return x, dy, offs
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("sizes", SIZES[:2], ids=lambda s: "-".join(map(str, s)))
+def test_wgrad_matches_the_dequantized_product(sizes, device, backend):
+    x, dy, offs = dw_problem(sizes, 48, 40, device)
+    xq, xs = fp8.quantize_fp8_segments(x, offs, backend=backend)
+    gq, gs = fp8.quantize_fp8_segments(dy, offs, backend=backend)
+    dw = fp8._dw_fp8_op(xq, xs, gq, gs, offs, x.shape[0], False, torch.float32, backend)
+    ref = reference.grouped_mm_dw_fp8(xq.cpu(), xs.cpu(), gq.cpu(), gs.cpu(), offs.cpu(), x.shape[0])
+    assert rel_err(dw, ref) <= 1e-5
+    hp = reference.grouped_mm_dw(x.cpu(), dy.cpu(), offs.cpu())
+    assert calc_diff(dw.cpu(), hp) <= 1e-3
+    for e, size in enumerate(sizes):
+        if size == 0:
+            assert not dw[e].any()
+
+
+def fp8_problem(sizes, k, n, device, dtype=torch.float32, kmajor=True, outliers=True):
+    torch.manual_seed(2)
+    offs = segments(sizes, device)
+    rows = sum(sizes) + rows_after(sizes)
+    x = torch.randn(rows, k, device=device)
+    if outliers:  # DeepSeek-V3's reason for fine-grained scales: a few channels far larger
+        x[:, ::37] *= 30
+    w = torch.randn(len(sizes), n, k, device=device) / k ** 0.5
+    w = w.transpose(1, 2) if kmajor else w.transpose(1, 2).contiguous()
+    return x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), offs
+
+
+GEMM_SIZES = [(0, 1, 130, 7, 200), (129, 0, 2)]
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("kmajor", [True, False], ids=["kmajor", "ekn"])
+@pytest.mark.parametrize("sizes", GEMM_SIZES, ids=lambda s: "-".join(map(str, s)))
+def test_grouped_mm_fp8_block_fprop_dgrad_wgrad(sizes, kmajor, device, backend):
+    """Each of the three GEMMs within DeepGEMM's calc_diff <= 1e-3 of the high-precision one, and
+    within 1e-2 of the product of its own dequantized operands."""
+    x, w, offs = fp8_problem(sizes, 256, 128, device, kmajor=kmajor)
+    y = fp8.grouped_mm_fp8(x, w, offs, backend=backend)
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    assert dw.stride() == w.stride() and dx.dtype == x.dtype and dw.dtype == w.dtype
+    xc, wc, oc, gc = x.detach().cpu(), w.detach().cpu(), offs.cpu(), dy.cpu()
+    hp_y = reference.grouped_mm(xc, wc, oc)
+    hp_dx = reference.grouped_mm(gc, wc.transpose(1, 2), oc)
+    hp_dw = reference.grouped_mm_dw(xc, gc, oc)
+    rows = sum(sizes)
+    assert calc_diff(y.detach().cpu()[:rows], hp_y[:rows]) <= 1e-3
+    assert calc_diff(dx.cpu()[:rows], hp_dx[:rows]) <= 1e-3
+    assert calc_diff(dw.cpu(), hp_dw) <= 1e-3
+    assert not y[rows:].any() and not dx[rows:].any()
+    # Against the dequantized operands of each product.
+    deq = reference.dequantize_fp8
+    xq, xs = reference.quantize_fp8(xc, (1, 128))
+    wq, ws = reference.quantize_fp8(wc.transpose(1, 2), (128, 128))  # the [E, N, K] blocks
+    wd = deq(wq, ws).transpose(1, 2)
+    assert rel_err(y.detach().cpu()[:rows], reference.grouped_mm(deq(xq, xs), wd, oc)[:rows]) <= 1e-2
+    gq, gs = reference.quantize_fp8(gc, (1, 128))
+    assert rel_err(dx.cpu()[:rows], reference.grouped_mm(deq(gq, gs), wd.transpose(1, 2), oc)[:rows]) <= 1e-2
+    xt, xts = reference.quantize_fp8_segments(xc, oc)
+    gt, gts = reference.quantize_fp8_segments(gc, oc)
+    assert rel_err(dw.cpu(), reference.grouped_mm_dw_fp8(xt, xts, gt, gts, oc, xc.shape[0])) <= 1e-2
+    for e, size in enumerate(sizes):
+        if size == 0:
+            assert not dw[e].any()
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+def test_grouped_mm_fp8_row_recipe(device, backend):
+    x, w, offs = fp8_problem((3, 0, 40), 96, 48, device, dtype=torch.bfloat16, outliers=False)
+    y = fp8.grouped_mm_fp8(x, w, offs, recipe="row", backend=backend)
+    dy = torch.randn_like(y)
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    xc, wc, oc, gc = x.detach().cpu().float(), w.detach().cpu().float(), offs.cpu(), dy.cpu().float()
+    assert y.dtype == dx.dtype == dw.dtype == torch.bfloat16
+    assert calc_diff(y.detach().cpu()[:43], reference.grouped_mm(xc, wc, oc)[:43]) <= 2e-3
+    assert calc_diff(dx.cpu()[:43], reference.grouped_mm(gc, wc.transpose(1, 2), oc)[:43]) <= 2e-3
+    assert calc_diff(dw.cpu(), reference.grouped_mm_dw(xc, gc, oc)) <= 2e-3
+
+
+def test_fp8_training_bad_input_names_the_argument():
+    x, w, offs = fp8_problem((4, 4), 200, 128, "cpu")
+    with pytest.raises(ValueError, match="K % 128"):
+        fp8.grouped_mm_fp8(x, w, offs)
+    x, w, offs = fp8_problem((4, 4), 128, 128, "cpu")
+    with pytest.raises(ValueError, match="recipe"):
+        fp8.grouped_mm_fp8(x, w, offs, recipe="tile")
+    with pytest.raises(TypeError, match="w must have dtype"):
+        fp8.grouped_mm_fp8(x, w.detach().half(), offs)
+    with pytest.raises(TypeError, match="offs"):
+        fp8.quantize_fp8_segments(x.detach(), offs.long())
+    with pytest.raises(ValueError, match="offs"):
+        fp8.quantize_fp8_segments(x.detach(), torch.tensor([5, 3], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_training_ops_pass_opcheck_and_compile(backend):
+    from conftest import _NEEDS_INTERPRETER
+    if backend == "triton" and _NEEDS_INTERPRETER:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    x, w, offs = fp8_problem((0, 3, 130), 128, 128, "cpu")
+    torch.library.opcheck(fp8._segments_op, (x.detach(), offs, False, backend))
+    torch.library.opcheck(fp8._grouped_mm_fp8_op, (x, w, offs, "block", backend))
+
+    def step(x, w):
+        return fp8.grouped_mm_fp8(x, w, offs, backend=backend).float().square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    gx, gw = torch.autograd.grad(compiled(x, w), (x, w))
+    ex, ew = torch.autograd.grad(step(x, w), (x, w))
+    assert torch.equal(gx, ex) and torch.equal(gw, ew)
+
+    from moekernels import fused_moe
+    from moekernels.moe import _fused_moe_fp8_op
+
+    hid, w1, w2, tw, ids = moe_problem(5, 128, 128, 3, 2, "cpu")
+    torch.library.opcheck(_fused_moe_fp8_op, (hid, w1, w2, tw, ids, "silu", backend))
+
+    def layer(hid, w1, w2, tw):
+        return fused_moe(hid, w1, w2, tw, ids, precision="fp8", backend=backend).square().sum()
+
+    got = torch.autograd.grad(torch.compile(layer, fullgraph=True, backend="aot_eager")(hid, w1, w2, tw),
+                              (hid, w1, w2, tw))
+    want = torch.autograd.grad(layer(hid, w1, w2, tw), (hid, w1, w2, tw))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# ----------------------------------------------------------------------------- the layer
+
+
+def moe_problem(t, h, i, e, k, device, dtype=torch.float32, seed=3):
+    torch.manual_seed(seed)
+    x = torch.randn(t, h, device=device, dtype=dtype)
+    w1 = (torch.randn(e, 2 * i, h, device=device) / h ** 0.5).to(dtype)
+    w2 = (torch.randn(e, h, i, device=device) / i ** 0.5).to(dtype)
+    ids = torch.rand(t, e, device=device).topk(k, dim=1).indices.int()
+    ids[ids == 1] = 0 if e > 2 else ids[ids == 1]  # expert 1 gets no tokens (may leave duplicates: fine)
+    tw = torch.rand(t, k, device=device).softmax(-1)
+    return [v.requires_grad_() if v.is_floating_point() else v for v in (x, w1, w2, tw, ids)]
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+def test_fused_moe_fp8_training_matches_the_high_precision_layer(device, backend):
+    from moekernels import fused_moe
+
+    x, w1, w2, tw, ids = moe_problem(37, 256, 128, 4, 2, device)
+    y = fused_moe(x, w1, w2, tw, ids, precision="fp8", backend=backend)
+    y_hp = fused_moe(x, w1, w2, tw, ids, backend="torch")
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w1, w2, tw), dy)
+    grads_hp = torch.autograd.grad(y_hp, (x, w1, w2, tw), dy)
+    assert calc_diff(y.detach().cpu(), y_hp.detach().cpu()) <= 3e-3
+    for name, g, g_hp in zip(("x", "w_gate_up", "w_down", "topk_weights"), grads, grads_hp):
+        assert g.dtype == g_hp.dtype and g.shape == g_hp.shape
+        assert calc_diff(g.cpu(), g_hp.cpu()) <= 6e-3, name
+    assert not grads[1][1].any() and not grads[2][1].any()  # the expert with no tokens
+
+
+def saved_activation_bytes(fn, params):
+    """Bytes of the tensors autograd keeps for backward, less the parameters (by storage)."""
+    keep = {p.untyped_storage().data_ptr() for p in params}
+    total = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in keep:
+            total.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(total)
+
+
+def test_fp8_layer_saves_about_half_the_activation_bytes():
+    from moekernels import fused_moe
+
+    x, w1, w2, tw, ids = moe_problem(64, 512, 256, 4, 2, "cpu", dtype=torch.bfloat16)
+    bf16 = saved_activation_bytes(lambda: fused_moe(x, w1, w2, tw, ids), (w1, w2))
+    fp8_bytes = saved_activation_bytes(lambda: fused_moe(x, w1, w2, tw, ids, precision="fp8"), (w1, w2))
+    assert bf16 >= x.numel() * 2  # the bf16 path keeps the tokens in bf16
+    assert fp8_bytes <= 0.55 * bf16, (fp8_bytes, bf16)
+
+
+def test_fused_moe_fp8_bad_input():
+    from moekernels import fused_moe
+
+    x, w1, w2, tw, ids = moe_problem(4, 192, 128, 4, 2, "cpu")
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fused_moe(x, w1, w2, tw, ids, precision="fp8")
+    with pytest.raises(ValueError, match="precision"):
+        fused_moe(x, w1, w2, tw, ids, precision="fp4")
