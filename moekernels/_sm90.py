@@ -101,6 +101,8 @@ class Report:
     limited_by: str = ""  # what bounds programs_per_sm
     k_loops: int = 0  # loops of the PTX that issue wgmma and hold no smaller such loop
     wgmma_depth: int | None = None  # min N of wgmma.wait_group N in the K loops (None: no K loop)
+    k_waits: int = 0  # wgmma.wait_group in the PTX K loop bodies
+    k_commits: int = 0  # wgmma.commit_group (wgmma groups issued) in the PTX K loop bodies
     ttgir_pendings: int | None = None  # min pendings of ttng.warp_group_dot_wait in the TTGIR's K loops
     k_barriers: int | None = None  # most BAR.SYNC in one SASS K loop's body
     smem_round_trip: bool = False  # local_load -> local_alloc feeding a warp_group_dot in a K loop
@@ -383,6 +385,8 @@ def loop_facts(ttgir: str, ptx: str, sass: str) -> dict:
     return dict(
         k_loops=len(ptx_loops),
         wgmma_depth=min(waits) if waits else None,
+        k_waits=len(waits),
+        k_commits=sum("wgmma.commit_group" in i for i in body),
         ttgir_pendings=min(pend) if pend else None,
         k_barriers=max((sum(bool(re.match(r"(@!?U?P\w+\s+)?BAR\.SYNC", i)) for i in loop) for loop in sass_loops),
                        default=None),

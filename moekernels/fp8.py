@@ -491,12 +491,12 @@ def _weight_operands(w: torch.Tensor, recipe: str, backend: str):
 
     w_nk = w.transpose(1, 2) if _is_kmajor(w) else w.transpose(1, 2).contiguous()  # [E, N, K] storage
     if recipe == "block":
-        q_nk, s_nk = _quantize_op(w_nk, 128, 128, False, None, None, 1, backend)
+        q_nk, s_nk = _quantize_op(w_nk, 128, 128, False, None, None, 1, False, backend)
         q_kn = q_nk.transpose(1, 2).contiguous()
         return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_nk
     w_kn = w.contiguous() if not _is_kmajor(w) else w_nk.transpose(1, 2).contiguous()
-    q_nk, s_nk = _quantize_op(w_nk, 1, w_nk.shape[2], False, None, None, 1, backend)  # per n: [E, N, 1]
-    q_kn, s_kn = _quantize_op(w_kn, 1, w_kn.shape[2], False, None, None, 1, backend)  # per k: [E, K, 1]
+    q_nk, s_nk = _quantize_op(w_nk, 1, w_nk.shape[2], False, None, None, 1, False, backend)  # per n: [E, N, 1]
+    q_kn, s_kn = _quantize_op(w_kn, 1, w_kn.shape[2], False, None, None, 1, False, backend)  # per k: [E, K, 1]
     return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_kn.transpose(1, 2).contiguous()
 
 
@@ -506,7 +506,7 @@ def _act_block(recipe: str, cols: int) -> tuple[int, int]:
 
 def _fp8_forward(x, w, offs, recipe, backend):
     bx = _act_block(recipe, x.shape[1])
-    xq, xs = _quantize_op(x, *bx, False, None, None, 1, backend)
+    xq, xs = _quantize_op(x, *bx, False, None, None, 1, recipe == "block", backend)  # K-block-major scales
     b, bs, b_t, bs_t = _weight_operands(w, recipe, backend)
     y = grouped_mm_fp8_product(xq, xs, b, bs, offs, x.dtype, backend)
     xq_t, xs_t = _segments_op(x, offs, False, backend)
@@ -556,7 +556,8 @@ def _fp8_backward(ctx, grad, *_):
     dx = dw = None
     grad = grad.contiguous()
     if ctx.needs_input_grad[0]:  # dgrad: dy (1, 128) along N times w^T's blocks
-        gq, gs = _quantize_op(grad, *_act_block(ctx.recipe, grad.shape[1]), False, None, None, 1, ctx.backend)
+        gq, gs = _quantize_op(grad, *_act_block(ctx.recipe, grad.shape[1]), False, None, None, 1,
+                              ctx.recipe == "block", ctx.backend)
         dx = grouped_mm_fp8_product(gq, gs, wq_t.transpose(1, 2), ws_t, offs, ctx.dtype, ctx.backend)
     if ctx.needs_input_grad[1]:  # wgrad: x and dy in (128 tokens x 1 channel) tiles within segments
         gq_t, gs_t = _segments_op(grad, offs, False, ctx.backend)

@@ -152,13 +152,13 @@ def _fused_moe_fp8_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: tor
     """fused_moe on e4m3 with high-precision weights; also returns the tokens' e4m3 bytes and their
     (1, 128) scales, which its backward keeps."""
     num_tokens, top_k = topk_ids.shape
-    qx, sx = _quantize_op(hidden, 1, 128, False, None, None, 1, backend)
+    qx, sx = _quantize_op(hidden, 1, 128, False, None, None, 1, False, backend)  # an output: row-major scales
     if num_tokens == 0:
         return hidden.new_zeros(0, hidden.shape[1]), qx.view(torch.uint8), sx
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
     b1, s1, _, _ = _fp8_weights(w_gate_up, backend)
     h = _fused_op(qx, b1, offsets, source, top_k, True, activation, None, sx, s1, hidden.dtype, backend)
-    qh, sh = _quantize_op(h, 1, 128, True, None, None, 1, backend)  # power-of-two scales before the down GEMM
+    qh, sh = _quantize_op(h, 1, 128, True, None, None, 1, True, backend)  # power-of-two scales before the down GEMM
     b2, s2, _, _ = _fp8_weights(w_down, backend)
     pairs = _fused_op(qh, b2, offsets, source, top_k, False, "", topk_weights, sh, s2, hidden.dtype, backend)
     return pairs.view(num_tokens, top_k, hidden.shape[1]).sum(1), qx.view(torch.uint8), sx
@@ -200,7 +200,7 @@ def _fp8_backward(ctx, grad_y, *_):
     h = reference.gated_activation(z, act)
     # The tokens' gradient in (1, 128) tiles with power-of-two scales, gathered per pair by the
     # GEMM as GEMM 1 gathers the tokens; the router weight multiplies afterwards, in float32.
-    qg, sg = _quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, backend)
+    qg, sg = _quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, True, backend)
     dh_unweighted = _fused_op(qg, b2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend)
     w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
     if need_tw:
@@ -215,7 +215,7 @@ def _fp8_backward(ctx, grad_y, *_):
     if need_x or need_w1:
         dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
         if need_x:
-            qz, sz = _quantize_op(dz, 1, 128, False, None, None, 1, backend)
+            qz, sz = _quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
             dx = _fused_op(qz, b1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend)
             grads[0] = _permute_backward_op(dx, dest, top_k, backend)
         if need_w1:  # the tokens' e4m3 copy, gathered and re-quantized along the tokens (DeepSeek-V3 does too)
