@@ -1,7 +1,8 @@
 """Tile choices: pure functions of the problem, so the first call never autotunes.
 
 Each launcher asks here and nowhere else; tests may monkeypatch these functions. The token
-count is never an input (a new T must not mean a new compile: decode steps vary T every step).
+count never picks tiles (a new T must not mean a new compile: decode steps vary T every step);
+it only chooses whether a small gated decode step splits, between two compiled launches.
 """
 
 from __future__ import annotations
