@@ -590,7 +590,8 @@ def test_decode_splits_the_gated_gemm_only_when_it_does_not_fill_the_gpu():
                ("scatter", top_k, h, bf16, "h200"), ("gated", top_k, i, torch.float32, "h200"),
                ("gated", top_k, i, torch.float8_e4m3fn, "h200"), ("gated", top_k, i, bf16, None)]
     for variant, rows, n, dtype, gpu in unsplit:
-        assert not configs.grouped_mm_config(variant, rows, e, n, h, dtype, gpu).SPLIT_GATED, (variant, rows, dtype, gpu)
+        cfg = configs.grouped_mm_config(variant, rows, e, n, h, dtype, gpu)
+        assert not cfg.SPLIT_GATED, (variant, rows, dtype, gpu)
     # The split is the only change: the fused decode tiles otherwise.
     fused = configs.grouped_mm_config("gated", top_k, e, i, h, bf16, None)
     assert dataclasses.replace(t1, SPLIT_GATED=False) == fused
