@@ -128,6 +128,11 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device))
+    if cfg.SPLIT_GATED:  # a decode step too small to fill the GPU: see configs.split_gated_decode
+        z = out.new_empty(rows, 2 * n, dtype=torch.float32)  # float32: one rounding, as the fused epilogue
+        _launch(x, w, offs, z, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div, scales=scales)
+        out.copy_(reference.gated_activation(z, next(name for name, v in ACTIVATIONS.items() if v == act)))
+        return
     a = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [cfg.BLOCK_M, cfg.BLOCK_K]) if a_tma else x
     block_b = [1, cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [1, cfg.BLOCK_K, cfg.BLOCK_N]
     b = TensorDescriptor(storage, list(storage.shape), _descriptor_strides(storage), block_b) if b_tma else storage
@@ -538,8 +543,9 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
 
 # ----------------------------------------------------------------------------- sm_90 variants
 
-# (variant, rows per expert, N, K, dtype, weight storage): the shipped configs compiled for sm_90
-# by the test suite. Every rows class of the default table, both weight storages, each fusion.
+# (variant, rows per expert, N, K, dtype, weight storage[, output dtype]): the shipped configs
+# compiled for sm_90 by the test suite. Every rows class of the default table, both weight
+# storages, each fusion.
 SM90_GEMMS = {
     "plain_decode_bf16_kmajor": ("plain", 1, 4096, 7168, torch.bfloat16, True),
     "plain_m64_bf16": ("plain", 64, 2048, 768, torch.bfloat16, False),
@@ -560,6 +566,10 @@ SM90_GEMMS = {
     "plain_decode_bf16": ("plain", 4, 2048, 1536, torch.bfloat16, False),
     "scatter_prefill_bf16_kmajor": ("scatter", 512, 2048, 768, torch.bfloat16, True),
     "scatter_decode_bf16_kmajor": ("scatter", 4, 7168, 2048, torch.bfloat16, True),
+    # The split gated decode (configs.split_gated_decode): Qwen3-30B-A3B's GEMM 1 at T = 1 as the
+    # plain kernel over the [K, 2I] weight into a float32 product, gathered (fused_moe) or not.
+    "gather_split_decode_bf16_kmajor": ("gather", 1, 1536, 2048, torch.bfloat16, True, torch.float32),
+    "split_decode_fp16": ("plain", 1, 1536, 2048, torch.float16, False, torch.float32),
     "dw_bf16": ("dw", 512, 1536, 2048, torch.bfloat16, False),
     "dw_gather_fp16": ("dw_gather", 512, 1536, 2048, torch.float16, False),
     "dw_fp32": ("dw", 512, 1536, 2048, torch.float32, False),
@@ -642,10 +652,11 @@ def config_variant(variant: str) -> str:
 @_sm90_registry.register
 def sm90_variants():
     out = []
-    for name, (variant, per_expert, n, k, dtype, kmajor) in SM90_GEMMS.items():
+    for name, (variant, per_expert, n, k, dtype, kmajor, *out_dtype) in SM90_GEMMS.items():
         cfg = sm90_config(variant, per_expert, n, k, dtype)
         if variant.startswith("dw"):
             out.append(_dw_variant(f"grouped_mm/{name}", cfg, dtype, variant == "dw_gather"))
         else:
-            out.append(forward_variant(f"grouped_mm/{name}", variant, cfg, dtype, kmajor))
+            out.append(forward_variant(f"grouped_mm/{name}", variant, cfg, dtype, kmajor,
+                                       out_dtype=out_dtype[0] if out_dtype else None))
     return out

@@ -256,6 +256,47 @@ def test_fused_variants_match_the_unfused_ops(shape, kmajor, fused, device, back
         assert rel_err(weights.grad, wtd.grad) <= 2 * tol
 
 
+def configs_for(monkeypatch, gpu):
+    """The configs ``gpu`` gets (the interpreter has no GPU name, so it never splits a decode step),
+    each call recorded as (variant, N, SPLIT_GATED) so that a test sees which launches ran."""
+    orig, calls = configs.grouped_mm_config, []
+
+    def patched(variant, rows, experts, n, k, dtype, gpu_=None):
+        cfg = orig(variant, rows, experts, n, k, dtype, gpu)
+        calls.append((variant, n, cfg.SPLIT_GATED))
+        return cfg
+
+    monkeypatch.setattr(configs, "grouped_mm_config", patched)
+    return calls
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("gather,activation,kmajor", [(True, "silu", True), (True, "gelu", False),
+                                                      (False, "silu", True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_split_gated_decode_matches_the_unfused_ops(gather, activation, kmajor, dtype, device, backend, monkeypatch):
+    """A decode step with fewer gated work items than an H200's 132 SMs (configs.split_gated_decode):
+    the plain kernel over [K, 2N] into float32, then act(gate) * up. 3 tokens of top-2 over 6
+    experts (one empty, one with a single pair), K = 40 and N = 24: no multiple of a 64-column tile."""
+    calls = configs_for(monkeypatch, "h200")
+    num_tokens, top_k, num_experts, k, n = 3, 2, 6, 40, 24
+    plan, x, w = fused_setup(num_tokens, top_k, num_experts, k, 2 * n, dtype, device, kmajor)
+    if not gather:
+        x = reference.permute(x, plan)
+    out = gg.grouped_mm_fused(x, w, plan.expert_offsets, source_index=plan.source_index, top_k=top_k,
+                              gather=gather, activation=activation, backend=backend)
+    want = unfused(x, w, plan, gather=gather, activation=activation, weights=None)
+    assert out.dtype == dtype and out.shape == want.shape
+    # One rounding of the float32 epilogue to the dtype, as the fused tiles: within the fused test's bound.
+    assert rel_err(out, want) <= 4 * tolerance(dtype, device, backend, 2**-9)
+    if backend == "triton":
+        assert calls == [("gated", n, True), ("plain", 2 * n, False)]  # split: gate and up tiles apart
+        monkeypatch.undo()
+        fused = gg.grouped_mm_fused(x, w, plan.expert_offsets, source_index=plan.source_index, top_k=top_k,
+                                    gather=gather, activation=activation, backend=backend)
+        assert rel_err(out, fused) <= 2 * tolerance(dtype, device, backend, 2**-9)
+
+
 # ----------------------------------------------------------------------------- the custom ops
 
 
@@ -528,6 +569,32 @@ def test_config_is_a_pure_function_of_the_problem():
     assert a == b  # 130 and 200 rows per expert: one class, one compile
     decode = configs.grouped_mm_config("plain", 16, 8, 4096, 7168, torch.bfloat16)
     assert decode.SWAP_AB and decode.BLOCK_M == 16 and not a.SWAP_AB and a.BLOCK_M >= 64
+
+
+def test_decode_splits_the_gated_gemm_only_when_it_does_not_fill_the_gpu():
+    """Qwen3-30B-A3B (E 128, k 8, H 2048, I 768) on an H100/H200 (132 SMs). At T = 1 GEMM 1 (gated,
+    N = I) has 8 experts x 768/64 tiles = 96 work items: split, into 8 x 1536/64 = 192 plain ones
+    (the plain config over [K, 2I], never split itself). Not at T = 2 (up to 16 x 12 = 192 items),
+    in prefill, for GEMM 2 (N = H: 8 x 2048/64 = 256), in fp32 or fp8, nor on an unknown GPU."""
+    bf16 = torch.bfloat16
+    e, top_k, h, i = 128, 8, 2048, 768
+    for gpu in ("h100", "h200"):
+        t1 = configs.grouped_mm_config("gated", 1 * top_k, e, i, h, bf16, gpu)
+        assert t1.SPLIT_GATED and t1.SWAP_AB and t1.BLOCK_N >= 64  # wgmma's M: 64 weight columns at least
+        assert configs.decode_work_items(top_k, e, i, t1.BLOCK_N) == 96 < configs.GPU_SMS[gpu]
+        plain = configs.grouped_mm_config("plain", top_k, e, 2 * i, h, bf16, gpu)
+        assert not plain.SPLIT_GATED and plain.SWAP_AB
+        assert configs.decode_work_items(top_k, e, 2 * i, plain.BLOCK_N) == 192 >= configs.GPU_SMS[gpu]
+    assert configs.grouped_mm_config("gated", top_k, e, i, h, torch.float16, "h200").SPLIT_GATED
+    unsplit = [("gated", 2 * top_k, i, bf16, "h200"), ("gated", 4096 * top_k, i, bf16, "h200"),
+               ("scatter", top_k, h, bf16, "h200"), ("gated", top_k, i, torch.float32, "h200"),
+               ("gated", top_k, i, torch.float8_e4m3fn, "h200"), ("gated", top_k, i, bf16, None)]
+    for variant, rows, n, dtype, gpu in unsplit:
+        cfg = configs.grouped_mm_config(variant, rows, e, n, h, dtype, gpu)
+        assert not cfg.SPLIT_GATED, (variant, rows, dtype, gpu)
+    # The split is the only change: the fused decode tiles otherwise.
+    fused = configs.grouped_mm_config("gated", top_k, e, i, h, bf16, None)
+    assert dataclasses.replace(t1, SPLIT_GATED=False) == fused
 
 
 # ----------------------------------------------------------------------------- on the GPU

@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import cpu_backends, device_backends, rel_err
 from test_fp8 import calc_diff
+from test_grouped_gemm import configs_for
 from test_plan import make_ids
 
 import moekernels
@@ -79,6 +80,29 @@ def test_matches_the_definition(case, dtype, activation, device, backend):
     expected = torch.autograd.grad(want, leaves, grad.double().cpu())
     for name, a, b in zip(("hidden", "w_gate_up", "w_down", "topk_weights"), got, expected):
         assert a.shape == b.shape and rel_err(a, b) <= 2 * TOL[dtype], name
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("case", [(1, 32, 24, 5, 2), (3, 40, 24, 6, 2)], ids=case_id)
+def test_decode_step_with_the_split_gated_gemm(case, device, backend, monkeypatch):
+    """A decode step too small to fill an H200 (configs.split_gated_decode): GEMM 1 as the plain
+    kernel over [K, 2I] and the activation after it; the layer still matches its definition, forward
+    and backward (which recomputes the product unsplit). An empty expert, one with a single pair, H
+    and I not multiples of a tile."""
+    calls = configs_for(monkeypatch, "h200")
+    x, w1, w2, tw, ids = make_layer(case, torch.bfloat16, device, requires_grad=True)
+    y = moekernels.fused_moe(x, w1, w2, tw, ids, backend=backend)
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (x, w1, w2, tw)]
+    want = loop_moe(*leaves, ids)
+    assert rel_err(y, want) <= TOL[torch.bfloat16]
+    if backend == "triton":
+        inter = case[2]
+        assert calls[:2] == [("gated", inter, True), ("plain", 2 * inter, False)]
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w1, w2, tw), grad)
+    expected = torch.autograd.grad(want, leaves, grad.double().cpu())
+    for name, a, b in zip(("hidden", "w_gate_up", "w_down", "topk_weights"), got, expected):
+        assert rel_err(a, b) <= 2 * TOL[torch.bfloat16], name
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

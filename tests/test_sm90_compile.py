@@ -191,7 +191,7 @@ def test_grouped_gemm_pipelines_its_k_loop(name):
     """num_stages >= 3 keeps two K steps in flight: shared memory holds more than one stage of tiles
     (one stage of the 128x128x64 bf16 tiles is 32 KB; the report's 98 KB is three). Not the
     unaligned fallback: cp.async needs aligned 4-16 byte chunks, so its loads are plain."""
-    variant, per_expert, n, k, dtype, _ = grouped_gemm.SM90_GEMMS[name.split("/")[1]]
+    variant, per_expert, n, k, dtype = grouped_gemm.SM90_GEMMS[name.split("/")[1]][:5]
     cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, dtype)
     stage = configs.stage_bytes(cfg, dtype.itemsize, grouped_gemm.config_variant(variant))
     assert reports()[name]["shared"] >= 2 * stage, (reports()[name]["shared"], stage)
@@ -236,3 +236,17 @@ def test_launch_sizes_its_grid_from_the_compile():
     assert compiled["programs_per_sm"] < configs.programs_per_sm(cfg, 2)  # what the estimate got wrong
     untuned = dict(cx, GROUP_M=cx["GROUP_M"] * 2)
     assert grouped_gemm.programs_per_sm(cfg, untuned, bf16, bf16, cfg.num_stages) == configs.programs_per_sm(cfg, 2)
+
+
+def test_split_decode_launch_runs_every_item_at_once():
+    """The launch of a split decode step (configs.split_gated_decode: Qwen3-30B-A3B's GEMM 1 at
+    T = 1, gathered, into float32) is a compiled key of the table, and fits enough programs an SM
+    that the grid holds all its 8 x 1536/64 = 192 work items at once on an H200's 132 SMs."""
+    bf16, f32 = grouped_gemm.torch.bfloat16, grouped_gemm.torch.float32
+    cfg = configs.grouped_mm_config("plain", 8, 128, 1536, 2048, bf16, "h200")
+    cx = grouped_gemm.kernel_constexprs(cfg, a_tma=False, b_tma=True, kmajor=True, gather=True, scatter=False,
+                                        act=0, scale=0, block_e=128)
+    per_sm = configs.sm90_programs_per_sm(configs.launch_key("grouped_mm_kernel", bf16, f32, cx, cfg.num_warps,
+                                                             cfg.num_stages))
+    assert per_sm is not None and grouped_gemm.programs_per_sm(cfg, cx, bf16, f32, cfg.num_stages) == per_sm
+    assert per_sm * configs.GPU_SMS["h200"] >= configs.decode_work_items(8, 128, 1536, cfg.BLOCK_N)

@@ -1,11 +1,13 @@
 """Tile choices: pure functions of the problem, so the first call never autotunes.
 
 Each launcher asks here and nowhere else; tests may monkeypatch these functions. The token
-count is never an input (a new T must not mean a new compile: decode steps vary T every step).
+count never picks tiles (a new T must not mean a new compile: decode steps vary T every step);
+it only chooses whether a small gated decode step splits, between two compiled launches.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -114,6 +116,8 @@ class GemmConfig:
     SWAP_AB: bool  # decode: compute the transposed tile, weight columns in wgmma's M
     num_warps: int
     num_stages: int
+    # decode, gated: the gate and up tiles as work items of their own (see split_gated_decode)
+    SPLIT_GATED: bool = False
 
 
 # The rows-per-expert classes a config is chosen for: the average M/E rounded up to a power of
@@ -180,8 +184,47 @@ def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dty
     cls = rows_class(rows, experts)
     entry = tuned_table(gpu).get(gemm_key(variant, cls, n, k, dtype))
     if entry is not None:
-        return GemmConfig(**entry)
-    return default_gemm_config(variant, cls, dtype.itemsize)
+        return GemmConfig(**entry)  # measured: a tuned entry says itself whether it splits
+    cfg = default_gemm_config(variant, cls, dtype.itemsize)
+    if split_gated_decode(variant, cfg, rows, experts, n, dtype, gpu):
+        cfg = dataclasses.replace(cfg, SPLIT_GATED=True)
+    return cfg
+
+
+# Streaming multiprocessors of the GPUs the configs know: the persistent grid's width.
+GPU_SMS = {"h100": 132, "h200": 132}
+
+
+def decode_work_items(rows: int, experts: int, n: int, block_n: int) -> int:
+    """Work items of a swap-AB decode launch, at most: each of at most min(E, rows) active
+    experts (rows <= 16 a tile, so one M tile each) times its cdiv(N, BLOCK_N) column tiles."""
+    return min(experts, max(rows, 1)) * triton.cdiv(n, block_n)
+
+
+def split_gated_decode(variant: str, cfg: GemmConfig, rows: int, experts: int, n: int, dtype, gpu: str | None
+                       ) -> bool:
+    """Whether a gated decode launch runs split: the plain kernel over the [K, 2N] gate|up weight,
+    so that a 64-column gate tile and its up tile are two work items, into a float32 [M, 2N]
+    product, then act(gate) * up. It splits when the fused launch has fewer work items than the GPU
+    has SMs, counting every active expert (an upper bound: the split happens only when even that
+    falls short). BLOCK_N cannot shrink instead: the swap-AB tile's weight columns are wgmma's M,
+    64 at least, and the decode tiles already take 64.
+
+    Qwen3-30B-A3B (E 128, k 8, H 2048, I 768) at T = 1: 8 rows on at most 8 experts. GEMM 1 (gated,
+    N = I = 768, K = 2048): 768 / 64 = 12 gate|up tiles an expert, 96 work items; the fused tiles
+    take 145 KB of shared memory, one program an SM, so 96 of the 132 SMs work and 36 idle. Split:
+    1536 / 64 = 24 tiles an expert, 192 items of half the weight bytes (64 x 2048 bf16 = 256 KB,
+    against 512 KB fused); the plain decode tiles (81 KB) fit two an SM, so the 264-program grid
+    runs all 192 at once on all 132 SMs. GEMM 2 (down, N = 2048) has 8 x 32 = 256 items: unchanged.
+    At T = 2 (16 rows) GEMM 1 has up to 16 x 12 = 192 >= 132 items: fused, as before. Its price:
+    the float32 [M, 2N] written and read (48 KB at T = 1) and the activation as torch ops.
+
+    Pure: of the problem's shapes and the GPU's name, never of data; ``rows`` moves the choice
+    between two compiled launches at most. Not on an unknown GPU (``gpu`` None: the interpreter,
+    or a GPU without a table), and only for bf16 / fp16, whose split launches are compiled and
+    held to the sm_90 contract (grouped_gemm.SM90_GEMMS)."""
+    return (variant == "gated" and cfg.SWAP_AB and dtype.itemsize == 2
+            and decode_work_items(rows, experts, n, cfg.BLOCK_N) < GPU_SMS.get(gpu, 0))
 
 
 HOPPER_SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KB usable per block)
