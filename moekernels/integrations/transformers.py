@@ -48,7 +48,7 @@ except ImportError as exc:  # transformers 4.x has no experts interface
         f"experts_implementation): {exc}"
     ) from exc
 
-__all__ = ["BACKEND", "IMPLEMENTATION", "experts_forward", "moe_from_block", "moekernels_experts_forward",
+__all__ = ["BACKEND", "IMPLEMENTATION", "IMPLEMENTATION_FP8", "experts_forward", "moe_from_block", "moekernels_experts_forward",
            "patch_experts", "register", "unpatch_experts"]
 
 # act(gate) * up on concatenated [gate | up] columns: what @use_experts_implementation gives a class without its own
@@ -57,6 +57,9 @@ __all__ = ["BACKEND", "IMPLEMENTATION", "experts_forward", "moe_from_block", "mo
 _DEFAULT_GATE = getattr(_hf_moe, "_default_apply_gate", None)
 
 IMPLEMENTATION = "moekernels"
+# DeepSeek-V3's FP8 training recipe on the model's own (master) weights: fused_moe(precision="fp8"), or, for
+# experts it cannot fuse, grouped_mm_fp8 for both GEMMs. H and I must be multiples of 128.
+IMPLEMENTATION_FP8 = "moekernels_fp8"
 # The backend of every moekernels op called from here: "torch", "triton", "cuda" or None (MOEKERNELS_BACKEND, else
 # automatic). Read at call time.
 BACKEND: str | None = None
@@ -99,7 +102,7 @@ def _row_experts(topk_ids: torch.Tensor, plan, num_experts: int) -> torch.Tensor
 
 
 def _experts_unfused(experts: nn.Module, x: torch.Tensor, w1: torch.Tensor, ids: torch.Tensor,
-                     weights: torch.Tensor) -> torch.Tensor:
+                     weights: torch.Tensor, precision: str | None = None) -> torch.Tensor:
     """The stages one by one, for experts ``fused_moe`` cannot take: the module's own gate (or activation), biases
     and post-expert norm run in torch between two grouped GEMMs."""
     num_experts = experts.num_experts
@@ -108,8 +111,11 @@ def _experts_unfused(experts: nn.Module, x: torch.Tensor, w1: torch.Tensor, ids:
     transposed = getattr(experts, "is_transposed", False)
     plan = plan_routing(ids, num_experts, backend=BACKEND)
     offs = plan.expert_offsets
+    gemm = grouped_mm
+    if precision == "fp8":
+        from ..fp8 import grouped_mm_fp8 as gemm
     # grouped_mm takes [E, K, N]: transformers' default layout [E, N, K] is passed as its transposed view.
-    z = grouped_mm(permute(x, plan, backend=BACKEND), w1 if transposed else w1.transpose(1, 2), offs, backend=BACKEND)
+    z = gemm(permute(x, plan, backend=BACKEND), w1 if transposed else w1.transpose(1, 2), offs, backend=BACKEND)
     has_bias = getattr(experts, "has_bias", False)
     if has_bias:
         rows = _row_experts(ids, plan, num_experts)
@@ -117,7 +123,7 @@ def _experts_unfused(experts: nn.Module, x: torch.Tensor, w1: torch.Tensor, ids:
         z = z + bias.index_select(0, rows)
     h = experts._apply_gate(z) if getattr(experts, "has_gate", True) else experts.act_fn(z)
     w2 = experts.down_proj
-    y = grouped_mm(h.to(w2.dtype), w2 if transposed else w2.transpose(1, 2), offs, backend=BACKEND)
+    y = gemm(h.to(w2.dtype), w2 if transposed else w2.transpose(1, 2), offs, backend=BACKEND)
     if has_bias:
         y = y + experts.down_proj_bias.index_select(0, rows)
     if getattr(experts, "has_post_expert_norm", False):
@@ -126,10 +132,11 @@ def _experts_unfused(experts: nn.Module, x: torch.Tensor, w1: torch.Tensor, ids:
 
 
 def moekernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                               top_k_weights: torch.Tensor) -> torch.Tensor:
+                               top_k_weights: torch.Tensor, precision: str | None = None) -> torch.Tensor:
     """The ``"moekernels"`` experts implementation: ``self`` is a transformers experts module (``gate_up_proj``,
     ``down_proj``, ...), hidden_states [T, H], top_k_index [T, k] and top_k_weights [T, k] its router's output.
-    Returns [T, H] in hidden_states' dtype."""
+    Returns [T, H] in hidden_states' dtype. ``precision="fp8"`` is ``"moekernels_fp8"``: the expert GEMMs, forward
+    and backward, on e4m3 (DeepSeek-V3's recipe) with the model's weights as the master copy."""
     has_gate = getattr(self, "has_gate", True)
     w1 = self.gate_up_proj if has_gate else self.up_proj
     if w1.dtype not in _DTYPES:
@@ -146,19 +153,27 @@ def moekernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top
         ids, weights = ids.clamp(max=self.num_experts - 1), weights.masked_fill(sentinel, 0.0)
     activation = _fused_activation(self)
     if activation is None:
-        y = _experts_unfused(self, x, w1, ids, weights)
+        y = _experts_unfused(self, x, w1, ids, weights, precision)
     else:
         transposed = getattr(self, "is_transposed", False)
         w_gate_up = w1.transpose(1, 2) if transposed else w1  # [E, 2I, H], a view where stored [E, H, 2I]
         w_down = self.down_proj.transpose(1, 2) if transposed else self.down_proj  # [E, H, I]
-        y = fused_moe(x, w_gate_up, w_down, weights, ids, activation=activation, backend=BACKEND)
+        y = fused_moe(x, w_gate_up, w_down, weights, ids, activation=activation, precision=precision,
+                      backend=BACKEND)
     return y.to(hidden_states.dtype)
 
 
+def moekernels_fp8_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                   top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``"moekernels_fp8"`` experts implementation: :func:`moekernels_experts_forward` with ``precision="fp8"``."""
+    return moekernels_experts_forward(self, hidden_states, top_k_index, top_k_weights, precision="fp8")
+
+
 def register() -> None:
-    """Register ``"moekernels"`` in transformers' ``ExpertsInterface`` (done on import; calling it again is
-    harmless)."""
+    """Register ``"moekernels"`` and ``"moekernels_fp8"`` in transformers' ``ExpertsInterface`` (done on import;
+    calling it again is harmless)."""
     ExpertsInterface.register(IMPLEMENTATION, moekernels_experts_forward)
+    ExpertsInterface.register(IMPLEMENTATION_FP8, moekernels_fp8_experts_forward)
 
 
 register()
