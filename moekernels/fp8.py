@@ -275,7 +275,7 @@ def sm90_variants():
 
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         cx = dict(POW2=False, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=SEGMENT_COLS, BLOCK_E=256)
-        sig = _sm90.signature(seg, cx, x_ptr=_sm90.ptr(dtype), offs_ptr="*i32", q_ptr="*u8", scale_ptr="*fp32")
+        sig = _sm90.signature(seg, cx, x_ptr=_sm90.ptr(dtype), offs_ptr="*i32", q_ptr=_sm90.ptr(FP8), scale_ptr="*fp32")
         out.append(_sm90.Variant(f"quantize_fp8_segments/{name}", seg, sig, cx, dict(num_warps=8),
                                  aligned=("x_ptr", "q_ptr", "C", "stride_xr", "stride_qc"), rows=True))
     cfg = wgrad_config(32768, 256, 2048, 7168, "h200")
@@ -395,7 +395,7 @@ def _segments_op(x: torch.Tensor, offs: torch.Tensor, pow2_scale: bool, backend:
     x = x if x.stride(1) == 1 else x.contiguous()
     with _backend.device_guard(x):
         quantize_fp8_segments_kernel[(s_shape[0], triton.cdiv(x.shape[1], SEGMENT_COLS))](
-            x, offs, q.view(torch.uint8), scale, rows, x.shape[1], offs.shape[0], x.stride(0), q.stride(0),
+            x, offs, q, scale, rows, x.shape[1], offs.shape[0], x.stride(0), q.stride(0),
             POW2=pow2_scale, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=SEGMENT_COLS,
             BLOCK_E=triton.next_power_of_2(offs.shape[0]), num_warps=8)
     return q, scale
@@ -427,7 +427,8 @@ def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2_scale: bo
             after those of the experts before it (``reference.segment_tiles``), and the spare rows
             are 0. Rows at or after offs[-1] belong to no tile.
 
-    The same bits on every backend; a NaN in a tile makes its channel's scale and values NaN.
+    The same bits on every backend; a NaN or an inf in a tile makes its channel's scale and values
+    NaN (as :func:`quantize_fp8`'s blocks).
     """
     _checks.tensor("x", x, ndim=2, dtypes=QUANT_INPUTS)
     _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)

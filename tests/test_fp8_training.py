@@ -77,7 +77,7 @@ def test_segment_quantize_nonfinite(device, backend):
     q, scale = fp8.quantize_fp8_segments(x.to(device), offs.to(device), backend=backend)
     q, scale = q.cpu().float(), scale.cpu()
     assert scale[0, 2].isnan() and q[2, :128].isnan().all()
-    assert scale[1, 5].isinf() and q[5, 130].isnan() and (q[5, 128:140][torch.arange(12) != 2] == 0).all()
+    assert scale[1, 5].isnan() and q[5, 128:140].isnan().all()  # inf: as quantize_fp8's blocks, all NaN
     assert not q[:, 140:].isnan().any()  # the partial tile's padding stays zero
     finite = torch.ones_like(scale, dtype=torch.bool)
     finite[0, 2] = finite[1, 5] = False

@@ -107,14 +107,19 @@ def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
         first = ((sub_r % br) == 0)[:, None] & ((sub_c % bc) == 0)[None, :]
         tl.store(scale_ptr + b * stride_sb + blk_r * stride_sr + blk_c * stride_sc, scale, mask=blk_ok & first)
         s = tl.reshape(tl.broadcast_to(tl.reshape(scale, (NBR, 1, NBC, 1)), (NBR, BRF, NBC, BCF)), (TR, TC))
-        # x / NaN is NaN, and the clamp keeps it (a plain min/max would turn it into -448).
-        v = tl.maximum(tl.math.div_rn(x, s), -FMAX, propagate_nan=tl.PropagateNan.ALL)
-        q = round_e4m3(tl.minimum(v, FMAX, propagate_nan=tl.PropagateNan.ALL))
-        # A NaN with e4m3's three mantissa bits set (0x7FF00000): the GPU converts any NaN to
-        # e4m3's NaN, the interpreter keeps the top mantissa bits (0x7FC00000 would become 384).
-        q = tl.where(q == q, q, tl.full(q.shape, 0x7FF00000, tl.int32).to(tl.float32, bitcast=True))
         out = q_ptr + b * R * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
-        tl.store(out, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(out, quantize_values(x, s, FMAX).to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def quantize_values(x, s, FMAX: tl.constexpr):
+    """x / s saturated to +-FMAX and rounded to the e4m3 grid, float32 (cast it to e4m3 to store)."""
+    # x / NaN is NaN, and the clamp keeps it (a plain min/max would turn it into -448).
+    v = tl.maximum(tl.math.div_rn(x, s), -FMAX, propagate_nan=tl.PropagateNan.ALL)
+    q = round_e4m3(tl.minimum(v, FMAX, propagate_nan=tl.PropagateNan.ALL))
+    # A NaN with e4m3's three mantissa bits set (0x7FF00000): the GPU converts any NaN to
+    # e4m3's NaN, the interpreter keeps the top mantissa bits (0x7FC00000 would become 384).
+    return tl.where(q == q, q, tl.full(q.shape, 0x7FF00000, tl.int32).to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -132,8 +137,8 @@ def quantize_fp8_segments_kernel(x_ptr, offs_ptr, q_ptr, scale_ptr, R, C, num_ex
     Tile-aligned columns are what lets the wgrad GEMM read a tile with 16-byte copies: a segment
     starts at any token, and a token-contiguous copy of it would start at any byte.
 
-    Non-finite input: a NaN in a tile makes its channel's scale and values NaN, as the reference
-    does (max.f32 would drop it, hence the NaN count beside the max); inf gives an inf scale."""
+    Non-finite input: a NaN or an inf in a tile makes its channel's scale and values NaN, as
+    quantize_fp8_kernel and the reference do."""
     g = tl.program_id(0)
     e_idx = tl.arange(0, BLOCK_E)
     e_ok = e_idx < num_experts
@@ -153,17 +158,8 @@ def quantize_fp8_segments_kernel(x_ptr, offs_ptr, q_ptr, scale_ptr, R, C, num_ex
     mask = (rows < end)[:, None] & col_ok[None, :]
     x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
     x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), axis=0)
-    scale = block_scale(amax, FMAX, POW2)
-    scale = tl.where(tl.max((x != x).to(tl.int32), axis=0) > 0, float("nan"), scale)
-    scale = tl.where(in_tile, scale, 0.0)
+    scale = tl.where(in_tile, block_scale(tl.max(abs_or_inf(x), axis=0), FMAX, POW2), 0.0)
     tl.store(scale_ptr + g.to(tl.int64) * C + cols, scale, mask=col_ok)
-    v = tl.math.div_rn(x, scale[None, :])
-    v = tl.minimum(tl.maximum(v, -FMAX, propagate_nan=tl.PropagateNan.ALL), FMAX,
-                   propagate_nan=tl.PropagateNan.ALL)
-    # q_ptr is the e4m3 output viewed as uint8: NaN is written as its bits (0x7F), because
-    # triton 3.6's interpreter converts a float32 NaN to 0x7B (384), not to e4m3's NaN.
-    bits = round_e4m3(v).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    bits = tl.where(mask, tl.where(v != v, 0x7F, bits), 0)  # padding and spare tiles: zeros
-    tl.store(q_ptr + cols.to(tl.int64)[None, :] * stride_qc + (g.to(tl.int64) * TILE + j)[:, None], bits,
-             mask=col_ok[None, :])
+    q = tl.where(mask, quantize_values(x, scale[None, :], FMAX), 0.0)  # padding and spare tiles: zeros
+    tl.store(q_ptr + cols.to(tl.int64)[None, :] * stride_qc + (g.to(tl.int64) * TILE + j)[:, None],
+             q.to(q_ptr.dtype.element_ty), mask=col_ok[None, :])
