@@ -46,8 +46,9 @@ class BuildExt(build_ext):
     """Compiles the .cu files with nvcc, then links them with pybind11's bindings.cpp.
 
     All of it runs at once: the four nvcc processes (each with its archs on threads) while the C++
-    compiler builds bindings.cpp; the link waits for the objects. route.cu is most of the work
-    (14 of the 34 CPU-seconds on this 2-core machine, bindings.cpp 6.5).
+    compiler builds bindings.cpp; the link waits for the objects. Of the ~36 CPU-seconds (x86 CPU,
+    nvcc 13.0) route.cu takes 13, bindings.cpp 6.5: with free cores the build takes about as
+    long as route.cu; on a busy 2-core machine it is CPU-bound either way (40-60 s).
     """
 
     def build_extensions(self):

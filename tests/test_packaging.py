@@ -24,8 +24,6 @@ import torch
 from moekernels import configs
 
 ROOT = Path(__file__).resolve().parents[1]
-NAME_VERSION = "moekernels-0.1.0"
-pytestmark = pytest.mark.slow
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: the wheel's CUDA extension cannot build")
 
 # A table as benchmarks/tune_grouped_mm.py writes it, for a GPU name no real one has, with an
@@ -71,8 +69,8 @@ def wheel(sdist, tmp_path_factory):
     """The wheel pip builds from the sdist with MOEKERNELS_BUILD_CUDA=1 (a failed nvcc is an error), and the
     build's log (-v: pip shows a build's output only then)."""
     out = tmp_path_factory.mktemp("wheel")
-    log = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "--no-index", "--no-cache-dir",
-                "-w", str(out), str(sdist)], cwd=out, env=_env(MOEKERNELS_BUILD_CUDA="1"))
+    log = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "--no-index",
+                "--no-cache-dir", "-w", str(out), str(sdist)], cwd=out, env=_env(MOEKERNELS_BUILD_CUDA="1"))
     (path,) = out.glob("moekernels-*.whl")
     return path, log
 
@@ -91,7 +89,8 @@ def venv_python(wheel, tmp_path_factory):
 
 def test_sdist_is_complete(sdist):
     with tarfile.open(sdist) as tar:
-        names = {n.removeprefix(NAME_VERSION + "/") for n in tar.getnames()}
+        top = sdist.name.removesuffix(".tar.gz")  # moekernels-0.1.0
+        names = {n.removeprefix(top + "/") for n in tar.getnames()}
     csrc = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h")}
     assert {"csrc/route.cu", "csrc/common.cuh", "csrc/bindings.cpp"} <= csrc
     assert csrc <= names, f"missing from the sdist: {sorted(csrc - names)}"
@@ -100,6 +99,7 @@ def test_sdist_is_complete(sdist):
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
 
 
+@pytest.mark.slow  # the wheel's nvcc build: about a minute (CI runs it; -m "not slow" leaves it out)
 @needs_nvcc
 def test_wheel_from_the_sdist_has_the_extension_tables_and_license(wheel):
     path, log = wheel
@@ -110,16 +110,18 @@ def test_wheel_from_the_sdist_has_the_extension_tables_and_license(wheel):
     assert "not built" not in log
     with zipfile.ZipFile(path) as whl:
         names = set(whl.namelist())
-        metadata = whl.read(f"{NAME_VERSION}.dist-info/METADATA").decode()
+        dist_info = "-".join(path.name.split("-")[:2]) + ".dist-info"  # moekernels-0.1.0.dist-info
+        metadata = whl.read(f"{dist_info}/METADATA").decode()
     assert [n for n in names if n.startswith("moekernels/_C.") and n.endswith(".so")], sorted(names)
     assert f"moekernels/configs/grouped_mm_{TABLE_GPU}.json" in names
-    assert f"{NAME_VERSION}.dist-info/licenses/LICENSE" in names
+    assert f"{dist_info}/licenses/LICENSE" in names
     headers = dict(ln.split(": ", 1) for ln in metadata.split("\n\n", 1)[0].splitlines() if ": " in ln)
     assert headers.get("License-Expression") == "Apache-2.0", metadata[:2000]
     assert headers.get("License-File") == "LICENSE"
     assert "License" not in headers  # the deprecated free-text field of license = {text = ...}
 
 
+@pytest.mark.slow
 @needs_nvcc
 def test_installed_wheel_imports_with_its_extension_outside_the_repository(venv_python, tmp_path):
     code = (
