@@ -31,9 +31,9 @@ needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: t
 TABLE_GPU = "testgpu"
 TUNED = configs.GemmConfig(32, 64, 64, 4, False, 4, 2)
 TUNED_KEY = ("plain", 64, 4, 256, 128)  # variant, rows, experts, N, K: rows class 16, bf16
-# What a developer's tree has that the sdist must not depend on (builds, caches, the built .so).
-NOT_SOURCES = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "*.so",
-                                     ".whl")
+# Left out of the copy: git, and earlier builds whose file lists setuptools would reuse. A built
+# moekernels/_C*.so stays in: the sdist must not take it.
+NOT_SOURCES = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", ".pytest_cache", ".whl")
 
 
 def _run(cmd, *, cwd, env=None, timeout=900):
