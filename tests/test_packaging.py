@@ -1,0 +1,144 @@
+"""The release path: sdist -> wheel built from that sdist -> install into a fresh venv.
+
+The sdist must carry everything the wheel needs (the CUDA sources, the tuned config tables, the
+license), so the wheel is built from the unpacked sdist, never from the repository, and imported
+from outside the repository. No network: the wheel builds without build isolation (the test
+extra installs setuptools and pybind11) and installs with --no-deps into a venv that sees the
+system's torch, triton and numpy. The nvcc build takes about a minute on 2 cores, so it runs
+once per session (module fixtures).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from moekernels import configs
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: the wheel's CUDA extension cannot build")
+
+# A table as benchmarks/tune_grouped_mm.py writes it, for a GPU name no real one has, with an
+# entry unlike the default of its key: the installed package must find it and choose it.
+TABLE_GPU = "testgpu"
+TUNED = configs.GemmConfig(32, 64, 64, 4, False, 4, 2)
+TUNED_KEY = ("plain", 64, 4, 256, 128)  # variant, rows, experts, N, K: rows class 16, bf16
+# Left out of the copy: git, and earlier builds whose file lists setuptools would reuse. A built
+# moekernels/_C*.so stays in: the sdist must not take it.
+NOT_SOURCES = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", ".pytest_cache", ".whl")
+
+
+def _run(cmd, *, cwd, env=None, timeout=900):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    return out.stdout + out.stderr
+
+
+def _env(**extra):
+    """The environment without the repository on PYTHONPATH (pytest's pythonpath is in-process only)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return {**env, **extra}
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    """The sdist of a copy of the repository holding one more tuned table; built with the CUDA
+    extension off, so that nothing but MANIFEST.in and the package data puts files in it."""
+    src = tmp_path_factory.mktemp("src") / "moekernels"
+    shutil.copytree(ROOT, src, ignore=NOT_SOURCES)
+    key = configs.gemm_key(TUNED_KEY[0], configs.rows_class(*TUNED_KEY[1:3]), *TUNED_KEY[3:], torch.bfloat16)
+    table = {"gpu": TABLE_GPU, "configs": {key: dataclasses.asdict(TUNED)}}
+    (src / "moekernels" / "configs" / f"grouped_mm_{TABLE_GPU}.json").write_text(json.dumps(table))
+    dist = tmp_path_factory.mktemp("sdist")
+    code = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
+    _run([sys.executable, "-c", code, str(dist)], cwd=src, env=_env(MOEKERNELS_BUILD_CUDA="0"))
+    (path,) = dist.glob("*.tar.gz")
+    return path
+
+
+@pytest.fixture(scope="module")
+def wheel(sdist, tmp_path_factory):
+    """The wheel pip builds from the sdist with MOEKERNELS_BUILD_CUDA=1 (a failed nvcc is an error), and the
+    build's log (-v: pip shows a build's output only then)."""
+    out = tmp_path_factory.mktemp("wheel")
+    log = _run([sys.executable, "-m", "pip", "wheel", "-v", "--no-build-isolation", "--no-deps", "--no-index",
+                "--no-cache-dir", "-w", str(out), str(sdist)], cwd=out, env=_env(MOEKERNELS_BUILD_CUDA="1"))
+    (path,) = out.glob("moekernels-*.whl")
+    return path, log
+
+
+@pytest.fixture(scope="module")
+def venv_python(wheel, tmp_path_factory):
+    """A fresh venv that sees the system's packages, with only the wheel installed into it."""
+    root = tmp_path_factory.mktemp("venv")
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / "env")], cwd=root)
+    python = root / "env" / "bin" / "python"
+    # The system's pip, run by the venv's python, installs into the venv.
+    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir",
+          str(wheel[0])], cwd=root, env=_env())
+    return python
+
+
+def test_sdist_is_complete(sdist):
+    with tarfile.open(sdist) as tar:
+        top = sdist.name.removesuffix(".tar.gz")  # moekernels-0.1.0
+        names = {n.removeprefix(top + "/") for n in tar.getnames()}
+    csrc = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h")}
+    assert {"csrc/route.cu", "csrc/common.cuh", "csrc/bindings.cpp"} <= csrc
+    assert csrc <= names, f"missing from the sdist: {sorted(csrc - names)}"
+    assert {"LICENSE", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md"} <= names
+    assert f"moekernels/configs/grouped_mm_{TABLE_GPU}.json" in names
+    assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))]
+
+
+@pytest.mark.slow  # the wheel's nvcc build: about a minute (CI runs it; -m "not slow" leaves it out)
+@needs_nvcc
+def test_wheel_from_the_sdist_has_the_extension_tables_and_license(wheel):
+    path, log = wheel
+    # setup.py's one line on what nvcc compiles and how to skip it.
+    (line,) = [ln for ln in log.splitlines() if "MOEKERNELS_BUILD_CUDA=0 skips it" in ln]
+    assert all(f"csrc/{cu}" in line for cu in ("route.cu", "permute.cu", "plan.cu", "quantize.cu")), line
+    assert "sm_90a" in line and "sm_80" in line, line
+    assert "not built" not in log
+    with zipfile.ZipFile(path) as whl:
+        names = set(whl.namelist())
+        dist_info = "-".join(path.name.split("-")[:2]) + ".dist-info"  # moekernels-0.1.0.dist-info
+        metadata = whl.read(f"{dist_info}/METADATA").decode()
+    assert [n for n in names if n.startswith("moekernels/_C.") and n.endswith(".so")], sorted(names)
+    assert f"moekernels/configs/grouped_mm_{TABLE_GPU}.json" in names
+    assert f"{dist_info}/licenses/LICENSE" in names
+    headers = dict(ln.split(": ", 1) for ln in metadata.split("\n\n", 1)[0].splitlines() if ": " in ln)
+    assert headers.get("License-Expression") == "Apache-2.0", metadata[:2000]
+    assert headers.get("License-File") == "LICENSE"
+    assert "License" not in headers  # the deprecated free-text field of license = {text = ...}
+
+
+@pytest.mark.slow
+@needs_nvcc
+def test_installed_wheel_imports_with_its_extension_outside_the_repository(venv_python, tmp_path):
+    code = (
+        "import dataclasses, json, sys, torch, moekernels\n"
+        "from moekernels import _ext, configs\n"
+        f"cfg = configs.grouped_mm_config(*{TUNED_KEY!r}, torch.bfloat16, {TABLE_GPU!r})\n"
+        "print(json.dumps({'file': moekernels.__file__, 'prefix': sys.prefix, 'ext': moekernels.HAS_CUDA_EXT,\n"
+        "                  'error': _ext.LOAD_ERROR, 'kernels': sorted(_ext.C.KERNELS) if _ext.C else None,\n"
+        "                  'config': dataclasses.astuple(cfg)}))\n"
+    )
+    out = subprocess.run([str(venv_python), "-c", code], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    got = json.loads(out.stdout.splitlines()[-1])
+    assert Path(got["file"]).is_relative_to(Path(got["prefix"])), got  # the venv's copy, not the repository's
+    assert Path(got["prefix"]).is_relative_to(venv_python.parents[1])
+    assert got["ext"] is True, got["error"]
+    assert "topk_routing" in got["kernels"]
+    assert TUNED != configs.default_gemm_config("plain", configs.rows_class(*TUNED_KEY[1:3]), 2)
+    assert got["config"] == list(dataclasses.astuple(TUNED))  # the shipped table's entry, not the default
