@@ -37,6 +37,7 @@ BENCHMARKS = {  # the registry name -> the module, in this package
     "fp8": "bench_fp8",
     "moe": "bench_moe",
     "decode": "bench_decode",
+    "fp8_train": "bench_fp8_train",
     "distributed": "bench_distributed",
 }
 
