@@ -353,6 +353,25 @@ def test_grouped_mm_fp8_forms_opcheck_and_compile(backend):
         assert all(torch.equal(x, y) for x, y in zip(got, want)), form
 
 
+def test_grouped_mm_fp8_forms_autocast():
+    """Under bf16 autocast, float32 operands give the hand-cast operands' output, bit for bit, and
+    float32 gradients; the 2D x 2D op autocasts by itself too."""
+    from test_grouped_gemm import form_problem
+
+    torch.manual_seed(6)
+    for form in ("2d2d", "3d2d"):
+        a, b, offs = form_problem(form, 128, 128, 128, 3)
+        a, b = a.requires_grad_(), b.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fp8.grouped_mm_fp8(a, b, offs, backend="torch")
+        assert torch.equal(out, fp8.grouped_mm_fp8(a.bfloat16(), b.bfloat16(), offs, backend="torch")), form
+        ga, gb = torch.autograd.grad(out.float().square().sum(), (a, b))
+        assert ga.dtype == gb.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, w, o = form_problem("2d2d", 8, 8, 128, 3)
+        assert torch.ops.moekernels.grouped_mm_fp8_kgrouped(x, w, o, "torch").dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
