@@ -570,7 +570,61 @@ _grouped_mm_fp8_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 _autocast.register("grouped_mm_fp8", (0, 1))  # under autocast it quantizes the autocast dtype's operands
 
 
-def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, recipe: str = "block",
+# torch._grouped_mm's other forms on e4m3, composed as grouped_gemm.compose_form composes them:
+# 3D x 3D and 3D x 2D are the 2D x 3D op above over reshaped or transposed operands (its fp8
+# fprop, dgrad and wgrad); 2D x 2D, offs along K, is the wgrad product itself: x^T and w in
+# (128 along K x 1 channel) tiles that never cross a group, and the fp8 K-grouped GEMM.
+
+
+@torch.library.custom_op("moekernels::grouped_mm_fp8_kgrouped", mutates_args=())
+def _kgrouped_fp8_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
+    """out[g] = x[:, seg g] @ w[seg g] (x [M, K], w [K, N], offs [G] along K) on e4m3, in x's dtype."""
+    _checks.offsets_in_range("offs", offs, x.shape[1])
+    xq_t, xs_t = _segments_op(x.t(), offs, False, backend)
+    wq_t, ws_t = _segments_op(w, offs, False, backend)
+    return _dw_fp8_op(xq_t, xs_t, wq_t, ws_t, offs, x.shape[1], False, x.dtype, backend)
+
+
+@_kgrouped_fp8_op.register_fake
+def _(x, w, offs, backend):
+    return x.new_empty(offs.shape[0], x.shape[0], w.shape[1])
+
+
+def _kgrouped_setup(ctx, inputs, output):
+    x, w, offs, backend = inputs
+    ctx.save_for_backward(x, w, offs)
+    ctx.backend = backend
+
+
+def _kgrouped_backward(ctx, grad):
+    """In the inputs' precision, grouped_mm's ops (differentiable again): dx[:, seg g] = dout[g] @
+    w[seg g]^T (3D x 2D) and dw[seg g] = x[:, seg g]^T @ dout[g] (2D x 3D). This form is itself a
+    weight gradient, rarely on a training step's path; fp8 products here would need M % 128 and
+    N % 128 under the block recipe where its forward needs neither, and the high-precision x and w
+    it keeps cost 2-4 bytes an element where fp8 copies would take 1."""
+    from .grouped_gemm import _grouped_mm_form, _grouped_mm_op
+
+    x, w, offs = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = _grouped_mm_form(grad, w.t(), offs, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_mm_op(x.t(), grad, offs, ctx.backend)
+    return dx, dw, None, None
+
+
+_kgrouped_fp8_op.register_autograd(_kgrouped_backward, setup_context=_kgrouped_setup)
+_autocast.register("grouped_mm_fp8_kgrouped", (0, 1))
+
+
+def _check_block(recipe: str, k: int, n: int, n_name: str = "N", why: str = "") -> None:
+    """The block recipe's (1, 128) tiles along K and (128, 128) blocks of the [K, N] operand."""
+    if recipe == "block" and (k % 128 or n % 128):
+        raise ValueError(f"recipe='block' needs K % 128 == 0 and {n_name} % 128 == 0 (its (1, 128) tiles and "
+                         f"(128, 128) blocks{why}), got K={k}, {n_name}={n}; use recipe='row' or pad the operands")
+
+
+def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None, *, recipe: str = "block",
                    backend: str | None = None) -> torch.Tensor:
     """A differentiable drop-in for :func:`moekernels.grouped_mm` whose three GEMMs run on e4m3, for
     training with high-precision (master) weights; x and w are quantized on the fly.
@@ -591,14 +645,33 @@ def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, reci
     Saved for backward: x's fp8 wgrad copy ([K, M] e4m3 and its scales) and w^T's fp8 copy
     ([E, K, N] e4m3 and its scales): ~1 byte an element instead of x's 2-4 and no re-quantization
     of the weight in backward.
+
+    The other forms of ``torch._grouped_mm`` (see :func:`moekernels.grouped_mm`), with its
+    semantics, also differentiable:
+        2D x 2D, offs [G] along K: x [M, K], w [K, N] -> [G, M, N], ``out[g] = x[:, seg g] @ w[seg g]``:
+            the wgrad product (x^T and w by :func:`quantize_fp8_segments`, the fp8 K-grouped GEMM),
+            the same for both recipes, no alignment needed; its backward runs in x's precision
+            (grouped_mm's 2D x 3D and 3D x 2D products: see _kgrouped_backward);
+        3D x 3D, offs None: x [G, M, K], w [G, K, N] -> [G, M, N], the 2D x 3D op over G segments
+            of M rows ("block": K and N % 128);
+        3D x 2D, offs [G] along N: x [G, M, K], w [K, N] -> [M, N], the 2D x 3D op transposed,
+            ``out^T[seg g] = w^T[seg g] @ x[g]^T``: w^T is the (1, 128)-tiled operand and x[g]^T
+            [K, M] the (128, 128)-blocked one ("block": K and M % 128); columns past offs[-1] zero.
     """
-    from .grouped_gemm import _check
+    from .grouped_gemm import _check, _check_form, compose_form
 
     x, w = _autocast.cast(x, w)
+    backend = backend or ""
+    if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and (x.dim() == 3 or w.dim() == 2):
+        _check_form(x, w, offs)
+        _checks.choice("recipe", recipe, RECIPES)
+        if x.dim() == 3 and w.dim() == 3:
+            _check_block(recipe, x.shape[2], w.shape[2])
+        elif x.dim() == 3:
+            _check_block(recipe, x.shape[2], x.shape[1], "M", "; 3D x 2D runs transposed: x[g]^T [K, M] is blocked")
+        return compose_form(x, w, offs, lambda a, b, o: _grouped_mm_fp8_op(a, b, o, recipe, backend)[0],
+                            lambda a, b, o: _kgrouped_fp8_op(a, b, o, backend))
     _check(x, w, offs, dtypes=QUANT_INPUTS)
     _checks.choice("recipe", recipe, RECIPES)
-    k, n = w.shape[1], w.shape[2]
-    if recipe == "block" and (k % 128 or n % 128):
-        raise ValueError(f"recipe='block' needs K % 128 == 0 and N % 128 == 0 (its (1, 128) tiles and (128, 128) "
-                         f"blocks), got K={k}, N={n}; use recipe='row' or pad the weight")
-    return _grouped_mm_fp8_op(x, w, offs, recipe, backend or "")[0]
+    _check_block(recipe, w.shape[1], w.shape[2])
+    return _grouped_mm_fp8_op(x, w, offs, recipe, backend)[0]

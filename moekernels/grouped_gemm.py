@@ -433,16 +433,25 @@ def _check_form(x, w, offs):
         raise ValueError(f"offs must have one entry per group: x has G={x.shape[0]}, offs has {offs.shape[0]}")
 
 
-def _grouped_mm_form(x, w, offs, backend):
-    """2D x 2D, 3D x 3D and 3D x 2D as the 2D x 3D op and the K-grouped (dw) op, each with its autograd."""
-    if x.dim() == 2:  # out[g] = x[:, seg g] @ w[seg g]: the dw op over the K-sorted rows of x^T and w
-        return _grouped_mm_dw_op(x.t(), w, offs, None, 1, False, backend)
+def compose_form(x, w, offs, mm, kgrouped):
+    """torch._grouped_mm's 2D x 2D, 3D x 3D and 3D x 2D forms from a 2D x 3D product ``mm(a, b, offs)``
+    and a 2D x 2D one ``kgrouped(x, w, offs)``, each differentiable as they are (the ops here, and
+    their e4m3 forms in fp8.grouped_mm_fp8)."""
+    if x.dim() == 2:  # out[g] = x[:, seg g] @ w[seg g]
+        return kgrouped(x, w, offs)
     if w.dim() == 3:  # bmm: G uniform segments of M rows (offsets built on the device: no sync)
         groups, rows = x.shape[0], x.shape[1]
         uniform = torch.arange(1, groups + 1, device=x.device, dtype=torch.int32) * rows
-        return _grouped_mm_op(x.reshape(groups * rows, x.shape[2]), w, uniform, backend).view(groups, rows, -1)
+        return mm(x.reshape(groups * rows, x.shape[2]), w, uniform).view(groups, rows, -1)
     # out[:, seg g] = x[g] @ w[:, seg g], transposed: out^T[seg g] = w^T[seg g] @ x[g]^T, a 2D x 3D product
-    return _grouped_mm_op(w.t(), x.transpose(1, 2), offs, backend).t().contiguous()
+    return mm(w.t(), x.transpose(1, 2), offs).t().contiguous()
+
+
+def _grouped_mm_form(x, w, offs, backend):
+    """2D x 2D, 3D x 3D and 3D x 2D as the 2D x 3D op and the K-grouped (dw) op, each with its autograd;
+    2D x 2D is the dw op over the K-sorted rows of x^T and w."""
+    return compose_form(x, w, offs, lambda a, b, o: _grouped_mm_op(a, b, o, backend),
+                        lambda a, b, o: _grouped_mm_dw_op(a.t(), b, o, None, 1, False, backend))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None, *,

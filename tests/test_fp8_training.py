@@ -222,6 +222,156 @@ def test_fp8_training_ops_pass_opcheck_and_compile(backend):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
+# ----------------------------------------------------------------------------- the other forms of torch._grouped_mm
+
+
+NEW_FORMS = ["2d2d", "3d3d", "3d2d"]
+
+
+def dequantized_form(form, a, b, offs):
+    """The form's product of its own fp8 operands, dequantized (float32): what grouped_mm_fp8 quantizes."""
+    def deq(t, blocks):
+        return reference.dequantize_fp8(*reference.quantize_fp8(t, blocks))
+
+    if form == "2d2d":  # x^T and w in (128 along K x 1 channel) segment tiles
+        xt, xs = reference.quantize_fp8_segments(a.t(), offs)
+        wt, ws = reference.quantize_fp8_segments(b, offs)
+        return reference.grouped_mm_dw_fp8(xt, xs, wt, ws, offs, a.shape[1])
+    if form == "3d3d":  # x's rows (1, 128), w's [N, K] blocks (128, 128)
+        groups, m, k = a.shape
+        uniform = torch.arange(1, groups + 1, dtype=torch.int32) * m
+        out = reference.grouped_mm(deq(a.reshape(-1, k), (1, 128)), deq(b.transpose(1, 2), (128, 128)).transpose(1, 2),
+                                   uniform)
+        return out.view(groups, m, -1)
+    # 3d2d, transposed: w^T's rows (1, 128), x[g] [M, K] in (128, 128) blocks
+    return reference.grouped_mm(deq(b.t(), (1, 128)), deq(a, (128, 128)).transpose(1, 2), offs).t()
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("layout", ["rows", "cols_strided"])
+@pytest.mark.parametrize("form", NEW_FORMS)
+def test_grouped_mm_fp8_every_form_block(form, layout, device, backend):
+    """Each form of torch._grouped_mm on e4m3 (block recipe, K = N = M = 128 where it needs them,
+    groups with an empty one, segments not multiples of 128 and a tail past offs[-1]): the
+    forward within calc_diff <= 1e-3 of torch._grouped_mm in float32 and within 1e-2 of its own
+    dequantized operands' product, the gradients within 1e-3 of the high-precision autograd."""
+    from test_grouped_gemm import _used, form_problem
+
+    import moekernels
+
+    torch.manual_seed(4)
+    rows = layout == "rows"
+    a, b, offs = form_problem(form, 128, 128, 128, 4, a_row_major=rows, b_row_major=rows, strided=not rows)
+    theirs = torch._grouped_mm(a, b, offs)
+    want_fp8 = dequantized_form(form, a, b, offs)
+    a, b, offs = (t if t is None else t.to(device) for t in (a, b, offs))
+    a, b = a.requires_grad_(), b.requires_grad_()
+    out = fp8.grouped_mm_fp8(a, b, offs, backend=backend)
+    assert out.shape == theirs.shape and out.dtype == torch.float32
+    got = out.detach().cpu()
+    assert calc_diff(_used(form, got, offs), _used(form, theirs, offs)) <= 1e-3
+    assert rel_err(_used(form, got, offs), _used(form, want_fp8, offs)) <= 1e-2
+    assert rel_err(_used(form, theirs, offs), _used(form, want_fp8, offs)) > 1e-2  # it did quantize
+    if form == "3d2d":  # past offs[-1]: zero here, unwritten by torch
+        assert not got[:, int(offs[-1]):].any()
+    if form == "2d2d":
+        assert not got[1].any()  # the empty group
+    g = torch.randn_like(out)
+    ga, gb = torch.autograd.grad(out, (a, b), g)
+    wa, wb = torch.autograd.grad(moekernels.grouped_mm(a, b, offs, backend="torch"), (a, b), g)
+    assert ga.shape == a.shape and gb.shape == b.shape and ga.dtype == gb.dtype == torch.float32
+    if form == "2d2d":  # its backward runs in the inputs' precision (fp8._kgrouped_backward)
+        assert rel_err(ga, wa) <= 1e-5 and rel_err(gb, wb) <= 1e-5
+    else:
+        assert calc_diff(ga.cpu(), wa.cpu()) <= 1e-3 and calc_diff(gb.cpu(), wb.cpu()) <= 1e-3
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("form", NEW_FORMS)
+def test_grouped_mm_fp8_forms_row_recipe_unaligned(form, device, backend):
+    """torch's unaligned case (N = 7, K = 259; 2d2d: 3 groups of 37 along K) in bfloat16 on the row
+    recipe, which needs no alignment; 2d2d is the same wgrad product on either recipe."""
+    from test_grouped_gemm import _used, form_problem
+
+    import moekernels
+
+    torch.manual_seed(5)
+    a, b, offs = form_problem(form, 5, 7, 37 if form == "2d2d" else 259, 3, dtype=torch.bfloat16)
+    a, b, offs = (t if t is None else t.to(device) for t in (a, b, offs))
+    a, b = a.requires_grad_(), b.requires_grad_()
+    out = fp8.grouped_mm_fp8(a, b, offs, recipe="row", backend=backend)
+    hp = moekernels.grouped_mm(a.float(), b.float(), offs, backend="torch")
+    assert out.dtype == torch.bfloat16 and out.shape == hp.shape
+    assert calc_diff(_used(form, out.detach(), offs).cpu(), _used(form, hp.detach(), offs).cpu()) <= 2e-3
+    g = torch.randn_like(hp)
+    ga, gb = torch.autograd.grad(out, (a, b), g.bfloat16())
+    wa, wb = torch.autograd.grad(hp, (a, b), g)
+    assert ga.dtype == gb.dtype == torch.bfloat16
+    assert calc_diff(ga.cpu(), wa.cpu()) <= 2e-3 and calc_diff(gb.cpu(), wb.cpu()) <= 2e-3
+    if form == "2d2d":
+        assert torch.equal(fp8.grouped_mm_fp8(a, b, offs, recipe="block", backend=backend), out)
+
+
+def test_grouped_mm_fp8_forms_bad_input():
+    x3, w3 = torch.randn(2, 128, 200), torch.randn(2, 200, 128)
+    offs = torch.tensor([100, 128], dtype=torch.int32)
+    with pytest.raises(ValueError, match="K % 128"):
+        fp8.grouped_mm_fp8(x3, w3)
+    with pytest.raises(ValueError, match="M % 128"):  # 3D x 2D: x[g]^T [K, M] is the blocked operand
+        fp8.grouped_mm_fp8(torch.randn(2, 5, 128), torch.randn(128, 128), offs)
+    assert fp8.grouped_mm_fp8(torch.randn(2, 5, 128), torch.randn(128, 128), offs, recipe="row").shape == (5, 128)
+    with pytest.raises(ValueError, match="offs must be None"):
+        fp8.grouped_mm_fp8(x3, w3, offs)
+    with pytest.raises(ValueError, match="offs is required"):
+        fp8.grouped_mm_fp8(x3, torch.randn(200, 128))
+    with pytest.raises(ValueError, match="offs"):  # past K
+        fp8.grouped_mm_fp8(torch.randn(4, 64), torch.randn(64, 8), torch.tensor([2, 65], dtype=torch.int32))
+    with pytest.raises(TypeError, match="w"):
+        fp8.grouped_mm_fp8(x3, w3.half(), recipe="row")
+    with pytest.raises(ValueError, match="recipe"):
+        fp8.grouped_mm_fp8(torch.randn(4, 64), torch.randn(64, 8), offs[:1] // 2, recipe="tile")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grouped_mm_fp8_forms_opcheck_and_compile(backend):
+    from conftest import _NEEDS_INTERPRETER
+    if backend == "triton" and _NEEDS_INTERPRETER:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    from test_grouped_gemm import form_problem
+
+    a, b, offs = form_problem("2d2d", 8, 16, 128, 3)
+    torch.library.opcheck(fp8._kgrouped_fp8_op, (a.requires_grad_(), b.requires_grad_(), offs, backend))
+    for form in ("2d2d", "3d2d"):
+        a, b, offs = form_problem(form, 128, 128, 128, 3)
+        a, b = a.requires_grad_(), b.requires_grad_()
+
+        def step(a, b):
+            return fp8.grouped_mm_fp8(a, b, offs, backend=backend).square().sum()
+
+        got = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(a, b), (a, b))
+        want = torch.autograd.grad(step(a, b), (a, b))
+        assert all(torch.equal(x, y) for x, y in zip(got, want)), form
+
+
+def test_grouped_mm_fp8_forms_autocast():
+    """Under bf16 autocast, float32 operands give the hand-cast operands' output, bit for bit, and
+    float32 gradients; the 2D x 2D op autocasts by itself too."""
+    from test_grouped_gemm import form_problem
+
+    torch.manual_seed(6)
+    for form in ("2d2d", "3d2d"):
+        a, b, offs = form_problem(form, 128, 128, 128, 3)
+        a, b = a.requires_grad_(), b.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fp8.grouped_mm_fp8(a, b, offs, backend="torch")
+        assert torch.equal(out, fp8.grouped_mm_fp8(a.bfloat16(), b.bfloat16(), offs, backend="torch")), form
+        ga, gb = torch.autograd.grad(out.float().square().sum(), (a, b))
+        assert ga.dtype == gb.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, w, o = form_problem("2d2d", 8, 8, 128, 3)
+        assert torch.ops.moekernels.grouped_mm_fp8_kgrouped(x, w, o, "torch").dtype == torch.bfloat16
+
+
 # ----------------------------------------------------------------------------- the layer
 
 
