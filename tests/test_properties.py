@@ -39,7 +39,7 @@ EPS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.f
 LAYOUTS = ["contiguous", "col_slice", "offset", "row_stride2", "transposed"]
 
 # Examples per test (each runs on both backends); interpreted Triton dominates the time.
-N_ROUTE, N_PLAN, N_PERMUTE, N_LOSS, N_GEMM, N_QUANT, N_FP8, N_MOE, N_BAD = 25, 25, 20, 15, 12, 25, 12, 6, 20
+N_ROUTE, N_PLAN, N_PERMUTE, N_LOSS, N_GEMM, N_QUANT, N_FP8, N_MOE, N_BAD = 40, 40, 30, 25, 20, 40, 20, 10, 30
 
 backends = pytest.mark.parametrize("backend", cpu_backends())
 
@@ -176,8 +176,9 @@ def test_topk_routing(backend, p):
         logits = torch.randint(-2, 3, (t, e), generator=g).float()
     else:
         logits = randn(g, t, e, scale=3.0)
-        if p["values"] == "edges" and e > 1:  # the best experts at the ends of the row (and group)
-            logits[:, [0, e - 1]] += 4.0
+        if p["values"] == "edges" and e > 1:  # the best experts at the ends of the row and of each group
+            size = e // (p["n_group"] or 1)
+            logits[:, list(range(0, e, size)) + list(range(size - 1, e, size))] += 4.0
     logits = leaf(logits.to(p["dtype"]), p["layout"])
     bias = randn(g, e, scale=0.1) if p["bias"] else None
     if bias is not None and p["layout"] != "contiguous":  # every other element of a [2E] tensor
@@ -314,18 +315,22 @@ def test_router_losses(backend, p):
     ids, dtype, num_experts = p["ids"], p["dtype"], p["num_experts"]
     logits = leaf(randn(g, ids.shape[0], num_experts, dtype=dtype, scale=4.0), p["layout"])
     x64 = logits.detach().double().requires_grad_()
+    native = logits.detach().clone().requires_grad_()  # torch's own error: the reference in float32
     tol = 1e-12 if dtype == torch.float64 else 1e-5  # float32 sums over T and E <= 40 terms
-    for name, got, want in (
-        ("load_balancing_loss", moekernels.load_balancing_loss(logits, lay_out(ids, p["id_layout"]), num_experts,
-                                                               backend=backend),
-         reference.load_balancing_loss(x64, ids, num_experts)),
-        ("router_z_loss", moekernels.router_z_loss(logits, backend=backend), reference.router_z_loss(x64)),
-    ):
+    id_view = lay_out(ids, p["id_layout"])
+    losses = {"load_balancing_loss": (
+                  lambda x: moekernels.load_balancing_loss(x, id_view, num_experts, backend=backend),
+                  lambda x: reference.load_balancing_loss(x, ids, num_experts)),
+              "router_z_loss": (lambda x: moekernels.router_z_loss(x, backend=backend), reference.router_z_loss)}
+    for name, (op, ref) in losses.items():
+        got, want, lowp = op(logits), ref(x64), ref(native)  # autograd through the reference
         assert got.dtype == reference.acc_dtype(dtype) and got.shape == (), name
         assert rel_err(got, want) <= tol, name
-        (grad,) = torch.autograd.grad(got, logits)
-        (grad64,) = torch.autograd.grad(want, x64)
-        assert grad.dtype == dtype and rel_err(grad, grad64) <= EPS[dtype] + tol, name
+        (grad,), (grad64,), (grad_lowp,) = (torch.autograd.grad(*a) for a in ((got, logits), (want, x64),
+                                                                              (lowp, native)))
+        # the softmax gradient cancels (p * (g - <p, g>)): twice torch's own error there
+        assert grad.dtype == dtype, name
+        assert rel_err(grad, grad64) <= 2 * rel_err(grad_lowp, grad64) + EPS[dtype] + tol, name
 
 
 # ----------------------------------------------------------------------------- grouped GEMM
@@ -518,13 +523,15 @@ def test_fused_moe(backend, p):
     native = [t.detach().clone().requires_grad_() for t in inputs]
     torch_y = torch_moe(*native, ids, p["activation"])
     torch_grads = torch.autograd.grad(torch_y, native, grad)
-    # tolerance(): twice torch's own error in the dtype, plus the interpreter's truncation
-    assert rel_err(y, want) <= tolerance(dtype, "cpu", backend, rel_err(torch_y, want))
+    # Twice torch's own error in the dtype (it grows where sums cancel), plus what a single
+    # output (H = 1) can lose to its own roundings: h, the scaled row and the sum over k are
+    # each rounded to the dtype (the gradients add one more), each by up to EPS.
+    assert rel_err(y, want) <= 2 * rel_err(torch_y, want) + 3 * EPS[dtype]
     got = torch.autograd.grad(y, inputs, grad)
     for name, a, b, c, t in zip(("hidden", "w_gate_up", "w_down", "topk_weights"), got, expected, torch_grads,
                                 inputs):
         assert a.shape == t.shape and a.dtype == t.dtype, name
-        assert rel_err(a, b) <= tolerance(t.dtype, "cpu", backend, rel_err(c, b)) + EPS[t.dtype], name
+        assert rel_err(a, b) <= 2 * rel_err(c, b) + 4 * max(EPS[dtype], EPS[t.dtype]), name
 
 
 # ----------------------------------------------------------------------------- illegal inputs
