@@ -5,9 +5,9 @@ a seed for the values, runs the op on the torch backend and on Triton (interpret
 GPU), and compares with moekernels.reference (or, where the reference is the op itself, with
 float64 and a per-pair loop): ids, permutations and fp8 values exactly, floats by relative
 error norm. Inputs come in every layout a caller passes: contiguous, a column slice of a wider
-tensor, an offset slice (a base and rows not 16-byte aligned), every other row, a transposed
-copy viewed back (no unit column stride), and weights as the transposed view of nn.Linear
-storage. Gaps of the wider tensors hold NaN, so a kernel that reads outside its view fails.
+tensor, an offset slice (a base and rows not 16-byte aligned), every other row or column, a
+transposed copy viewed back (no unit column stride), and weights as the transposed view of
+nn.Linear storage. Gaps of the wider tensors hold NaN, so a kernel that reads outside its view fails.
 
 Budget: a fixed number of examples per test (``N_*`` below), sized so that the file runs in
 about 90 s on 2 CPU cores. tests/conftest.py registers the hypothesis profiles:
@@ -36,7 +36,7 @@ LOWP = [torch.float32, torch.bfloat16, torch.float16]
 # One rounding to the dtype, doubled: the interpreter rounds float32 to bf16 / fp16 by
 # truncation (up to 1 ulp, 2**-7 relative for bf16), where torch rounds to the nearest.
 EPS = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
-LAYOUTS = ["contiguous", "col_slice", "offset", "row_stride2", "transposed"]
+LAYOUTS = ["contiguous", "col_slice", "offset", "row_stride2", "col_stride2", "transposed"]
 
 # Examples per test (each runs on both backends); interpreted Triton dominates the time.
 N_ROUTE, N_PLAN, N_PERMUTE, N_LOSS, N_GEMM, N_QUANT, N_FP8, N_MOE, N_BAD = 40, 40, 30, 25, 20, 40, 20, 10, 30
@@ -70,6 +70,10 @@ def lay_out(t: torch.Tensor, layout: str) -> torch.Tensor:
         out = wider(2 * rows, cols)
         out[..., ::2, :] = t
         return out[..., ::2, :]
+    if layout == "col_stride2":  # no unit stride at all
+        out = wider(rows, 2 * cols)
+        out[..., ::2] = t
+        return out[..., ::2]
     start = 1 if layout == "offset" else 0  # offset: an odd element offset, no aligned base
     out = wider(rows, cols + 3)
     out[..., start:start + cols] = t
@@ -121,6 +125,15 @@ def expert_ids(draw, num_tokens, top_k, num_experts, block_size=None):
                           torch.full((n % block_size,), num_experts - 1)])
         flat = flat[torch.randperm(n, generator=g)]
     return flat.view(num_tokens, top_k)
+
+
+@st.composite
+def routed_ids(draw, max_experts, max_k, max_tokens):
+    """(ids [T, k], int32 or int64, and E): T from 0, k <= E."""
+    num_experts = draw(st.integers(1, max_experts))
+    top_k = draw(st.integers(1, min(num_experts, max_k)))
+    ids = draw(expert_ids(draw(st.integers(0, max_tokens)), top_k, num_experts))
+    return ids.to(draw(st.sampled_from([torch.int32, torch.int64]))), num_experts
 
 
 @st.composite
@@ -240,11 +253,8 @@ def test_plan_routing(backend, p):
 
 @st.composite
 def permute_problem(draw, dtypes):
-    num_experts = draw(st.integers(1, 12))
-    top_k = draw(st.integers(1, 4))
-    num_tokens = draw(st.integers(0, 16))
-    return dict(ids=draw(expert_ids(num_tokens, top_k, num_experts)), num_experts=num_experts,
-                hidden=draw(st.integers(1, 40)), dtype=draw(st.sampled_from(dtypes)),
+    ids, num_experts = draw(routed_ids(12, 4, 16))
+    return dict(ids=ids, num_experts=num_experts, hidden=draw(st.integers(1, 40)), dtype=draw(st.sampled_from(dtypes)),
                 w_dtype=draw(st.sampled_from(LOWP + [torch.float64])), layout=draw(layouts),
                 w_layout=draw(layouts), seed=draw(seeds))
 
@@ -298,13 +308,9 @@ def test_unpermute(backend, p):
 
 @st.composite
 def loss_problem(draw):
-    num_experts = draw(st.integers(1, 40))
-    top_k = draw(st.integers(1, min(num_experts, 6)))
-    num_tokens = draw(st.integers(0, 24))
-    return dict(ids=draw(expert_ids(num_tokens, top_k, num_experts)).to(draw(st.sampled_from([torch.int32,
-                                                                                                torch.int64]))),
-                num_experts=num_experts, dtype=draw(st.sampled_from(LOWP + [torch.float64])), layout=draw(layouts),
-                id_layout=draw(layouts), seed=draw(seeds))
+    ids, num_experts = draw(routed_ids(40, 6, 24))
+    return dict(ids=ids, num_experts=num_experts, dtype=draw(st.sampled_from(LOWP + [torch.float64])),
+                layout=draw(layouts), id_layout=draw(layouts), seed=draw(seeds))
 
 
 @backends
@@ -472,12 +478,8 @@ def test_fp8_mm(backend, p):
 
 @st.composite
 def moe_problem(draw):
-    num_experts = draw(st.integers(1, 6))
-    top_k = draw(st.integers(1, min(num_experts, 3)))
-    num_tokens = draw(st.integers(0, 10))
-    return dict(ids=draw(expert_ids(num_tokens, top_k, num_experts)).to(draw(st.sampled_from([torch.int32,
-                                                                                                torch.int64]))),
-                num_experts=num_experts, hidden=draw(st.integers(1, 32)), inter=draw(st.integers(1, 24)),
+    ids, num_experts = draw(routed_ids(6, 3, 10))
+    return dict(ids=ids, num_experts=num_experts, hidden=draw(st.integers(1, 32)), inter=draw(st.integers(1, 24)),
                 dtype=draw(lowp), w_dtype=draw(lowp), activation=draw(st.sampled_from(["silu", "gelu"])),
                 layout=draw(layouts), w_layout=draw(st.sampled_from(LAYOUTS + ["kmajor"])), seed=draw(seeds))
 
