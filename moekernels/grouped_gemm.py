@@ -103,7 +103,9 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     x = _rows(x)
     storage, kmajor = _weight_storage(w)
     a_tma = a_index is None and _tma_ok(x)
-    b_tma = _tma_ok(storage)
+    # The up half of a gated [K, 2N] weight starts at column N: with N inner (not kmajor) that
+    # tile's start must be 16-byte aligned too (bf16 N = 4 is 8 bytes: the interpreter asserts).
+    b_tma = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
     if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device))

@@ -309,7 +309,11 @@ def test_unpermute(backend, p):
     want = torch.autograd.grad(want, (ys64, w64), grad.double())
     tol = max(EPS[dtype], EPS[w_dtype])
     assert got[0].dtype == dtype and rel_err(got[0], want[0]) <= tol
-    assert got[1].dtype == w_dtype and rel_err(got[1], want[1]) <= tol
+    # grad_w[t, j] = <grad[t], y_sorted[row]>, a float32 dot over H that may cancel: its error
+    # relative to ||grad[t]|| * ||y_sorted[row]|| (the dot's bound) rather than to its value
+    rows = y_sorted.detach().double()[plan.dest_index.long()].view(num_tokens, top_k, p["hidden"])
+    bound = (grad.double().norm(dim=-1, keepdim=True) * rows.norm(dim=-1)).norm().item()
+    assert got[1].dtype == w_dtype and (got[1].double() - want[1]).norm() <= tol * max(bound, 1e-30)
 
 
 # ----------------------------------------------------------------------------- router losses
@@ -533,6 +537,10 @@ def torch_moe(x, w1, w2, tw, ids, activation):
 @backends
 @examples(N_MOE)
 @given(p=moe_problem())
+# Found (fixed): the up half of an N-inner gated weight (w_gate_up the transposed view of an
+# [E, H, 2I] tensor, or of no unit stride) at a column I not 16-byte aligned, loaded by TMA.
+@example(p=dict(ids=torch.tensor([[0], [1]]), num_experts=2, hidden=8, inter=4, dtype=torch.bfloat16,
+                w_dtype=torch.float32, activation="silu", layout="contiguous", w_layout="kmajor", seed=0))
 def test_fused_moe(backend, p):
     g = gen(p["seed"])
     ids, dtype, e, hid, inter = p["ids"], p["dtype"], p["num_experts"], p["hidden"], p["inter"]
