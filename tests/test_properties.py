@@ -380,7 +380,8 @@ def test_grouped_mm(backend, p):
     x = leaf(randn(g, rows, k, dtype=dtype), p["layout"])
     w = weight(randn(g, p["num_experts"], k, n, scale=k**-0.5, dtype=dtype), p["w_layout"]).requires_grad_()
     y = moekernels.grouped_mm(x, w, offs, backend=backend)
-    tol = tolerance(dtype, "cpu", backend, torch_lowp_err(x.detach(), w.detach(), offs))
+    # at least one rounding (a single output, [1, 1], truncated by the interpreter: up to 1 ulp)
+    tol = max(tolerance(dtype, "cpu", backend, torch_lowp_err(x.detach(), w.detach(), offs)), EPS[dtype])
     assert y.dtype == dtype and y.shape == (rows, n)
     assert rel_err(y, exact_mm(x.detach(), w.detach(), offs)) <= tol
     assert not y[int(offs[-1]):].any()  # rows past offs[-1] are zero
