@@ -124,7 +124,9 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     x = _rows(x)
     storage, kmajor = _weight_storage(w)
     a_tma = a_index is None and _tma_ok(x)
-    b_tma = _tma_ok(storage)
+    # The up half of a gated [K, 2N] weight starts at column N: with N inner (not kmajor) that
+    # tile's start must be 16-byte aligned too (bf16 N = 4 is 8 bytes: the interpreter asserts).
+    b_tma = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
     if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device))
@@ -309,14 +311,17 @@ def scaling_mode(a, a_scale, b, b_scale) -> int:
     ValueError, naming the scales, for any other pair."""
     (m, k), (e, _, n) = a.shape, b.shape
     kb = -(-k // 128)
+    # Per tensor and per row x column first: where K <= 128 and N <= 128 their shapes can be the
+    # block mode's too ([M, 1] and [E, 1, 1] at N = 1 or M = 1), with the same product, and
+    # they take any K. quantize_fp8(a, "tensor") of M = 0 rows gives a [0, 1] scale.
+    if tuple(a_scale.shape) in ((1, 1), (min(m, 1), 1)) and tuple(b_scale.shape) == (e, 1, 1):
+        return 1
+    if tuple(a_scale.shape) == (m, 1) and tuple(b_scale.shape) == (e, 1, n):
+        return 2
     if tuple(a_scale.shape) == (m, kb) and tuple(b_scale.shape) == (e, kb, -(-n // 128)):
         if k % 128:
             raise ValueError(f"block-wise fp8 ((1, 128) x (128, 128) scales) needs K % 128 == 0, got K={k}")
         return 3
-    if tuple(a_scale.shape) == (m, 1) and tuple(b_scale.shape) == (e, 1, n):
-        return 2
-    if tuple(a_scale.shape) == (1, 1) and tuple(b_scale.shape) == (e, 1, 1):
-        return 1
     raise ValueError(
         f"unsupported scaling pair: a_scale {tuple(a_scale.shape)} and b_scale {tuple(b_scale.shape)} for a [{m}, {k}] "
         f"and b [{e}, {k}, {n}]; supported: per tensor ((1, 1) and (1, 1) per expert), per row x per column "

@@ -212,8 +212,9 @@ def _unpermute_backward_op(
     name = _choose("unpermute", y_sorted, backend, _cuda_reason(top_k, y_sorted.dtype, topk_weights.dtype))
     if name == "torch":
         return reference.unpermute_backward(grad_y, y_sorted, dest_index, expert_offsets[-1], topk_weights)
-    grad_sorted = torch.empty_like(y_sorted)
-    grad_w = torch.empty_like(topk_weights)
+    # Row-major, whatever the inputs' strides: the kernels write with unit column stride (and
+    # empty_like would keep a transposed y_sorted's or topk_weights' layout).
+    grad_sorted, grad_w = _new_grads(y_sorted, topk_weights)
     if not grad_w.numel():
         return grad_sorted, grad_w
     grad_y, y_sorted, topk_weights = _rows(grad_y), _rows(y_sorted), topk_weights.contiguous()
@@ -232,7 +233,11 @@ def _unpermute_backward_op(
 
 @_unpermute_backward_op.register_fake
 def _(grad_y, y_sorted, dest_index, expert_offsets, topk_weights, backend):
-    return torch.empty_like(y_sorted), torch.empty_like(topk_weights)
+    return _new_grads(y_sorted, topk_weights)
+
+
+def _new_grads(y_sorted, topk_weights):
+    return y_sorted.new_empty(y_sorted.shape), topk_weights.new_empty(topk_weights.shape)
 
 
 def _unpermute_setup(ctx, inputs, output):

@@ -243,7 +243,7 @@ def unpermute_backward(grad_y: torch.Tensor, y_sorted: torch.Tensor, dest_index:
     rows = y_sorted.to(acc).index_select(0, dest_index.long()).view(num_tokens, top_k, y_sorted.shape[1])
     grad_w = torch.where(valid, (rows * g.unsqueeze(1)).sum(-1), 0.0)
     grad_rows = torch.where(valid.unsqueeze(-1), topk_weights.to(acc).unsqueeze(-1) * g.unsqueeze(1), 0.0)
-    grad_sorted = torch.empty_like(y_sorted)
+    grad_sorted = y_sorted.new_empty(y_sorted.shape)  # row-major, as the kernels' (not a transposed input's)
     grad_sorted[dest_index.long()] = grad_rows.reshape(-1, y_sorted.shape[1]).to(y_sorted.dtype)
     return grad_sorted, grad_w.to(topk_weights.dtype)
 

@@ -15,9 +15,19 @@ if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import moekernels  # noqa: E402
 from moekernels import _backend  # noqa: E402
+
+# tests/test_properties.py: "ci" (default) draws the same examples on every run and keeps no
+# example database; HYPOTHESIS_PROFILE=dev draws fresh ones and saves failures in .hypothesis/.
+# Both print the falsifying example (with its drawn seed) and a @reproduce_failure blob.
+_SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large]  # interpreted Triton is slow by design
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None,
+                          suppress_health_check=_SLOW)
+settings.register_profile("dev", derandomize=False, print_blob=True, deadline=None, suppress_health_check=_SLOW)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
