@@ -118,11 +118,11 @@ def library_wgrad(backend: str, precision: str | None):
         if precision == "fp8":
             xq, xs = fp8.quantize_fp8_segments(x, inp.offs, backend=backend)
             gq, gs = fp8.quantize_fp8_segments(dy, inp.offs, backend=backend)
-            dw = fp8._dw_fp8_op(xq, xs, gq, gs, inp.offs, x.shape[0], True, dy.dtype, backend)
+            dw = fp8.dw_fp8_op(xq, xs, gq, gs, inp.offs, x.shape[0], True, dy.dtype, backend)
         else:
-            from moekernels.grouped_gemm import _grouped_mm_dw_op
+            from moekernels.grouped_gemm import grouped_mm_dw_op
 
-            dw = _grouped_mm_dw_op(x, dy, inp.offs, None, 1, True, backend)
+            dw = grouped_mm_dw_op(x, dy, inp.offs, None, 1, True, backend)
         return dw.transpose(1, 2)  # the [E, N, K] storage's gradient
     return run
 

@@ -250,7 +250,7 @@ def gpu_prepare(timer, device: str = "cuda"):
             dy = torch.randn(m, p.n, device=device, dtype=DTYPE)
 
             def call():
-                return gg._grouped_mm_dw_op(x, dy, offs, None, 1, p.kmajor, "triton")
+                return gg.grouped_mm_dw_op(x, dy, offs, None, 1, p.kmajor, "triton")
             ref = reference.grouped_mm_dw(x, dy, offs)
         else:
             w = _weight(p.experts, p.k, p.n, p.kmajor, device)

@@ -102,7 +102,7 @@ class DispatchHandle:
     x: torch.Tensor | None = None
 
 
-def _world(group):
+def world_and_rank(group):
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("moekernels.distributed needs an initialized torch.distributed process group: call "
                            "torch.distributed.init_process_group first (group=None means the default group)")
@@ -152,7 +152,7 @@ def dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     if fp8 and x.shape[1] % _FP8_TILE:
         raise ValueError(f"fp8 dispatch quantizes x in (1, {_FP8_TILE}) tiles: x's H must be a multiple of "
                          f"{_FP8_TILE}, got x of shape {tuple(x.shape)}")
-    world, _ = _world(group)
+    world, _ = world_and_rank(group)
     _checks.integer("num_experts", num_experts, low=1)
     if num_experts % world:
         raise ValueError(f"num_experts={num_experts} must be divisible by the world size {world}: experts are split "

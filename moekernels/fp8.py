@@ -120,7 +120,7 @@ def _new_scale(x, shape, col_major):
 
 
 @torch.library.custom_op("moekernels::quantize_fp8", mutates_args=())
-def _quantize_op(x: torch.Tensor, block_rows: int, block_cols: int, pow2_scale: bool, index: torch.Tensor | None,
+def quantize_op(x: torch.Tensor, block_rows: int, block_cols: int, pow2_scale: bool, index: torch.Tensor | None,
                  inverse: torch.Tensor | None, gather_div: int, col_major_scale: bool,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """index: row r of the rows quantized is x[index[r] // gather_div] (the plan's source_index);
@@ -145,7 +145,7 @@ def _quantize_op(x: torch.Tensor, block_rows: int, block_cols: int, pow2_scale: 
     return q, scale
 
 
-@_quantize_op.register_fake
+@quantize_op.register_fake
 def _(x, block_rows, block_cols, pow2_scale, index, inverse, gather_div, col_major_scale, backend):
     q_shape, s_shape = _quant_shapes(x, block_rows, block_cols, index)
     return x.new_empty(q_shape, dtype=FP8), _new_scale(x, s_shape, col_major_scale)
@@ -185,7 +185,7 @@ def quantize_fp8(x: torch.Tensor, granularity="row", *, dtype: torch.dtype = FP8
     _check_granularity(granularity)
     _checks.choice("scale_layout", scale_layout, SCALE_LAYOUTS)
     br, bc = block_shape(granularity, x.shape[-2], x.shape[-1])
-    return _quantize_op(x, br, bc, bool(pow2_scale), None, None, 1, scale_layout == "col_major", backend or "")
+    return quantize_op(x, br, bc, bool(pow2_scale), None, None, 1, scale_layout == "col_major", backend or "")
 
 
 def quantize_fp8_gathered(x: torch.Tensor, plan, granularity=(1, 128), *, pow2_scale: bool = False,
@@ -208,7 +208,7 @@ def quantize_fp8_gathered(x: torch.Tensor, plan, granularity=(1, 128), *, pow2_s
     _check_granularity(granularity)
     _checks.choice("scale_layout", scale_layout, SCALE_LAYOUTS)
     br, bc = block_shape(granularity, plan.source_index.shape[0], x.shape[1])
-    return _quantize_op(x, br, bc, bool(pow2_scale), plan.source_index, plan.dest_index, plan.top_k,
+    return quantize_op(x, br, bc, bool(pow2_scale), plan.source_index, plan.dest_index, plan.top_k,
                         scale_layout == "col_major", backend or "")
 
 
@@ -378,7 +378,7 @@ def _segments_shapes(x, offs):
 
 
 @torch.library.custom_op("moekernels::quantize_fp8_segments", mutates_args=())
-def _segments_op(x: torch.Tensor, offs: torch.Tensor, pow2_scale: bool, backend: str) -> tuple[torch.Tensor,
+def segments_op(x: torch.Tensor, offs: torch.Tensor, pow2_scale: bool, backend: str) -> tuple[torch.Tensor,
                                                                                               torch.Tensor]:
     q_shape, s_shape = _segments_shapes(x, offs)
     rows = x.shape[0]
@@ -401,7 +401,7 @@ def _segments_op(x: torch.Tensor, offs: torch.Tensor, pow2_scale: bool, backend:
     return q, scale
 
 
-@_segments_op.register_fake
+@segments_op.register_fake
 def _(x, offs, pow2_scale, backend):
     q_shape, s_shape = _segments_shapes(x, offs)
     return x.new_empty(q_shape, dtype=FP8), x.new_empty(s_shape, dtype=torch.float32)
@@ -433,7 +433,7 @@ def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2_scale: bo
     _checks.tensor("x", x, ndim=2, dtypes=QUANT_INPUTS)
     _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
     _checks.offsets_in_range("offs", offs, x.shape[0])
-    return _segments_op(x, offs, bool(pow2_scale), backend or "")
+    return segments_op(x, offs, bool(pow2_scale), backend or "")
 
 
 def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None):
@@ -446,14 +446,14 @@ def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None):
 
 
 @torch.library.custom_op("moekernels::grouped_mm_dw_fp8", mutates_args=())
-def _dw_fp8_op(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
+def dw_fp8_op(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_scale: torch.Tensor,
                offs: torch.Tensor, rows: int, transposed: bool, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """dw[e] = x_e^T @ dy_e from two quantize_fp8_segments outputs over ``rows`` tokens, laid out
     as the weight is (``transposed``: an [E, N, K] tensor's transpose)."""
-    from .grouped_gemm import _new_weight_grad
+    from .grouped_gemm import new_weight_grad
 
     num_experts, k, n = offs.shape[0], a_t.shape[0], b_t.shape[0]
-    out = _new_weight_grad((num_experts, k, n), a_scale.new_empty(0, dtype=out_dtype), transposed)
+    out = new_weight_grad((num_experts, k, n), a_scale.new_empty(0, dtype=out_dtype), transposed)
     if _backend.choose("grouped_mm", a_t.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL) == "torch":
         out.copy_(reference.grouped_mm_dw_fp8(a_t, a_scale, b_t, b_scale, offs, rows, tile=SEGMENT_TILE))
         return out
@@ -473,31 +473,31 @@ def _dw_fp8_op(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_sc
     return out
 
 
-@_dw_fp8_op.register_fake
+@dw_fp8_op.register_fake
 def _(a_t, a_scale, b_t, b_scale, offs, rows, transposed, out_dtype, backend):
-    from .grouped_gemm import _new_weight_grad
+    from .grouped_gemm import new_weight_grad
 
-    return _new_weight_grad((offs.shape[0], a_t.shape[0], b_t.shape[0]), a_scale.new_empty(0, dtype=out_dtype),
+    return new_weight_grad((offs.shape[0], a_t.shape[0], b_t.shape[0]), a_scale.new_empty(0, dtype=out_dtype),
                             transposed)
 
 
-def _weight_operands(w: torch.Tensor, recipe: str, backend: str):
+def weight_operands(w: torch.Tensor, recipe: str, backend: str):
     """The fp8 copies of a high-precision weight w (logical [E, K, N], either storage) that the
     GEMMs read, each K-major for its product (wgmma takes e4m3 operands K-major only):
     (fprop b [E, K, N] over [E, N, K] storage, its scale, dgrad b = w^T [E, N, K] over [E, K, N]
     storage, its scale). "block": one (128, 128) quantization, its blocks and scales transposed for
     dgrad (exact: a block's scale does not depend on its orientation), plus one e4m3 transpose;
     "row": per output column for each product, two quantizations."""
-    from .grouped_gemm import _is_kmajor
+    from .grouped_gemm import is_kmajor
 
-    w_nk = w.transpose(1, 2) if _is_kmajor(w) else w.transpose(1, 2).contiguous()  # [E, N, K] storage
+    w_nk = w.transpose(1, 2) if is_kmajor(w) else w.transpose(1, 2).contiguous()  # [E, N, K] storage
     if recipe == "block":
-        q_nk, s_nk = _quantize_op(w_nk, 128, 128, False, None, None, 1, False, backend)
+        q_nk, s_nk = quantize_op(w_nk, 128, 128, False, None, None, 1, False, backend)
         q_kn = q_nk.transpose(1, 2).contiguous()
         return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_nk
-    w_kn = w.contiguous() if not _is_kmajor(w) else w_nk.transpose(1, 2).contiguous()
-    q_nk, s_nk = _quantize_op(w_nk, 1, w_nk.shape[2], False, None, None, 1, False, backend)  # per n: [E, N, 1]
-    q_kn, s_kn = _quantize_op(w_kn, 1, w_kn.shape[2], False, None, None, 1, False, backend)  # per k: [E, K, 1]
+    w_kn = w.contiguous() if not is_kmajor(w) else w_nk.transpose(1, 2).contiguous()
+    q_nk, s_nk = quantize_op(w_nk, 1, w_nk.shape[2], False, None, None, 1, False, backend)  # per n: [E, N, 1]
+    q_kn, s_kn = quantize_op(w_kn, 1, w_kn.shape[2], False, None, None, 1, False, backend)  # per k: [E, K, 1]
     return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_kn.transpose(1, 2).contiguous()
 
 
@@ -507,19 +507,19 @@ def _act_block(recipe: str, cols: int) -> tuple[int, int]:
 
 def _fp8_forward(x, w, offs, recipe, backend):
     bx = _act_block(recipe, x.shape[1])
-    xq, xs = _quantize_op(x, *bx, False, None, None, 1, recipe == "block", backend)  # K-block-major scales
-    b, bs, b_t, bs_t = _weight_operands(w, recipe, backend)
+    xq, xs = quantize_op(x, *bx, False, None, None, 1, recipe == "block", backend)  # K-block-major scales
+    b, bs, b_t, bs_t = weight_operands(w, recipe, backend)
     y = grouped_mm_fp8_product(xq, xs, b, bs, offs, x.dtype, backend)
-    xq_t, xs_t = _segments_op(x, offs, False, backend)
+    xq_t, xs_t = segments_op(x, offs, False, backend)
     # The e4m3 copies leave as their bytes: outputs of an integer dtype need no gradient (and
     # autograd's checks sum float outputs, which float8 cannot).
     return y, xq_t.view(torch.uint8), xs_t, b_t.transpose(1, 2).view(torch.uint8), bs_t
 
 
 def grouped_mm_fp8_product(a, a_scale, b, b_scale, offs, out_dtype, backend):
-    from .grouped_gemm import _fused_op
+    from .grouped_gemm import fused_op
 
-    return _fused_op(a, b, offs, offs, 1, False, "", None, a_scale, b_scale, out_dtype, backend)
+    return fused_op(a, b, offs, offs, 1, False, "", None, a_scale, b_scale, out_dtype, backend)
 
 
 @torch.library.custom_op("moekernels::grouped_mm_fp8", mutates_args=())
@@ -545,10 +545,10 @@ def _fp8_setup(ctx, inputs, output):
     _, xq_t, xs_t, wq_t, ws_t = output
     ctx.save_for_backward(offs, xq_t, xs_t, wq_t, ws_t)
     ctx.mark_non_differentiable(xs_t, ws_t)
-    from .grouped_gemm import _is_kmajor
+    from .grouped_gemm import is_kmajor
 
     ctx.recipe, ctx.backend, ctx.rows, ctx.dtype, ctx.w_dtype = recipe, backend, x.shape[0], x.dtype, w.dtype
-    ctx.kmajor = _is_kmajor(w)
+    ctx.kmajor = is_kmajor(w)
 
 
 def _fp8_backward(ctx, grad, *_):
@@ -557,12 +557,12 @@ def _fp8_backward(ctx, grad, *_):
     dx = dw = None
     grad = grad.contiguous()
     if ctx.needs_input_grad[0]:  # dgrad: dy (1, 128) along N times w^T's blocks
-        gq, gs = _quantize_op(grad, *_act_block(ctx.recipe, grad.shape[1]), False, None, None, 1,
+        gq, gs = quantize_op(grad, *_act_block(ctx.recipe, grad.shape[1]), False, None, None, 1,
                               ctx.recipe == "block", ctx.backend)
         dx = grouped_mm_fp8_product(gq, gs, wq_t.transpose(1, 2), ws_t, offs, ctx.dtype, ctx.backend)
     if ctx.needs_input_grad[1]:  # wgrad: x and dy in (128 tokens x 1 channel) tiles within segments
-        gq_t, gs_t = _segments_op(grad, offs, False, ctx.backend)
-        dw = _dw_fp8_op(xq_t, xs_t, gq_t, gs_t, offs, ctx.rows, ctx.kmajor, ctx.w_dtype, ctx.backend)
+        gq_t, gs_t = segments_op(grad, offs, False, ctx.backend)
+        dw = dw_fp8_op(xq_t, xs_t, gq_t, gs_t, offs, ctx.rows, ctx.kmajor, ctx.w_dtype, ctx.backend)
     return dx, dw, None, None, None
 
 
@@ -580,9 +580,9 @@ _autocast.register("grouped_mm_fp8", (0, 1))  # under autocast it quantizes the 
 def _kgrouped_fp8_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
     """out[g] = x[:, seg g] @ w[seg g] (x [M, K], w [K, N], offs [G] along K) on e4m3, in x's dtype."""
     _checks.offsets_in_range("offs", offs, x.shape[1])
-    xq_t, xs_t = _segments_op(x.t(), offs, False, backend)
-    wq_t, ws_t = _segments_op(w, offs, False, backend)
-    return _dw_fp8_op(xq_t, xs_t, wq_t, ws_t, offs, x.shape[1], False, x.dtype, backend)
+    xq_t, xs_t = segments_op(x.t(), offs, False, backend)
+    wq_t, ws_t = segments_op(w, offs, False, backend)
+    return dw_fp8_op(xq_t, xs_t, wq_t, ws_t, offs, x.shape[1], False, x.dtype, backend)
 
 
 @_kgrouped_fp8_op.register_fake
@@ -602,14 +602,14 @@ def _kgrouped_backward(ctx, grad):
     weight gradient, rarely on a training step's path; fp8 products here would need M % 128 and
     N % 128 under the block recipe where its forward needs neither, and the high-precision x and w
     it keeps cost 2-4 bytes an element where fp8 copies would take 1."""
-    from .grouped_gemm import _grouped_mm_form, _grouped_mm_op
+    from .grouped_gemm import grouped_mm_form, grouped_mm_op
 
     x, w, offs = ctx.saved_tensors
     dx = dw = None
     if ctx.needs_input_grad[0]:
-        dx = _grouped_mm_form(grad, w.t(), offs, ctx.backend)
+        dx = grouped_mm_form(grad, w.t(), offs, ctx.backend)
     if ctx.needs_input_grad[1]:
-        dw = _grouped_mm_op(x.t(), grad, offs, ctx.backend)
+        dw = grouped_mm_op(x.t(), grad, offs, ctx.backend)
     return dx, dw, None, None
 
 
@@ -658,12 +658,12 @@ def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None =
             ``out^T[seg g] = w^T[seg g] @ x[g]^T``: w^T is the (1, 128)-tiled operand and x[g]^T
             [K, M] the (128, 128)-blocked one ("block": K and M % 128); columns past offs[-1] zero.
     """
-    from .grouped_gemm import _check, _check_form, compose_form
+    from .grouped_gemm import check_form, check_operands, compose_form
 
     x, w = _autocast.cast(x, w)
     backend = backend or ""
     if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and (x.dim() == 3 or w.dim() == 2):
-        _check_form(x, w, offs)
+        check_form(x, w, offs)
         _checks.choice("recipe", recipe, RECIPES)
         if x.dim() == 3 and w.dim() == 3:
             _check_block(recipe, x.shape[2], w.shape[2])
@@ -671,7 +671,7 @@ def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None =
             _check_block(recipe, x.shape[2], x.shape[1], "M", "; 3D x 2D runs transposed: x[g]^T [K, M] is blocked")
         return compose_form(x, w, offs, lambda a, b, o: _grouped_mm_fp8_op(a, b, o, recipe, backend)[0],
                             lambda a, b, o: _kgrouped_fp8_op(a, b, o, backend))
-    _check(x, w, offs, dtypes=QUANT_INPUTS)
+    check_operands(x, w, offs, dtypes=QUANT_INPUTS)
     _checks.choice("recipe", recipe, RECIPES)
     _check_block(recipe, w.shape[1], w.shape[2])
     return _grouped_mm_fp8_op(x, w, offs, recipe, backend)[0]

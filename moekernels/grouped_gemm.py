@@ -87,7 +87,7 @@ def _descriptor_strides(storage: torch.Tensor) -> list[int]:
     return strides
 
 
-def _is_kmajor(w: torch.Tensor) -> bool:
+def is_kmajor(w: torch.Tensor) -> bool:
     return _weight_storage(w)[1]
 
 
@@ -208,7 +208,7 @@ def _choose(op, tensor, backend):
     return _backend.choose(op, tensor.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
 
 
-def _new_weight_grad(w_shape, like: torch.Tensor, transposed: bool) -> torch.Tensor:
+def new_weight_grad(w_shape, like: torch.Tensor, transposed: bool) -> torch.Tensor:
     """[E, K, N], laid out as the weight is: a transposed [E, N, K] tensor for nn.Linear storage,
     so the gradient reaches the parameter without a copy."""
     e, k, n = w_shape
@@ -221,7 +221,7 @@ def _new_weight_grad(w_shape, like: torch.Tensor, transposed: bool) -> torch.Ten
 
 
 @torch.library.custom_op("moekernels::grouped_mm", mutates_args=())
-def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
+def grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
     # A data check, inside the op so that dynamo never traces it (fullgraph=True keeps working).
     _checks.offsets_in_range("offs", offs, x.shape[0])
     if _choose("grouped_mm", x, backend) == "torch":
@@ -234,17 +234,17 @@ def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend
     return out
 
 
-@_grouped_mm_op.register_fake
+@grouped_mm_op.register_fake
 def _(x, w, offs, backend):
     return x.new_empty(x.shape[0], w.shape[2])
 
 
 @torch.library.custom_op("moekernels::grouped_mm_dw", mutates_args=())
-def _grouped_mm_dw_op(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None,
+def grouped_mm_dw_op(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a_index: torch.Tensor | None,
                       gather_div: int, transposed: bool, backend: str) -> torch.Tensor:
     """dw[e] = A[seg e]^T @ grad[seg e], A[r] = a[a_index[r] // gather_div] (a itself without a_index)."""
     _checks.offsets_in_range("offs", offs, grad.shape[0])
-    out = _new_weight_grad((offs.shape[0], a.shape[1], grad.shape[1]), grad, transposed)
+    out = new_weight_grad((offs.shape[0], a.shape[1], grad.shape[1]), grad, transposed)
     if _choose("grouped_mm", grad, backend) == "torch":
         out.copy_(reference.grouped_mm_dw(a, grad, offs, a_index, gather_div))
     elif out.numel():
@@ -252,9 +252,9 @@ def _grouped_mm_dw_op(a: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor, a
     return out
 
 
-@_grouped_mm_dw_op.register_fake
+@grouped_mm_dw_op.register_fake
 def _(a, grad, offs, a_index, gather_div, transposed, backend):
-    return _new_weight_grad((offs.shape[0], a.shape[1], grad.shape[1]), grad, transposed)
+    return new_weight_grad((offs.shape[0], a.shape[1], grad.shape[1]), grad, transposed)
 
 
 def _grouped_mm_setup(ctx, inputs, output):
@@ -267,13 +267,13 @@ def _grouped_mm_backward(ctx, grad):
     x, w, offs = ctx.saved_tensors
     dx = dw = None
     if ctx.needs_input_grad[0]:
-        dx = _grouped_mm_op(grad, w.transpose(1, 2), offs, ctx.backend)
+        dx = grouped_mm_op(grad, w.transpose(1, 2), offs, ctx.backend)
     if ctx.needs_input_grad[1]:
-        dw = _grouped_mm_dw_op(x, grad, offs, None, 1, _is_kmajor(w), ctx.backend)
+        dw = grouped_mm_dw_op(x, grad, offs, None, 1, is_kmajor(w), ctx.backend)
     return dx, dw, None, None
 
 
-_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def _dw_setup(ctx, inputs, output):
@@ -291,13 +291,13 @@ def _dw_backward(ctx, dout):
         raise NotImplementedError("grouped_mm_dw with a_index (the fused layers' backward) has no backward")
     da = dgrad = None
     if ctx.needs_input_grad[0]:
-        da = _grouped_mm_op(grad, dout.transpose(1, 2), offs, ctx.backend)
+        da = grouped_mm_op(grad, dout.transpose(1, 2), offs, ctx.backend)
     if ctx.needs_input_grad[1]:
-        dgrad = _grouped_mm_op(a, dout, offs, ctx.backend)
+        dgrad = grouped_mm_op(a, dout, offs, ctx.backend)
     return da, dgrad, None, None, None, None, None
 
 
-_grouped_mm_dw_op.register_autograd(_dw_backward, setup_context=_dw_setup)
+grouped_mm_dw_op.register_autograd(_dw_backward, setup_context=_dw_setup)
 _autocast.register("grouped_mm", (0, 1))
 _autocast.register("grouped_mm_dw", (0, 1))
 
@@ -330,7 +330,7 @@ def scaling_mode(a, a_scale, b, b_scale) -> int:
 
 
 @torch.library.custom_op("moekernels::grouped_mm_fused", mutates_args=())
-def _fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor,
+def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor,
               top_k: int, gather: bool, activation: str, scatter_weights: torch.Tensor | None,
               a_scale: torch.Tensor | None, b_scale: torch.Tensor | None, out_dtype: torch.dtype | None,
               backend: str) -> torch.Tensor:
@@ -357,7 +357,7 @@ def _fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index
     return out
 
 
-@_fused_op.register_fake
+@fused_op.register_fake
 def _(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale, out_dtype, backend):
     rows = source_index.shape[0] if gather else x.shape[0]
     return x.new_empty(rows, w.shape[2] // 2 if activation else w.shape[2], dtype=out_dtype or x.dtype)
@@ -373,7 +373,7 @@ def _fused_backward(ctx, grad):
     x, w, offs, source_index, scatter_weights = ctx.saved_tensors
     k, backend = ctx.top_k, ctx.backend
     # The product before the epilogue, recomputed ([M, 2N] with an activation: not saved).
-    z = _fused_op(x, w, offs, source_index, k, ctx.gather, "", None, None, None, None, backend)
+    z = fused_op(x, w, offs, source_index, k, ctx.gather, "", None, None, None, None, backend)
     grad_sw = None
     if scatter_weights is not None:
         src = source_index.long()
@@ -387,26 +387,26 @@ def _fused_backward(ctx, grad):
         grad = reference.gated_activation_backward(grad, z, ctx.activation)
     dx = dw = None
     if ctx.needs_input_grad[0]:
-        dx = _grouped_mm_op(grad, w.transpose(1, 2), offs, backend)
+        dx = grouped_mm_op(grad, w.transpose(1, 2), offs, backend)
         if ctx.gather:
-            from .permute import _permute_backward_op
+            from .permute import permute_backward_op
 
             dest = torch.empty_like(source_index)
             dest[source_index.long()] = torch.arange(source_index.shape[0], device=dest.device, dtype=dest.dtype)
-            dx = _permute_backward_op(dx, dest, k, backend)
+            dx = permute_backward_op(dx, dest, k, backend)
     if ctx.needs_input_grad[1]:
-        dw = _grouped_mm_dw_op(x, grad, offs, source_index if ctx.gather else None, k, _is_kmajor(w), backend)
+        dw = grouped_mm_dw_op(x, grad, offs, source_index if ctx.gather else None, k, is_kmajor(w), backend)
     return dx, dw, None, None, None, None, None, grad_sw, None, None, None, None
 
 
-_fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
+fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 _autocast.register("grouped_mm_fused", (0, 1))  # not scatter_weights: router weights stay float32
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def _check(x, w, offs, dtypes=DTYPES, name="x"):
+def check_operands(x, w, offs, dtypes=DTYPES, name="x"):
     _checks.tensor(name, x, ndim=2, dtypes=dtypes)
     _checks.tensor("w", w, ndim=3, dtypes=(x.dtype,), device=x.device)
     _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
@@ -416,7 +416,7 @@ def _check(x, w, offs, dtypes=DTYPES, name="x"):
         raise ValueError(f"K mismatch: x is [M, K={x.shape[1]}] but w is [E, K={w.shape[1]}, N]")
 
 
-def _check_form(x, w, offs):
+def check_form(x, w, offs):
     """The checks of the forms other than 2D x 3D (torch._grouped_mm's, with our dtypes)."""
     _checks.tensor("x", x, dtypes=DTYPES)
     _checks.tensor("w", w, dtypes=(x.dtype,), device=x.device)
@@ -452,11 +452,11 @@ def compose_form(x, w, offs, mm, kgrouped):
     return mm(w.t(), x.transpose(1, 2), offs).t().contiguous()
 
 
-def _grouped_mm_form(x, w, offs, backend):
+def grouped_mm_form(x, w, offs, backend):
     """2D x 2D, 3D x 3D and 3D x 2D as the 2D x 3D op and the K-grouped (dw) op, each with its autograd;
     2D x 2D is the dw op over the K-sorted rows of x^T and w."""
-    return compose_form(x, w, offs, lambda a, b, o: _grouped_mm_op(a, b, o, backend),
-                        lambda a, b, o: _grouped_mm_dw_op(a.t(), b, o, None, 1, False, backend))
+    return compose_form(x, w, offs, lambda a, b, o: grouped_mm_op(a, b, o, backend),
+                        lambda a, b, o: grouped_mm_dw_op(a.t(), b, o, None, 1, False, backend))
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None, *,
@@ -486,10 +486,10 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = Non
     """
     x, w = _autocast.cast(x, w)
     if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and (x.dim() == 3 or w.dim() == 2):
-        _check_form(x, w, offs)
-        return _grouped_mm_form(x, w, offs, backend or "")
-    _check(x, w, offs)
-    return _grouped_mm_op(x, w, offs, backend or "")
+        check_form(x, w, offs)
+        return grouped_mm_form(x, w, offs, backend or "")
+    check_operands(x, w, offs)
+    return grouped_mm_op(x, w, offs, backend or "")
 
 
 def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, source_index: torch.Tensor | None = None,
@@ -521,7 +521,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
     x, w = _autocast.cast(x, w)
     _checks.choice("activation", activation, tuple(ACTIVATIONS))
     scaled = a_scale is not None or b_scale is not None
-    _check(x, w, offs, (torch.float8_e4m3fn,) if scaled else DTYPES)
+    check_operands(x, w, offs, (torch.float8_e4m3fn,) if scaled else DTYPES)
     if scaled:
         _checks.tensor("a_scale", a_scale, ndim=2, dtypes=(torch.float32,), device=x.device)
         _checks.tensor("b_scale", b_scale, ndim=3, dtypes=(torch.float32,), device=x.device)
@@ -551,7 +551,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
         top_k = scatter_weights.shape[1]
     if source_index is None:
         source_index = offs.new_empty(0)
-    return _fused_op(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale,
+    return fused_op(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale,
                      out_dtype, backend or "")
 
 

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from . import _autocast, _checks, reference
-from .fp8 import FP8, _dw_fp8_op, _quantize_op, _segments_op
-from .fp8 import _weight_operands as _fp8_weight_operands
-from .grouped_gemm import ACTIVATIONS, _fused_op, _grouped_mm_dw_op, _grouped_mm_op
-from .permute import _permute_backward_op
-from .plan import _plan_routing_op
+from .fp8 import FP8, dw_fp8_op, quantize_op, segments_op
+from .fp8 import weight_operands as _fp8_weight_operands
+from .grouped_gemm import ACTIVATIONS, fused_op, grouped_mm_dw_op, grouped_mm_op
+from .permute import permute_backward_op
+from .plan import plan_routing_op
 from .route import (
     check_arguments, load_balancing_loss, router_z_loss, sequence_balance_loss, topk_routing, update_correction_bias,
 )
@@ -47,7 +47,7 @@ ID_DTYPES = (torch.int32, torch.int64)
 
 def _plan(topk_ids, num_experts, backend):
     """The expert offsets, source and dest index of the pairs (RoutingPlan's unpadded fields)."""
-    _, offsets, source, dest, *_ = _plan_routing_op(topk_ids, num_experts, 0, backend)
+    _, offsets, source, dest, *_ = plan_routing_op(topk_ids, num_experts, 0, backend)
     return offsets, source, dest
 
 
@@ -62,16 +62,16 @@ def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
     if w_gate_up.dtype == FP8:
         # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs.
-        qx, sx = _quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
-        h = _fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, sx,
+        qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
+        h = fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, sx,
                       w_gate_up_scale.transpose(1, 2), hidden.dtype, backend)
-        qh, sh = _quantize_op(h, 1, 128, False, None, None, 1, True, backend)
-        pairs = _fused_op(qh, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, sh,
+        qh, sh = quantize_op(h, 1, 128, False, None, None, 1, True, backend)
+        pairs = fused_op(qh, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, sh,
                           w_down_scale.transpose(1, 2), hidden.dtype, backend)
     else:
-        h = _fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, None, None,
+        h = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, None, None,
                       None, backend)
-        pairs = _fused_op(h, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, None, None,
+        pairs = fused_op(h, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, None, None,
                           None, backend)
     # torch accumulates a bf16 / fp16 sum in float32 and rounds once.
     return pairs.view(num_tokens, top_k, hid).sum(1)
@@ -102,25 +102,25 @@ def _backward(ctx, grad_y):
     offsets, source, dest = _plan(topk_ids, w_gate_up.shape[0], backend)
     src = source.long()
     # The gate/up product, recomputed: [T*k, 2I], then h = act(gate) * up.
-    z = _fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, None, None, None,
+    z = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, None, None, None,
                   backend)
     h = reference.gated_activation(z, act)
     g = grad_y.index_select(0, src // top_k)  # row r's gradient: its token's
     w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
-    dh_unweighted = _grouped_mm_op(g, w_down, offsets, backend)  # [T*k, I]; zero past offsets[-1]
+    dh_unweighted = grouped_mm_op(g, w_down, offsets, backend)  # [T*k, I]; zero past offsets[-1]
     if need_tw:
         grad_tw = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=hidden.device)
         grad_tw[src] = (dh_unweighted.float() * h.float()).sum(-1)
         grads[3] = grad_tw.view(num_tokens, top_k).to(topk_weights.dtype)
     if need_w2:  # d(w_down^T)[e] = h_e^T (w g)_e, written in w_down's [E, H, I] layout
         gw = (g.float() * w).to(g.dtype)
-        grads[2] = _grouped_mm_dw_op(h, gw, offsets, None, 1, True, backend).transpose(1, 2)
+        grads[2] = grouped_mm_dw_op(h, gw, offsets, None, 1, True, backend).transpose(1, 2)
     if need_x or need_w1:
         dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
         if need_x:
-            grads[0] = _permute_backward_op(_grouped_mm_op(dz, w_gate_up, offsets, backend), dest, top_k, backend)
+            grads[0] = permute_backward_op(grouped_mm_op(dz, w_gate_up, offsets, backend), dest, top_k, backend)
         if need_w1:
-            grads[1] = _grouped_mm_dw_op(hidden, dz, offsets, source, top_k, True, backend).transpose(1, 2)
+            grads[1] = grouped_mm_dw_op(hidden, dz, offsets, source, top_k, True, backend).transpose(1, 2)
     return tuple(grads)
 
 
@@ -152,15 +152,15 @@ def _fused_moe_fp8_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: tor
     """fused_moe on e4m3 with high-precision weights; also returns the tokens' e4m3 bytes and their
     (1, 128) scales, which its backward keeps."""
     num_tokens, top_k = topk_ids.shape
-    qx, sx = _quantize_op(hidden, 1, 128, False, None, None, 1, False, backend)  # an output: row-major scales
+    qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, False, backend)  # an output: row-major scales
     if num_tokens == 0:
         return hidden.new_zeros(0, hidden.shape[1]), qx.view(torch.uint8), sx
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
     b1, s1, _, _ = _fp8_weights(w_gate_up, backend)
-    h = _fused_op(qx, b1, offsets, source, top_k, True, activation, None, sx, s1, hidden.dtype, backend)
-    qh, sh = _quantize_op(h, 1, 128, True, None, None, 1, True, backend)  # power-of-two scales before the down GEMM
+    h = fused_op(qx, b1, offsets, source, top_k, True, activation, None, sx, s1, hidden.dtype, backend)
+    qh, sh = quantize_op(h, 1, 128, True, None, None, 1, True, backend)  # power-of-two scales before the down GEMM
     b2, s2, _, _ = _fp8_weights(w_down, backend)
-    pairs = _fused_op(qh, b2, offsets, source, top_k, False, "", topk_weights, sh, s2, hidden.dtype, backend)
+    pairs = fused_op(qh, b2, offsets, source, top_k, False, "", topk_weights, sh, s2, hidden.dtype, backend)
     return pairs.view(num_tokens, top_k, hidden.shape[1]).sum(1), qx.view(torch.uint8), sx
 
 
@@ -196,12 +196,12 @@ def _fp8_backward(ctx, grad_y, *_):
     b1, s1, b1_t, s1_t = _fp8_weights(w_gate_up, backend)
     _, _, b2_t, s2_t = _fp8_weights(w_down, backend)
     # The gate/up product, recomputed on e4m3 from the saved tokens: [T*k, 2I].
-    z = _fused_op(qx, b1, offsets, source, top_k, True, "", None, sx, s1, dtype, backend)
+    z = fused_op(qx, b1, offsets, source, top_k, True, "", None, sx, s1, dtype, backend)
     h = reference.gated_activation(z, act)
     # The tokens' gradient in (1, 128) tiles with power-of-two scales, gathered per pair by the
     # GEMM as GEMM 1 gathers the tokens; the router weight multiplies afterwards, in float32.
-    qg, sg = _quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, True, backend)
-    dh_unweighted = _fused_op(qg, b2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend)
+    qg, sg = quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, True, backend)
+    dh_unweighted = fused_op(qg, b2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend)
     w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
     if need_tw:
         grad_tw = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=qx.device)
@@ -209,20 +209,20 @@ def _fp8_backward(ctx, grad_y, *_):
         grads[3] = grad_tw.view(num_tokens, top_k).to(topk_weights.dtype)
     if need_w2:  # d(w_down^T)[e] = h_e^T (w g)_e on e4m3, in w_down's [E, H, I] layout
         gw = (grad_y.index_select(0, src // top_k).float() * w).to(dtype)
-        hq_t, hs_t = _segments_op(h, offsets, True, backend)
-        gq_t, gs_t = _segments_op(gw, offsets, False, backend)
-        grads[2] = _dw_fp8_op(hq_t, hs_t, gq_t, gs_t, offsets, rows, True, w_down.dtype, backend).transpose(1, 2)
+        hq_t, hs_t = segments_op(h, offsets, True, backend)
+        gq_t, gs_t = segments_op(gw, offsets, False, backend)
+        grads[2] = dw_fp8_op(hq_t, hs_t, gq_t, gs_t, offsets, rows, True, w_down.dtype, backend).transpose(1, 2)
     if need_x or need_w1:
         dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
         if need_x:
-            qz, sz = _quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
-            dx = _fused_op(qz, b1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend)
-            grads[0] = _permute_backward_op(dx, dest, top_k, backend)
+            qz, sz = quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
+            dx = fused_op(qz, b1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend)
+            grads[0] = permute_backward_op(dx, dest, top_k, backend)
         if need_w1:  # the tokens' e4m3 copy, gathered and re-quantized along the tokens (DeepSeek-V3 does too)
             x_rows = reference.dequantize_fp8(qx, sx).to(dtype).index_select(0, src // top_k)
-            xq_t, xs_t = _segments_op(x_rows, offsets, False, backend)
-            zq_t, zs_t = _segments_op(dz, offsets, False, backend)
-            grads[1] = _dw_fp8_op(xq_t, xs_t, zq_t, zs_t, offsets, rows, True, w_gate_up.dtype,
+            xq_t, xs_t = segments_op(x_rows, offsets, False, backend)
+            zq_t, zs_t = segments_op(dz, offsets, False, backend)
+            grads[1] = dw_fp8_op(xq_t, xs_t, zq_t, zs_t, offsets, rows, True, w_gate_up.dtype,
                                   backend).transpose(1, 2)
     return tuple(grads)
 
@@ -426,9 +426,9 @@ class MoE(nn.Module):
         self.group, self.capacity = expert_parallel_group, capacity
         local, self.expert_offset = num_experts, 0
         if expert_parallel_group is not None:
-            from .distributed import _world
+            from .distributed import world_and_rank
 
-            world, rank = _world(expert_parallel_group)
+            world, rank = world_and_rank(expert_parallel_group)
             if num_experts % world:
                 raise ValueError(f"num_experts={num_experts} must be divisible by the expert-parallel world size "
                                  f"{world}")

@@ -134,7 +134,7 @@ def _(x, source_index, dest_index, top_k, backend):
 
 
 @torch.library.custom_op("moekernels::permute_backward", mutates_args=())
-def _permute_backward_op(grad: torch.Tensor, dest_index: torch.Tensor, top_k: int, backend: str) -> torch.Tensor:
+def permute_backward_op(grad: torch.Tensor, dest_index: torch.Tensor, top_k: int, backend: str) -> torch.Tensor:
     """grad_x[t] = sum_j grad[dest[t*k + j]], over every pair (dropped ones too: permute copied them)."""
     name = _choose("permute", grad, backend, _cuda_reason(top_k, grad.dtype))
     if name == "torch":
@@ -152,7 +152,7 @@ def _permute_backward_op(grad: torch.Tensor, dest_index: torch.Tensor, top_k: in
     return out
 
 
-@_permute_backward_op.register_fake
+@permute_backward_op.register_fake
 def _(grad, dest_index, top_k, backend):
     return grad.new_empty(dest_index.shape[0] // top_k, grad.shape[1])
 
@@ -165,7 +165,7 @@ def _permute_setup(ctx, inputs, output):
 
 def _permute_backward(ctx, grad):
     (dest_index,) = ctx.saved_tensors
-    return _permute_backward_op(grad, dest_index, ctx.top_k, ctx.backend), None, None, None, None
+    return permute_backward_op(grad, dest_index, ctx.top_k, ctx.backend), None, None, None, None
 
 
 _permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)

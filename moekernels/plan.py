@@ -149,7 +149,7 @@ def _empty_fields(topk_ids, num_experts, block_size):
 
 
 @torch.library.custom_op("moekernels::plan_routing", mutates_args=())
-def _plan_routing_op(
+def plan_routing_op(
     topk_ids: torch.Tensor, num_experts: int, block_size: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _checks.ids_in_range("topk_ids", topk_ids, num_experts)  # inside the op: opaque to torch.compile
@@ -163,7 +163,7 @@ def _plan_routing_op(
     return out
 
 
-@_plan_routing_op.register_fake
+@plan_routing_op.register_fake
 def _(topk_ids, num_experts, block_size, backend):
     return _empty_fields(topk_ids, num_experts, block_size)
 
@@ -188,7 +188,7 @@ def plan_routing(
         deterministic, and identical on every backend.
     """
     _check(topk_ids, num_experts, block_size)
-    fields = _plan_routing_op(topk_ids, num_experts, block_size or 0, backend or "")
+    fields = plan_routing_op(topk_ids, num_experts, block_size or 0, backend or "")
     return RoutingPlan.from_fields(fields, num_experts, topk_ids.shape[1], block_size)
 
 

@@ -128,7 +128,7 @@ def test_moe_repr_shows_the_configuration():
 def test_moe_repr_shows_the_local_experts(monkeypatch):
     from moekernels import distributed
 
-    monkeypatch.setattr(distributed, "_world", lambda group: (4, 2))  # rank 2 of 4
+    monkeypatch.setattr(distributed, "world_and_rank", lambda group: (4, 2))  # rank 2 of 4
     layer = moekernels.MoE(64, 32, 16, 2, expert_parallel_group=object())
     assert repr(layer).splitlines()[1].endswith("num_experts=16, top_k=2, activation='silu', scoring='softmax', "
                                                 "renormalize=True, routed_scaling_factor=1.0, num_shared_experts=0, "

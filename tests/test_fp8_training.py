@@ -101,7 +101,7 @@ def test_wgrad_matches_the_dequantized_product(sizes, device, backend):
     x, dy, offs = dw_problem(sizes, 48, 40, device)
     xq, xs = fp8.quantize_fp8_segments(x, offs, backend=backend)
     gq, gs = fp8.quantize_fp8_segments(dy, offs, backend=backend)
-    dw = fp8._dw_fp8_op(xq, xs, gq, gs, offs, x.shape[0], False, torch.float32, backend)
+    dw = fp8.dw_fp8_op(xq, xs, gq, gs, offs, x.shape[0], False, torch.float32, backend)
     ref = reference.grouped_mm_dw_fp8(xq.cpu(), xs.cpu(), gq.cpu(), gs.cpu(), offs.cpu(), x.shape[0])
     assert rel_err(dw, ref) <= 1e-5
     hp = reference.grouped_mm_dw(x.cpu(), dy.cpu(), offs.cpu())
@@ -196,7 +196,7 @@ def test_fp8_training_ops_pass_opcheck_and_compile(backend):
     if backend == "triton" and _NEEDS_INTERPRETER:
         pytest.skip("needs TRITON_INTERPRET=1")
     x, w, offs = fp8_problem((0, 3, 130), 128, 128, "cpu")
-    torch.library.opcheck(fp8._segments_op, (x.detach(), offs, False, backend))
+    torch.library.opcheck(fp8.segments_op, (x.detach(), offs, False, backend))
     torch.library.opcheck(fp8._grouped_mm_fp8_op, (x, w, offs, "block", backend))
 
     def step(x, w):
@@ -501,5 +501,5 @@ def test_fp8_wgrad_op_passes_opcheck(backend):
     gq, gs = fp8.quantize_fp8_segments(dy, offs, backend=backend)
     # test_schema compares the inputs before and after with arithmetic torch lacks for fp8 on the CPU
     # ("mul_cpu_reduced_float"), as for test_fp8.py's fp8 GEMM; the fake, autograd and dispatch checks run.
-    torch.library.opcheck(fp8._dw_fp8_op, (xq, xs, gq, gs, offs, x.shape[0], True, torch.bfloat16, backend),
+    torch.library.opcheck(fp8.dw_fp8_op, (xq, xs, gq, gs, offs, x.shape[0], True, torch.bfloat16, backend),
                           test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
