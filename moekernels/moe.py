@@ -90,7 +90,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     if ctx.fp8:
-        raise NotImplementedError("fused_moe with fp8 weights is inference-only: it has no backward")
+        raise NotImplementedError("fused_moe with float8_e4m3fn weights is inference-only: it has no backward. To train "
+                                  "on e4m3, keep high-precision (master) weights and pass precision='fp8'")
     hidden, w_gate_up, w_down, topk_weights, topk_ids = ctx.saved_tensors
     act, backend = ctx.activation, ctx.backend
     num_tokens, top_k = topk_ids.shape
