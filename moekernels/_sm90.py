@@ -18,6 +18,7 @@ cannot be compiled), which is why the test suite calls them in a subprocess.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -333,12 +334,19 @@ def sass_k_loops(sass: str) -> list[list[str]]:
     """K loops of the SASS (nvdisasm -c), found as in :func:`ptx_k_loops` (HGMMA/QGMMA/...)."""
     lines = []
     for line in sass.splitlines():
-        inst = re.match(r"^\s*/\*[0-9a-f]+\*/\s*([^;]*;)", line)
+        inst = re.match(_SASS_INST, line)
         if inst or re.match(r"^[.$\w]+:", line):
             lines.append(inst.group(1) if inst else line.strip())
-    insts, succ = _cfg(lines, r"^([.$\w]+):", r"^(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+`\(([.$\w]+)\)",
-                       r"^(?:@!?U?P\w+\s+)?(?:EXIT|RET)\b", scoped=False)
-    return _k_loops(insts, succ, r"\b[A-Z]*GMMA\b")
+    return _k_loops(*_sass_cfg(lines), r"\b[A-Z]*GMMA\b")
+
+
+_SASS_INST = r"^\s*/\*[0-9a-f]+\*/\s*([^;]*;)"  # nvdisasm -c: /*address*/ instruction ;
+
+
+def _sass_cfg(lines: list[str]):
+    """:func:`_cfg` of SASS lines (labels and instructions)."""
+    return _cfg(lines, r"^([.$\w]+):", r"^(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+`\(([.$\w]+)\)",
+                r"^(?:@!?U?P\w+\s+)?(?:EXIT|RET)\b", scoped=False)
 
 
 def ttgir_k_loops(ttgir: str) -> list[list[str]]:
@@ -438,8 +446,6 @@ def compile_variant(v: Variant) -> Report:
     cubin, sass = _cubin_info(kernel.asm["cubin"], sass=v.matrix)
     per_token = None
     if v.per_token is not None:
-        import inspect
-
         lined = _disassemble(kernel.asm["cubin"], "-gi", "-c")
         path = warp_instructions(lined, inspect.getsourcefile(v.fn.fn), v.per_token["loops"], v.per_token["skip"])
         per_token = path["count"] * kernel.metadata.num_warps // v.constexprs["BLOCK_T"]
@@ -490,7 +496,8 @@ def warp_instructions(sass: str, source: str, loops: dict, skip: list) -> dict:
     ``skip``: (first, last) snippet pairs of source lines the shape does not execute (an untaken
     branch); an instruction from those lines is not counted, nor a loop holding any. The
     division's slow path (a CALL: denormal or huge operands) is not counted."""
-    text = open(source).read()
+    with open(source) as f:
+        text = f.read()
     base = os.path.basename(source)
     lines, src, cur, pending = [], [], set(), set()
     for line in sass.splitlines():
@@ -499,15 +506,14 @@ def warp_instructions(sass: str, source: str, loops: dict, skip: list) -> dict:
             pending |= {int(m.group(2)) if m.group(1).endswith(base) else None,
                         int(m.group(4)) if m.group(3) and m.group(3).endswith(base) else None} - {None}
             continue
-        inst = re.match(r"^\s*/\*[0-9a-f]+\*/\s*([^;]*;)", line)
+        inst = re.match(_SASS_INST, line)
         if inst:
             cur, pending = pending or cur, set()
             lines.append(inst.group(1))
             src.append(cur)
         elif re.match(r"^[.$\w]+:", line):
             lines.append(line.strip())
-    insts, succ = _cfg(lines, r"^([.$\w]+):", r"^(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+`\(([.$\w]+)\)",
-                       r"^(?:@!?U?P\w+\s+)?(?:EXIT|RET)\b", scoped=False)
+    insts, succ = _sass_cfg(lines)
     skipped = set()
     for a, b in skip:
         skipped.update(range(_source_line(text, a), _source_line(text, b) + 1))
@@ -515,8 +521,8 @@ def warp_instructions(sass: str, source: str, loops: dict, skip: list) -> dict:
     # The block that calls a slow path (the division's, for denormal or huge operands) is jumped
     # over on ordinary data: from the branch before the CALL to the label after it.
     cut = {s for i, ss in enumerate(succ) for s in ss if s != i + 1}
-    cut |= {i + 1 for i, text in enumerate(insts) if re.search(r"\bBRA\b", text)}
-    for c in (i for i, text in enumerate(insts) if text.startswith("CALL")):
+    cut |= {i + 1 for i, inst in enumerate(insts) if re.search(r"\bBRA\b", inst)}
+    for c in (i for i, inst in enumerate(insts) if inst.startswith("CALL")):
         a, b = c, c + 1
         while a not in cut and a > 0:
             a -= 1
@@ -542,8 +548,8 @@ def warp_instructions(sass: str, source: str, loops: dict, skip: list) -> dict:
         unroll = max(1, sum(bool(re.search(marker, insts[i])) for i in body) // per) if marker else 1
         found.append(dict(line=heads[0], unroll=unroll, size=len(body), body=body, trips=trips))
     for f in found:
-        main = max(g["unroll"] for g in found if g["line"] == f["line"])
-        f["iterations"] = f["trips"] // main if f["unroll"] == main else f["trips"] % main
+        widest = max(g["unroll"] for g in found if g["line"] == f["line"])
+        f["iterations"] = f["trips"] // widest if f["unroll"] == widest else f["trips"] % widest
         for i in f["body"]:
             weight[i] = weight.get(i, 1) * f["iterations"]
     for line, (trips, _, _) in table.items():  # the SASS loops of each source loop run all its trips
