@@ -18,6 +18,7 @@ cannot be compiled), which is why the test suite calls them in a subprocess.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -69,6 +70,9 @@ class Variant:
     # The launcher's identity of this config (configs.launch_key), when a launcher sizes its grid
     # from the compiled resources: the key of its row in configs/sm90_resources.json.
     launch_key: str | None = None
+    # The trip counts of the loops of one shape's per-token path (see warp_instructions: loops,
+    # skip), for the variants whose warp instructions per token are held to a ceiling.
+    per_token: dict | None = None
 
 
 def shipped_variants() -> list[Variant]:
@@ -112,6 +116,8 @@ class Report:
     k_copy_bytes: int = 0  # bytes of the tiles (rank >= 2) the TTGIR K loop copies by cp.async
     rows: bool = False  # a row-moving kernel (Variant.rows)
     launch_key: str | None = None
+    # SASS instructions one warp executes per program on Variant.per_token's path, x warps / BLOCK_T
+    warp_instructions_per_token: int | None = None
     error: str | None = None
 
 
@@ -163,11 +169,20 @@ def _cubin_info(cubin: bytes, sass: bool = True) -> tuple[dict, str]:
         with open(path, "wb") as f:
             f.write(cubin)
         usage = _run([_nvidia_bin("cuobjdump"), "-res-usage", path])
-        sass = _run([_nvidia_bin("nvdisasm"), "-c", path]) if sass else ""
+    sass = _disassemble(cubin, "-c") if sass else ""
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
     if m is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no REG/SHARED:\n{usage}")
     return {"registers": int(m.group(1)), "shared_static": int(m.group(3))}, sass
+
+
+def _disassemble(cubin: bytes, *flags: str) -> str:
+    """nvdisasm of a cubin (``-c``: code only; ``-gi``: with source lines and where they were inlined)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return _run([_nvidia_bin("nvdisasm"), *flags, path])
 
 
 # ----------------------------------------------------------------------------- occupancy
@@ -319,12 +334,19 @@ def sass_k_loops(sass: str) -> list[list[str]]:
     """K loops of the SASS (nvdisasm -c), found as in :func:`ptx_k_loops` (HGMMA/QGMMA/...)."""
     lines = []
     for line in sass.splitlines():
-        inst = re.match(r"^\s*/\*[0-9a-f]+\*/\s*([^;]*;)", line)
+        inst = re.match(_SASS_INST, line)
         if inst or re.match(r"^[.$\w]+:", line):
             lines.append(inst.group(1) if inst else line.strip())
-    insts, succ = _cfg(lines, r"^([.$\w]+):", r"^(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+`\(([.$\w]+)\)",
-                       r"^(?:@!?U?P\w+\s+)?(?:EXIT|RET)\b", scoped=False)
-    return _k_loops(insts, succ, r"\b[A-Z]*GMMA\b")
+    return _k_loops(*_sass_cfg(lines), r"\b[A-Z]*GMMA\b")
+
+
+_SASS_INST = r"^\s*/\*[0-9a-f]+\*/\s*([^;]*;)"  # nvdisasm -c: /*address*/ instruction ;
+
+
+def _sass_cfg(lines: list[str]):
+    """:func:`_cfg` of SASS lines (labels and instructions)."""
+    return _cfg(lines, r"^([.$\w]+):", r"^(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+`\(([.$\w]+)\)",
+                r"^(?:@!?U?P\w+\s+)?(?:EXIT|RET)\b", scoped=False)
 
 
 def ttgir_k_loops(ttgir: str) -> list[list[str]]:
@@ -422,6 +444,11 @@ def compile_variant(v: Variant) -> Report:
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=v.options)
     ptx = kernel.asm["ptx"]
     cubin, sass = _cubin_info(kernel.asm["cubin"], sass=v.matrix)
+    per_token = None
+    if v.per_token is not None:
+        lined = _disassemble(kernel.asm["cubin"], "-gi", "-c")
+        path = warp_instructions(lined, inspect.getsourcefile(v.fn.fn), v.per_token["loops"], v.per_token["skip"])
+        per_token = path["count"] * kernel.metadata.num_warps // v.constexprs["BLOCK_T"]
     info = _ptxas_info(ptx, fmad=v.options.get("enable_fp_fusion", True))
     threads = kernel.metadata.num_warps * 32
     per_sm, limit = occupancy(cubin["registers"], threads, kernel.metadata.shared + cubin["shared_static"],
@@ -440,10 +467,146 @@ def compile_variant(v: Variant) -> Report:
         limited_by=limit,
         rows=v.rows,
         launch_key=v.launch_key,
+        warp_instructions_per_token=per_token,
         **cubin,
         **info,
         **loop_facts(kernel.asm["ttgir"], ptx, sass),
     )
+
+
+# ----------------------------------------------------------------------------- instructions per token
+
+
+def _source_line(text: str, snippet: str) -> int:
+    """1-based line of the first line of ``text`` that contains ``snippet`` (tables name lines by
+    their code, so they follow edits of the source)."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if snippet in line:
+            return n
+    raise ValueError(f"no line contains {snippet!r}")
+
+
+def warp_instructions(sass: str, source: str, loops: dict, skip: list) -> dict:
+    """Warp instructions one warp executes on the path of one shape, counted on SASS with line info
+    (``nvdisasm -gi -c``, one function): each instruction reachable from the entry once, times the
+    trip count of the loop it is in. ``source`` is the kernel's source file; ``loops`` maps a loop's
+    ``for`` line (a snippet of it) to (trip count, regex of an instruction its body issues
+    ``per`` times an iteration, ``per``): a SASS loop's unroll factor is the count of that
+    instruction in its body / ``per``; an unrolled loop's remainder loop runs trips % unroll.
+    ``skip``: (first, last) snippet pairs of source lines the shape does not execute (an untaken
+    branch); an instruction from those lines is not counted, nor a loop holding any. The
+    division's slow path (a CALL: denormal or huge operands) is not counted."""
+    with open(source) as f:
+        text = f.read()
+    base = os.path.basename(source)
+    lines, src, cur, pending = [], [], set(), set()
+    for line in sass.splitlines():
+        m = re.search(r'//## File "([^"]*)", line (\d+)(?: inlined at "([^"]*)", line (\d+))?', line)
+        if m:  # an instruction's annotations: its line, each inlined at its call site
+            pending |= {int(m.group(2)) if m.group(1).endswith(base) else None,
+                        int(m.group(4)) if m.group(3) and m.group(3).endswith(base) else None} - {None}
+            continue
+        inst = re.match(_SASS_INST, line)
+        if inst:
+            cur, pending = pending or cur, set()
+            lines.append(inst.group(1))
+            src.append(cur)
+        elif re.match(r"^[.$\w]+:", line):
+            lines.append(line.strip())
+    insts, succ = _sass_cfg(lines)
+    skipped = set()
+    for a, b in skip:
+        skipped.update(range(_source_line(text, a), _source_line(text, b) + 1))
+    dead = {i for i in range(len(insts)) if src[i] & skipped}
+    # The block that calls a slow path (the division's, for denormal or huge operands) is jumped
+    # over on ordinary data: from the branch before the CALL to the label after it.
+    cut = {s for i, ss in enumerate(succ) for s in ss if s != i + 1}
+    cut |= {i + 1 for i, inst in enumerate(insts) if re.search(r"\bBRA\b", inst)}
+    for c in (i for i, inst in enumerate(insts) if inst.startswith("CALL")):
+        a, b = c, c + 1
+        while a not in cut and a > 0:
+            a -= 1
+        while b not in cut and b < len(insts):
+            b += 1
+        dead.update(range(a, b))
+    reach, work = set(), [0]
+    while work:
+        x = work.pop()
+        if x not in reach:
+            reach.add(x)
+            work.extend(succ[x])
+    table = {_source_line(text, snip): spec for snip, spec in loops.items()}
+    found, weight = [], {}
+    for body in _natural_loops(insts, succ):
+        if any(src[i] & skipped for i in body) or not body <= reach:
+            continue
+        heads = [line for line in table if any(line in src[i] for i in body)]
+        if len(heads) != 1:
+            lines_in = sorted(set().union(*(src[i] for i in body)))
+            raise RuntimeError(f"a SASS loop of source lines {lines_in} matches {len(heads)} loops of the table")
+        trips, marker, per = table[heads[0]]
+        unroll = max(1, sum(bool(re.search(marker, insts[i])) for i in body) // per) if marker else 1
+        found.append(dict(line=heads[0], unroll=unroll, size=len(body), body=body, trips=trips))
+    for f in found:
+        widest = max(g["unroll"] for g in found if g["line"] == f["line"])
+        f["iterations"] = f["trips"] // widest if f["unroll"] == widest else f["trips"] % widest
+        for i in f["body"]:
+            weight[i] = weight.get(i, 1) * f["iterations"]
+    for line, (trips, _, _) in table.items():  # the SASS loops of each source loop run all its trips
+        done = sum(f["unroll"] * f["iterations"] for f in found if f["line"] == line)
+        if done != trips:
+            raise RuntimeError(f"the SASS loops of source line {line} run {done} of its {trips} iterations")
+    counted = [i for i in reach if i not in dead]
+    count = sum(weight.get(i, 1) for i in counted)
+    by_line: dict[str, int] = {}
+    for i in counted:
+        key = ",".join(map(str, sorted(src[i])))
+        by_line[key] = by_line.get(key, 0) + weight.get(i, 1)
+    return dict(count=count, loops=sorted((f["line"], f["unroll"], f["size"], f["iterations"]) for f in found),
+                straight=sum(1 for i in counted if i not in weight), by_line=by_line)
+
+
+# DeepSeek-V3 routing (fp32 logits, sigmoid + bias, 8 groups keep 4, top-8 of 256, renormalized): the
+# trip counts of the loops of its per-token path, per kernel. csrc/route.cu's <float, VPT = 8,
+# LANES = 32> instantiation: a warp per token, a lane 8 experts (the loops over them unrolled).
+ROUTE_CU_DSV3 = dict(
+    loops={"for (int o = 1; o < lanes_per_group; o <<= 1)": (2, r"\bSHFL\b", 2),  # 32 / 8 = 4 lanes a group
+           "for (int h = 0; h < n_group; ++h)": (8, r"\bSHFL\b", 1),  # rank against 8 group scores
+           "for (int j = 0; j < top_k; ++j) {": (8, r"\bSHFL\b", 7)},  # 8 picks: seg_max 5 + 2 shuffles
+    skip=[("if (softmax) {", "score[i] = __fdiv_rn(score[i], denom)"),  # sigmoid
+          ("x[i] = first + i < num_experts ? sanitize", "x[i] = first + i < num_experts ? sanitize"),  # 16 B loads
+          ("} else {  // any other group size", "if (lane == g) my_group"),  # 32-expert groups: aligned
+          ("} else if (live && lane == 0) {", "out_id[j] = e;"),  # top_k 8 <= 32: picks in registers
+          ("__syncwarp();  // lane 0's stores", "for (int j = lane; j < top_k; j += LANES)")],
+    kernel="topk_routing_kernelIfLi8ELi32E")
+# kernels/_route.py's variant topk_routing/deepseek_v3_e256_k8_g8_4_bias (BLOCK_T = 8 tokens, 8 warps:
+# a warp per token). Constexprs compile out the other branches; the two run-time loops are not unrolled.
+ROUTE_TRITON_DSV3 = dict(router="deepseek_v3_e256_k8_g8_4_bias", skip=[],
+                         loops={"for _ in range(topk_group):": (4, None, 1),  # 4 of the 8 groups kept
+                                "for j in range(top_k):": (8, None, 1)})  # 8 picks
+
+
+def route_cu_instructions(nvcc: str = "nvcc") -> dict:
+    """Warp instructions per DeepSeek-V3 token of csrc/route.cu (a warp per token), compiled here
+    with nvcc for sm_90a as setup.py builds it, plus -lineinfo."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = os.path.join(root, "csrc", "route.cu")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "route.cubin")
+        _run([nvcc, "-O3", "-std=c++17", "-lineinfo", "-gencode=arch=compute_90a,code=sm_90a", "-cubin",
+              "-I", os.path.dirname(source), source, "-o", cubin])
+        sass = _run([_nvidia_bin("nvdisasm"), "-gi", "-c", cubin])
+    fn = _function(sass, ROUTE_CU_DSV3["kernel"])
+    return warp_instructions(fn, source, ROUTE_CU_DSV3["loops"], ROUTE_CU_DSV3["skip"])
+
+
+def _function(sass: str, name: str) -> str:
+    """The SASS of the one function whose mangled name contains ``name``."""
+    starts = [m.start() for m in re.finditer(r"(?m)^\s*\.section\s+\.text\.", sass)] + [len(sass)]
+    parts = [sass[a:b] for a, b in zip(starts, starts[1:]) if name in sass[a:b].splitlines()[0]]
+    if len(parts) != 1:
+        raise RuntimeError(f"{len(parts)} functions named like {name!r} in the SASS")
+    return parts[0]
 
 
 def signature(fn, constexprs: dict, **types) -> dict:
@@ -494,3 +657,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+

@@ -533,7 +533,7 @@ SM90_LOSSES = {"mixtral_e8": (8, torch.bfloat16), "qwen3_e128": (128, torch.floa
 
 @_sm90_registry.register
 def sm90_variants():
-    from ._sm90 import Variant, ptr, signature
+    from ._sm90 import ROUTE_TRITON_DSV3, Variant, ptr, signature
     from .kernels._route import router_loss_kernel, topk_routing_kernel
 
     out = []
@@ -544,7 +544,8 @@ def sm90_variants():
         )
         sig = signature(topk_routing_kernel, constexprs, logits_ptr=ptr(r["dtype"]), bias_ptr="*fp32",
                         weights_ptr="*fp32", ids_ptr="*i32", routed_scaling_factor="fp32")
-        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, sig, constexprs, options))
+        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, sig, constexprs, options,
+                           per_token=ROUTE_TRITON_DSV3 if name == ROUTE_TRITON_DSV3["router"] else None))
     for name, (num_experts, dtype) in SM90_LOSSES.items():
         for balance in (True, False):
             cx, opts = _loss_constexprs(num_experts, torch.float32, balance)

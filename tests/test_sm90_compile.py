@@ -187,6 +187,33 @@ def test_routing_arithmetic_is_not_fused(name):
     assert not reports()[name]["fma"], f"{name}: fma.rn.f32 in the PTX"
 
 
+# Warp instructions per token of the routing variants that carry a path table (_sm90.warp_instructions):
+# today's count + 5%, so that a regression fails. 40 us at 40,000 DeepSeek-V3 tokens on an H200 (132 SMs,
+# 4 schedulers each issuing at most one warp instruction a cycle at 1.98 GHz, ~76% issue efficiency)
+# allows ~800 (issue 13 item 10).
+ROUTING_CEILING = {"topk_routing/deepseek_v3_e256_k8_g8_4_bias": 3360}  # counted 3,200
+ROUTING_BUDGET = 800
+PER_TOKEN = [n for n, v in VARIANTS.items() if v.per_token is not None]
+
+
+def test_routing_path_tables_have_ceilings():
+    assert PER_TOKEN and sorted(PER_TOKEN) == sorted(ROUTING_CEILING)
+
+
+@pytest.mark.parametrize("name", PER_TOKEN)
+def test_routing_instructions_per_token_ceiling(name):
+    count = reports()[name]["warp_instructions_per_token"]
+    assert count is not None and 0 < count <= ROUTING_CEILING[name], (
+        f"{name}: {count} warp instructions per token > ceiling {ROUTING_CEILING[name]}")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    strict=True, reason=f"issue 13 item 10: {n} issues ~{ROUTING_CEILING[n] * 100 // 105} warp instructions "
+                        f"per token > {ROUTING_BUDGET}")) for n in PER_TOKEN])
+def test_routing_instructions_per_token_budget(name):
+    assert reports()[name]["warp_instructions_per_token"] <= ROUTING_BUDGET
+
+
 @pytest.mark.parametrize("name", [f"grouped_mm/{n}" for n, v in grouped_gemm.SM90_GEMMS.items() if v[0] != "unaligned"])
 def test_grouped_gemm_pipelines_its_k_loop(name):
     """num_stages >= 3 keeps two K steps in flight: shared memory holds more than one stage of tiles
