@@ -68,11 +68,12 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def _weight_storage(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The [E, K, N] weight as the kernel reads it: itself (N inner), or the [E, N, K] tensor it is
-    a transposed view of (K inner, ``kmajor``: nn.Linear's storage, read in place)."""
+    a transposed view of (K inner, ``kmajor``: nn.Linear's storage, read in place). Where both
+    dims are unit-stride (K or N of 1), fp8 takes the K-major reading, the only one it accepts."""
+    if w.stride(1) == 1 and (w.stride(2) != 1 or w.dtype == torch.float8_e4m3fn):
+        return w.transpose(1, 2), True
     if w.stride(2) == 1:
         return w, False
-    if w.stride(1) == 1:
-        return w.transpose(1, 2), True
     return w.contiguous(), False  # neither dim is unit-stride: one copy, then the fast path
 
 
@@ -89,6 +90,21 @@ def _descriptor_strides(storage: torch.Tensor) -> list[int]:
 
 def is_kmajor(w: torch.Tensor) -> bool:
     return _weight_storage(w)[1]
+
+
+def check_fp8_weight(name: str, w: torch.Tensor) -> None:
+    """An e4m3 weight w [..., K, N] must be K-major (``w.stride(-2) == 1``: the transposed view of
+    a [..., N, K] tensor): wgmma reads e4m3 operands K-major only, so an N-major one would be
+    transposed through shared memory every K step (issue 13, item 3). Transposed once instead,
+    by moekernels.fp8.prepare_weight."""
+    if w.stride(-2) == 1 or not w.numel():
+        return
+    lead = "E, " if w.dim() == 3 else ""
+    raise ValueError(
+        f"{name} must be K-major: the transposed view of a contiguous [{lead}N, K] float8_e4m3fn tensor "
+        f"(wgmma reads e4m3 operands K-major only), got {name} {list(w.shape)} with strides {tuple(w.stride())}. "
+        f"Prepare the weight once with moekernels.fp8.prepare_weight(w) from the high-precision [{lead}K, N] "
+        f"weight, or prepare_weight(q, scale=s) from an fp8 one (one transpose of its bytes)")
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -123,6 +139,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     n = out.shape[1]
     x = _rows(x)
     storage, kmajor = _weight_storage(w)
+    if scales is not None and not kmajor:
+        check_fp8_weight("w", w)  # raises: the kernel has no N-major e4m3 path
     a_tma = a_index is None and _tma_ok(x)
     # The up half of a gated [K, 2N] weight starts at column N: with N inner (not kmajor) that
     # tile's start must be 16-byte aligned too (bf16 N = 4 is 8 bytes: the interpreter asserts).
@@ -525,6 +543,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
     if scaled:
         _checks.tensor("a_scale", a_scale, ndim=2, dtypes=(torch.float32,), device=x.device)
         _checks.tensor("b_scale", b_scale, ndim=3, dtypes=(torch.float32,), device=x.device)
+        check_fp8_weight("w", w)
         mode = scaling_mode(x, a_scale, w, b_scale)
         if mode == 3 and activation and (w.shape[2] // 2) % 128:
             raise ValueError(f"block-scaled w with an activation needs N % 128 == 0 (w is [E, K, 2N={w.shape[2]}])")
