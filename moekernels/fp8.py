@@ -5,6 +5,9 @@ recipe (activations 1 x 128 per token and channel group, weights 128 x 128 per b
 ``scale = max(amax(|block|), 1e-12) / 448`` (rounded up to a power of two with ``pow2_scale``),
 ``q = saturate(x / scale)`` rounded to nearest even; bit-exact on every backend (kernels/_fp8.py).
 
+``prepare_weight(w, granularity)`` -> (q, scale): a weight quantized K-major, once (the GEMMs
+take e4m3 weights K-major only and reject an N-major one).
+
 ``fp8_mm`` / ``fp8_grouped_mm`` run the grouped GEMM kernel (kernels/_grouped_gemm.py) on fp8
 operands (e4m3 wgmma) with the scales applied in the kernel:
     tensor x tensor: acc * sa * sb after the K loop;

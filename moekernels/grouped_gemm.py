@@ -114,12 +114,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
-def num_stages(cfg, scale_mode: int, act: int, kmajor: bool) -> int:
-    """Software-pipeline stages of a forward launch. The block-scaled fp8 loop over a K-major
-    weight without an activation takes two K steps an iteration (kernels/_grouped_gemm.py,
-    _block_scaled_loop), so half the stages (at least 2) prefetch as many K steps: 2 stages of two
-    128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB."""
-    two_steps = scale_mode == 3 and not act and kmajor
+def num_stages(cfg, scale_mode: int, act: int) -> int:
+    """Software-pipeline stages of a forward launch. The block-scaled fp8 loop without an
+    activation takes two K steps an iteration (kernels/_grouped_gemm.py, _block_scaled_loop; its
+    weight is always K-major), so half the stages (at least 2) prefetch as many K steps: 2 stages
+    of two 128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB."""
+    two_steps = scale_mode == 3 and not act
     return max(2, (cfg.num_stages + 1) // 2) if two_steps else cfg.num_stages
 
 
@@ -163,7 +163,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
                            scatter=c_index is not None, act=act, scale=scale_mode,
                            block_e=triton.next_power_of_2(num_experts))
-    stages = num_stages(cfg, scale_mode, act, kmajor)
+    stages = num_stages(cfg, scale_mode, act)
     per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
@@ -195,9 +195,9 @@ def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int) -> int:
     if per_sm is not None:
         return per_sm
     # float32 tiles held: block-scaled fp8 adds the per-step products (two, in flight and being
-    # promoted, unless the one-step loop of an N-major weight without activation: one).
+    # promoted, without an activation; one with it).
     scaled = cx["SCALE"] == 3
-    accumulators = (2 if cx["ACT"] else 1) * (2 if scaled else 1) + (scaled and not cx["ACT"] and cx["B_KMAJOR"])
+    accumulators = (2 if cx["ACT"] else 1) * (2 if scaled else 1) + (scaled and not cx["ACT"])
     return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators)
 
 
@@ -644,7 +644,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     pointers = gather or unaligned
     cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128)
-    stages = num_stages(cfg, scale, cx["ACT"], kmajor)
+    stages = num_stages(cfg, scale, cx["ACT"])
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
     # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.

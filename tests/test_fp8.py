@@ -372,6 +372,12 @@ def test_n_major_fp8_weight_is_rejected_naming_prepare_weight(backend):
         with pytest.raises(ValueError, match=r"K-major.*prepare_weight") as err:
             call()
         assert ("[N, K]" if name == "fp8_mm" else "[E, N, K]") in str(err.value), name
+    w1, s1 = moekernels.quantize_fp8(torch.randn(2, 256, 256), (128, 128), backend="torch")
+    w1 = w1.transpose(1, 2).contiguous().transpose(1, 2)  # [E, 2I, H] stored H outer: N-major for the GEMM
+    w2, s2 = moekernels.quantize_fp8(torch.randn(2, 256, 128), (128, 128), backend="torch")
+    with pytest.raises(ValueError, match=r"w_gate_up must be stored with its last dim contiguous.*prepare_weight"):
+        moekernels.fused_moe(torch.randn(16, 256), w1, w2, torch.rand(16, 1), torch.zeros(16, 1, dtype=torch.int32),
+                             w_gate_up_scale=s1, w_down_scale=s2, backend=backend)
     out = torch.empty(16, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match=r"K-major.*prepare_weight"):  # the launch, under every entry point
         gg._launch(qa, n_major, offs, out, variant="plain", rows=16, scales=(3, sa, sb))
