@@ -5,6 +5,9 @@ recipe (activations 1 x 128 per token and channel group, weights 128 x 128 per b
 ``scale = max(amax(|block|), 1e-12) / 448`` (rounded up to a power of two with ``pow2_scale``),
 ``q = saturate(x / scale)`` rounded to nearest even; bit-exact on every backend (kernels/_fp8.py).
 
+``prepare_weight(w, granularity)`` -> (q, scale): a weight quantized K-major, once (the GEMMs
+take e4m3 weights K-major only and reject an N-major one).
+
 ``fp8_mm`` / ``fp8_grouped_mm`` run the grouped GEMM kernel (kernels/_grouped_gemm.py) on fp8
 operands (e4m3 wgmma) with the scales applied in the kernel:
     tensor x tensor: acc * sa * sb after the K loop;
@@ -231,19 +234,19 @@ SM90_QUANTS = {
 }
 
 
-# (grouped_mm_kernel variant, rows per expert, N, K, scaling mode, weight storage): the scaled
-# GEMMs of the fp8 MoE path (DeepSeek-V3's gate/up and down, a 7168 x 4096 dense slice).
-# "+colscale": column-major (1, 128) activation scales, as the MoE layer quantizes them.
+# (grouped_mm_kernel variant, rows per expert, N, K, scaling mode): the scaled GEMMs of the fp8
+# MoE path (DeepSeek-V3's gate/up and down, a 7168 x 4096 dense slice), every weight K-major (an
+# N-major e4m3 weight is rejected: prepare_weight). "+colscale": column-major (1, 128) activation
+# scales, as the MoE layer quantizes them.
 SM90_FP8_GEMMS = {
-    "fp8_block_prefill_kmajor": ("plain", 512, 4096, 7168, 3, True),
-    "fp8_block_prefill_kmajor_colscale": ("plain+colscale", 512, 4096, 7168, 3, True),
-    "fp8_block_decode_kmajor": ("plain", 4, 4096, 7168, 3, True),
-    "fp8_block_ekn": ("plain", 512, 4096, 7168, 3, False),
-    "fp8_rowcol_prefill_kmajor": ("plain", 512, 4096, 7168, 2, True),
-    "fp8_tensor_prefill_kmajor": ("plain", 512, 4096, 7168, 1, True),
-    "fp8_block_gather_gated_kmajor": ("gather+gated+colscale", 512, 2048, 7168, 3, True),
-    "fp8_block_gather_gated_decode": ("gather+gated+colscale", 4, 2048, 7168, 3, True),
-    "fp8_block_scatter_kmajor": ("scatter+colscale", 512, 7168, 2048, 3, True),
+    "fp8_block_prefill_kmajor": ("plain", 512, 4096, 7168, 3),
+    "fp8_block_prefill_kmajor_colscale": ("plain+colscale", 512, 4096, 7168, 3),
+    "fp8_block_decode_kmajor": ("plain", 4, 4096, 7168, 3),
+    "fp8_rowcol_prefill_kmajor": ("plain", 512, 4096, 7168, 2),
+    "fp8_tensor_prefill_kmajor": ("plain", 512, 4096, 7168, 1),
+    "fp8_block_gather_gated_kmajor": ("gather+gated+colscale", 512, 2048, 7168, 3),
+    "fp8_block_gather_gated_decode": ("gather+gated+colscale", 4, 2048, 7168, 3),
+    "fp8_block_scatter_kmajor": ("scatter+colscale", 512, 7168, 2048, 3),
 }
 
 
@@ -253,10 +256,10 @@ def sm90_variants():
     from .kernels._fp8 import quantize_fp8_kernel as fn
 
     out = []
-    for name, (variant, per_expert, n, k, scale, kmajor) in SM90_FP8_GEMMS.items():
+    for name, (variant, per_expert, n, k, scale) in SM90_FP8_GEMMS.items():
         cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8)
         launch = "+".join(p for p in variant.split("+") if p != "colscale")
-        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, kmajor, scale=scale,
+        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, True, scale=scale,
                                                 out_dtype=torch.bfloat16, col_major_a_scale=launch != variant))
     for name, (granularity, rows, cols, dtype, gather) in SM90_QUANTS.items():
         br, bc = block_shape(granularity, rows, cols)
@@ -289,8 +292,11 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check_scaled(a, a_scale, b, b_scale, out_dtype, b_ndim):
+    from .grouped_gemm import check_fp8_weight
+
     _checks.tensor("a", a, ndim=2, dtypes=(FP8,))
     _checks.tensor("b", b, ndim=b_ndim, dtypes=(FP8,), device=a.device)
+    check_fp8_weight("b", b)
     _checks.tensor("a_scale", a_scale, ndim=2, dtypes=(torch.float32,), device=a.device)
     _checks.tensor("b_scale", b_scale, ndim=b_ndim, dtypes=(torch.float32,), device=a.device)
     if out_dtype not in OUT_DTYPES:
@@ -309,7 +315,10 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
         a_scale: float32 from :func:`quantize_fp8` of the [M, K] rows: [1, 1] ("tensor"),
             [M, 1] ("row") or [M, K / 128] ((1, 128)), in either layout, read by its strides;
             column-major (``scale_layout="col_major"``, [K / 128, M] in memory) is the fast one.
-        b: [E, K, N] float8_e4m3fn, usually the transposed view of an [E, N, K] weight.
+        b: [E, K, N] float8_e4m3fn, K-major: the transposed view of a contiguous [E, N, K]
+            tensor (nn.Linear's storage, or :func:`prepare_weight`'s output). wgmma reads e4m3
+            operands K-major only; an N-major b (a contiguous [E, K, N]) raises ValueError
+            rather than be transposed through shared memory every K step: prepare it once.
         b_scale: float32 scales of the logical [E, K, N]: [E, 1, 1] ("tensor"), [E, 1, N]
             ("col", or "row" of the [E, N, K] storage, transposed) or [E, K / 128, N / 128]
             ((128, 128), or the transposed (128, 128) scales of the storage).
@@ -324,6 +333,58 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     from .grouped_gemm import grouped_mm_fused
 
     return grouped_mm_fused(a, b, offs, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, backend=backend)
+
+
+WEIGHT_GRANULARITIES = ("tensor", "col", (128, 128))
+
+
+def prepare_weight(w: torch.Tensor, granularity=(128, 128), *, scale: torch.Tensor | None = None,
+                   backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp8 weight operand of :func:`fp8_grouped_mm` / :func:`fp8_mm`, K-major, made once at
+    load time (as DeepGEMM prepares its weights): wgmma reads e4m3 operands K-major only.
+
+    Args:
+        w: the logical weight [E, K, N] (or [K, N] for fp8_mm), in either storage: contiguous, or
+            the transposed view of an [E, N, K] tensor. float32, bfloat16 or float16: quantized.
+            float8_e4m3fn with ``scale``: an already-quantized weight, whose bytes are only
+            transposed (no re-quantization; returned as is if already K-major).
+        granularity: of the logical [K, N]: ``(128, 128)`` blocks (default; DeepSeek-V3),
+            ``"col"`` (one scale per output column n) or ``"tensor"``: the GEMMs' weight scales.
+        scale: with an fp8 w, its float32 scales of the logical [.., K, N] (passed through).
+        backend: the quantizer's (``quantize_fp8``'s).
+
+    Returns:
+        q: [E, K, N] float8_e4m3fn, the transposed view of a contiguous [E, N, K] tensor;
+            bit for bit ``quantize_fp8(w, granularity)``'s values, only laid out K-major.
+        scale: float32 [E, K / 128, N / 128], [E, 1, N] or [E, 1, 1] (its strides are the
+            transpose's too; the GEMMs read any strides).
+
+    The quantization runs on the [E, N, K] storage, whose blocks and scales are the logical ones
+    transposed (a block's amax does not depend on its orientation); a contiguous [E, K, N] w is
+    copied once to that storage first.
+    """
+    if w.dtype == FP8:
+        if scale is None:
+            raise ValueError("scale is required with a float8_e4m3fn w: its float32 scales of the logical "
+                             "[.., K, N] (prepare_weight only transposes an fp8 weight's bytes)")
+        _checks.tensor("scale", scale, ndim=w.dim(), dtypes=(torch.float32,), device=w.device)
+        if w.dim() not in (2, 3):
+            raise ValueError(f"w must be [K, N] or [E, K, N], got shape {tuple(w.shape)}")
+        return w.transpose(-1, -2).contiguous().transpose(-1, -2), scale
+    _checks.tensor("w", w, dtypes=QUANT_INPUTS)
+    if w.dim() not in (2, 3):
+        raise ValueError(f"w must be [K, N] or [E, K, N], got shape {tuple(w.shape)}")
+    if scale is not None:
+        raise ValueError("scale goes with a float8_e4m3fn w only (a high-precision w is quantized here)")
+    # On the [.., N, K] storage: the transposed granularity ("col" of [K, N] is "row" of [N, K]).
+    key = tuple(granularity) if isinstance(granularity, (tuple, list)) else granularity
+    storage = {"tensor": "tensor", "col": "row", (128, 128): (128, 128)}.get(key) if isinstance(key, (str, tuple)) \
+        else None
+    if storage is None:
+        raise ValueError(f"granularity must be one of the GEMMs' weight scalings {WEIGHT_GRANULARITIES} (of the "
+                         f"logical [K, N]), got {granularity!r}")
+    q, s = quantize_fp8(w.transpose(-1, -2), storage, backend=backend)
+    return q.contiguous().transpose(-1, -2), s.transpose(-1, -2)
 
 
 def _check_mm_scales(a, a_scale, b, b_scale) -> None:
@@ -346,9 +407,10 @@ def _check_mm_scales(a, a_scale, b, b_scale) -> None:
 
 def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *,
            out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> torch.Tensor:
-    """Scaled fp8 GEMM ``(a * sa) @ (b * sb)``: a [M, K], b [K, N] (usually the transposed view of
-    an [N, K] weight), scales as in :func:`fp8_grouped_mm` without the expert dim ([1, 1], [1, N]
-    or [K / 128, N / 128] for b). The grouped kernel with one group."""
+    """Scaled fp8 GEMM ``(a * sa) @ (b * sb)``: a [M, K], b [K, N] K-major (the transposed view of
+    a contiguous [N, K] weight, or :func:`prepare_weight`'s output; an N-major b raises
+    ValueError), scales as in :func:`fp8_grouped_mm` without the expert dim ([1, 1], [1, N] or
+    [K / 128, N / 128] for b). The grouped kernel with one group."""
     _check_scaled(a, a_scale, b, b_scale, out_dtype, 2)
     _check_mm_scales(a, a_scale, b, b_scale)
     offs = torch.full((1,), a.shape[0], dtype=torch.int32, device=a.device)

@@ -68,11 +68,12 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 def _weight_storage(w: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """The [E, K, N] weight as the kernel reads it: itself (N inner), or the [E, N, K] tensor it is
-    a transposed view of (K inner, ``kmajor``: nn.Linear's storage, read in place)."""
+    a transposed view of (K inner, ``kmajor``: nn.Linear's storage, read in place). Where both
+    dims are unit-stride (K or N of 1), fp8 takes the K-major reading, the only one it accepts."""
+    if w.stride(1) == 1 and (w.stride(2) != 1 or w.dtype == torch.float8_e4m3fn):
+        return w.transpose(1, 2), True
     if w.stride(2) == 1:
         return w, False
-    if w.stride(1) == 1:
-        return w.transpose(1, 2), True
     return w.contiguous(), False  # neither dim is unit-stride: one copy, then the fast path
 
 
@@ -91,6 +92,21 @@ def is_kmajor(w: torch.Tensor) -> bool:
     return _weight_storage(w)[1]
 
 
+def check_fp8_weight(name: str, w: torch.Tensor) -> None:
+    """An e4m3 weight w [..., K, N] must be K-major (``w.stride(-2) == 1``: the transposed view of
+    a [..., N, K] tensor): wgmma reads e4m3 operands K-major only, so an N-major one would be
+    transposed through shared memory every K step (issue 13, item 3). Transposed once instead,
+    by moekernels.fp8.prepare_weight."""
+    if w.stride(-2) == 1 or not w.numel():
+        return
+    lead = "E, " if w.dim() == 3 else ""
+    raise ValueError(
+        f"{name} must be K-major: the transposed view of a contiguous [{lead}N, K] float8_e4m3fn tensor "
+        f"(wgmma reads e4m3 operands K-major only), got {name} {list(w.shape)} with strides {tuple(w.stride())}. "
+        f"Prepare the weight once with moekernels.fp8.prepare_weight(w) from the high-precision [{lead}K, N] "
+        f"weight, or prepare_weight(q, scale=s) from an fp8 one (one transpose of its bytes)")
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -98,12 +114,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
-def num_stages(cfg, scale_mode: int, act: int, kmajor: bool) -> int:
-    """Software-pipeline stages of a forward launch. The block-scaled fp8 loop over a K-major
-    weight without an activation takes two K steps an iteration (kernels/_grouped_gemm.py,
-    _block_scaled_loop), so half the stages (at least 2) prefetch as many K steps: 2 stages of two
-    128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB."""
-    two_steps = scale_mode == 3 and not act and kmajor
+def num_stages(cfg, scale_mode: int, act: int) -> int:
+    """Software-pipeline stages of a forward launch. The block-scaled fp8 loop without an
+    activation takes two K steps an iteration (kernels/_grouped_gemm.py, _block_scaled_loop; its
+    weight is always K-major), so half the stages (at least 2) prefetch as many K steps: 2 stages
+    of two 128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB."""
+    two_steps = scale_mode == 3 and not act
     return max(2, (cfg.num_stages + 1) // 2) if two_steps else cfg.num_stages
 
 
@@ -123,6 +139,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     n = out.shape[1]
     x = _rows(x)
     storage, kmajor = _weight_storage(w)
+    if scales is not None and not kmajor:
+        check_fp8_weight("w", w)  # raises: the kernel has no N-major e4m3 path
     a_tma = a_index is None and _tma_ok(x)
     # The up half of a gated [K, 2N] weight starts at column N: with N inner (not kmajor) that
     # tile's start must be 16-byte aligned too (bf16 N = 4 is 8 bytes: the interpreter asserts).
@@ -145,7 +163,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
                            scatter=c_index is not None, act=act, scale=scale_mode,
                            block_e=triton.next_power_of_2(num_experts))
-    stages = num_stages(cfg, scale_mode, act, kmajor)
+    stages = num_stages(cfg, scale_mode, act)
     per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
@@ -177,9 +195,9 @@ def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int) -> int:
     if per_sm is not None:
         return per_sm
     # float32 tiles held: block-scaled fp8 adds the per-step products (two, in flight and being
-    # promoted, unless the one-step loop of an N-major weight without activation: one).
+    # promoted, without an activation; one with it).
     scaled = cx["SCALE"] == 3
-    accumulators = (2 if cx["ACT"] else 1) * (2 if scaled else 1) + (scaled and not cx["ACT"] and cx["B_KMAJOR"])
+    accumulators = (2 if cx["ACT"] else 1) * (2 if scaled else 1) + (scaled and not cx["ACT"])
     return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators)
 
 
@@ -525,6 +543,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
     if scaled:
         _checks.tensor("a_scale", a_scale, ndim=2, dtypes=(torch.float32,), device=x.device)
         _checks.tensor("b_scale", b_scale, ndim=3, dtypes=(torch.float32,), device=x.device)
+        check_fp8_weight("w", w)
         mode = scaling_mode(x, a_scale, w, b_scale)
         if mode == 3 and activation and (w.shape[2] // 2) % 128:
             raise ValueError(f"block-scaled w with an activation needs N % 128 == 0 (w is [E, K, 2N={w.shape[2]}])")
@@ -625,7 +644,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     pointers = gather or unaligned
     cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128)
-    stages = num_stages(cfg, scale, cx["ACT"], kmajor)
+    stages = num_stages(cfg, scale, cx["ACT"])
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
     # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.

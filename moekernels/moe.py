@@ -261,6 +261,10 @@ def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2
         if s is None:
             raise ValueError(f"{name}_scale is required with float8_e4m3fn {name}: its (128, 128) scales {want}")
         _checks.tensor(f"{name}_scale", s, ndim=3, dtypes=(torch.float32,), device=device)
+        if w.stride(2) != 1 and w.shape[2] > 1:  # the GEMMs read w^T: K-major only for e4m3 (fp8.prepare_weight)
+            raise ValueError(f"{name} must be stored with its last dim contiguous (K-major for the GEMM: wgmma "
+                             f"reads float8_e4m3fn weights K-major only), got strides {tuple(w.stride())}; "
+                             f"use {name}.contiguous() once at load time (see moekernels.fp8.prepare_weight)")
         if tuple(s.shape) != want:
             raise ValueError(f"{name}_scale must be the (128, 128) block scales of {name}: shape {want}, "
                              f"got {tuple(s.shape)}")

@@ -291,6 +291,114 @@ def test_fp8_mm_weight_descriptor_is_well_formed(device, backend, monkeypatch):
         assert strides[2] == 1 and strides[1] >= shape[2] and strides[0] >= shape[1] * strides[1], (shape, strides)
 
 
+# ----------------------------------------------------------------------------- prepared weights
+
+
+def kmajor(q):
+    """The transposed view of a contiguous tensor: what wgmma reads e4m3 weights as."""
+    return q.transpose(-1, -2).is_contiguous()
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("granularity", ["tensor", "col", (128, 128)], ids=gran_id)
+@pytest.mark.parametrize("shape,storage", [((3, 260, 130), "ekn"), ((3, 260, 130), "enk"), ((200, 72), "ekn")],
+                         ids=["ekn", "enk", "2d"])
+def test_prepare_weight_is_the_quantized_storage_transposed(shape, storage, granularity, device, backend):
+    """q, scale of the logical [.., K, N] (either storage): the bits quantize_fp8 gives the
+    [.., N, K] storage with the transposed granularity, transposed; q K-major."""
+    w_nk = make_x((*shape[:-2], shape[-1], shape[-2]), torch.bfloat16, device)  # [.., N, K]
+    w = w_nk.transpose(-1, -2) if storage == "enk" else w_nk.transpose(-1, -2).contiguous()
+    q, scale = fp8.prepare_weight(w, granularity, backend=backend)
+    on_storage = {"tensor": "tensor", "col": "row"}.get(granularity, granularity) if isinstance(granularity, str) \
+        else granularity
+    want_q, want_s = moekernels.quantize_fp8(w_nk, on_storage, backend="torch")
+    assert kmajor(q) and q.shape == w.shape
+    assert same_bits(q, want_q.transpose(-1, -2)) and same_bits(scale, want_s.transpose(-1, -2))
+    # ... and the logical matrix's own quantization (a block's scale does not depend on its orientation).
+    logical_q, logical_s = moekernels.quantize_fp8(w.contiguous(), granularity, backend="torch")
+    assert same_bits(q, logical_q) and same_bits(scale, logical_s)
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+@pytest.mark.parametrize("mode", MODES)
+def test_fp8_grouped_mm_on_prepared_weights(mode, device, backend):
+    """A contiguous [E, K, N] weight, prepared once: the product of quantizing its [E, N, K]
+    transpose and passing the transposed views, bit for bit; fp8_mm likewise on [K, N]."""
+    rows, k, n, num_experts, tail = 50, 256, 192, 3, 3
+    qa, sa, qb, sb, _, w = quantized_problem(rows, k, n, num_experts, mode, device)
+    offs = make_offs(rows, num_experts, tail, device)
+    granularity = {"tensor": "tensor", "rowcol": "col", "block": (128, 128)}[mode]
+    pq, ps = fp8.prepare_weight(w.contiguous(), granularity, backend=backend)  # w: the bf16 [E, K, N]
+    y = moekernels.fp8_grouped_mm(qa, sa, pq, ps, offs, out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y, moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend=backend))
+    pq, ps = fp8.prepare_weight(w[0].contiguous(), granularity, backend=backend)
+    y = moekernels.fp8_mm(qa, sa, pq, ps, out_dtype=torch.float32, backend=backend)
+    assert torch.equal(y, moekernels.fp8_mm(qa, sa, qb[0], sb[0], out_dtype=torch.float32, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", device_backends(cuda=False))
+def test_prepare_weight_of_an_fp8_weight_transposes_its_bytes(device, backend):
+    """An fp8 [E, K, N] weight quantized as stored (N inner): prepare_weight(q, scale=s) copies its
+    bytes K-major once, scales untouched, and the GEMM takes it (an N-major one it refuses)."""
+    rows, k, n, num_experts = 40, 256, 128, 2
+    qa, sa, _, _, _, w = quantized_problem(rows, k, n, num_experts, "block", device)
+    q_kn, s_kn = moekernels.quantize_fp8(w.contiguous(), (128, 128), backend="torch")  # N-major
+    pq, ps = fp8.prepare_weight(q_kn, scale=s_kn)
+    assert kmajor(pq) and same_bits(pq, q_kn) and ps is s_kn
+    assert fp8.prepare_weight(pq, scale=ps)[0].data_ptr() == pq.data_ptr()  # already K-major: no copy
+    offs = make_offs(rows, num_experts, 1, device)
+    y = moekernels.fp8_grouped_mm(qa, sa, pq, ps, offs, out_dtype=torch.float32, backend=backend)
+    deq = reference.grouped_mm(fp8.dequantize_fp8(qa, sa).double().cpu(),
+                               fp8.dequantize_fp8(q_kn, s_kn).double().cpu(), offs.cpu())
+    assert rel_err(y, deq) <= 1e-5
+    with pytest.raises(ValueError, match="prepare_weight"):
+        moekernels.fp8_grouped_mm(qa, sa, q_kn, s_kn, offs, backend=backend)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_n_major_fp8_weight_is_rejected_naming_prepare_weight(backend):
+    """The kernel has no N-major e4m3 path (issue 13, item 3: it was a transpose through shared
+    memory every K step): fp8_grouped_mm, fp8_mm, the fused op and the launcher itself refuse a
+    contiguous [E, K, N] fp8 weight, with the fix in the message, on every backend."""
+    qa, sa, qb, sb, _, _ = quantized_problem(16, 256, 128, 2, "block", "cpu")
+    offs = torch.tensor([5, 16], dtype=torch.int32)
+    n_major = qb.contiguous()
+    calls = {
+        "fp8_grouped_mm": lambda: moekernels.fp8_grouped_mm(qa, sa, n_major, sb, offs, backend=backend),
+        "fp8_mm": lambda: moekernels.fp8_mm(qa, sa, n_major[0], sb[0], backend=backend),
+        "grouped_mm_fused": lambda: gg.grouped_mm_fused(qa, n_major, offs, a_scale=sa, b_scale=sb, backend=backend),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"K-major.*prepare_weight") as err:
+            call()
+        assert ("[N, K]" if name == "fp8_mm" else "[E, N, K]") in str(err.value), name
+    w1, s1 = moekernels.quantize_fp8(torch.randn(2, 256, 256), (128, 128), backend="torch")
+    w1 = w1.transpose(1, 2).contiguous().transpose(1, 2)  # [E, 2I, H] stored H outer: N-major for the GEMM
+    w2, s2 = moekernels.quantize_fp8(torch.randn(2, 256, 128), (128, 128), backend="torch")
+    with pytest.raises(ValueError, match=r"w_gate_up must be stored with its last dim contiguous.*prepare_weight"):
+        moekernels.fused_moe(torch.randn(16, 256), w1, w2, torch.rand(16, 1), torch.zeros(16, 1, dtype=torch.int32),
+                             w_gate_up_scale=s1, w_down_scale=s2, backend=backend)
+    out = torch.empty(16, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"K-major.*prepare_weight"):  # the launch, under every entry point
+        gg._launch(qa, n_major, offs, out, variant="plain", rows=16, scales=(3, sa, sb))
+
+
+def test_prepare_weight_bad_input():
+    w = torch.randn(2, 256, 128)
+    with pytest.raises(ValueError, match="granularity"):  # "row" of [K, N] is per K: no GEMM takes it
+        fp8.prepare_weight(w, "row")
+    with pytest.raises(ValueError, match="granularity"):
+        fp8.prepare_weight(w, (1, 128))
+    with pytest.raises(ValueError, match="scale is required"):
+        fp8.prepare_weight(w.to(FP8))
+    with pytest.raises(ValueError, match="scale goes with"):
+        fp8.prepare_weight(w, scale=torch.ones(2, 2, 1))
+    with pytest.raises(TypeError, match="w"):
+        fp8.prepare_weight(w.int())
+    with pytest.raises(ValueError, match="w must be"):
+        fp8.prepare_weight(torch.randn(256))
+
+
 @pytest.mark.parametrize("device,backend", device_backends(cuda=False))
 @pytest.mark.parametrize("layout", fp8.SCALE_LAYOUTS)
 def test_fp8_moe_path(layout, device, backend):

@@ -441,7 +441,8 @@ def fp8_problem(draw):
 
 def quantized_operands(p, num_experts):
     """fp8 a [M, K] and b [E, K, N] with their scales for the mode, in the drawn layouts: b as the
-    transposed view of quantized nn.Linear storage [E, N, K] (kmajor), or quantized as [E, K, N]."""
+    transposed view of quantized nn.Linear storage [E, N, K] (kmajor), or prepared from a
+    contiguous [E, K, N] (fp8.prepare_weight: the GEMMs take e4m3 weights K-major only)."""
     g = gen(p["seed"])
     ga, gb = {"tensor": ("tensor", "tensor"), "rowcol": ("row", "row"), "block": ((1, 128), (128, 128))}[p["mode"]]
     qa, sa = moekernels.quantize_fp8(randn(g, p["rows"], p["k"]), ga, backend="torch")
@@ -449,9 +450,8 @@ def quantized_operands(p, num_experts):
     if p["kmajor"]:
         qb, sb = moekernels.quantize_fp8(w, gb, backend="torch")
         qb, sb = qb.transpose(1, 2), sb.transpose(1, 2)
-    else:  # the logical [E, K, N] quantized in place: "col" scales for rowcol, (128, 128) blocks as they are
-        qb, sb = moekernels.quantize_fp8(w.transpose(1, 2).contiguous(), "col" if gb == "row" else gb,
-                                         backend="torch")
+    else:  # the logical [E, K, N] stored N inner: "col" scales for rowcol, (128, 128) blocks as they are
+        qb, sb = fp8.prepare_weight(w.transpose(1, 2).contiguous(), "col" if gb == "row" else gb, backend="torch")
     return lay_out(qa, p["layout"]), lay_out(sa, p["layout"]), qb, sb
 
 

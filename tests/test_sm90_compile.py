@@ -32,8 +32,6 @@ _FP8_BLOCK = [n for n in MATRIX if n.startswith("fp8_grouped_mm/fp8_block")]
 KNOWN_STALLS = {
     **{(n, "wgmma_in_flight"): "issue 13 item 1: the (1, 128) x (128, 128) loop waits for every wgmma "
                               "(wait_group 0) before promoting each K step's partial" for n in _FP8_BLOCK},
-    ("fp8_grouped_mm/fp8_block_ekn", "no_smem_round_trip"):
-        "issue 13 item 3: an N-major fp8 weight is transposed through shared memory every K step",
     ("grouped_mm/plain_prefill_fp32_ekn", "no_smem_round_trip"):
         "issue 13 item 3: an N-major fp32 (tf32) weight is transposed through shared memory every K step",
     ("grouped_mm/plain_prefill_fp32_ekn", "wgmma_in_flight"):
@@ -46,8 +44,6 @@ KNOWN_STALLS = {
     ("fp8_grouped_mm/wgrad_segments", "wgmma_in_flight"):
         "issue 13 item 1 (and issue 14): the fp8 weight gradient promotes each token tile's product after a "
         "wait_group 0, as the forward's block loop did",
-    ("fp8_grouped_mm/fp8_block_ekn", "promotion_overlaps_wgmma"):
-        "issue 13 items 1 and 3: the N-major weight's loop keeps one K step an iteration (two spill 28 bytes)",
     ("fp8_grouped_mm/wgrad_segments", "promotion_overlaps_wgmma"):
         "issue 14: the fp8 weight gradient's loop takes one token tile an iteration",
     ("quantize_fp8/quant_col_fp32_pass1", "vector16"):

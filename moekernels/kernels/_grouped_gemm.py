@@ -137,8 +137,8 @@ def _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride
 def _block_scaled_loop(a, b, acc, src, src64, row_ok, row0, e, e64, n0, K, num_k_tiles, width_b, stride_am,
                        stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr, stride_sam, stride_sak, stride_sbe,
                        stride_sbk, stride_sbn, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr,
-                       SWAP_AB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, TWO_STEPS: tl.constexpr):
-    """The (1, 128) x (128, 128) K loop, two K steps an iteration (TWO_STEPS), so that a wgmma is in flight
+                       SWAP_AB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (1, 128) x (128, 128) K loop, two K steps an iteration, so that a wgmma is in flight
     while the previous step's product is promoted. Each K step's product needs its own scales,
     so it is read in the loop, and triton 3.6's pipeliner then waits for that wgmma at once
     (pendings 0) unless the read comes after another wait 0 in the loop (WGMMAPipeline's rule
@@ -148,32 +148,28 @@ def _block_scaled_loop(a, b, acc, src, src64, row_ok, row0, e, e64, n0, K, num_k
     last step of zeros (TMA and masked loads past K read zeros; its scales are 0).
 
     The overlap holds a third 128x128 float32 tile (255 registers a thread at 8 warps, sm_90a).
-    Without TWO_STEPS, one step an iteration, waited for at once: for the N-major weight, which
-    is transposed through shared memory (issue 13, item 3) and would spill 28 bytes."""
+    The e4m3 weight is K-major (the launcher rejects an N-major one: fp8.prepare_weight), so no
+    transpose through shared memory adds to that (two steps of one would spill 28 bytes)."""
     sb_ptr = b_scale_ptr + e64 * stride_sbe + (n0 // 128) * stride_sbn
     zero = tl.zeros(acc.shape, dtype=tl.float32)
     part_b = zero
     s_b = tl.zeros(src.shape, dtype=tl.float32)
-    STEPS: tl.constexpr = 2 if TWO_STEPS else 1
-    for kp in range(0, tl.cdiv(num_k_tiles, STEPS)):
-        ka = kp * STEPS
+    for kp in range(0, tl.cdiv(num_k_tiles, 2)):
+        ka = kp * 2
         s_a = _step_scales(a_scale_ptr, src64, row_ok, ka, num_k_tiles, stride_sam, stride_sak, sb_ptr, stride_sbk)
         a_tile = _load_a(a, src, row_ok, row0, ka * BLOCK_K, K, stride_am, A_TMA, BLOCK_K)
         b_tile = _load_b(b, e, ka * BLOCK_K, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
                          BLOCK_K, BLOCK_N)
         part_a = _mma(a_tile, b_tile, zero, SWAP_AB)  # waited for at once
-        if TWO_STEPS:
-            acc = _promote(acc, part_b, s_b, SWAP_AB)  # the previous iteration's step B
-            kb = ka + 1
-            s_b = _step_scales(a_scale_ptr, src64, row_ok, kb, num_k_tiles, stride_sam, stride_sak, sb_ptr,
-                               stride_sbk)
-            a_tile = _load_a(a, src, row_ok, row0, kb * BLOCK_K, K, stride_am, A_TMA, BLOCK_K)
-            b_tile = _load_b(b, e, kb * BLOCK_K, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
-                             BLOCK_K, BLOCK_N)
-            part_b = _mma(a_tile, b_tile, zero, SWAP_AB)  # in flight across the promotion below
+        acc = _promote(acc, part_b, s_b, SWAP_AB)  # the previous iteration's step B
+        kb = ka + 1
+        s_b = _step_scales(a_scale_ptr, src64, row_ok, kb, num_k_tiles, stride_sam, stride_sak, sb_ptr, stride_sbk)
+        a_tile = _load_a(a, src, row_ok, row0, kb * BLOCK_K, K, stride_am, A_TMA, BLOCK_K)
+        b_tile = _load_b(b, e, kb * BLOCK_K, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
+                         BLOCK_K, BLOCK_N)
+        part_b = _mma(a_tile, b_tile, zero, SWAP_AB)  # in flight across the promotion below
         acc = _promote(acc, part_a, s_a, SWAP_AB)
-    if TWO_STEPS:
-        acc = _promote(acc, part_b, s_b, SWAP_AB)
+    acc = _promote(acc, part_b, s_b, SWAP_AB)
     return acc
 
 
@@ -266,7 +262,7 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
             acc = _block_scaled_loop(a, b, acc, src, src64, row_ok, row0, e, e64, n0, K, num_steps, width_b,
                                      stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr,
                                      stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA, B_TMA,
-                                     B_KMAJOR, SWAP_AB, BLOCK_K, BLOCK_N, B_KMAJOR)
+                                     B_KMAJOR, SWAP_AB, BLOCK_K, BLOCK_N)
         else:
             for kk in range(0, num_steps):
                 k0 = kk * BLOCK_K
