@@ -543,22 +543,27 @@ def _(a_t, a_scale, b_t, b_scale, offs, rows, transposed, out_dtype, backend):
                             transposed)
 
 
-def weight_operands(w: torch.Tensor, recipe: str, backend: str):
+def weight_operands(w: torch.Tensor, recipe: str, backend: str, *, dgrad: bool = True):
     """The fp8 copies of a high-precision weight w (logical [E, K, N], either storage) that the
     GEMMs read, each K-major for its product (wgmma takes e4m3 operands K-major only):
     (fprop b [E, K, N] over [E, N, K] storage, its scale, dgrad b = w^T [E, N, K] over [E, K, N]
     storage, its scale). "block": one (128, 128) quantization, its blocks and scales transposed for
     dgrad (exact: a block's scale does not depend on its orientation), plus one e4m3 transpose;
-    "row": per output column for each product, two quantizations."""
+    "row": per output column for each product, two quantizations. ``dgrad=False`` (a forward that
+    keeps nothing for backward) skips the dgrad copy and returns None for it."""
     from .grouped_gemm import is_kmajor
 
     w_nk = w.transpose(1, 2) if is_kmajor(w) else w.transpose(1, 2).contiguous()  # [E, N, K] storage
     if recipe == "block":
         q_nk, s_nk = quantize_op(w_nk, 128, 128, False, None, None, 1, False, backend)
+        if not dgrad:
+            return q_nk.transpose(1, 2), s_nk.transpose(1, 2), None, None
         q_kn = q_nk.transpose(1, 2).contiguous()
         return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_nk
-    w_kn = w.contiguous() if not is_kmajor(w) else w_nk.transpose(1, 2).contiguous()
     q_nk, s_nk = quantize_op(w_nk, 1, w_nk.shape[2], False, None, None, 1, False, backend)  # per n: [E, N, 1]
+    if not dgrad:
+        return q_nk.transpose(1, 2), s_nk.transpose(1, 2), None, None
+    w_kn = w.contiguous() if not is_kmajor(w) else w_nk.transpose(1, 2).contiguous()
     q_kn, s_kn = quantize_op(w_kn, 1, w_kn.shape[2], False, None, None, 1, False, backend)  # per k: [E, K, 1]
     return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_kn.transpose(1, 2).contiguous()
 
@@ -567,11 +572,13 @@ def _act_block(recipe: str, cols: int) -> tuple[int, int]:
     return (1, 128) if recipe == "block" else (1, max(cols, 1))
 
 
-def _fp8_forward(x, w, offs, recipe, backend):
+def _fp8_forward(x, w, offs, recipe, keep, backend):
     bx = _act_block(recipe, x.shape[1])
     xq, xs = quantize_op(x, *bx, False, None, None, 1, recipe == "block", backend)  # K-block-major scales
-    b, bs, b_t, bs_t = weight_operands(w, recipe, backend)
+    b, bs, b_t, bs_t = weight_operands(w, recipe, backend, dgrad=keep)
     y = grouped_mm_fp8_product(xq, xs, b, bs, offs, x.dtype, backend)
+    if not keep:  # no backward will run: neither the wgrad copy of x nor w^T's
+        return (y, *_nothing(x))
     xq_t, xs_t = segments_op(x, offs, False, backend)
     # The e4m3 copies leave as their bytes: outputs of an integer dtype need no gradient (and
     # autograd's checks sum float outputs, which float8 cannot).
@@ -584,18 +591,31 @@ def grouped_mm_fp8_product(a, a_scale, b, b_scale, offs, out_dtype, backend):
     return fused_op(a, b, offs, offs, 1, False, "", None, a_scale, b_scale, out_dtype, backend)
 
 
+def _nothing(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four backward outputs of a forward that keeps nothing: distinct empty tensors (outputs
+    of a custom op may not alias one another)."""
+    return tuple(x.new_empty(0, dtype=dtype) for dtype in (torch.uint8, torch.float32, torch.uint8, torch.float32))
+
+
+def _keep(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a backward may run: then the forward also makes the wgrad copy of x and w^T's."""
+    return torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+
+
 @torch.library.custom_op("moekernels::grouped_mm_fp8", mutates_args=())
-def _grouped_mm_fp8_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: str,
+def _grouped_mm_fp8_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, recipe: str, keep: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = grouped_mm(x, w, offs) on e4m3, and what its backward keeps, in fp8 (as uint8 bytes): x
     quantized for the weight gradient (quantize_fp8_segments), and w^T's fp8 copy [E, K, N] storage
-    with its scale."""
-    return _fp8_forward(x, w, offs, recipe, backend)
+    with its scale. ``keep=False`` (nothing requires grad): those four are empty, never computed."""
+    return _fp8_forward(x, w, offs, recipe, keep, backend)
 
 
 @_grouped_mm_fp8_op.register_fake
-def _(x, w, offs, recipe, backend):
+def _(x, w, offs, recipe, keep, backend):
     (m, k), (e, _, n) = x.shape, w.shape
+    if not keep:
+        return (x.new_empty(m, n), *_nothing(x))
     q_shape, s_shape = _segments_shapes(x, offs)
     ws_shape = (e, -(-n // 128), -(-k // 128)) if recipe == "block" else (e, 1, k)
     return (x.new_empty(m, n), x.new_empty(q_shape, dtype=torch.uint8), x.new_empty(s_shape, dtype=torch.float32),
@@ -603,7 +623,7 @@ def _(x, w, offs, recipe, backend):
 
 
 def _fp8_setup(ctx, inputs, output):
-    x, w, offs, recipe, backend = inputs
+    x, w, offs, recipe, _, backend = inputs
     _, xq_t, xs_t, wq_t, ws_t = output
     ctx.save_for_backward(offs, xq_t, xs_t, wq_t, ws_t)
     ctx.mark_non_differentiable(xs_t, ws_t)
@@ -625,7 +645,7 @@ def _fp8_backward(ctx, grad, *_):
     if ctx.needs_input_grad[1]:  # wgrad: x and dy in (128 tokens x 1 channel) tiles within segments
         gq_t, gs_t = segments_op(grad, offs, False, ctx.backend)
         dw = dw_fp8_op(xq_t, xs_t, gq_t, gs_t, offs, ctx.rows, ctx.kmajor, ctx.w_dtype, ctx.backend)
-    return dx, dw, None, None, None
+    return dx, dw, None, None, None, None
 
 
 _grouped_mm_fp8_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
@@ -731,9 +751,9 @@ def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None =
             _check_block(recipe, x.shape[2], w.shape[2])
         elif x.dim() == 3:
             _check_block(recipe, x.shape[2], x.shape[1], "M", "; 3D x 2D runs transposed: x[g]^T [K, M] is blocked")
-        return compose_form(x, w, offs, lambda a, b, o: _grouped_mm_fp8_op(a, b, o, recipe, backend)[0],
+        return compose_form(x, w, offs, lambda a, b, o: _grouped_mm_fp8_op(a, b, o, recipe, _keep(a, b), backend)[0],
                             lambda a, b, o: _kgrouped_fp8_op(a, b, o, backend))
     check_operands(x, w, offs, dtypes=QUANT_INPUTS)
     _checks.choice("recipe", recipe, RECIPES)
     _check_block(recipe, w.shape[1], w.shape[2])
-    return _grouped_mm_fp8_op(x, w, offs, recipe, backend)[0]
+    return _grouped_mm_fp8_op(x, w, offs, recipe, _keep(x, w), backend)[0]

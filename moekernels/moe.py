@@ -140,10 +140,11 @@ _autocast.register("fused_moe", (0, 1, 2))  # not topk_weights: router weights s
 # the saved e4m3 tokens, as the bf16 path recomputes it from bf16 ones.
 
 
-def _fp8_weights(w: torch.Tensor, backend: str):
+def _fp8_weights(w: torch.Tensor, backend: str, dgrad: bool = True):
     """An [E, N, K]-stored weight as the fp8 operands of its products: (b [E, K, N], its scale) for
-    x @ w^T and (b^T [E, N, K], its scale) for dy @ w, from one (128, 128) quantization."""
-    return _fp8_weight_operands(w.transpose(1, 2), "block", backend)
+    x @ w^T and (b^T [E, N, K], its scale) for dy @ w, from one (128, 128) quantization (without
+    the second pair, and its e4m3 transpose, for ``dgrad=False``)."""
+    return _fp8_weight_operands(w.transpose(1, 2), "block", backend, dgrad=dgrad)
 
 
 @torch.library.custom_op("moekernels::fused_moe_fp8", mutates_args=())
@@ -157,10 +158,10 @@ def _fused_moe_fp8_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: tor
     if num_tokens == 0:
         return hidden.new_zeros(0, hidden.shape[1]), qx.view(torch.uint8), sx
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
-    b1, s1, _, _ = _fp8_weights(w_gate_up, backend)
+    b1, s1, _, _ = _fp8_weights(w_gate_up, backend, dgrad=False)
     h = fused_op(qx, b1, offsets, source, top_k, True, activation, None, sx, s1, hidden.dtype, backend)
     qh, sh = quantize_op(h, 1, 128, True, None, None, 1, True, backend)  # power-of-two scales before the down GEMM
-    b2, s2, _, _ = _fp8_weights(w_down, backend)
+    b2, s2, _, _ = _fp8_weights(w_down, backend, dgrad=False)
     pairs = fused_op(qh, b2, offsets, source, top_k, False, "", topk_weights, sh, s2, hidden.dtype, backend)
     return pairs.view(num_tokens, top_k, hidden.shape[1]).sum(1), qx.view(torch.uint8), sx
 

@@ -197,7 +197,8 @@ def test_fp8_training_ops_pass_opcheck_and_compile(backend):
         pytest.skip("needs TRITON_INTERPRET=1")
     x, w, offs = fp8_problem((0, 3, 130), 128, 128, "cpu")
     torch.library.opcheck(fp8.segments_op, (x.detach(), offs, False, backend))
-    torch.library.opcheck(fp8._grouped_mm_fp8_op, (x, w, offs, "block", backend))
+    torch.library.opcheck(fp8._grouped_mm_fp8_op, (x, w, offs, "block", True, backend))
+    torch.library.opcheck(fp8._grouped_mm_fp8_op, (x.detach(), w.detach(), offs, "block", False, backend))
 
     def step(x, w):
         return fp8.grouped_mm_fp8(x, w, offs, backend=backend).float().square().sum()
@@ -503,3 +504,14 @@ def test_fp8_wgrad_op_passes_opcheck(backend):
     # ("mul_cpu_reduced_float"), as for test_fp8.py's fp8 GEMM; the fake, autograd and dispatch checks run.
     torch.library.opcheck(fp8.dw_fp8_op, (xq, xs, gq, gs, offs, x.shape[0], True, torch.bfloat16, backend),
                           test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+def test_grouped_mm_fp8_without_grad_keeps_nothing():
+    """Under no_grad (or with no input requiring grad) the forward makes neither the wgrad copy of x
+    nor w^T's e4m3 copy, and y is the same bits."""
+    x, w, offs = fp8_problem((0, 3, 130), 128, 128, "cpu")
+    y, *kept = fp8._grouped_mm_fp8_op(x.detach(), w.detach(), offs, "block", False, "torch")
+    assert all(t.numel() == 0 for t in kept)
+    with torch.no_grad():
+        assert torch.equal(fp8.grouped_mm_fp8(x, w, offs, backend="torch"), y)
+    assert torch.equal(fp8.grouped_mm_fp8(x, w, offs, backend="torch").detach(), y)
