@@ -547,25 +547,18 @@ def weight_operands(w: torch.Tensor, recipe: str, backend: str, *, dgrad: bool =
     """The fp8 copies of a high-precision weight w (logical [E, K, N], either storage) that the
     GEMMs read, each K-major for its product (wgmma takes e4m3 operands K-major only):
     (fprop b [E, K, N] over [E, N, K] storage, its scale, dgrad b = w^T [E, N, K] over [E, K, N]
-    storage, its scale). "block": one (128, 128) quantization, its blocks and scales transposed for
-    dgrad (exact: a block's scale does not depend on its orientation), plus one e4m3 transpose;
-    "row": per output column for each product, two quantizations. ``dgrad=False`` (a forward that
-    keeps nothing for backward) skips the dgrad copy and returns None for it."""
-    from .grouped_gemm import is_kmajor
-
-    w_nk = w.transpose(1, 2) if is_kmajor(w) else w.transpose(1, 2).contiguous()  # [E, N, K] storage
-    if recipe == "block":
-        q_nk, s_nk = quantize_op(w_nk, 128, 128, False, None, None, 1, False, backend)
-        if not dgrad:
-            return q_nk.transpose(1, 2), s_nk.transpose(1, 2), None, None
-        q_kn = q_nk.transpose(1, 2).contiguous()
-        return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_nk
-    q_nk, s_nk = quantize_op(w_nk, 1, w_nk.shape[2], False, None, None, 1, False, backend)  # per n: [E, N, 1]
+    storage, its scale), both by :func:`prepare_weight`. "block": one (128, 128) quantization, its
+    blocks and scales transposed for dgrad (exact: a block's scale does not depend on its
+    orientation), plus one e4m3 transpose; "row": per output column for each product, two
+    quantizations. ``dgrad=False`` (a forward that keeps nothing for backward) skips the dgrad
+    copy and returns None for it."""
+    b, bs = prepare_weight(w, (128, 128) if recipe == "block" else "col", backend=backend)
     if not dgrad:
-        return q_nk.transpose(1, 2), s_nk.transpose(1, 2), None, None
-    w_kn = w.contiguous() if not is_kmajor(w) else w_nk.transpose(1, 2).contiguous()
-    q_kn, s_kn = quantize_op(w_kn, 1, w_kn.shape[2], False, None, None, 1, False, backend)  # per k: [E, K, 1]
-    return q_nk.transpose(1, 2), s_nk.transpose(1, 2), q_kn.transpose(1, 2), s_kn.transpose(1, 2).contiguous()
+        return b, bs, None, None
+    if recipe == "block":
+        return b, bs, b.contiguous().transpose(1, 2), bs.transpose(1, 2)
+    b_t, bs_t = prepare_weight(w.transpose(1, 2), "col", backend=backend)
+    return b, bs, b_t, bs_t.contiguous()
 
 
 def _act_block(recipe: str, cols: int) -> tuple[int, int]:
