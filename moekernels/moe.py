@@ -63,18 +63,26 @@ def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     if w_gate_up.dtype == FP8:
         # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs.
         qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
-        h = fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, sx,
-                      w_gate_up_scale.transpose(1, 2), hidden.dtype, backend)
-        qh, sh = quantize_op(h, 1, 128, False, None, None, 1, True, backend)
-        pairs = fused_op(qh, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, sh,
-                          w_down_scale.transpose(1, 2), hidden.dtype, backend)
-    else:
-        h = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, None, None,
-                      None, backend)
-        pairs = fused_op(h, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, None, None,
-                          None, backend)
+        return _fp8_experts(qx, sx, (w_gate_up.transpose(1, 2), w_gate_up_scale.transpose(1, 2)),
+                            (w_down.transpose(1, 2), w_down_scale.transpose(1, 2)), topk_weights, offsets, source,
+                            activation, hidden.dtype, False, backend)
+    h = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, None, None,
+                 None, backend)
+    pairs = fused_op(h, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, None, None,
+                     None, backend)
     # torch accumulates a bf16 / fp16 sum in float32 and rounds once.
     return pairs.view(num_tokens, top_k, hid).sum(1)
+
+
+def _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activation, dtype, pow2_h, backend):
+    """The layer on e4m3 from the quantized tokens: GEMM 1 gathering them, with act(gate) * up,
+    h quantized (1, 128) (power-of-two scales with ``pow2_h``), GEMM 2 scattering with the router
+    weights, the sum over k. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales."""
+    num_tokens, top_k = topk_weights.shape
+    h = fused_op(qx, gate_up[0], offsets, source, top_k, True, activation, None, sx, gate_up[1], dtype, backend)
+    qh, sh = quantize_op(h, 1, 128, pow2_h, None, None, 1, True, backend)
+    pairs = fused_op(qh, down[0], offsets, source, top_k, False, "", topk_weights, sh, down[1], dtype, backend)
+    return pairs.view(num_tokens, top_k, -1).sum(1)
 
 
 @_fused_moe_op.register_fake
@@ -153,17 +161,15 @@ def _fused_moe_fp8_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: tor
                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fused_moe on e4m3 with high-precision weights; also returns the tokens' e4m3 bytes and their
     (1, 128) scales, which its backward keeps."""
-    num_tokens, top_k = topk_ids.shape
     qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, False, backend)  # an output: row-major scales
-    if num_tokens == 0:
+    if topk_ids.shape[0] == 0:
         return hidden.new_zeros(0, hidden.shape[1]), qx.view(torch.uint8), sx
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
-    b1, s1, _, _ = _fp8_weights(w_gate_up, backend, dgrad=False)
-    h = fused_op(qx, b1, offsets, source, top_k, True, activation, None, sx, s1, hidden.dtype, backend)
-    qh, sh = quantize_op(h, 1, 128, True, None, None, 1, True, backend)  # power-of-two scales before the down GEMM
-    b2, s2, _, _ = _fp8_weights(w_down, backend, dgrad=False)
-    pairs = fused_op(qh, b2, offsets, source, top_k, False, "", topk_weights, sh, s2, hidden.dtype, backend)
-    return pairs.view(num_tokens, top_k, hidden.shape[1]).sum(1), qx.view(torch.uint8), sx
+    # Power-of-two scales for h, before the down GEMM (DeepSeek-V3).
+    y = _fp8_experts(qx, sx, _fp8_weights(w_gate_up, backend, dgrad=False)[:2],
+                     _fp8_weights(w_down, backend, dgrad=False)[:2], topk_weights, offsets, source, activation,
+                     hidden.dtype, True, backend)
+    return y, qx.view(torch.uint8), sx
 
 
 @_fused_moe_fp8_op.register_fake
