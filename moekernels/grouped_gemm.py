@@ -351,7 +351,7 @@ def scaling_mode(a, a_scale, b, b_scale) -> int:
 def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor,
               top_k: int, gather: bool, activation: str, scatter_weights: torch.Tensor | None,
               a_scale: torch.Tensor | None, b_scale: torch.Tensor | None, out_dtype: torch.dtype | None,
-              backend: str) -> torch.Tensor:
+              backend: str, lora_x: torch.Tensor | None = None, lora_w: torch.Tensor | None = None) -> torch.Tensor:
     rows = source_index.shape[0] if gather else x.shape[0]
     _checks.offsets_in_range("offs", offs, rows)
     width = w.shape[2] // 2 if activation else w.shape[2]
@@ -359,15 +359,19 @@ def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index:
     if _choose("grouped_mm", x, backend) == "torch":
         if a_scale is not None:  # fp8: the product of the dequantized operands, in float32
             x, w = reference.dequantize_fp8(x, a_scale), reference.dequantize_fp8(w, b_scale)
-        out = reference.grouped_mm_fused(x, w, offs, source_index, top_k, gather, activation, scatter_weights)
+        lora = (lora_x, lora_w) if lora_x is not None else None
+        out = reference.grouped_mm_fused(x, w, offs, source_index, top_k, gather, activation, scatter_weights, lora)
         return out.to(dtype)
     out = x.new_empty(rows, width, dtype=dtype)
     if not out.numel():
         return out
-    if w.shape[1] == 0:
-        return out.zero_()
     scatter = scatter_weights is not None
     scales = None if a_scale is None else (scaling_mode(x, a_scale, w, b_scale), a_scale, b_scale)
+    if lora_x is not None:
+        return _lora_unfused(x, w, offs, source_index, top_k, gather, activation, scatter_weights, scales, lora_x,
+                             lora_w, out)
+    if w.shape[1] == 0:
+        return out.zero_()
     _launch(x, w, offs, out, variant="gated" if activation else ("scatter" if scatter else "plain"), rows=rows,
             act=ACTIVATIONS[activation], a_index=source_index if gather else None, gather_div=top_k,
             c_index=source_index if scatter else None,
@@ -375,23 +379,47 @@ def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index:
     return out
 
 
+def _lora_unfused(x, w, offs, source_index, top_k, gather, activation, scatter_weights, scales, lora_x, lora_w, out):
+    """fused_op with a low-rank segment, unfused: the base product and lora_x @ lora_w[e] into
+    float32, their sum, then the epilogue (act(gate) * up, the router weight and the scatter) in
+    torch."""
+    rows = out.shape[0]
+    z = out.new_zeros(rows, w.shape[2], dtype=torch.float32)
+    if w.shape[1]:
+        _launch(x, w, offs, z, variant="plain", rows=rows, a_index=source_index if gather else None,
+                gather_div=top_k, scales=scales)
+    if lora_w.shape[1]:
+        d = torch.empty_like(z)
+        _launch(lora_x, lora_w, offs, d, variant="plain", rows=rows)
+        z += d
+    h = reference.gated_activation(z, activation) if activation else z
+    if scatter_weights is not None:
+        src = source_index.long()
+        out.zero_()
+        out[src] = (h * scatter_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)).to(out.dtype)
+    else:
+        out.copy_(h)
+    return out
+
+
 @fused_op.register_fake
-def _(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale, out_dtype, backend):
+def _(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale, out_dtype, backend,
+      lora_x=None, lora_w=None):
     rows = source_index.shape[0] if gather else x.shape[0]
     return x.new_empty(rows, w.shape[2] // 2 if activation else w.shape[2], dtype=out_dtype or x.dtype)
 
 
 def _fused_setup(ctx, inputs, output):
-    x, w, offs, source_index, top_k, gather, activation, scatter_weights, _, _, _, backend = inputs
-    ctx.save_for_backward(x, w, offs, source_index, scatter_weights)
+    x, w, offs, source_index, top_k, gather, activation, scatter_weights, _, _, _, backend, lora_x, lora_w = inputs
+    ctx.save_for_backward(x, w, offs, source_index, scatter_weights, lora_x, lora_w)
     ctx.top_k, ctx.gather, ctx.activation, ctx.backend = top_k, gather, activation, backend
 
 
 def _fused_backward(ctx, grad):
-    x, w, offs, source_index, scatter_weights = ctx.saved_tensors
+    x, w, offs, source_index, scatter_weights, lora_x, lora_w = ctx.saved_tensors
     k, backend = ctx.top_k, ctx.backend
     # The product before the epilogue, recomputed ([M, 2N] with an activation: not saved).
-    z = fused_op(x, w, offs, source_index, k, ctx.gather, "", None, None, None, None, backend)
+    z = fused_op(x, w, offs, source_index, k, ctx.gather, "", None, None, None, None, backend, lora_x, lora_w)
     grad_sw = None
     if scatter_weights is not None:
         src = source_index.long()
@@ -414,7 +442,12 @@ def _fused_backward(ctx, grad):
             dx = permute_backward_op(dx, dest, k, backend)
     if ctx.needs_input_grad[1]:
         dw = grouped_mm_dw_op(x, grad, offs, source_index if ctx.gather else None, k, is_kmajor(w), backend)
-    return dx, dw, None, None, None, None, None, grad_sw, None, None, None, None
+    d_lora_x = d_lora_w = None
+    if ctx.needs_input_grad[12]:
+        d_lora_x = grouped_mm_op(grad, lora_w.transpose(1, 2), offs, backend)
+    if ctx.needs_input_grad[13]:
+        d_lora_w = grouped_mm_dw_op(lora_x, grad, offs, None, 1, is_kmajor(lora_w), backend)
+    return dx, dw, None, None, None, None, None, grad_sw, None, None, None, None, d_lora_x, d_lora_w
 
 
 fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)

@@ -407,12 +407,19 @@ def gated_activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: s
 
 
 def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor, top_k: int,
-                     gather: bool, activation: str, scatter_weights: torch.Tensor | None) -> torch.Tensor:
+                     gather: bool, activation: str, scatter_weights: torch.Tensor | None,
+                     lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The unfused composition of :func:`moekernels.grouped_gemm.grouped_mm_fused`: permute rows
-    (gather), grouped_mm, act(gate) * up (activation), then scale by the pair's router weight
-    and write to the pair's row (scatter_weights)."""
+    (gather), grouped_mm, plus ``lora_x @ lora_w[e]`` over the sorted rows (``lora``: a low-rank
+    segment [M, r] x [E, r, N] added before the epilogue, in float32), act(gate) * up
+    (activation), then scale by the pair's router weight and write to the pair's row
+    (scatter_weights)."""
     a = permute_rows(x, source_index, top_k) if gather else x
-    z = grouped_mm(a, w, offs)
+    if lora is None:
+        z = grouped_mm(a, w, offs)
+    else:
+        acc = acc_dtype(a.dtype)
+        z = (grouped_mm(a.to(acc), w.to(acc), offs) + grouped_mm(lora[0].to(acc), lora[1].to(acc), offs)).to(a.dtype)
     h = gated_activation(z, activation) if activation else z
     if scatter_weights is None:
         return h
