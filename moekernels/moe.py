@@ -484,10 +484,16 @@ class MoE(nn.Module):
             experts run DeepSeek-V3's FP8 training recipe (``fused_moe(precision="fp8")``) on the
             high-precision parameters, which stay the master weights; H and I multiples of 128.
             The router and the shared experts keep the parameters' dtype.
+        lora_rank, lora_alpha: with ``lora_rank`` r > 0, LoRA adapters on the routed experts
+            (``fused_moe(lora=...)``, scale ``lora_alpha / r``, alpha default r): parameters
+            ``lora_a1`` [E, r, H], ``lora_b1`` [E, 2I, r], ``lora_a2`` [E, r, I] and ``lora_b2``
+            [E, H, r] (A as nn.Linear's default init, B zeros: the layer starts as the base one),
+            and the expert weights frozen (``requires_grad=False``; they get no gradient).
+            :meth:`quantize_experts` then puts the frozen experts in e4m3.
         backend: the backend of every op (None: automatic).
 
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
-    [E, H, I], ``shared_experts``. In training mode the forward sets ``aux_loss`` (the
+    [E, H, I], ``shared_experts``, and the adapters. In training mode the forward sets ``aux_loss`` (the
     load-balancing loss of transformers' ``load_balancing_loss_func``), ``z_loss`` (ST-MoE's) and
     ``seq_aux_loss`` (DeepSeek-V3's sequence-wise balance loss, :func:`sequence_balance_loss` over
     the sequences of an x [B, S, H]; x [T, H] is one sequence; it counts the top-k of the unbiased,
@@ -506,7 +512,8 @@ class MoE(nn.Module):
                  topk_group: int | None = None, routed_scaling_factor: float = 1.0, num_shared_experts: int = 0,
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
                  router_dtype=None, expert_parallel_group=None, capacity: int | None = None,
-                 precision: str | None = None, backend: str | None = None, bias_update_rate: float = 1e-3):
+                 precision: str | None = None, backend: str | None = None, bias_update_rate: float = 1e-3,
+                 lora_rank: int = 0, lora_alpha: float | None = None):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -517,6 +524,10 @@ class MoE(nn.Module):
         check_arguments(num_experts, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                         routed_scaling_factor)
         _checks.choice("precision", precision, PRECISIONS)
+        _checks.integer("lora_rank", lora_rank, low=0)
+        if lora_rank and (precision is not None or expert_parallel_group is not None):
+            raise ValueError("lora_rank > 0 trains adapters on frozen experts: not with precision='fp8' (which trains "
+                             "the experts themselves) or expert_parallel_group")
         if precision == "fp8" and (hidden_size % 128 or intermediate_size % 128):
             raise ValueError(f"precision='fp8' needs hidden_size and intermediate_size multiples of 128, got "
                              f"{hidden_size} and {intermediate_size}")
@@ -562,14 +573,60 @@ class MoE(nn.Module):
         self.shared_experts = (SharedExperts(hidden_size, intermediate_size * num_shared_experts, **kw)
                                if num_shared_experts else None)
         self.aux_loss = self.z_loss = self.seq_aux_loss = None
+        self.lora_rank, self.lora_scale = lora_rank, (lora_rank if lora_alpha is None else lora_alpha) / max(lora_rank, 1)
+        self.register_buffer("w_gate_up_scale", None)  # the e4m3 experts' (128, 128) scales: quantize_experts
+        self.register_buffer("w_down_scale", None)
+        if lora_rank:
+            r, hid, inter = lora_rank, hidden_size, intermediate_size
+            self.lora_a1 = nn.Parameter(torch.empty(local, r, hid, **kw))
+            self.lora_b1 = nn.Parameter(torch.empty(local, 2 * inter, r, **kw))
+            self.lora_a2 = nn.Parameter(torch.empty(local, r, inter, **kw))
+            self.lora_b2 = nn.Parameter(torch.empty(local, hid, r, **kw))
+            self.w_gate_up.requires_grad_(False)
+            self.w_down.requires_grad_(False)
         self.reset_parameters()
 
     def reset_parameters(self):
-        """nn.Linear's default for each expert matrix: uniform in +-1/sqrt(fan_in)."""
+        """nn.Linear's default for each expert matrix and LoRA A: uniform in +-1/sqrt(fan_in);
+        LoRA B zeros (PEFT's init: the adapted layer starts as the base one)."""
         with torch.no_grad():
-            for w in (self.w_gate_up, self.w_down):
+            mats = [self.w_gate_up, self.w_down] if self.w_gate_up_scale is None else []
+            for w in mats + ([self.lora_a1, self.lora_a2] if self.lora_rank else []):
                 bound = 1 / math.sqrt(w.shape[2])
                 w.uniform_(-bound, bound)
+            if self.lora_rank:
+                self.lora_b1.zero_()
+                self.lora_b2.zero_()
+
+    def lora(self) -> ExpertsLoRA | None:
+        """The adapters as fused_moe takes them (None without lora_rank)."""
+        if not self.lora_rank:
+            return None
+        return ExpertsLoRA(self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2, scale=self.lora_scale)
+
+    def quantize_experts(self) -> None:
+        """Freeze the routed experts in e4m3 with (128, 128) block scales (DeepSeek-V3's checkpoint
+        format), in place: ``w_gate_up`` and ``w_down`` become float8_e4m3fn buffers beside their
+        float32 scales ``w_gate_up_scale`` and ``w_down_scale``, and the forward runs the fp8 GEMMs
+        (activations quantized (1, 128) on the fly). For inference, or LoRA fine-tuning
+        (``lora_rank``) on the frozen e4m3 experts; a DeepSeek-V3 checkpoint's own e4m3 weights and
+        ``weight_scale_inv`` load into these buffers. H and I multiples of 128. Cast the layer
+        (``moe.to(dtype)``) before, not after: ``Module.to`` would cast the e4m3 buffers too."""
+        if self.w_gate_up.dtype == FP8:
+            return
+        if self.hidden_size % 128 or self.intermediate_size % 128:
+            raise ValueError(f"quantize_experts needs hidden_size and intermediate_size multiples of 128, got "
+                             f"{self.hidden_size} and {self.intermediate_size}")
+        if self.precision is not None or self.group is not None:
+            raise ValueError("quantize_experts freezes the experts: not with precision='fp8' or expert parallelism")
+        from .fp8 import quantize_fp8
+
+        self.experts_dtype = self.w_gate_up.dtype
+        for name in ("w_gate_up", "w_down"):
+            q, scale = quantize_fp8(getattr(self, name).detach(), (128, 128), backend=self.backend)
+            delattr(self, name)
+            self.register_buffer(name, q)
+            setattr(self, f"{name}_scale", scale)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], topk_weights [T, k] float32, topk_ids [T, k] int32) of x [T, H]."""
@@ -588,6 +645,8 @@ class MoE(nn.Module):
                 f"routed_scaling_factor={self.routed_scaling_factor}, num_shared_experts={self.num_shared_experts}, "
                 f"correction_bias={self.e_score_correction_bias is not None}"
                 + (f", precision={self.precision!r}" if self.precision else "")
+                + (f", lora_rank={self.lora_rank}, lora_scale={self.lora_scale:g}" if self.lora_rank else "")
+                + (", experts in float8_e4m3fn" if self.w_gate_up_scale is not None else "")
                 + (f", local experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1}"
                    if self.group is not None else ""))
 
@@ -596,10 +655,13 @@ class MoE(nn.Module):
         _checks.tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
-        if x.dtype != self.w_gate_up.dtype:
+        dtype = self.w_gate_up.dtype
+        if dtype == FP8:  # e4m3 experts (quantize_experts) compute in the adapters' or the former weights' dtype
+            dtype = self.lora_a1.dtype if self.lora_rank else self.experts_dtype
+        if x.dtype != dtype:
             raise TypeError(f"x has dtype {str(x.dtype).removeprefix('torch.')} but the layer's parameters are "
-                            f"{str(self.w_gate_up.dtype).removeprefix('torch.')}: cast the input "
-                            f"(x.to({self.w_gate_up.dtype})) or the layer (moe.to(...))")
+                            f"{str(dtype).removeprefix('torch.')}: cast the input "
+                            f"(x.to({dtype})) or the layer (moe.to(...))")
         if x.device != self.w_gate_up.device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w_gate_up.device}")
 
@@ -610,7 +672,8 @@ class MoE(nn.Module):
         logits, weights, ids = self.route(x2)
         if self.group is None:
             y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
-                          precision=self.precision, backend=self.backend)
+                          w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale,
+                          precision=self.precision, lora=self.lora(), backend=self.backend)
         else:
             y = self._expert_parallel(x2, weights, ids)
         if self.shared_experts is not None:
