@@ -630,10 +630,20 @@ def compile_all(variants: list[Variant] | None = None) -> list[Report]:
 
 
 def resources(reports: list[dict]) -> dict:
-    """The rows of configs/sm90_resources.json: per launch key, what the compile reports (as dicts)."""
-    return {r["launch_key"]: dict(variant=r["name"], registers=r["registers"], shared=r["shared"] + r["shared_static"],
-                                  threads=r["threads"], programs_per_sm=r["programs_per_sm"])
-            for r in sorted(reports, key=lambda r: r["launch_key"] or "") if r["launch_key"] and r["error"] is None}
+    """The rows of configs/sm90_resources.json: per launch key, what the compile reports (as dicts).
+    Variants that differ only in a stride Triton specialises (a column-major scale's stride 1)
+    share a key: the row is the one that fits fewest programs an SM (then the most registers), so
+    that the launcher's grid never assumes a program resident that one of them cannot fit."""
+    rows = {}
+    for r in sorted(reports, key=lambda r: (r["launch_key"] or "", r["name"])):
+        if not r["launch_key"] or r["error"] is not None:
+            continue
+        row = dict(variant=r["name"], registers=r["registers"], shared=r["shared"] + r["shared_static"],
+                   threads=r["threads"], programs_per_sm=r["programs_per_sm"])
+        old = rows.get(r["launch_key"])
+        if old is None or (row["programs_per_sm"], -row["registers"]) < (old["programs_per_sm"], -old["registers"]):
+            rows[r["launch_key"]] = row
+    return rows
 
 
 def main(argv: list[str]) -> int:

@@ -257,7 +257,7 @@ def sm90_variants():
 
     out = []
     for name, (variant, per_expert, n, k, scale) in SM90_FP8_GEMMS.items():
-        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8)
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3)
         launch = "+".join(p for p in variant.split("+") if p != "colscale")
         out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, True, scale=scale,
                                                 out_dtype=torch.bfloat16, col_major_a_scale=launch != variant))
@@ -500,11 +500,15 @@ def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2_scale: bo
 
 def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None):
     """The fp8 weight gradient's tiles: the weight-gradient config with one token tile (128) a K
-    step. At 128 x 128 x 128, 8 warps and 3 stages: 247 registers, no spills, 96 KB (ptxas, sm_90a)."""
+    step, and a 64 x 128 output tile for one warpgroup a program. Each token tile's product is
+    promoted after a wait_group 0 (triton 3.6), so a second resident program has to fill the
+    tensor cores meanwhile, as in the forward's block loop (configs.default_gemm_config): at
+    64 x 128 x 128, 4 warps and 3 stages ptxas (sm_90a) gives 255 registers, no spills, 73 KB: two
+    programs an SM; the 128 x 128 tile at 8 warps (247 registers, 96 KB) fits one."""
     import dataclasses
 
     return dataclasses.replace(configs.grouped_mm_config("dw", rows, num_experts, n, k, FP8, gpu),
-                               BLOCK_M=SEGMENT_TILE)
+                               BLOCK_M=SEGMENT_TILE, BLOCK_K=64, num_warps=4)
 
 
 @torch.library.custom_op("moekernels::grouped_mm_dw_fp8", mutates_args=())

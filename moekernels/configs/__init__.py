@@ -151,7 +151,7 @@ def tuned_table(gpu: str | None) -> dict:
         return json.load(f)["configs"]
 
 
-def default_gemm_config(variant: str, rows_cls: int, itemsize: int) -> GemmConfig:
+def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled: bool = False) -> GemmConfig:
     """The untuned choice. On sm_90 (ptxas, sm_90a): 128x128x64 at 8 warps and 3 stages is 98 KB
     of shared memory and ~123 registers; the gated epilogue holds two accumulators, so it halves
     BLOCK_N to keep them at 64 registers a thread. fp32 operands (tf32) halve BLOCK_K."""
@@ -170,22 +170,33 @@ def default_gemm_config(variant: str, rows_cls: int, itemsize: int) -> GemmConfi
         # touched expert pair of GEMMs). Swap A/B: a 16-row token tile in wgmma's N, 64 weight
         # columns in its M, deep K steps in flight (4 stages of 64x128 bf16: 64 KB).
         return GemmConfig(16, 64, min(2 * bk, 128), 1, True, 4, 4)
-    if rows_cls <= 64:
+    if rows_cls <= 64 or block_scaled:
+        # Block-scaled fp8 at every size past decode too: its loop waits for each wgmma before
+        # promoting the step's product (wgmma depth 0: triton 3.6, see kernels/_grouped_gemm.py),
+        # so the tensor cores idle through every promotion unless another program's wgmma fills
+        # it. One warpgroup a program at 254 registers (ptxas, sm_90a; 98 KB of shared memory)
+        # fits two programs an SM, which run their K loops independently (no barrier couples
+        # them), where the 128-row tile's two warpgroups (255 registers, one program an SM) sync
+        # every K step and promote together. The price: a weight tile serves 64 rows, not 128
+        # (1.5x the shared-memory fill bytes per FLOP). vLLM's tuner chose the same tile (64 x 128
+        # x 128, 4 warps) on an H200 for its block-fp8 Triton GEMM of the same loop shape at every
+        # M from 24 to 4096 (its configs/N=12288,K=7168,device_name=NVIDIA_H200,...json).
         return GemmConfig(64, 64 if variant == "gated" else 128, bk, 8, False, 4, 4)
     return GemmConfig(128, 64 if variant == "gated" else 128, bk, 8, False, 8, 3)
 
 
-def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dtype, gpu: str | None = None
-                      ) -> GemmConfig:
+def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dtype, gpu: str | None = None,
+                      *, block_scaled: bool = False) -> GemmConfig:
     """The tile config of one grouped GEMM: the tuned table entry of (variant, rows class, N, K,
-    dtype) on ``gpu`` ("h100", "h200") when there is one, else the default. Pure: no timing."""
+    dtype) on ``gpu`` ("h100", "h200") when there is one, else the default (``block_scaled``: the
+    (1, 128) x (128, 128) fp8 loop, see default_gemm_config). Pure: no timing."""
     if variant not in GEMM_VARIANTS:
         raise ValueError(f"variant must be one of {GEMM_VARIANTS}, got {variant!r}")
     cls = rows_class(rows, experts)
     entry = tuned_table(gpu).get(gemm_key(variant, cls, n, k, dtype))
     if entry is not None:
         return GemmConfig(**entry)  # measured: a tuned entry says itself whether it splits
-    cfg = default_gemm_config(variant, cls, dtype.itemsize)
+    cfg = default_gemm_config(variant, cls, dtype.itemsize, block_scaled)
     if split_gated_decode(variant, cfg, rows, experts, n, dtype, gpu):
         cfg = dataclasses.replace(cfg, SPLIT_GATED=True)
     return cfg
