@@ -6,7 +6,8 @@ read from its sm_90a compile on the CPU (moekernels/_sm90.py; tests/test_sm90_co
 
 Run without TRITON_INTERPRET. Columns: registers per thread and shared memory per program (Triton's
 allocation plus ptxas's static 1 KB), threads, programs resident per SM and the limit that binds,
-the wgmma groups in flight in the K loop (wgmma.wait_group N), CTA barriers per K step (BAR.SYNC
+the wgmma groups in flight in the K loop (wgmma.wait_group N; "+ wgmma segment": a second K loop,
+a LoRA segment's, and what it multiplies with), CTA barriers per K step (BAR.SYNC
 in the SASS K loop), a transpose through shared memory in the K loop, and how operands arrive per
 K step (TMA copies, 16-byte and narrower cp.async per thread; 16-byte ld/st.global for row kernels).
 """
@@ -43,8 +44,9 @@ def markdown(reports: list[dict]) -> str:
             rows.append(f"| {r['name']} | compile error: {r['error'].splitlines()[0]} |||||||")
             continue
         smem = (r["shared"] + r["shared_static"]) / 1024
+        segment = f" + {r['segment_mma']} segment" if r.get("segment_mma") else ""
         rows.append(f"| {r['name']} | {r['registers']} | {smem:.1f} | {r['threads']} | "
-                    f"{r['programs_per_sm']} ({r['limited_by']}) | {cell(r['wgmma_depth'])} | "
+                    f"{r['programs_per_sm']} ({r['limited_by']}) | {cell(r['wgmma_depth'])}{segment} | "
                     f"{cell(r['k_barriers'])} | "
                     f"{'yes' if r['smem_round_trip'] else ('no' if r['matrix'] else '-')} | {paths(r)} |")
     return "\n".join(rows)

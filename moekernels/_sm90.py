@@ -103,8 +103,10 @@ class Report:
     barriers: int = 0  # named barriers per block (ptxas "used N barriers")
     programs_per_sm: int = 0  # resident at once: see occupancy()
     limited_by: str = ""  # what bounds programs_per_sm
-    k_loops: int = 0  # loops of the PTX that issue wgmma and hold no smaller such loop
-    wgmma_depth: int | None = None  # min N of wgmma.wait_group N in the K loops (None: no K loop)
+    k_loops: int = 0  # loops of the PTX that issue wgmma (or mma.sync) and hold no smaller such loop
+    # The K loop facts below are of the main K loop: the first K loop of the code (a second one, after
+    # it, is a low-rank segment's: see segment_mma).
+    wgmma_depth: int | None = None  # min N of wgmma.wait_group N in the K loop (None: no K loop)
     k_waits: int = 0  # wgmma.wait_group in the PTX K loop bodies
     k_commits: int = 0  # wgmma.commit_group (wgmma groups issued) in the PTX K loop bodies
     ttgir_pendings: int | None = None  # min pendings of ttng.warp_group_dot_wait in the TTGIR's K loops
@@ -114,6 +116,8 @@ class Report:
     k_cp16: int = 0  # 16-byte cp.async per thread in the PTX K loop body
     k_cp_narrow: int = 0  # cp.async of 4 or 8 bytes per thread in the PTX K loop body
     k_copy_bytes: int = 0  # bytes of the tiles (rank >= 2) the TTGIR K loop copies by cp.async
+    segment_mma: str | None = None  # the second K loop's (a LoRA segment's) "wgmma" or "mma" (mma.sync); None: none
+    segment_depth: int | None = None  # min N of wgmma.wait_group N in that loop
     rows: bool = False  # a row-moving kernel (Variant.rows)
     launch_key: str | None = None
     # SASS instructions one warp executes per program on Variant.per_token's path, x warps / BLOCK_T
@@ -314,30 +318,31 @@ def _cfg(lines: list[str], label_re: str, branch_re: str, exit_re: str, scoped: 
 
 
 def _k_loops(insts: list[str], succ: list[list[int]], mma_re: str) -> list[list[str]]:
-    """The K loops: innermost loops that issue an mma (``mma_re``), each as its instructions."""
+    """The K loops: innermost loops that issue an mma (``mma_re``), each as its instructions, in
+    the order of the code (the main K loop first, then a low-rank segment's)."""
     with_mma = [body for body in _natural_loops(insts, succ) if any(re.search(mma_re, insts[i]) for i in body)]
-    inner = [b for b in with_mma if not any(o < b for o in with_mma)]
+    inner = sorted((b for b in with_mma if not any(o < b for o in with_mma)), key=min)
     return [[insts[i] for i in sorted(b)] for b in inner]
 
 
 def ptx_k_loops(ptx: str) -> list[list[str]]:
     """K loops of the PTX: loops of its control-flow graph (natural loops: a branch back to a label
-    that dominates it) that issue ``wgmma.mma_async`` and contain no smaller such loop. This skips
+    that dominates it) that issue ``wgmma.mma_async`` (or ``mma.sync``) and contain no smaller such loop. This skips
     the persistent grid's tile loop around the K loop and the mbarrier wait's spin loop inside it,
     and does not depend on where the compiler placed the blocks."""
     insts, succ = _cfg(ptx.splitlines(), r"^([$\w]+):", r"^(@!?%?\w+\s+)?bra(?:\.uni)?\s+([$\w]+)\s*;",
                        r"^(?:@!?%?\w+\s+)?(?:ret|exit|trap)\s*;", scoped=True)
-    return _k_loops(insts, succ, r"\bwgmma\.mma_async")
+    return _k_loops(insts, succ, r"\bwgmma\.mma_async|\bmma\.sync\.aligned")
 
 
 def sass_k_loops(sass: str) -> list[list[str]]:
-    """K loops of the SASS (nvdisasm -c), found as in :func:`ptx_k_loops` (HGMMA/QGMMA/...)."""
+    """K loops of the SASS (nvdisasm -c), found as in :func:`ptx_k_loops` (HGMMA/QGMMA/..., HMMA)."""
     lines = []
     for line in sass.splitlines():
         inst = re.match(_SASS_INST, line)
         if inst or re.match(r"^[.$\w]+:", line):
             lines.append(inst.group(1) if inst else line.strip())
-    return _k_loops(*_sass_cfg(lines), r"\b[A-Z]*GMMA\b")
+    return _k_loops(*_sass_cfg(lines), r"\b[A-Z]*GMMA\b|\bHMMA\b")
 
 
 _SASS_INST = r"^\s*/\*[0-9a-f]+\*/\s*([^;]*;)"  # nvdisasm -c: /*address*/ instruction ;
@@ -350,7 +355,8 @@ def _sass_cfg(lines: list[str]):
 
 
 def ttgir_k_loops(ttgir: str) -> list[list[str]]:
-    """K loops of the TTGIR: the innermost ``scf.for`` regions that hold a ``ttng.warp_group_dot``.
+    """K loops of the TTGIR: the innermost ``scf.for`` regions that hold a ``ttng.warp_group_dot``
+    (or a ``tt.dot``: mma.sync), in the order of the code.
     A region runs from the ``scf.for`` line to the ``}`` at its indentation."""
     lines = ttgir.splitlines()
     regions = []
@@ -360,7 +366,8 @@ def ttgir_k_loops(ttgir: str) -> list[list[str]]:
             j = next(j for j in range(i + 1, len(lines))
                      if lines[j].lstrip().startswith("}") and len(lines[j]) - len(lines[j].lstrip()) == indent)
             regions.append((i, j))
-    with_dot = [(i, j) for i, j in regions if any("ttng.warp_group_dot " in lines[x] for x in range(i, j))]
+    with_dot = [(i, j) for i, j in regions
+                if any(re.search(r"(ttng\.warp_group_dot|tt\.dot) ", lines[x]) for x in range(i, j))]
     inner = [(i, j) for i, j in with_dot if not any(i < a and b < j for a, b in with_dot)]
     return [lines[i:j + 1] for i, j in inner]
 
@@ -396,8 +403,12 @@ _CP_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared(?:::\w+)?\.global(?:\.\w+)*"
 
 
 def loop_facts(ttgir: str, ptx: str, sass: str) -> dict:
-    """The K-loop facts of one compiled kernel (see Report)."""
-    ptx_loops, sass_loops, ir_loops = ptx_k_loops(ptx), sass_k_loops(sass), ttgir_k_loops(ttgir)
+    """The K-loop facts of one compiled kernel (see Report): of its main K loop, the first of the
+    code, and what a second one (a low-rank segment's) multiplies with."""
+    ptx_all = ptx_k_loops(ptx)
+    ptx_loops, sass_loops, ir_loops = ptx_all[:1], sass_k_loops(sass)[:1], ttgir_k_loops(ttgir)[:1]
+    segment = ptx_all[1] if len(ptx_all) > 1 else []
+    seg_waits = [int(w) for i in segment for w in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", i)]
     waits = [int(w) for loop in ptx_loops for i in loop
              for w in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", i)]
     pend = [int(p) for loop in ir_loops for i in loop if "warp_group_dot_wait" in i
@@ -405,7 +416,7 @@ def loop_facts(ttgir: str, ptx: str, sass: str) -> dict:
     body = [i for loop in ptx_loops for i in loop]
     widths = [int(m.group(1), 0) for i in body for m in [_CP_ASYNC.search(i)] if m]
     return dict(
-        k_loops=len(ptx_loops),
+        k_loops=len(ptx_all),
         wgmma_depth=min(waits) if waits else None,
         k_waits=len(waits),
         k_commits=sum("wgmma.commit_group" in i for i in body),
@@ -417,6 +428,9 @@ def loop_facts(ttgir: str, ptx: str, sass: str) -> dict:
         k_cp16=widths.count(16),
         k_cp_narrow=sum(w < 16 for w in widths),
         k_copy_bytes=sum(_tile_bytes(i) for loop in ir_loops for i in loop if "ttg.async_copy_global_to_local" in i),
+        segment_mma=next((name for name, pat in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync.aligned"))
+                          if any(pat in i for i in segment)), None),
+        segment_depth=min(seg_waits) if seg_waits else None,
     )
 
 

@@ -246,6 +246,8 @@ SM90_FP8_GEMMS = {
     "fp8_tensor_prefill_kmajor": ("plain", 512, 4096, 7168, 1),
     "fp8_block_gather_gated_kmajor": ("gather+gated+colscale", 512, 2048, 7168, 3),
     "fp8_block_gather_gated_decode": ("gather+gated+colscale", 4, 2048, 7168, 3),
+    # GEMM 1 with a rank-16 LoRA segment in bf16 (issue 16), against fp8_block_gather_gated_kmajor.
+    "fp8_block_gather_gated_kmajor_lora16": ("gather+gated+colscale+lora16", 512, 2048, 7168, 3),
     "fp8_block_scatter_kmajor": ("scatter+colscale", 512, 7168, 2048, 3),
 }
 

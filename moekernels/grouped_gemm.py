@@ -61,8 +61,9 @@ def num_programs(device: torch.device) -> int:
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
-    """A TMA descriptor needs a 16-byte aligned base, unit inner stride and 16-byte outer strides."""
-    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+    """A TMA descriptor needs a 16-byte aligned base, unit inner stride, 16-byte outer strides and
+    positive extents (K = 0 reaches a launch with a LoRA segment: pointer loads, no K steps)."""
+    return (t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
             and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
 
 
@@ -124,12 +125,14 @@ def num_stages(cfg, scale_mode: int, act: int) -> int:
 
 
 def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1, c_index=None, c_scale=None,
-            scales=None):
-    """out[:, :N] = epilogue(A @ w[e]) over ``rows`` rows of A (x, or x gathered by a_index).
+            scales=None, lora=None):
+    """out[:, :N] = epilogue(A @ w[e] + lora_x @ lora_w[e]) over ``rows`` rows of A (x, or x
+    gathered by a_index).
 
     ``scales`` (fp8 operands): (mode, a_scale, b_scale) with mode 1 (per tensor: a_scale [1, 1],
     b_scale [E, 1, 1]), 2 (rows x columns: [M, 1] and [E, 1, N]) or 3 ((1, 128) x (128, 128)
-    blocks: [M, K/128] and [E, K/128, N/128]); any strides.
+    blocks: [M, K/128] and [E, K/128, N/128]); any strides. ``lora``: (lora_x [rows, r] over the
+    sorted rows, lora_w [E, r, w.shape[2]] of any strides), or None.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -151,7 +154,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
                                     block_scaled=scales is not None and scales[0] == 3)
     if cfg.SPLIT_GATED:  # a decode step too small to fill the GPU: see configs.split_gated_decode
         z = out.new_empty(rows, 2 * n, dtype=torch.float32)  # float32: one rounding, as the fused epilogue
-        _launch(x, w, offs, z, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div, scales=scales)
+        _launch(x, w, offs, z, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div, scales=scales,
+                lora=lora)
         out.copy_(reference.gated_activation(z, next(name for name, v in ACTIVATIONS.items() if v == act)))
         return
     a = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [cfg.BLOCK_M, cfg.BLOCK_K]) if a_tma else x
@@ -161,9 +165,11 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
     scale_mode, a_scale, b_scale = scales if scales is not None else (0, out, out.view(1, 1, -1))
+    lora_x, lora_w = (_rows(lora[0]), lora[1]) if lora is not None else (offs, out.view(1, 1, -1))
+    rank = lora_w.shape[1]
     cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
                            scatter=c_index is not None, act=act, scale=scale_mode,
-                           block_e=triton.next_power_of_2(num_experts))
+                           block_e=triton.next_power_of_2(num_experts), rank=rank if lora is not None else None)
     stages = num_stages(cfg, scale_mode, act)
     per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages) if x.is_cuda else 1
     dummy = offs
@@ -172,18 +178,20 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     with _backend.device_guard(x):
         grouped_mm_kernel[(min(num_programs(x.device) * per_sm, bound),)](
             a, a_index if a_index is not None else dummy, b, out, c_index if c_index is not None else dummy,
-            c_scale if c_scale is not None else out, offs, a_scale, b_scale,
+            c_scale if c_scale is not None else out, offs, a_scale, b_scale, lora_x, lora_w,
             rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
-            a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(),
+            a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(), rank, lora_x.stride(0), *lora_w.stride(),
             **cx, num_warps=cfg.num_warps, num_stages=stages,
         )
 
 
-def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale, block_e) -> dict:
-    """grouped_mm_kernel's constexprs of one launch (the launcher and the sm_90 variants share it)."""
+def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale, block_e, rank=None) -> dict:
+    """grouped_mm_kernel's constexprs of one launch (the launcher and the sm_90 variants share it);
+    ``rank``: the low-rank segment's r, None without one."""
     return dict(A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=gather, SCATTER=scatter, ACT=act,
-                SWAP_AB=cfg.SWAP_AB, SCALE=scale, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)
+                SWAP_AB=cfg.SWAP_AB, SCALE=scale, LORA=rank is not None,
+                BLOCK_R=configs.lora_block(rank, act != 0) if rank is not None else 0, BLOCK_M=cfg.BLOCK_M,
+                BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)
 
 
 def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int) -> int:
@@ -195,6 +203,8 @@ def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int) -> int:
     per_sm = configs.sm90_programs_per_sm(key)
     if per_sm is not None:
         return per_sm
+    if cx["LORA"]:  # the segment's tiles add 1-90 registers (configs.lora_block): never assume a second program
+        return 1
     # float32 tiles held: block-scaled fp8 adds the per-step products (two, in flight and being
     # promoted, without an activation; one with it).
     scaled = cx["SCALE"] == 3
@@ -368,38 +378,13 @@ def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index:
         return out
     scatter = scatter_weights is not None
     scales = None if a_scale is None else (scaling_mode(x, a_scale, w, b_scale), a_scale, b_scale)
-    if lora_x is not None:
-        return _lora_unfused(x, w, offs, source_index, top_k, gather, activation, scatter_weights, scales, lora_x,
-                             lora_w, out)
-    if w.shape[1] == 0:
+    if w.shape[1] == 0 and lora_x is None:
         return out.zero_()
     _launch(x, w, offs, out, variant="gated" if activation else ("scatter" if scatter else "plain"), rows=rows,
             act=ACTIVATIONS[activation], a_index=source_index if gather else None, gather_div=top_k,
             c_index=source_index if scatter else None,
-            c_scale=scatter_weights.reshape(-1).contiguous() if scatter else None, scales=scales)
-    return out
-
-
-def _lora_unfused(x, w, offs, source_index, top_k, gather, activation, scatter_weights, scales, lora_x, lora_w, out):
-    """fused_op with a low-rank segment, unfused: the base product and lora_x @ lora_w[e] into
-    float32, their sum, then the epilogue (act(gate) * up, the router weight and the scatter) in
-    torch."""
-    rows = out.shape[0]
-    z = out.new_zeros(rows, w.shape[2], dtype=torch.float32)
-    if w.shape[1]:
-        _launch(x, w, offs, z, variant="plain", rows=rows, a_index=source_index if gather else None,
-                gather_div=top_k, scales=scales)
-    if lora_w.shape[1]:
-        d = torch.empty_like(z)
-        _launch(lora_x, lora_w, offs, d, variant="plain", rows=rows)
-        z += d
-    h = reference.gated_activation(z, activation) if activation else z
-    if scatter_weights is not None:
-        src = source_index.long()
-        out.zero_()
-        out[src] = (h * scatter_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)).to(out.dtype)
-    else:
-        out.copy_(h)
+            c_scale=scatter_weights.reshape(-1).contiguous() if scatter else None, scales=scales,
+            lora=(lora_x, lora_w) if lora_x is not None else None)
     return out
 
 
@@ -443,16 +428,19 @@ def _fused_backward(ctx, grad):
             dx = permute_backward_op(dx, dest, k, backend)
     if ctx.needs_input_grad[1]:
         dw = grouped_mm_dw_op(x, grad, offs, source_index if ctx.gather else None, k, is_kmajor(w), backend)
+    # The dispatcher drops trailing arguments left at their defaults: 12 inputs without a segment.
+    needs = ctx.needs_input_grad
     d_lora_x = d_lora_w = None
-    if ctx.needs_input_grad[12]:
+    if len(needs) > 12 and needs[12]:
         d_lora_x = grouped_mm_op(grad, lora_w.transpose(1, 2), offs, backend)
-    if ctx.needs_input_grad[13]:
+    if len(needs) > 13 and needs[13]:
         d_lora_w = grouped_mm_dw_op(lora_x, grad, offs, None, 1, is_kmajor(lora_w), backend)
-    return dx, dw, None, None, None, None, None, grad_sw, None, None, None, None, d_lora_x, d_lora_w
+    return (dx, dw, None, None, None, None, None, grad_sw, None, None, None, None, d_lora_x, d_lora_w)[:len(needs)]
 
 
 fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
-_autocast.register("grouped_mm_fused", (0, 1))  # not scatter_weights: router weights stay float32
+# Not scatter_weights: router weights stay float32. The LoRA operands are GEMM operands: cast.
+_autocast.register("grouped_mm_fused", (0, 1, 12, 13))
 
 
 # ----------------------------------------------------------------------------- public
@@ -548,7 +536,8 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
                      top_k: int = 1, gather: bool = False, activation: str | None = None,
                      scatter_weights: torch.Tensor | None = None, a_scale: torch.Tensor | None = None,
                      b_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                     backend: str | None = None) -> torch.Tensor:
+                     backend: str | None = None, lora_x: torch.Tensor | None = None,
+                     lora_w: torch.Tensor | None = None) -> torch.Tensor:
     """The grouped GEMM with the MoE layer's fusions (internal API; see the module doc).
 
     Args:
@@ -566,11 +555,18 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
             :func:`moekernels.fp8_grouped_mm`; a_scale has a row per row of x, gathered with it).
             The block-wise mode with an activation needs N % 128 == 0 (up starts a scale block).
         out_dtype: the output dtype (default x's, bfloat16 for fp8).
+        lora_x, lora_w: a low-rank segment (LoRA on the experts), given together: lora_x [M, r]
+            over the M sorted rows (never gathered; already times the LoRA scale) and lora_w
+            [E, r, N] ([E, r, 2N] with ``activation``, gate then up, as w), any strides (the
+            transposed view of PEFT's B [E, N, r] is read in place), both in the compute dtype
+            (x's; out_dtype's for fp8). The result is ``epilogue(A @ w[e] + lora_x @ lora_w[e])``:
+            the segment is added to the float32 product (after the fp8 scales) before the
+            activation and the router weight, in the same launch.
 
-    Differentiable with respect to x, w and scatter_weights (not in fp8).
+    Differentiable with respect to x, w, scatter_weights, lora_x and lora_w (not in fp8).
     """
     activation = activation or ""
-    x, w = _autocast.cast(x, w)
+    x, w, lora_x, lora_w = _autocast.cast(x, w, lora_x, lora_w)
     _checks.choice("activation", activation, tuple(ACTIVATIONS))
     scaled = a_scale is not None or b_scale is not None
     check_operands(x, w, offs, (torch.float8_e4m3fn,) if scaled else DTYPES)
@@ -602,10 +598,19 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
             raise ValueError(f"scatter_weights must hold one weight per row: {rows} rows, "
                              f"got shape {tuple(scatter_weights.shape)}")
         top_k = scatter_weights.shape[1]
+    if (lora_x is None) != (lora_w is None):
+        raise ValueError("lora_x and lora_w must be given together (or neither)")
+    if lora_x is not None:
+        compute = out_dtype if scaled else x.dtype
+        _checks.tensor("lora_x", lora_x, ndim=2, dtypes=(compute,), device=x.device)
+        _checks.tensor("lora_w", lora_w, ndim=3, dtypes=(compute,), device=x.device)
+        if lora_x.shape[0] != rows or tuple(lora_w.shape) != (w.shape[0], lora_x.shape[1], w.shape[2]):
+            raise ValueError(f"lora_x must be [M={rows}, r] and lora_w [E={w.shape[0]}, r, {w.shape[2]}], got lora_x "
+                             f"{tuple(lora_x.shape)} and lora_w {tuple(lora_w.shape)}")
     if source_index is None:
         source_index = offs.new_empty(0)
     return fused_op(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale,
-                     out_dtype, backend or "")
+                     out_dtype, backend or "", lora_x, lora_w)
 
 
 # ----------------------------------------------------------------------------- sm_90 variants
@@ -633,6 +638,12 @@ SM90_GEMMS = {
     "plain_decode_bf16": ("plain", 4, 2048, 1536, torch.bfloat16, False),
     "scatter_prefill_bf16_kmajor": ("scatter", 512, 2048, 768, torch.bfloat16, True),
     "scatter_decode_bf16_kmajor": ("scatter", 4, 7168, 2048, torch.bfloat16, True),
+    # LoRA on the experts (issue 16): the layer's two GEMMs with a rank-16 segment fused, to be
+    # compared with their base variants above (registers, programs per SM, the K loops).
+    "gather_gated_prefill_bf16_kmajor_lora16": ("gather+gated+lora16", 512, 768, 2048, torch.bfloat16, True),
+    "scatter_prefill_bf16_kmajor_lora16": ("scatter+lora16", 512, 2048, 768, torch.bfloat16, True),
+    "gather_gated_decode_bf16_kmajor_lora16": ("gather+gated+lora16", 4, 768, 2048, torch.bfloat16, True),
+    "gather_gated_prefill_bf16_kmajor_lora64": ("gather+gated+lora64", 512, 768, 2048, torch.bfloat16, True),
     # The split gated decode (configs.split_gated_decode): Qwen3-30B-A3B's GEMM 1 at T = 1 as the
     # plain kernel over the [K, 2I] weight into a float32 product, gathered (fused_moe) or not.
     "gather_split_decode_bf16_kmajor": ("gather", 1, 1536, 2048, torch.bfloat16, True, torch.float32),
@@ -668,16 +679,20 @@ def _dw_variant(name, cfg, dtype, gather, *, scaled=False):
 
 def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False):
     """The sm_90 compile job of one grouped_mm_kernel launch: ``variant`` is plain, gather (rows by
-    pointer), unaligned (both operands by pointer), gated or scatter; ``scale`` the fp8 mode;
-    ``col_major_a_scale``: a_scale's row stride 1, which Triton specialises as the constant 1."""
+    pointer), unaligned (both operands by pointer), gated or scatter, and ``+lora<r>`` for a
+    low-rank segment of rank r (lora_x [M, r] contiguous, lora_w the [E, r, N] view of PEFT's
+    [E, N, r] B: its rank stride 1, which Triton specialises; in the output dtype, fp8's compute
+    dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
     parts = variant.split("+")
     gather, unaligned = "gather" in parts, "unaligned" in parts
     pointers = gather or unaligned
+    rank = next((int(p.removeprefix("lora")) for p in parts if p.startswith("lora")), None)
     cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
-                           scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128)
+                           scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128,
+                           rank=rank)
     stages = num_stages(cfg, scale, cx["ACT"])
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
@@ -689,6 +704,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
         cx["stride_bk" if kmajor else "stride_bn"] = 1
     if col_major_a_scale:
         cx["stride_sam"] = 1
+    if rank is not None:
+        cx["stride_lwk"] = 1
     ptr = _sm90.ptr(dtype)
     elem = ptr.removeprefix("*")
     block_b = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
@@ -696,12 +713,13 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     b_type = ptr if unaligned else f"tensordesc<{elem}[1, {block_b[0]}, {block_b[1]}]>"
     sig = _sm90.signature(fn, cx, a=a_type, b=b_type, c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
                           c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32", a_scale_ptr="*fp32",
-                          b_scale_ptr="*fp32")
+                          b_scale_ptr="*fp32", **dict.fromkeys(("lora_x", "lora_w"), _sm90.ptr(out_dtype or dtype)))
     # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
-    # pipelining of the pointer loads depends on it.
+    # pipelining of the pointer loads depends on it. So are r = 16 and its multiples.
+    lora = ("lora_x", "lora_w", "stride_lxm", "stride_lwe", "stride_lwn") if rank is not None and rank % 16 == 0 else ()
     options = dict(num_warps=cfg.num_warps, num_stages=stages)
     return _sm90.Variant(name, fn, sig, cx, options, matrix=True,
-                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()),
+                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()) + lora,
                          loads=loads, launch_key=key)
 
 

@@ -14,6 +14,7 @@ fix lands the test passes, strict turns that into a failure, and the entry must 
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -234,6 +235,27 @@ def test_fp8_gemms_run_fp8_wgmma(name):
     """The scaled GEMMs multiply on e4m3 operands (wgmma ... .e4m3.e4m3), not upcast to bf16."""
     r = reports()[name]
     assert r["wgmma_fp8"] and r["tma"], r
+
+
+LORA = [n for n, v in VARIANTS.items() if v.constexprs.get("LORA")]
+
+
+def test_lora_variants_have_base_variants():
+    assert LORA and all(re.sub(r"_lora\d+$", "", n) in VARIANTS for n in LORA)
+
+
+@pytest.mark.parametrize("name", LORA)
+def test_lora_segment_costs_no_wave(name):
+    """A fused LoRA segment (grouped_mm_kernel's LORA: a second K loop over the rank after the main
+    one, issue 16) against the same launch without it: as many programs per SM (its registers may
+    grow, not past the next occupancy step), the main K loop as pipelined (wgmma depth) with the
+    same operand copies, and the segment's loop on the tensor cores (wgmma, or mma.sync)."""
+    r, base = reports()[name], reports()[re.sub(r"_lora\d+$", "", name)]
+    assert r["programs_per_sm"] == base["programs_per_sm"], (
+        f"{name}: {r['programs_per_sm']} programs per SM ({r['registers']} registers) against "
+        f"{base['programs_per_sm']} ({base['registers']}) without the segment")
+    assert (r["wgmma_depth"], r["k_tma"], r["k_cp16"]) == (base["wgmma_depth"], base["k_tma"], base["k_cp16"]), r
+    assert r["k_loops"] == 2 and r["segment_mma"] in ("wgmma", "mma"), r
 
 
 # ----------------------------------------------------------------------------- programs per SM (item 4)

@@ -238,6 +238,20 @@ def split_gated_decode(variant: str, cfg: GemmConfig, rows: int, experts: int, n
             and decode_work_items(rows, experts, n, cfg.BLOCK_N) < GPU_SMS.get(gpu, 0))
 
 
+def lora_block(rank: int, gated: bool) -> int:
+    """BLOCK_R, the K step of the low-rank segment of a fused grouped GEMM (grouped_mm_kernel's
+    LORA; 16, the K of a bf16 wgmma, at least). The segment's loop is not pipelined (one load
+    latency a step), so fewer, wider steps are faster, but its tiles cost registers after the main
+    loop (ptxas, sm_90a, bf16 prefill tiles): the one-accumulator launches sit at 120-126 registers,
+    two programs an SM up to 128, and BLOCK_R 16 / 32 / 64 takes scatter to 127 / 130 / 211 (plain
+    127 / 132 / 219): 16 only. The gated tiles (two accumulators) run one program an SM (170 the
+    gathered one) with registers to spare: r rounded up to a power of two, at most 64 (177 / 171 /
+    186 registers), so r <= 64 is one step and r = 128 two."""
+    if not gated:
+        return 16
+    return min(max(triton.next_power_of_2(max(rank, 1)), 16), 64)
+
+
 HOPPER_SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KB usable per block)
 
 

@@ -24,6 +24,10 @@ ready for the combine. SWAP_AB (decode, at most 16 rows per tile) computes the t
 ``b^T a^T``: the weight columns fill wgmma's 64-row M and the few tokens its N of 16, instead of
 padding 1-16 token rows to 64.
 
+LORA (LoRA on the experts) adds a low-rank segment ``lora_x[r] @ lora_w[e]`` to the accumulators
+after the main K loop (and the fp8 scales), before the epilogue: ``_lora_segment``, a second K
+loop over the rank, so the [M, 2N] product with the segment is never written either.
+
 Block-scaled fp8 (SCALE 3) promotes each 128-wide K step's product with its scales, which
 triton 3.6 can only do after waiting for that step's wgmma; ``_block_scaled_loop`` (and
 ``_block_scaled_gated_loop``) order the steps so that another wgmma is in flight during each
@@ -124,6 +128,40 @@ def _promote(acc, part, s, SWAP_AB: tl.constexpr):
 
 
 @triton.jit
+def _scale_rows_cols(acc, sa, sb, SWAP_AB: tl.constexpr):
+    """acc * sa[row] * sb[column] in acc's layout (transposed with SWAP_AB): the per row x per
+    column fp8 scales, applied before the tile is transposed back so that a low-rank segment can
+    follow in the same layout."""
+    if SWAP_AB:
+        acc *= sb[:, None] * sa[None, :]
+    else:
+        acc *= sa[:, None] * sb[None, :]
+    return acc
+
+
+@triton.jit
+def _lora_segment(lora_x, lora_w, acc, acc_up, rows, row_ok, e, n0, N, R, num_r, width_b, stride_lxm, stride_lwe,
+                  stride_lwk, stride_lwn, ACT: tl.constexpr, SWAP_AB: tl.constexpr, BLOCK_R: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """acc + lora_x[rows] @ lora_w[e][:, n0:n0 + BLOCK_N] (and acc_up + that of the up columns
+    n0 + N.. with ACT): the low-rank segment as a second K loop of num_r steps of BLOCK_R over the
+    rank, after the main loop. ``rows`` are the tile's sorted rows (lora_x is never gathered);
+    masked pointer loads, so any r (1-128, no power of two needed) leaves a zero-filled tail."""
+    for rr in range(0, num_r):
+        r0 = rr * BLOCK_R
+        x_tile = _load_a(lora_x, rows, row_ok, 0, r0, R, stride_lxm, False, BLOCK_R)
+        w_tile = _load_b(lora_w, e, r0, n0, R, width_b, stride_lwe, stride_lwk, stride_lwn, False, False, BLOCK_R,
+                         BLOCK_N)
+        if ACT != 0:  # loaded with the others, so that the three loads are in flight together
+            up = _load_b(lora_w, e, r0, n0 + N, R, width_b, stride_lwe, stride_lwk, stride_lwn, False, False,
+                         BLOCK_R, BLOCK_N)
+        acc = _mma(x_tile, w_tile, acc, SWAP_AB)
+        if ACT != 0:
+            acc_up = _mma(x_tile, up, acc_up, SWAP_AB)
+    return acc, acc_up
+
+
+@triton.jit
 def _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride_sak, sb_ptr, stride_sbk):
     """sa[row] * sb of K step kk (zeros past the last step): sb is one scalar, the tile's BLOCK_N
     <= 128 columns lying in one 128-column scale block. With column-major a_scale (stride_sam
@@ -205,18 +243,23 @@ def _block_scaled_gated_loop(a, b, acc, acc_up, src, src64, row_ok, row0, e, e64
 
 @triton.jit(do_not_specialize=["num_rows"])
 def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_ptr, a_scale_ptr, b_scale_ptr,
-                      num_rows, N, K, num_experts, gather_div, stride_am, stride_be, stride_bk, stride_bn,
-                      stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn,
+                      lora_x, lora_w, num_rows, N, K, num_experts, gather_div, stride_am, stride_be, stride_bk,
+                      stride_bn, stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn, R, stride_lxm,
+                      stride_lwe, stride_lwk, stride_lwn,
                       A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, GATHER: tl.constexpr,
                       SCATTER: tl.constexpr, ACT: tl.constexpr, SWAP_AB: tl.constexpr, SCALE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      LORA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
     """c[r, :N] = epilogue(a[r] @ b[e]) for the rows r of expert e's segment; zeros past offs[E-1].
 
     N is the output width; with ACT the weight is [K, 2N], gate columns first, then up. SCALE
     (fp8 operands): 0 none, 1 per tensor (a_scale [1], b_scale [E]), 2 per row x per column
     (a_scale [M], b_scale [E, N]), 3 (1, 128) x (128, 128) blocks (a_scale [M, K/128],
     b_scale [E, K/128, N/128], BLOCK_K = 128), each with the strides given.
+
+    LORA adds the low-rank segment lora_x[r] @ lora_w[e] (lora_x [M, R] over the sorted rows,
+    unit inner stride; lora_w [E, R, N or 2N] of any strides) to the accumulators after the main
+    K loop and its fp8 scaling, before the epilogue: K steps of BLOCK_R, in acc's layout.
     """
     num_n = tl.cdiv(N, BLOCK_N)
     num_k_tiles = tl.cdiv(K, BLOCK_K)
@@ -275,21 +318,27 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
                 acc = _mma(a_tile, b_tile, acc, SWAP_AB)
                 if ACT != 0:
                     acc_up = _mma(a_tile, up, acc_up, SWAP_AB)
-        if SWAP_AB:
-            acc = tl.trans(acc)
-            acc_up = tl.trans(acc_up)
         cols = n0 + tl.arange(0, BLOCK_N)
         if SCALE == 1:
             s = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + e64 * stride_sbe, mask=in_expert, other=0.0)
             acc *= s
             acc_up *= s
         elif SCALE == 2:
-            sa = tl.load(a_scale_ptr + src64 * stride_sam, mask=row_ok, other=0.0)[:, None]
+            sa = tl.load(a_scale_ptr + src64 * stride_sam, mask=row_ok, other=0.0)
             sb_row = b_scale_ptr + e64 * stride_sbe
-            acc *= sa * tl.load(sb_row + cols * stride_sbn, mask=in_expert & (cols < N), other=0.0)[None, :]
+            acc = _scale_rows_cols(acc, sa, tl.load(sb_row + cols * stride_sbn, mask=in_expert & (cols < N),
+                                                    other=0.0), SWAP_AB)
             if ACT != 0:
-                acc_up *= sa * tl.load(sb_row + (cols + N) * stride_sbn, mask=in_expert & (cols < N),
-                                       other=0.0)[None, :]
+                acc_up = _scale_rows_cols(acc_up, sa, tl.load(sb_row + (cols + N) * stride_sbn,
+                                                              mask=in_expert & (cols < N), other=0.0), SWAP_AB)
+        if LORA:  # after the fp8 scales: the low-rank segment is in the high-precision dtype
+            num_r = tl.where(in_expert, tl.cdiv(R, BLOCK_R), 0)  # tail tiles: zeros
+            acc, acc_up = _lora_segment(lora_x, lora_w, acc, acc_up, rows, row_ok, e, n0, N, R, num_r, width_b,
+                                        stride_lxm, stride_lwe, stride_lwk, stride_lwn, ACT, SWAP_AB, BLOCK_R,
+                                        BLOCK_N)
+        if SWAP_AB:
+            acc = tl.trans(acc)
+            acc_up = tl.trans(acc_up)
         if ACT == 1:  # silu(gate) * up
             acc = acc * tl.sigmoid(acc) * acc_up
         elif ACT == 2:  # gelu(gate) * up, the exact (erf) gelu of torch's default
