@@ -16,6 +16,7 @@ from . import distributed, reference
 from ._ext import HAS_CUDA_EXT
 from .fp8 import fp8_grouped_mm, fp8_mm, quantize_fp8
 from .grouped_gemm import grouped_mm
+from .lora import ExpertsLoRA
 from .moe import MoE, fused_moe
 from .permute import permute, unpermute
 from .plan import RoutingPlan, plan_routing
@@ -23,7 +24,7 @@ from .route import load_balancing_loss, router_z_loss, sequence_balance_loss, to
 
 __version__ = "0.1.0"
 __all__ = [
-    "HAS_CUDA_EXT", "MoE", "RoutingPlan", "distributed", "fp8_grouped_mm", "fp8_mm", "fused_moe", "grouped_mm",
+    "ExpertsLoRA", "HAS_CUDA_EXT", "MoE", "RoutingPlan", "distributed", "fp8_grouped_mm", "fp8_mm", "fused_moe", "grouped_mm",
     "load_balancing_loss", "permute", "plan_routing", "quantize_fp8", "reference", "register_transformers",
     "router_z_loss", "sequence_balance_loss", "topk_routing", "unpermute", "update_correction_bias", "__version__",
 ]

@@ -44,7 +44,8 @@ def register(name: str, positions: tuple[int, ...]) -> None:
     for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
         def kernel(*args, device_type=device_type):
             args = list(args)
-            for i, t in zip(positions, cast(*(args[i] for i in positions))):
+            present = [i for i in positions if i < len(args)]  # trailing defaults are not passed
+            for i, t in zip(present, cast(*(args[i] for i in present))):
                 args[i] = t
             with torch.autocast(device_type, enabled=False):
                 return overload(*args)

@@ -26,14 +26,17 @@ losses in training mode.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from . import _autocast, _checks, reference
-from .fp8 import FP8, dw_fp8_op, quantize_op, segments_op
+from .fp8 import FP8, dw_fp8_op, prepare_weight, quantize_op, segments_op
 from .fp8 import weight_operands as _fp8_weight_operands
 from .grouped_gemm import ACTIVATIONS, fused_op, grouped_mm_dw_op, grouped_mm_op
+from .lora import ExpertsLoRA
+from .lora import check as check_lora
 from .permute import permute_backward_op
 from .plan import plan_routing_op
 from .route import (
@@ -54,87 +57,169 @@ def _plan(topk_ids, num_experts, backend):
 @torch.library.custom_op("moekernels::fused_moe", mutates_args=())
 def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, activation: str, w_gate_up_scale: torch.Tensor | None,
-                  w_down_scale: torch.Tensor | None, backend: str) -> torch.Tensor:
+                  w_down_scale: torch.Tensor | None, backend: str, a1: torch.Tensor | None = None,
+                  b1: torch.Tensor | None = None, a2: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                  scale1: float = 1.0, scale2: float = 1.0) -> torch.Tensor:
     num_tokens, top_k = topk_ids.shape
     hid = hidden.shape[1]
     if num_tokens == 0:
         return hidden.new_zeros(0, hid)
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
+    lora1 = _low_rank(hidden, a1, b1, scale1, offsets, source, top_k, backend)
     if w_gate_up.dtype == FP8:
         # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs.
         qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
         return _fp8_experts(qx, sx, (w_gate_up.transpose(1, 2), w_gate_up_scale.transpose(1, 2)),
                             (w_down.transpose(1, 2), w_down_scale.transpose(1, 2)), topk_weights, offsets, source,
-                            activation, hidden.dtype, False, backend)
+                            activation, hidden.dtype, False, backend, lora1, (a2, b2, scale2))
     h = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, None, None,
-                 None, backend)
+                 None, backend, *lora1)
+    lora2 = _low_rank(h, a2, b2, scale2, offsets, None, 1, backend)
     pairs = fused_op(h, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, None, None,
-                     None, backend)
+                     None, backend, *lora2)
     # torch accumulates a bf16 / fp16 sum in float32 and rounds once.
     return pairs.view(num_tokens, top_k, hid).sum(1)
 
 
-def _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activation, dtype, pow2_h, backend):
+def _low_rank(x, a, b, scale, offsets, source, top_k, backend):
+    """An adapter's operands of the fused low-rank segment (``fused_op``'s lora_x, lora_w):
+    t = scale * (x_rows @ a[e]^T) [T*k, r] in x's dtype (x_rows gathered as GEMM 1 gathers them
+    with ``source``; x itself, already in sorted order, without), and b[e]^T [E, r, N]. (None,
+    None) without an adapter."""
+    if a is None:
+        return None, None
+    if source is not None:
+        t = fused_op(x, a.transpose(1, 2), offsets, source, top_k, True, "", None, None, None, None, backend)
+    else:
+        t = grouped_mm_op(x, a.transpose(1, 2), offsets, backend)
+    return _scaled(t, scale), b.transpose(1, 2)
+
+
+def _scaled(t, scale, w=None):
+    """scale * t (times the per-row router weights w [rows, 1] float32), rounded once to t's dtype."""
+    out = t.float() * scale
+    return (out if w is None else out * w).to(t.dtype)
+
+
+def _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activation, dtype, pow2_h, backend,
+                 lora1=(None, None), down_lora=(None, None, 1.0)):
     """The layer on e4m3 from the quantized tokens: GEMM 1 gathering them, with act(gate) * up,
     h quantized (1, 128) (power-of-two scales with ``pow2_h``), GEMM 2 scattering with the router
-    weights, the sum over k. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales."""
+    weights, the sum over k. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales.
+    ``lora1``: GEMM 1's low-rank segment (:func:`_low_rank`); ``down_lora``: (a2, b2, scale2) of
+    GEMM 2's adapter, applied to the high-precision h."""
     num_tokens, top_k = topk_weights.shape
-    h = fused_op(qx, gate_up[0], offsets, source, top_k, True, activation, None, sx, gate_up[1], dtype, backend)
+    h = fused_op(qx, gate_up[0], offsets, source, top_k, True, activation, None, sx, gate_up[1], dtype, backend,
+                 *lora1)
+    lora2 = _low_rank(h, *down_lora, offsets, None, 1, backend)
     qh, sh = quantize_op(h, 1, 128, pow2_h, None, None, 1, True, backend)
-    pairs = fused_op(qh, down[0], offsets, source, top_k, False, "", topk_weights, sh, down[1], dtype, backend)
+    pairs = fused_op(qh, down[0], offsets, source, top_k, False, "", topk_weights, sh, down[1], dtype, backend,
+                     *lora2)
     return pairs.view(num_tokens, top_k, -1).sum(1)
 
 
 @_fused_moe_op.register_fake
-def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale, backend):
+def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale, backend,
+      a1=None, b1=None, a2=None, b2=None, scale1=1.0, scale2=1.0):
     return hidden.new_empty(topk_ids.shape[0], hidden.shape[1])
 
 
+# The op's tensor inputs by position (needs_input_grad's indices).
+_HIDDEN, _W1, _W2, _TW, _A1, _B1, _A2, _B2 = 0, 1, 2, 3, 9, 10, 11, 12
+
+
 def _setup(ctx, inputs, output):
-    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, _, backend = inputs
-    ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, topk_ids)
-    ctx.activation, ctx.backend, ctx.fp8 = activation, backend, s1 is not None
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2, backend, a1, b1, a2, b2, *scales = inputs
+    ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2)
+    ctx.activation, ctx.backend, ctx.scales = activation, backend, scales
 
 
 def _backward(ctx, grad_y):
-    if ctx.fp8:
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2 = ctx.saved_tensors
+    lora, fp8 = a1 is not None or a2 is not None, s1 is not None
+    if fp8 and not lora:
         raise NotImplementedError("fused_moe with float8_e4m3fn weights is inference-only: it has no backward. To train "
-                                  "on e4m3, keep high-precision (master) weights and pass precision='fp8'")
-    hidden, w_gate_up, w_down, topk_weights, topk_ids = ctx.saved_tensors
-    act, backend = ctx.activation, ctx.backend
+                                  "on e4m3, keep high-precision (master) weights and pass precision='fp8', or train "
+                                  "LoRA adapters on the frozen e4m3 experts (lora=moekernels.ExpertsLoRA(...))")
+    act, backend, (scale1, scale2) = ctx.activation, ctx.backend, ctx.scales
     num_tokens, top_k = topk_ids.shape
-    need_x, need_w1, need_w2, need_tw = ctx.needs_input_grad[:4]
-    grads = [None] * 9
+    need = list(ctx.needs_input_grad)
+    need += [False] * (15 - len(need))  # a call that left the adapters to their defaults has 9 inputs
+    if lora:  # the base weights are frozen under an adapter: no gradient, even where they require one
+        need[_W1] = need[_W2] = False
+    grads = [None] * len(ctx.needs_input_grad)
     if num_tokens == 0:
-        grads[:4] = [torch.zeros_like(t) for t in (hidden, w_gate_up, w_down, topk_weights)]
+        for i, t in zip((_HIDDEN, _W1, _W2, _TW, _A1, _B1, _A2, _B2),
+                        (hidden, w_gate_up, w_down, topk_weights, a1, b1, a2, b2)):
+            if need[i]:
+                grads[i] = torch.zeros_like(t)
         return tuple(grads)
     offsets, source, dest = _plan(topk_ids, w_gate_up.shape[0], backend)
     src = source.long()
-    # The gate/up product, recomputed: [T*k, 2I], then h = act(gate) * up.
-    z = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, None, None, None,
-                  backend)
+    dtype = hidden.dtype
+    # The gate/up product, recomputed ([T*k, 2I] activations are not kept between forward and
+    # backward), with GEMM 1's low-rank segment; then h = act(gate) * up.
+    t1, b1_t = _low_rank(hidden, a1, b1, scale1, offsets, source, top_k, backend)
+    if fp8:
+        qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
+        z = fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, sx, s1.transpose(1, 2),
+                     dtype, backend, t1, b1_t)
+    else:
+        z = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, None, None, None,
+                     backend, t1, b1_t)
     h = reference.gated_activation(z, act)
     g = grad_y.index_select(0, src // top_k)  # row r's gradient: its token's
     w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
-    dh_unweighted = grouped_mm_op(g, w_down, offsets, backend)  # [T*k, I]; zero past offsets[-1]
-    if need_tw:
+    # dh / w = g W2 (+ s2 (g B2) A2: the base dgrad with the down adapter's low-rank segment).
+    v2 = grouped_mm_op(g, b2, offsets, backend) if a2 is not None else None  # [T*k, r2]
+    lora_dh = (_scaled(v2, scale2), a2) if a2 is not None else (None, None)
+    if fp8:  # e4m3 gradient tiles with power-of-two scales (DeepSeek-V3), gathered per pair by the GEMM
+        qg, sg = quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, True, backend)
+        w2_t, s2_t = prepare_weight(w_down, scale=s2)  # K-major for g @ w_down: one e4m3 transpose
+        dh_unweighted = fused_op(qg, w2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend,
+                                 *lora_dh)
+    else:
+        dh_unweighted = fused_op(g, w_down, offsets, source, top_k, False, "", None, None, None, None, backend,
+                                 *lora_dh)  # [T*k, I]; zero past offsets[-1]
+    if need[_TW]:
         grad_tw = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=hidden.device)
         grad_tw[src] = (dh_unweighted.float() * h.float()).sum(-1)
-        grads[3] = grad_tw.view(num_tokens, top_k).to(topk_weights.dtype)
-    if need_w2:  # d(w_down^T)[e] = h_e^T (w g)_e, written in w_down's [E, H, I] layout
+        grads[_TW] = grad_tw.view(num_tokens, top_k).to(topk_weights.dtype)
+    if need[_W2] or need[_B2]:
         gw = (g.float() * w).to(g.dtype)
-        grads[2] = grouped_mm_dw_op(h, gw, offsets, None, 1, True, backend).transpose(1, 2)
-    if need_x or need_w1:
-        dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
-        if need_x:
-            grads[0] = permute_backward_op(grouped_mm_op(dz, w_gate_up, offsets, backend), dest, top_k, backend)
-        if need_w1:
-            grads[1] = grouped_mm_dw_op(hidden, dz, offsets, source, top_k, True, backend).transpose(1, 2)
+        if need[_W2]:  # d(w_down^T)[e] = h_e^T (w g)_e, written in w_down's [E, H, I] layout
+            grads[_W2] = grouped_mm_dw_op(h, gw, offsets, None, 1, True, backend).transpose(1, 2)
+        if need[_B2]:  # dB2[e] = (w g)_e^T (s2 h A2^T)_e  [H, r2]
+            t2 = _low_rank(h, a2, b2, scale2, offsets, None, 1, backend)[0]
+            grads[_B2] = grouped_mm_dw_op(gw, t2, offsets, None, 1, False, backend)
+    if need[_A2]:  # dA2[e] = (s2 w g B2)_e^T h_e  [r2, I]
+        grads[_A2] = grouped_mm_dw_op(_scaled(v2, scale2, w), h, offsets, None, 1, False, backend)
+    if not (need[_HIDDEN] or need[_W1] or need[_A1] or need[_B1]):
+        return tuple(grads)
+    dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
+    v1 = grouped_mm_op(dz, b1, offsets, backend) if a1 is not None and (need[_HIDDEN] or need[_A1]) else None
+    if need[_HIDDEN]:  # dx = sum_j dz W1 (+ s1 (dz B1) A1: the base dgrad with the gate_up adapter's segment)
+        lora_dx = (_scaled(v1, scale1), a1) if a1 is not None else (None, None)
+        if fp8:
+            qz, sz = quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
+            w1_t, s1_t = prepare_weight(w_gate_up, scale=s1)
+            dx = fused_op(qz, w1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend, *lora_dx)
+        else:
+            dx = fused_op(dz, w_gate_up, offsets, source, top_k, False, "", None, None, None, None, backend,
+                          *lora_dx)
+        grads[_HIDDEN] = permute_backward_op(dx, dest, top_k, backend)
+    if need[_W1]:
+        grads[_W1] = grouped_mm_dw_op(hidden, dz, offsets, source, top_k, True, backend).transpose(1, 2)
+    if need[_B1]:  # dB1[e] = dz_e^T t1_e  [2I, r1]
+        grads[_B1] = grouped_mm_dw_op(dz, t1, offsets, None, 1, False, backend)
+    if need[_A1]:  # dA1[e] = (s1 dz B1)_e^T x_rows_e  [r1, H]: the transpose of x_rows^T (s1 v1)
+        grads[_A1] = grouped_mm_dw_op(hidden, _scaled(v1, scale1), offsets, source, top_k, True,
+                                      backend).transpose(1, 2)
     return tuple(grads)
 
 
 _fused_moe_op.register_autograd(_backward, setup_context=_setup)
-_autocast.register("fused_moe", (0, 1, 2))  # not topk_weights: router weights stay float32
+_autocast.register("fused_moe", (0, 1, 2, 9, 10, 11, 12))  # not topk_weights: router weights stay float32
 
 
 # ----------------------------------------------------------------------------- FP8 training
@@ -286,7 +371,7 @@ PRECISIONS = (None, "fp8")
 def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, activation: str = "silu", w_gate_up_scale: torch.Tensor | None = None,
               w_down_scale: torch.Tensor | None = None, precision: str | None = None,
-              backend: str | None = None) -> torch.Tensor:
+              lora: ExpertsLoRA | None = None, backend: str | None = None) -> torch.Tensor:
     """The experts of an MoE layer: ``y[t] = sum_j w[t, j] * w_down[e] @ (act(w_gate[e] @ x) * (w_up[e] @ x))``
     with ``e = topk_ids[t, j]``.
 
@@ -309,19 +394,36 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
             power-of-two scales around the down projection); the router weights, the combine and
             the activation's backward stay in float32. Saves the tokens in e4m3 for backward.
             H and I multiples of 128.
+        lora: :class:`moekernels.ExpertsLoRA`, LoRA adapters on the experts (fine-tuning):
+            ``gate_up = x W1_e^T + s1 (x A1_e^T) B1_e^T`` and ``y = h W2_e^T + s2 (h A2_e^T) B2_e^T``,
+            computed without ever forming ``W + s B A``; adapters in hidden's dtype. The base
+            weights (bf16, fp16, fp32, or float8_e4m3fn with their scales) are then frozen: they
+            get no gradient even where they require one; hidden, topk_weights and the adapters do.
         backend: ``"torch"``, ``"triton"`` or None (automatic).
 
     Returns:
         [T, H] in hidden's dtype. Differentiable with respect to hidden, w_gate_up, w_down and
-        topk_weights (not with fp8 weights: that path is inference-only; ``precision="fp8"``
-        trains). No host sync: it captures in CUDA graphs (decode
+        topk_weights (not with fp8 weights, which only ``lora`` adapters train on;
+        ``precision="fp8"`` trains). No host sync: it captures in CUDA graphs (decode
         steps of 1-64 tokens take the grouped GEMM's decode tiles) and traces under
         ``torch.compile(fullgraph=True)``. Under ``torch.autocast`` hidden and the (non-fp8)
         weights are cast to its dtype and the result is in it; topk_weights stay as they are.
     """
-    hidden, w_gate_up, w_down = _autocast.cast(hidden, w_gate_up, w_down)
+    adapters = lora.tensors() if isinstance(lora, ExpertsLoRA) else ()
+    hidden, w_gate_up, w_down, *adapters = _autocast.cast(hidden, w_gate_up, w_down, *adapters)
     _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale)
     _checks.choice("precision", precision, PRECISIONS)
+    if lora is not None:
+        if not isinstance(lora, ExpertsLoRA):
+            raise TypeError(f"lora must be a moekernels.ExpertsLoRA, got {type(lora).__name__}")
+        lora = replace(lora, **dict(zip(("a1", "b1", "a2", "b2"), adapters)))
+        check_lora(lora, hidden, w_gate_up.shape[0], w_gate_up.shape[1])
+        if precision is not None:
+            raise ValueError("lora trains adapters on frozen base weights; precision='fp8' (which trains the base "
+                             "weights on e4m3) does not take lora. For adapters on e4m3 experts pass the "
+                             "float8_e4m3fn weights and their scales (w_gate_up_scale, w_down_scale)")
+        return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
+                             w_down_scale, backend or "", *lora.tensors(), *lora.scales)
     if precision == "fp8":
         if w_gate_up.dtype == FP8:
             raise ValueError("precision='fp8' quantizes high-precision weights on the fly; float8_e4m3fn weights "
@@ -382,10 +484,16 @@ class MoE(nn.Module):
             experts run DeepSeek-V3's FP8 training recipe (``fused_moe(precision="fp8")``) on the
             high-precision parameters, which stay the master weights; H and I multiples of 128.
             The router and the shared experts keep the parameters' dtype.
+        lora_rank, lora_alpha: with ``lora_rank`` r > 0, LoRA adapters on the routed experts
+            (``fused_moe(lora=...)``, scale ``lora_alpha / r``, alpha default r): parameters
+            ``lora_a1`` [E, r, H], ``lora_b1`` [E, 2I, r], ``lora_a2`` [E, r, I] and ``lora_b2``
+            [E, H, r] (A as nn.Linear's default init, B zeros: the layer starts as the base one),
+            and the expert weights frozen (``requires_grad=False``; they get no gradient).
+            :meth:`quantize_experts` then puts the frozen experts in e4m3.
         backend: the backend of every op (None: automatic).
 
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
-    [E, H, I], ``shared_experts``. In training mode the forward sets ``aux_loss`` (the
+    [E, H, I], ``shared_experts``, and the adapters. In training mode the forward sets ``aux_loss`` (the
     load-balancing loss of transformers' ``load_balancing_loss_func``), ``z_loss`` (ST-MoE's) and
     ``seq_aux_loss`` (DeepSeek-V3's sequence-wise balance loss, :func:`sequence_balance_loss` over
     the sequences of an x [B, S, H]; x [T, H] is one sequence; it counts the top-k of the unbiased,
@@ -404,7 +512,8 @@ class MoE(nn.Module):
                  topk_group: int | None = None, routed_scaling_factor: float = 1.0, num_shared_experts: int = 0,
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
                  router_dtype=None, expert_parallel_group=None, capacity: int | None = None,
-                 precision: str | None = None, backend: str | None = None, bias_update_rate: float = 1e-3):
+                 precision: str | None = None, backend: str | None = None, bias_update_rate: float = 1e-3,
+                 lora_rank: int = 0, lora_alpha: float | None = None):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -415,6 +524,10 @@ class MoE(nn.Module):
         check_arguments(num_experts, top_k, scoring, renormalize, correction_bias, n_group, topk_group,
                         routed_scaling_factor)
         _checks.choice("precision", precision, PRECISIONS)
+        _checks.integer("lora_rank", lora_rank, low=0)
+        if lora_rank and (precision is not None or expert_parallel_group is not None):
+            raise ValueError("lora_rank > 0 trains adapters on frozen experts: not with precision='fp8' (which trains "
+                             "the experts themselves) or expert_parallel_group")
         if precision == "fp8" and (hidden_size % 128 or intermediate_size % 128):
             raise ValueError(f"precision='fp8' needs hidden_size and intermediate_size multiples of 128, got "
                              f"{hidden_size} and {intermediate_size}")
@@ -460,14 +573,60 @@ class MoE(nn.Module):
         self.shared_experts = (SharedExperts(hidden_size, intermediate_size * num_shared_experts, **kw)
                                if num_shared_experts else None)
         self.aux_loss = self.z_loss = self.seq_aux_loss = None
+        self.lora_rank, self.lora_scale = lora_rank, (lora_rank if lora_alpha is None else lora_alpha) / max(lora_rank, 1)
+        self.register_buffer("w_gate_up_scale", None)  # the e4m3 experts' (128, 128) scales: quantize_experts
+        self.register_buffer("w_down_scale", None)
+        if lora_rank:
+            r, hid, inter = lora_rank, hidden_size, intermediate_size
+            self.lora_a1 = nn.Parameter(torch.empty(local, r, hid, **kw))
+            self.lora_b1 = nn.Parameter(torch.empty(local, 2 * inter, r, **kw))
+            self.lora_a2 = nn.Parameter(torch.empty(local, r, inter, **kw))
+            self.lora_b2 = nn.Parameter(torch.empty(local, hid, r, **kw))
+            self.w_gate_up.requires_grad_(False)
+            self.w_down.requires_grad_(False)
         self.reset_parameters()
 
     def reset_parameters(self):
-        """nn.Linear's default for each expert matrix: uniform in +-1/sqrt(fan_in)."""
+        """nn.Linear's default for each expert matrix and LoRA A: uniform in +-1/sqrt(fan_in);
+        LoRA B zeros (PEFT's init: the adapted layer starts as the base one)."""
         with torch.no_grad():
-            for w in (self.w_gate_up, self.w_down):
+            mats = [self.w_gate_up, self.w_down] if self.w_gate_up_scale is None else []
+            for w in mats + ([self.lora_a1, self.lora_a2] if self.lora_rank else []):
                 bound = 1 / math.sqrt(w.shape[2])
                 w.uniform_(-bound, bound)
+            if self.lora_rank:
+                self.lora_b1.zero_()
+                self.lora_b2.zero_()
+
+    def lora(self) -> ExpertsLoRA | None:
+        """The adapters as fused_moe takes them (None without lora_rank)."""
+        if not self.lora_rank:
+            return None
+        return ExpertsLoRA(self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2, scale=self.lora_scale)
+
+    def quantize_experts(self) -> None:
+        """Freeze the routed experts in e4m3 with (128, 128) block scales (DeepSeek-V3's checkpoint
+        format), in place: ``w_gate_up`` and ``w_down`` become float8_e4m3fn buffers beside their
+        float32 scales ``w_gate_up_scale`` and ``w_down_scale``, and the forward runs the fp8 GEMMs
+        (activations quantized (1, 128) on the fly). For inference, or LoRA fine-tuning
+        (``lora_rank``) on the frozen e4m3 experts; a DeepSeek-V3 checkpoint's own e4m3 weights and
+        ``weight_scale_inv`` load into these buffers. H and I multiples of 128. Cast the layer
+        (``moe.to(dtype)``) before, not after: ``Module.to`` would cast the e4m3 buffers too."""
+        if self.w_gate_up.dtype == FP8:
+            return
+        if self.hidden_size % 128 or self.intermediate_size % 128:
+            raise ValueError(f"quantize_experts needs hidden_size and intermediate_size multiples of 128, got "
+                             f"{self.hidden_size} and {self.intermediate_size}")
+        if self.precision is not None or self.group is not None:
+            raise ValueError("quantize_experts freezes the experts: not with precision='fp8' or expert parallelism")
+        from .fp8 import quantize_fp8
+
+        self.experts_dtype = self.w_gate_up.dtype
+        for name in ("w_gate_up", "w_down"):
+            q, scale = quantize_fp8(getattr(self, name).detach(), (128, 128), backend=self.backend)
+            delattr(self, name)
+            self.register_buffer(name, q)
+            setattr(self, f"{name}_scale", scale)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], topk_weights [T, k] float32, topk_ids [T, k] int32) of x [T, H]."""
@@ -486,6 +645,8 @@ class MoE(nn.Module):
                 f"routed_scaling_factor={self.routed_scaling_factor}, num_shared_experts={self.num_shared_experts}, "
                 f"correction_bias={self.e_score_correction_bias is not None}"
                 + (f", precision={self.precision!r}" if self.precision else "")
+                + (f", lora_rank={self.lora_rank}, lora_scale={self.lora_scale:g}" if self.lora_rank else "")
+                + (", experts in float8_e4m3fn" if self.w_gate_up_scale is not None else "")
                 + (f", local experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1}"
                    if self.group is not None else ""))
 
@@ -494,10 +655,13 @@ class MoE(nn.Module):
         _checks.tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
-        if x.dtype != self.w_gate_up.dtype:
+        dtype = self.w_gate_up.dtype
+        if dtype == FP8:  # e4m3 experts (quantize_experts) compute in the adapters' or the former weights' dtype
+            dtype = self.lora_a1.dtype if self.lora_rank else self.experts_dtype
+        if x.dtype != dtype:
             raise TypeError(f"x has dtype {str(x.dtype).removeprefix('torch.')} but the layer's parameters are "
-                            f"{str(self.w_gate_up.dtype).removeprefix('torch.')}: cast the input "
-                            f"(x.to({self.w_gate_up.dtype})) or the layer (moe.to(...))")
+                            f"{str(dtype).removeprefix('torch.')}: cast the input "
+                            f"(x.to({dtype})) or the layer (moe.to(...))")
         if x.device != self.w_gate_up.device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w_gate_up.device}")
 
@@ -508,7 +672,8 @@ class MoE(nn.Module):
         logits, weights, ids = self.route(x2)
         if self.group is None:
             y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
-                          precision=self.precision, backend=self.backend)
+                          w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale,
+                          precision=self.precision, lora=self.lora(), backend=self.backend)
         else:
             y = self._expert_parallel(x2, weights, ids)
         if self.shared_experts is not None:

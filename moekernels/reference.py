@@ -429,6 +429,40 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sourc
     return out
 
 
+def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, activation: str = "silu", w_gate_up_scale: torch.Tensor | None = None,
+              w_down_scale: torch.Tensor | None = None, lora=None) -> torch.Tensor:
+    """Reference of :func:`moekernels.fused_moe`, expert by expert in float32 (float64 for
+    float64): fp8 weights dequantized with their (128, 128) scales (the tokens are not
+    quantized), and with ``lora`` (an ExpertsLoRA) each adapter's ``s (x A^T) B^T`` added to its
+    product. Differentiable (autograd), so it is also the reference of the gradients."""
+    acc = acc_dtype(hidden.dtype)
+    w1 = dequantize_fp8(w_gate_up, w_gate_up_scale) if w_gate_up_scale is not None else w_gate_up
+    w2 = dequantize_fp8(w_down, w_down_scale) if w_down_scale is not None else w_down
+    a1 = b1 = a2 = b2 = None
+    s1 = s2 = 1.0
+    if lora is not None:
+        a1, b1, a2, b2 = lora.tensors()
+        s1, s2 = lora.scales
+    x = hidden.to(acc)
+    out = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+    for e in range(w1.shape[0]):
+        token, slot = (topk_ids == e).nonzero(as_tuple=True)
+        if not token.numel():
+            continue
+        xe = x[token]
+        z = xe @ w1[e].to(acc).T
+        if a1 is not None:
+            z = z + s1 * (xe @ a1[e].to(acc).T) @ b1[e].to(acc).T
+        gate, up = z.chunk(2, dim=-1)
+        h = (torch.nn.functional.silu(gate) if activation == "silu" else torch.nn.functional.gelu(gate)) * up
+        y = h @ w2[e].to(acc).T
+        if a2 is not None:
+            y = y + s2 * (h @ a2[e].to(acc).T) @ b2[e].to(acc).T
+        out = out.index_add(0, token, topk_weights[token, slot].to(acc).unsqueeze(-1) * y)
+    return out.to(hidden.dtype)
+
+
 # ----------------------------------------------------------------------------- FP8
 
 FP8_AMAX_FLOOR = 1e-12  # the amax of an all-zero block: a finite, positive scale, and q = 0
