@@ -207,8 +207,7 @@ def _experts_unfused(experts: nn.Module, x: torch.Tensor, w1: torch.Tensor, w2: 
                      weights: torch.Tensor, precision: str | None = None, lora1=None, lora2=None) -> torch.Tensor:
     """The stages one by one, for experts ``fused_moe`` cannot take: the module's own gate (or activation), biases
     and post-expert norm run in torch between two grouped GEMMs. ``lora1`` / ``lora2``: :func:`_weight_and_lora`'s
-    adapters of w1 / w2, added by :func:`_lora_gemm` (in the weights' dtype, also under ``precision="fp8"``: r is
-    not a multiple of fp8's 128-wide blocks)."""
+    adapters of w1 / w2, added by :func:`_lora_gemm`."""
     num_experts = experts.num_experts
     if x.shape[0] == 0:  # no tokens (an idle rank): an empty [0, H], still in the graph as fused_moe's is
         return x * 0
@@ -250,6 +249,9 @@ def moekernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top
     name1 = "gate_up_proj" if getattr(self, "has_gate", True) else "up_proj"
     w1, lora1 = _weight_and_lora(self, name1)
     w2, lora2 = _weight_and_lora(self, "down_proj")
+    if precision is not None and (lora1 or lora2):
+        raise ValueError(f"{type(self).__name__}: {IMPLEMENTATION_FP8!r} trains the base weights on e4m3 and takes "
+                         f"no LoRA adapters (PEFT's); use experts_implementation={IMPLEMENTATION!r} for LoRA")
     if w1.dtype not in _DTYPES:
         raise TypeError(f"{type(self).__name__}: the {IMPLEMENTATION!r} experts take bfloat16, float16 or float32 "
                         f"weights, got {str(w1.dtype).removeprefix('torch.')}; use experts_implementation='eager'")
