@@ -22,6 +22,16 @@ The backend is this module's ``BACKEND`` if set (``moekernels.integrations.trans
 ``MOEKERNELS_BACKEND``, else automatic: the torch reference on CPU tensors (so the same model code runs without a
 GPU) and the Triton kernels on CUDA ones.
 
+PEFT: LoRA on the experts' parameters (``LoraConfig(target_parameters=["mlp.experts.gate_up_proj",
+"mlp.experts.down_proj"])``, PEFT 0.21) runs ``fused_moe(..., lora=ExpertsLoRA(...))`` on the base weights, never
+``W + scale * B A``. PEFT's ``ParamWrapper`` replaces the experts module in its parent (one wrapper per targeted
+parameter, nested) and runs the experts' forward inside ``_activate_lora``, which parametrizes the parameter as W +
+delta; for experts running ``"moekernels"`` it is patched (:func:`_patch_peft`) to register the factors unevaluated,
+and the forward takes A, B and the scale from them as views of PEFT's ``lora_A`` / ``lora_B`` weights (gradients go
+to them; the base weights get none). Several active adapters are concatenated along the rank; disabled or merged
+adapters leave the plain weight. Base weights that themselves require grad take PEFT's W + delta instead. PEFT
+refuses dropout, DoRA and LoRA biases on parameters itself.
+
 ``moe_from_block(block)`` builds a :class:`moekernels.MoE` holding a copy of a Mixtral, Qwen3-MoE or DeepSeek-V3
 block's router, experts and shared experts. ``patch_experts(module, w13=..., w2=...)`` makes a module that holds
 vLLM-style ``w13`` [E, 2I, H] and ``w2`` [E, H, I] weights run ``fused_moe``; ``experts_forward`` is the function
@@ -30,12 +40,15 @@ behind it.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import types
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .. import fused_moe, grouped_mm, permute, plan_routing, unpermute
+from .. import ExpertsLoRA, fused_moe, grouped_mm, permute, plan_routing, unpermute
 from ..moe import MoE
 
 try:
@@ -101,10 +114,100 @@ def _row_experts(topk_ids: torch.Tensor, plan, num_experts: int) -> torch.Tensor
     return topk_ids.reshape(-1).index_select(0, plan.source_index.long()).clamp(0, num_experts - 1)
 
 
-def _experts_unfused(experts: nn.Module, x: torch.Tensor, w1: torch.Tensor, ids: torch.Tensor,
-                     weights: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+# The expert weights moekernels_experts_forward reads, so the only ones whose PEFT LoRA it takes as factors.
+_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def _peft_lora_layer():
+    """peft.tuners.lora.layer if PEFT is imported (else no model holds a PEFT adapter), or None."""
+    return sys.modules.get("peft.tuners.lora.layer")
+
+
+def _patch_peft() -> None:
+    """Make PEFT's ``ParamWrapper`` (``LoraConfig(target_parameters=[...])``) hand moekernels experts their adapters
+    as low-rank factors, never as W + delta. Idempotent; done by :func:`register` when PEFT is imported, else on the
+    first forward that meets an adapter.
+
+    A ``ParamWrapper`` runs the experts' forward inside ``_activate_lora``, which registers a parametrization on the
+    wrapped parameter: reading ``experts.gate_up_proj`` then evaluates ``W + scale * lhs @ rhs`` (one adapter:
+    ``_LoraFactorsProxy``, a baddbmm) or ``W + delta`` with delta summed over the active adapters beforehand
+    (``_LoraParameterProxy``). Either way a tensor the size of the expert stack, and PEFT 0.21 builds one even when
+    nothing reads it: ``register_parametrization`` evaluates a new parametrization once to check its shape and dtype.
+    For experts that run ``"moekernels"`` this registers a ``_LoraFactorsProxy`` with ``unsafe=True`` (no check), the
+    factors of several active adapters concatenated along the rank (scales folded into lhs): it still evaluates to
+    W + delta for any other reader, and :func:`_weight_and_lora` takes its factors without evaluating it. Every
+    other ``ParamWrapper`` (other experts implementations, other parameters) runs PEFT's own code.
+    """
+    layer = _peft_lora_layer()
+    wrapper = getattr(layer, "ParamWrapper", None)
+    if (wrapper is None or hasattr(wrapper._activate_lora, "_moekernels_wraps")
+            or not hasattr(wrapper, "get_delta_factors") or not hasattr(layer, "_LoraFactorsProxy")):
+        return  # not imported, patched already, or a PEFT before 0.21 (its own W + delta, correct)
+    peft_activate = wrapper._activate_lora
+
+    @contextlib.contextmanager
+    def _activate_lora(self, active_adapters):
+        experts = self.get_base_layer()
+        adapters = [a for a in active_adapters or () if a in self.lora_A]
+        implementation = getattr(getattr(experts, "config", None), "_experts_implementation", None)
+        if (not adapters or implementation not in (IMPLEMENTATION, IMPLEMENTATION_FP8)
+                or self.parameter_name not in _WEIGHTS or self.get_param().dtype not in _DTYPES):
+            with peft_activate(self, active_adapters):
+                yield
+            return
+        factors = [self.get_delta_factors(a) for a in adapters]  # (lhs, rhs, scale): delta = scale * lhs @ rhs
+        if len(factors) == 1:
+            proxy = layer._LoraFactorsProxy(*factors[0])
+        else:  # sum_i s_i lhs_i rhs_i = [s_0 lhs_0 | s_1 lhs_1 | ...] @ [rhs_0; rhs_1; ...]: adapter-sized copies
+            proxy = layer._LoraFactorsProxy(torch.cat([lhs * s for lhs, _, s in factors], -1),
+                                            torch.cat([rhs for _, rhs, _ in factors], -2), 1.0)
+        requires_grad = self.get_param().requires_grad
+        parametrize.register_parametrization(experts, self.parameter_name, proxy, unsafe=True)
+        experts.parametrizations[self.parameter_name].original.requires_grad_(requires_grad)
+        try:
+            with parametrize.cached():
+                yield
+        finally:
+            self._remove_parametrizations()
+
+    _activate_lora._moekernels_wraps = peft_activate
+    wrapper._activate_lora = _activate_lora
+
+
+def _weight_and_lora(experts: nn.Module, name: str):
+    """The weight ``name`` of ``experts`` as stored, and its LoRA as ``(a [E, r, K], b [E, N, r], scale)`` in the
+    [E, N, K] orientation (delta = scale * b @ a), or None.
+
+    Under a PEFT adapter (see :func:`_patch_peft`) the weight is parametrized by a ``_LoraFactorsProxy``: the base
+    weight and the factors are taken from it, without evaluating W + delta. Anything else is read as it is: no
+    parametrization (no adapter, adapters disabled or merged into the weight) or another parametrization.
+    """
+    parametrizations = getattr(experts, "parametrizations", None)
+    if parametrizations is None or name not in parametrizations:
+        return getattr(experts, name), None
+    _patch_peft()  # PEFT imported after register(): this forward's wrappers have run, the next ones are patched
+    chain, layer = parametrizations[name], _peft_lora_layer()
+    proxy, base = chain[0], chain.original
+    if len(chain) != 1 or not isinstance(proxy, getattr(layer, "_LoraFactorsProxy", ())):
+        return getattr(experts, name), None
+    lhs, rhs, scale = proxy.lhs, proxy.rhs, float(proxy.scaling)  # delta as stored = scale * lhs @ rhs
+    if getattr(experts, "is_transposed", False):  # stored [E, K, N]: delta^T = scale * rhs^T @ lhs^T
+        return base, (lhs.transpose(1, 2), rhs.transpose(1, 2), scale)
+    return base, (rhs, lhs, scale)
+
+
+def _lora_gemm(x: torch.Tensor, lora, offs: torch.Tensor) -> torch.Tensor:
+    """scale * (x A_e^T) B_e^T for expert-sorted rows: two grouped GEMMs through rank r, never B A."""
+    a, b, scale = lora
+    return grouped_mm(grouped_mm(x, a.transpose(1, 2), offs, backend=BACKEND), b.transpose(1, 2), offs,
+                      backend=BACKEND) * scale
+
+
+def _experts_unfused(experts: nn.Module, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor, precision: str | None = None, lora1=None, lora2=None) -> torch.Tensor:
     """The stages one by one, for experts ``fused_moe`` cannot take: the module's own gate (or activation), biases
-    and post-expert norm run in torch between two grouped GEMMs."""
+    and post-expert norm run in torch between two grouped GEMMs. ``lora1`` / ``lora2``: :func:`_weight_and_lora`'s
+    adapters of w1 / w2, added by :func:`_lora_gemm`."""
     num_experts = experts.num_experts
     if x.shape[0] == 0:  # no tokens (an idle rank): an empty [0, H], still in the graph as fused_moe's is
         return x * 0
@@ -115,15 +218,20 @@ def _experts_unfused(experts: nn.Module, x: torch.Tensor, w1: torch.Tensor, ids:
     if precision == "fp8":
         from ..fp8 import grouped_mm_fp8 as gemm
     # grouped_mm takes [E, K, N]: transformers' default layout [E, N, K] is passed as its transposed view.
-    z = gemm(permute(x, plan, backend=BACKEND), w1 if transposed else w1.transpose(1, 2), offs, backend=BACKEND)
+    xp = permute(x, plan, backend=BACKEND)
+    z = gemm(xp, w1 if transposed else w1.transpose(1, 2), offs, backend=BACKEND)
+    if lora1 is not None:
+        z = z + _lora_gemm(xp, lora1, offs)
     has_bias = getattr(experts, "has_bias", False)
     if has_bias:
         rows = _row_experts(ids, plan, num_experts)
         bias = experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias
         z = z + bias.index_select(0, rows)
     h = experts._apply_gate(z) if getattr(experts, "has_gate", True) else experts.act_fn(z)
-    w2 = experts.down_proj
-    y = gemm(h.to(w2.dtype), w2 if transposed else w2.transpose(1, 2), offs, backend=BACKEND)
+    h = h.to(w2.dtype)
+    y = gemm(h, w2 if transposed else w2.transpose(1, 2), offs, backend=BACKEND)
+    if lora2 is not None:
+        y = y + _lora_gemm(h, lora2, offs)
     if has_bias:
         y = y + experts.down_proj_bias.index_select(0, rows)
     if getattr(experts, "has_post_expert_norm", False):
@@ -137,8 +245,13 @@ def moekernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top
     ``down_proj``, ...), hidden_states [T, H], top_k_index [T, k] and top_k_weights [T, k] its router's output.
     Returns [T, H] in hidden_states' dtype. ``precision="fp8"`` is ``"moekernels_fp8"``: the expert GEMMs, forward
     and backward, on e4m3 (DeepSeek-V3's recipe) with the model's weights as the master copy."""
-    has_gate = getattr(self, "has_gate", True)
-    w1 = self.gate_up_proj if has_gate else self.up_proj
+    # Under PEFT, the base weights and their adapters' factors (see _weight_and_lora): W + scale * B A is never built.
+    name1 = "gate_up_proj" if getattr(self, "has_gate", True) else "up_proj"
+    w1, lora1 = _weight_and_lora(self, name1)
+    w2, lora2 = _weight_and_lora(self, "down_proj")
+    if precision is not None and (lora1 or lora2):
+        raise ValueError(f"{type(self).__name__}: {IMPLEMENTATION_FP8!r} trains the base weights on e4m3 and takes "
+                         f"no LoRA adapters (PEFT's); use experts_implementation={IMPLEMENTATION!r} for LoRA")
     if w1.dtype not in _DTYPES:
         raise TypeError(f"{type(self).__name__}: the {IMPLEMENTATION!r} experts take bfloat16, float16 or float32 "
                         f"weights, got {str(w1.dtype).removeprefix('torch.')}; use experts_implementation='eager'")
@@ -153,13 +266,21 @@ def moekernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top
         ids, weights = ids.clamp(max=self.num_experts - 1), weights.masked_fill(sentinel, 0.0)
     activation = _fused_activation(self)
     if activation is None:
-        y = _experts_unfused(self, x, w1, ids, weights, precision)
+        y = _experts_unfused(self, x, w1, w2, ids, weights, precision, lora1, lora2)
     else:
+        if (lora1 or lora2) and torch.is_grad_enabled() and (w1.requires_grad or w2.requires_grad):
+            # fused_moe(lora=...) gives the base weights no gradient; base weights trained along with their adapter
+            # take PEFT's W + delta, which gives both theirs.
+            w1, w2, lora1, lora2 = getattr(self, name1), self.down_proj, None, None
         transposed = getattr(self, "is_transposed", False)
         w_gate_up = w1.transpose(1, 2) if transposed else w1  # [E, 2I, H], a view where stored [E, H, 2I]
-        w_down = self.down_proj.transpose(1, 2) if transposed else self.down_proj  # [E, H, I]
+        w_down = w2.transpose(1, 2) if transposed else w2  # [E, H, I]
+        lora = {}
+        if lora1 is not None or lora2 is not None:
+            (a1, b1, s1), (a2, b2, s2) = lora1 or (None, None, 1.0), lora2 or (None, None, None)
+            lora = dict(lora=ExpertsLoRA(a1, b1, a2, b2, scale=s1, scale2=s2))
         y = fused_moe(x, w_gate_up, w_down, weights, ids, activation=activation, precision=precision,
-                      backend=BACKEND)
+                      backend=BACKEND, **lora)
     return y.to(hidden_states.dtype)
 
 
@@ -170,10 +291,12 @@ def moekernels_fp8_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
 
 
 def register() -> None:
-    """Register ``"moekernels"`` and ``"moekernels_fp8"`` in transformers' ``ExpertsInterface`` (done on import;
-    calling it again is harmless)."""
+    """Register ``"moekernels"`` and ``"moekernels_fp8"`` in transformers' ``ExpertsInterface``, and, if PEFT is
+    imported, let its LoRA reach these experts as factors (:func:`_patch_peft`). Done on import; calling it again
+    (after importing PEFT) is harmless."""
     ExpertsInterface.register(IMPLEMENTATION, moekernels_experts_forward)
     ExpertsInterface.register(IMPLEMENTATION_FP8, moekernels_fp8_experts_forward)
+    _patch_peft()
 
 
 register()
