@@ -59,26 +59,30 @@ def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
                   topk_ids: torch.Tensor, activation: str, w_gate_up_scale: torch.Tensor | None,
                   w_down_scale: torch.Tensor | None, backend: str, a1: torch.Tensor | None = None,
                   b1: torch.Tensor | None = None, a2: torch.Tensor | None = None, b2: torch.Tensor | None = None,
-                  scale1: float = 1.0, scale2: float = 1.0) -> torch.Tensor:
+                  scale1: float = 1.0, scale2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer, and t1 = s1 (x_rows A1^T) [T*k, r1] of the gate_up adapter (its gradients read
+    it: kept, not recomputed; [0, 0] without one)."""
     num_tokens, top_k = topk_ids.shape
     hid = hidden.shape[1]
+    no_t1 = hidden.new_empty(0, 0)
     if num_tokens == 0:
-        return hidden.new_zeros(0, hid)
+        return hidden.new_zeros(0, hid), no_t1
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
     lora1 = _low_rank(hidden, a1, b1, scale1, offsets, source, top_k, backend)
+    t1 = lora1[0] if a1 is not None else no_t1
     if w_gate_up.dtype == FP8:
         # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs.
         qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
         return _fp8_experts(qx, sx, (w_gate_up.transpose(1, 2), w_gate_up_scale.transpose(1, 2)),
                             (w_down.transpose(1, 2), w_down_scale.transpose(1, 2)), topk_weights, offsets, source,
-                            activation, hidden.dtype, False, backend, lora1, (a2, b2, scale2))
+                            activation, hidden.dtype, False, backend, lora1, (a2, b2, scale2)), t1
     h = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, None, None,
                  None, backend, *lora1)
     lora2 = _low_rank(h, a2, b2, scale2, offsets, None, 1, backend)
     pairs = fused_op(h, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, None, None,
                      None, backend, *lora2)
     # torch accumulates a bf16 / fp16 sum in float32 and rounds once.
-    return pairs.view(num_tokens, top_k, hid).sum(1)
+    return pairs.view(num_tokens, top_k, hid).sum(1), t1
 
 
 def _low_rank(x, a, b, scale, offsets, source, top_k, backend):
@@ -121,7 +125,8 @@ def _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activatio
 @_fused_moe_op.register_fake
 def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale, backend,
       a1=None, b1=None, a2=None, b2=None, scale1=1.0, scale2=1.0):
-    return hidden.new_empty(topk_ids.shape[0], hidden.shape[1])
+    rows, rank = (topk_ids.numel(), a1.shape[1]) if a1 is not None and topk_ids.shape[0] else (0, 0)
+    return hidden.new_empty(topk_ids.shape[0], hidden.shape[1]), hidden.new_empty(rows, rank)
 
 
 # The op's tensor inputs by position (needs_input_grad's indices).
@@ -130,12 +135,13 @@ _HIDDEN, _W1, _W2, _TW, _A1, _B1, _A2, _B2 = 0, 1, 2, 3, 9, 10, 11, 12
 
 def _setup(ctx, inputs, output):
     hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2, backend, a1, b1, a2, b2, *scales = inputs
-    ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2)
+    ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.activation, ctx.backend, ctx.scales = activation, backend, scales
 
 
-def _backward(ctx, grad_y):
-    hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2 = ctx.saved_tensors
+def _backward(ctx, grad_y, _):
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2, t1 = ctx.saved_tensors
     lora, fp8 = a1 is not None or a2 is not None, s1 is not None
     if fp8 and not lora:
         raise NotImplementedError("fused_moe with float8_e4m3fn weights is inference-only: it has no backward. To train "
@@ -158,8 +164,8 @@ def _backward(ctx, grad_y):
     src = source.long()
     dtype = hidden.dtype
     # The gate/up product, recomputed ([T*k, 2I] activations are not kept between forward and
-    # backward), with GEMM 1's low-rank segment; then h = act(gate) * up.
-    t1, b1_t = _low_rank(hidden, a1, b1, scale1, offsets, source, top_k, backend)
+    # backward), with GEMM 1's low-rank segment (t1 kept from the forward); then h = act(gate) * up.
+    t1, b1_t = (t1, b1.transpose(1, 2)) if a1 is not None else (None, None)
     if fp8:
         qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
         z = fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, sx, s1.transpose(1, 2),
@@ -423,7 +429,7 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
                              "weights on e4m3) does not take lora. For adapters on e4m3 experts pass the "
                              "float8_e4m3fn weights and their scales (w_gate_up_scale, w_down_scale)")
         return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
-                             w_down_scale, backend or "", *lora.tensors(), *lora.scales)
+                             w_down_scale, backend or "", *lora.tensors(), *lora.scales)[0]
     if precision == "fp8":
         if w_gate_up.dtype == FP8:
             raise ValueError("precision='fp8' quantizes high-precision weights on the fly; float8_e4m3fn weights "
@@ -434,7 +440,7 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
                              f"H={hid}, I={inter}")
         return _fused_moe_fp8_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend or "")[0]
     return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
-                         w_down_scale, backend or "")
+                         w_down_scale, backend or "")[0]
 
 
 # ----------------------------------------------------------------------------- the module

@@ -261,8 +261,8 @@ def configs_for(monkeypatch, gpu):
     each call recorded as (variant, N, SPLIT_GATED) so that a test sees which launches ran."""
     orig, calls = configs.grouped_mm_config, []
 
-    def patched(variant, rows, experts, n, k, dtype, gpu_=None):
-        cfg = orig(variant, rows, experts, n, k, dtype, gpu)
+    def patched(variant, rows, experts, n, k, dtype, gpu_=None, **kw):
+        cfg = orig(variant, rows, experts, n, k, dtype, gpu, **kw)
         calls.append((variant, n, cfg.SPLIT_GATED))
         return cfg
 
