@@ -80,7 +80,7 @@ def _triton_variant(num_experts, top_k, scoring, renormalize, has_bias, n_group)
     constexprs = dict(
         SOFTMAX=scoring == "softmax", HAS_BIAS=has_bias, GROUPED=n_group > 1, RENORMALIZE=renormalize,
         BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
-        K_IN_TILE=top_k <= cfg.BLOCK_K,
+        K_IN_TILE=top_k <= cfg.BLOCK_K, ROW=cfg.ROW,
     )
     # enable_fp_fusion=False: exp_f32 must round every step (see kernels/_math.py)
     return cfg, constexprs, dict(num_warps=cfg.num_warps, enable_fp_fusion=False)
@@ -544,7 +544,12 @@ def sm90_variants():
         )
         sig = signature(topk_routing_kernel, constexprs, logits_ptr=ptr(r["dtype"]), bias_ptr="*fp32",
                         weights_ptr="*fp32", ids_ptr="*i32", routed_scaling_factor="fp32")
-        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, sig, constexprs, options,
+        # As a launch on contiguous logits specialises them: 16-byte aligned tensors, and the
+        # row stride (E) when a multiple of 16; what the 16-byte loads of ROW rows depend on.
+        aligned = ("logits_ptr", "bias_ptr", "weights_ptr", "ids_ptr")
+        if r["num_experts"] % 16 == 0:
+            aligned += ("num_experts", "stride_t")
+        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, sig, constexprs, options, aligned=aligned,
                            per_token=ROUTE_TRITON_DSV3 if name == ROUTE_TRITON_DSV3["router"] else None))
     for name, (num_experts, dtype) in SM90_LOSSES.items():
         for balance in (True, False):

@@ -24,6 +24,7 @@ class RouteConfig:
     BLOCK_C: int  # columns, padded to a power of two
     BLOCK_K: int  # top_k padded to a power of two, at most 32: the register tile of picks
     num_warps: int
+    ROW: int = 0
 
 
 # ~2048 logits per program: 8 per thread at 8 warps keeps the working set (logit, score,
@@ -42,7 +43,11 @@ def route_config(num_experts: int, top_k: int, n_group: int) -> RouteConfig:
         row, block_r = block_c, triton.cdiv(triton.next_power_of_2(num_experts), block_c)
     block_t = max(1, _ROUTE_TILE // (block_r * block_c))
     num_warps = max(1, min(8, block_t))  # a warp per token at most: warps never split a token
-    return RouteConfig(row, block_t, block_r, block_c, min(triton.next_power_of_2(top_k), 32), num_warps)
+    ROW = 0
+    if row == 32 and block_r == 8:
+        ROW = 32
+        block_t = 4 * num_warps
+    return RouteConfig(row, block_t, block_r, block_c, min(triton.next_power_of_2(top_k), 32), num_warps, ROW)
 
 
 @dataclass(frozen=True)

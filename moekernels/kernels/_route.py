@@ -50,6 +50,13 @@ def _score(x, row_max, denom, SOFTMAX: tl.constexpr):
     return tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp_f32(-x))
 
 
+@triton.jit
+def _top2(a1, a2, b1, b2):
+    """Combine two (largest, second largest) pairs: the top two of a multiset (a tie gives
+    top1 == top2, like reference's topk(2)). choice has no NaN."""
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
 @triton.jit(do_not_specialize=["row_len"])
 def topk_routing_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
@@ -57,8 +64,10 @@ def topk_routing_kernel(
     n_group, row_len, topk_group, routed_scaling_factor,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr, ROW: tl.constexpr,
 ):
+    if ROW > 0:
+        row_len = ROW
     # int64 token offsets: T * E passes 2**31 at 2M tokens of 1024 experts.
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     row = tl.arange(0, BLOCK_R)
@@ -97,9 +106,7 @@ def topk_routing_kernel(
 
     if GROUPED:
         if HAS_BIAS:  # DeepSeek-V3: a group scores the sum of its two best experts
-            is_best = key == tl.max(key, axis=2)[:, :, None]  # one expert per group
-            top1 = tl.max(tl.where(is_best, choice, float("-inf")), axis=2)
-            top2 = tl.max(tl.where(is_best, float("-inf"), choice), axis=2)
+            top1, top2 = tl.reduce((choice, tl.full(choice.shape, float("-inf"), tl.float32)), 2, _top2)
             group_score = top1 + top2
         else:  # DeepSeek-V2: a group scores its best expert
             group_score = tl.max(choice, axis=2)
@@ -127,12 +134,10 @@ def topk_routing_kernel(
         # Rows first: the lanes span a row and each thread holds its column of every row, so
         # this order shuffles once per token instead of once per row (80 -> 10 SHFL at E = 256).
         kbest = tl.max(tl.max(key, axis=1), axis=1)
-        key = tl.where(key == kbest[:, None, None], _NONE, key)
+        hit = key == kbest[:, None, None]
+        key = tl.where(hit, _NONE, key)
         eid = (num_experts - 1 - (kbest & 0xFFFFFFFF)).to(tl.int32)
-        # The winner's score is recomputed from its logit (an L1 hit, same bits) rather than
-        # pulled out of the tile by another cross-lane reduction (5 shuffles per pick).
-        x_pick = _sanitize(tl.load(row_ptr + eid, mask=tmask, other=0.0).to(tl.float32))
-        w = _score(x_pick, row_max, denom, SOFTMAX)
+        w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=1)
         total += w
         if K_IN_TILE:
             tile_w = tl.where(slot[None, :] == j, w[:, None], tile_w)
