@@ -27,7 +27,9 @@ import triton.language as tl
 from ..reference import FLT_MAX
 from ._math import exp_f32, order_key
 
-_NONE: tl.constexpr = tl.constexpr(-9223372036854775808)  # key of an ineligible expert
+# Key of an ineligible expert: below order_key(-inf) = -2139095041, and no sanitized choice is NaN.
+_NONE: tl.constexpr = tl.constexpr(-2147483648)
+_NO_EXPERT: tl.constexpr = tl.constexpr(2147483647)
 _FLT_MAX: tl.constexpr = tl.constexpr(FLT_MAX)
 
 
@@ -35,11 +37,6 @@ _FLT_MAX: tl.constexpr = tl.constexpr(FLT_MAX)
 def _sanitize(x):
     """reference.sanitize_logits: NaN -> -inf, +inf -> FLT_MAX, -inf and finite values kept."""
     return tl.where(x != x, float("-inf"), tl.minimum(x, _FLT_MAX))
-
-
-@triton.jit
-def _pack(choice, low):
-    return (order_key(choice + 0.0).to(tl.int64) << 32) | low.to(tl.int64)
 
 
 @triton.jit
@@ -101,7 +98,7 @@ def topk_routing_kernel(
         choice = tl.where(valid[None, :, :], choice, float("-inf"))
     else:
         choice = x  # softmax and sigmoid are monotone: rank the logits, no rounding involved
-    key = _pack(choice, num_experts - 1 - expert[None, :, :])
+    key = order_key(choice + 0.0)
     key = tl.where(valid[None, :, :], key, _NONE)
 
     if GROUPED:
@@ -110,12 +107,12 @@ def topk_routing_kernel(
             group_score = top1 + top2
         else:  # DeepSeek-V2: a group scores its best expert
             group_score = tl.max(choice, axis=2)
-        gkey = _pack(group_score, n_group - 1 - row[None, :])
-        gkey = tl.where(row[None, :] < n_group, gkey, _NONE)
+        gkey = tl.where(row[None, :] < n_group, order_key(group_score + 0.0), _NONE)
         keep = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.int1)
         for _ in range(topk_group):
             gbest = tl.max(gkey, axis=1)
-            hit = gkey == gbest[:, None]
+            g = tl.min(tl.where(gkey == gbest[:, None], row[None, :], BLOCK_R), axis=1)
+            hit = row[None, :] == g[:, None]
             keep = keep | hit
             gkey = tl.where(hit, _NONE, gkey)
         key = tl.where(keep[:, :, None], key, _NONE)
@@ -129,14 +126,13 @@ def topk_routing_kernel(
     tile_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     tile_id = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
-    row_ptr = logits_ptr + tok * stride_t
     for j in range(top_k):
-        # Rows first: the lanes span a row and each thread holds its column of every row, so
-        # this order shuffles once per token instead of once per row (80 -> 10 SHFL at E = 256).
+        # Rows first: each thread holds its columns of every row, so this order shuffles once
+        # per token instead of once per row.
         kbest = tl.max(tl.max(key, axis=1), axis=1)
-        hit = key == kbest[:, None, None]
+        eid = tl.min(tl.min(tl.where(key == kbest[:, None, None], expert[None, :, :], _NO_EXPERT), axis=1), axis=1)
+        hit = expert[None, :, :] == eid[:, None, None]
         key = tl.where(hit, _NONE, key)
-        eid = (num_experts - 1 - (kbest & 0xFFFFFFFF)).to(tl.int32)
         w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=1)
         total += w
         if K_IN_TILE:
