@@ -582,8 +582,7 @@ ROUTE_CU_DSV3 = dict(
 # kernels/_route.py's variant topk_routing/deepseek_v3_e256_k8_g8_4_bias (BLOCK_T = 8 tokens, 8 warps:
 # a warp per token). Constexprs compile out the other branches; the two run-time loops are not unrolled.
 ROUTE_TRITON_DSV3 = dict(router="deepseek_v3_e256_k8_g8_4_bias", skip=[],
-                         loops={"for _ in range(topk_group):": (4, None, 1),  # 4 of the 8 groups kept
-                                "for j in range(top_k):": (8, None, 1)})  # 8 picks
+                         loops={"for j in range(top_k):": (8, None, 1)})  # 8 picks
 
 
 def route_cu_instructions(nvcc: str = "nvcc") -> dict:

@@ -54,6 +54,18 @@ def _top2(a1, a2, b1, b2):
     return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
 
 
+@triton.jit
+def _row(x, row, g: tl.constexpr):
+    """x[:, g, :] of an int32 [T, R, C] tile whose rows are in-thread: where + sum fold to
+    register moves once compiled (a float sum would keep its + 0.0)."""
+    return tl.sum(tl.where(row[None, :, None] == g, x, 0), axis=1)
+
+
+@triton.jit
+def _row_f32(x, row, g: tl.constexpr):
+    return _row(x.to(tl.int32, bitcast=True), row, g).to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["row_len"])
 def topk_routing_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
@@ -61,7 +73,7 @@ def topk_routing_kernel(
     n_group, row_len, topk_group, routed_scaling_factor,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr, ROW: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr, ROW: tl.constexpr, FULL: tl.constexpr, KEPT: tl.constexpr, SLOTS: tl.constexpr,
 ):
     if ROW > 0:
         row_len = ROW
@@ -70,7 +82,10 @@ def topk_routing_kernel(
     row = tl.arange(0, BLOCK_R)
     col = tl.arange(0, BLOCK_C)
     expert = row[:, None] * row_len + col[None, :]  # [R, C]
-    valid = (col[None, :] < row_len) & (expert < num_experts)
+    if FULL:  # E = BLOCK_R * BLOCK_C in rows of BLOCK_C: no padding expert, no masks
+        valid = tl.full([BLOCK_R, BLOCK_C], 1, tl.int1)
+    else:
+        valid = (col[None, :] < row_len) & (expert < num_experts)
     tmask = tok < num_tokens
     ptrs = logits_ptr + tok[:, None, None] * stride_t + expert[None, :, :]
     x = _sanitize(tl.load(ptrs, mask=tmask[:, None, None] & valid[None, :, :], other=0.0).to(tl.float32))
@@ -98,9 +113,6 @@ def topk_routing_kernel(
         choice = tl.where(valid[None, :, :], choice, float("-inf"))
     else:
         choice = x  # softmax and sigmoid are monotone: rank the logits, no rounding involved
-    key = order_key(choice + 0.0)
-    key = tl.where(valid[None, :, :], key, _NONE)
-
     if GROUPED:
         if HAS_BIAS:  # DeepSeek-V3: a group scores the sum of its two best experts
             top1, top2 = tl.reduce((choice, tl.full(choice.shape, float("-inf"), tl.float32)), 2, _top2)
@@ -109,13 +121,42 @@ def topk_routing_kernel(
             group_score = tl.max(choice, axis=2)
         gkey = tl.where(row[None, :] < n_group, order_key(group_score + 0.0), _NONE)
         keep = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.int1)
-        for _ in range(topk_group):
+        for _ in tl.static_range(KEPT):
             gbest = tl.max(gkey, axis=1)
             g = tl.min(tl.where(gkey == gbest[:, None], row[None, :], BLOCK_R), axis=1)
-            hit = row[None, :] == g[:, None]
-            keep = keep | hit
-            gkey = tl.where(hit, _NONE, gkey)
-        key = tl.where(keep[:, :, None], key, _NONE)
+            picked = row[None, :] == g[:, None]
+            keep = keep | picked
+            gkey = tl.where(picked, _NONE, gkey)
+        if SLOTS < BLOCK_R:
+            # The picks scan only the kept groups: slot s of a [BLOCK_T, SLOTS, BLOCK_C] tile
+            # holds the s-th kept group, so the slots keep the groups' order and a tie on the
+            # tile's index is a tie on the expert id. A thread holds its columns of every row,
+            # so the copy is register selects (DeepSeek-V3: 8 rows -> 4 slots, half the picks' work).
+            first = tl.cumsum(keep.to(tl.int32), axis=1) - keep.to(tl.int32)  # slot of a kept group
+            slot_of = tl.where(keep, first, SLOTS)
+            sl = tl.arange(0, SLOTS)
+            c_choice = tl.zeros([BLOCK_T, SLOTS, BLOCK_C], tl.float32)
+            c_score = tl.zeros([BLOCK_T, SLOTS, BLOCK_C], tl.float32)
+            c_group = tl.zeros([BLOCK_T, SLOTS], tl.int32)
+            for r in tl.static_range(BLOCK_R):
+                # Row r can only fill the slots KEPT - BLOCK_R + r ..= r: constant-false selects fold
+                # away (DeepSeek-V3: 20 of 32 row-slot pairs left).
+                into = tl.sum(tl.where(row[None, :] == r, slot_of, 0), axis=1)[:, None] == sl[None, :]
+                into = into & ((sl <= r) & (sl >= KEPT - BLOCK_R + r))[None, :]
+                c_group = tl.where(into, r, c_group)
+                c_choice = tl.where(into[:, :, None], _row_f32(choice, row, r)[:, None, :], c_choice)
+                c_score = tl.where(into[:, :, None], _row_f32(scores, row, r)[:, None, :], c_score)
+            choice, scores = c_choice, c_score
+            expert = c_group[:, :, None] * row_len + col[None, None, :]
+            # slots past KEPT (DeepSeek-V2 keeps 3 in 4) and columns past a group's size
+            valid = (sl[:, None] < KEPT) & ((col[None, :] < row_len) | FULL)
+        else:
+            valid = valid[None, :, :] & keep[:, :, None]
+            expert = expert[None, :, :]
+    else:
+        valid = valid[None, :, :]
+        expert = expert[None, :, :]
+    key = tl.where(valid, order_key(choice + 0.0), _NONE)
 
     # top_k <= BLOCK_K (config: up to 32): the picks gather in a [BLOCK_T, BLOCK_K] register tile,
     # stored once. Larger top_k stores each pick as it is made (a tile would cost
@@ -130,8 +171,8 @@ def topk_routing_kernel(
         # Rows first: each thread holds its columns of every row, so this order shuffles once
         # per token instead of once per row.
         kbest = tl.max(tl.max(key, axis=1), axis=1)
-        eid = tl.min(tl.min(tl.where(key == kbest[:, None, None], expert[None, :, :], _NO_EXPERT), axis=1), axis=1)
-        hit = expert[None, :, :] == eid[:, None, None]
+        eid = tl.min(tl.min(tl.where(key == kbest[:, None, None], expert, _NO_EXPERT), axis=1), axis=1)
+        hit = expert == eid[:, None, None]
         key = tl.where(hit, _NONE, key)
         w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=1)
         total += w
