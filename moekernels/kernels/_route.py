@@ -120,19 +120,23 @@ def topk_routing_kernel(
         else:  # DeepSeek-V2: a group scores its best expert
             group_score = tl.max(choice, axis=2)
         gkey = tl.where(row[None, :] < n_group, order_key(group_score + 0.0), _NONE)
-        keep = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.int1)
-        for _ in tl.static_range(KEPT):
-            gbest = tl.max(gkey, axis=1)
-            g = tl.min(tl.where(gkey == gbest[:, None], row[None, :], BLOCK_R), axis=1)
-            picked = row[None, :] == g[:, None]
-            keep = keep | picked
-            gkey = tl.where(picked, _NONE, gkey)
+        # A group is kept when fewer than KEPT groups outrank it (a higher score, or the same
+        # score and a lower id): rows are in-thread, so the 8 x 8 comparisons are plain selects
+        # (4 max-and-retire rounds cost twice as many).
+        rank = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.int32)
+        for h in tl.static_range(BLOCK_R):
+            gh = tl.sum(tl.where(row[None, :] == h, gkey, 0), axis=1)[:, None]
+            rank += ((gh > gkey) | ((gh == gkey) & (h < row[None, :]))).to(tl.int32)
+        keep = rank < KEPT
         if SLOTS < BLOCK_R:
             # The picks scan only the kept groups: slot s of a [BLOCK_T, SLOTS, BLOCK_C] tile
             # holds the s-th kept group, so the slots keep the groups' order and a tie on the
             # tile's index is a tie on the expert id. A thread holds its columns of every row,
             # so the copy is register selects (DeepSeek-V3: 8 rows -> 4 slots, half the picks' work).
-            first = tl.cumsum(keep.to(tl.int32), axis=1) - keep.to(tl.int32)  # slot of a kept group
+            kept = keep.to(tl.int32)
+            first = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.int32)  # kept groups before a row: its slot
+            for h in tl.static_range(BLOCK_R - 1):  # (tl.cumsum went through shared memory)
+                first += tl.where(h < row[None, :], tl.sum(tl.where(row[None, :] == h, kept, 0), axis=1)[:, None], 0)
             slot_of = tl.where(keep, first, SLOTS)
             sl = tl.arange(0, SLOTS)
             c_choice = tl.zeros([BLOCK_T, SLOTS, BLOCK_C], tl.float32)
