@@ -4,18 +4,28 @@ A program routes BLOCK_T tokens. Each token's E logits are held as a [BLOCK_R, B
 of rows of ``row_len`` experts. With groups a row is a group, so expert groups of any
 size (DeepSeek-V2: 160 = 8 x 20) are plain row reductions; without groups a row is 32 experts.
 
-Triton gives the lanes, then the warps, to the fastest dim first. A row wider than a warp's 32
-lanes, or a vectorised load that leaves lanes over for the token dim, spreads a token over
-several warps, and every reduction then goes through shared memory and barriers (18 barriers
-and 81 shared-memory accesses per token at E = 128, seen in the sm_90 SASS). So rows hold at
-most 32 experts, and ``row_len`` stays a run-time value (``do_not_specialize``): the loads are
-known contiguous along a row but not aligned, so they are not vectorised, the 32 lanes span a
-row, the warps take tokens, and every reduction stays inside a warp.
+Triton gives the lanes, then the warps, to the fastest dim first, and the tile's order puts the
+tokens before the rows. A row wider than a warp's 32 lanes, or lanes left over for the rows,
+spreads a token over several warps, and every reduction then goes through shared memory and
+barriers (18 barriers and 81 shared-memory accesses per token at E = 128, seen in the sm_90
+SASS). So rows hold at most 32 experts and every reduction stays inside a warp:
 
-Selection uses one int64 key per expert: the float32 choice mapped to an order-preserving
-int32 in the high half, and E - 1 - expert in the low half. One max-reduction then yields the
-best expert and breaks ties to the lower id, and each key is unique within a token, so
-``key == max`` marks exactly one expert.
+* ``ROW`` = 0 (the fallback): ``row_len`` stays a run-time value (``do_not_specialize``), so the
+  loads are not vectorised, the 32 lanes span a row and a warp takes a token.
+* ``ROW`` = 32 (configs.route_config: fp32 logits on 16-byte rows): the loads are 16 bytes, a
+  thread holds 4 adjacent experts of every row, 8 lanes span a row and a warp takes 4 tokens.
+  A row reduction is 3 shuffle steps instead of 5, and each instruction serves 4 tokens.
+
+Either way a thread holds its columns of every row, so a reduction over the rows, picking a row
+or copying rows is register work (``_row``).
+
+Selection uses an int32 key per expert: the float32 choice mapped to an order-preserving int32
+(-0.0 folded onto +0.0). A pick is a max-reduction of the keys, then a min-reduction of the ids
+of the experts holding that max: the tie goes to the lower id, and that one expert is retired
+(its key set below every real key, -inf's included) and its score read from the tile. (One
+int64 key of (choice, E - 1 - id) did both in one reduction, but every int64 max, compare and
+select is 2 instructions: twice the work per expert per pick.) With groups, the kept groups
+are copied into ``SLOTS`` slots in id order first, so the picks scan KEPT groups, not all.
 
 Non-finite logits follow reference.py's policy: ``_sanitize`` where a logit is loaded (NaN ->
 -inf, +inf -> FLT_MAX: a select and a min per element, no extra pass over memory).
@@ -40,10 +50,8 @@ def _sanitize(x):
 
 
 @triton.jit
-def _score(x, row_max, denom, SOFTMAX: tl.constexpr):
-    """The score of logit x, bit-identical to reference.routing_scores."""
-    if SOFTMAX:
-        return tl.math.div_rn(exp_f32(x - row_max), denom)
+def _sigmoid(x):
+    """reference.routing_scores' sigmoid, bit for bit."""
     return tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp_f32(-x))
 
 
@@ -73,9 +81,10 @@ def topk_routing_kernel(
     n_group, row_len, topk_group, routed_scaling_factor,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr, ROW: tl.constexpr, FULL: tl.constexpr, KEPT: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr,
+    ROW: tl.constexpr, FULL: tl.constexpr, KEPT: tl.constexpr, SLOTS: tl.constexpr,
 ):
-    if ROW > 0:
+    if ROW > 0:  # known rows: 16-byte loads, and the layout they bring (see the module doc)
         row_len = ROW
     # int64 token offsets: T * E passes 2**31 at 2M tokens of 1024 experts.
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -103,9 +112,7 @@ def topk_routing_kernel(
         denom = tl.sum(tl.sum(e.to(tl.float64), axis=1), axis=1).to(tl.float32)
         scores = tl.math.div_rn(e, denom[:, None, None])
     else:
-        row_max = tl.zeros([BLOCK_T], dtype=tl.float32)  # unused: sigmoid needs no row terms
-        denom = row_max
-        scores = _score(x, row_max[:, None, None], denom[:, None, None], SOFTMAX)
+        scores = _sigmoid(x)
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + expert, mask=valid, other=0.0)
