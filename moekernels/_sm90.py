@@ -593,11 +593,11 @@ ROUTE_CU_DSV3 = dict(
           ("} else if (live && lane == 0) {", "out_id[j] = e;"),  # top_k 8 <= 32: picks in registers
           ("__syncwarp();  // lane 0's stores", "for (int j = lane; j < top_k; j += LANES)")],
     kernel="topk_routing_kernelIfLi8ELi32E")
-# kernels/_route.py's variant topk_routing/deepseek_v3_e256_k8_g8_4_bias (BLOCK_T = 8 tokens, 8 warps:
-# a warp per token). Constexprs compile out the other branches; the two run-time loops are not unrolled.
+# kernels/_route.py's variant topk_routing/deepseek_v3_e256_k8_g8_4_bias (BLOCK_T = 32 tokens, 8 warps:
+# 4 tokens a warp, so the count x warps / BLOCK_T is per token). Constexprs compile out the other
+# branches and unroll the group selection (KEPT); the run-time pick loop is not unrolled.
 ROUTE_TRITON_DSV3 = dict(router="deepseek_v3_e256_k8_g8_4_bias", skip=[],
-                         loops={"for _ in range(topk_group):": (4, None, 1),  # 4 of the 8 groups kept
-                                "for j in range(top_k):": (8, None, 1)})  # 8 picks
+                         loops={"for j in range(top_k):": (8, None, 1)})  # 8 picks
 
 
 def route_cu_instructions(nvcc: str = "nvcc") -> dict:

@@ -73,14 +73,16 @@ def _cuda_reason(num_experts: int, n_group: int) -> str | None:
     return None
 
 
-def _triton_variant(num_experts, top_k, scoring, renormalize, has_bias, n_group):
+def _triton_variant(num_experts, top_k, scoring, renormalize, has_bias, n_group, topk_group, itemsize, aligned):
     """The config, constexprs and compile options of one launch: shared by the launcher and
     the sm_90 compile test, so that the test compiles exactly what ships."""
-    cfg = configs.route_config(num_experts, top_k, n_group)
+    cfg = configs.route_config(num_experts, top_k, n_group, itemsize, aligned)
     constexprs = dict(
         SOFTMAX=scoring == "softmax", HAS_BIAS=has_bias, GROUPED=n_group > 1, RENORMALIZE=renormalize,
         BLOCK_T=cfg.BLOCK_T, BLOCK_R=cfg.BLOCK_R, BLOCK_C=cfg.BLOCK_C, BLOCK_K=cfg.BLOCK_K,
-        K_IN_TILE=top_k <= cfg.BLOCK_K,
+        K_IN_TILE=top_k <= cfg.BLOCK_K, ROW=cfg.ROW,
+        FULL=cfg.row_len == cfg.BLOCK_C and num_experts == cfg.BLOCK_R * cfg.BLOCK_C,
+        KEPT=topk_group, SLOTS=triton.next_power_of_2(topk_group) if n_group > 1 else cfg.BLOCK_R,
     )
     # enable_fp_fusion=False: exp_f32 must round every step (see kernels/_math.py)
     return cfg, constexprs, dict(num_warps=cfg.num_warps, enable_fp_fusion=False)
@@ -90,7 +92,10 @@ def _launch_triton(logits, top_k, scoring, renormalize, bias, n_group, topk_grou
     from .kernels._route import topk_routing_kernel
 
     num_tokens, num_experts = logits.shape
-    cfg, constexprs, options = _triton_variant(num_experts, top_k, scoring, renormalize, bias is not None, n_group)
+    # What Triton specialises the launch on (16-byte pointer, multiples of 16): configs.route_config
+    aligned = logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0 and num_experts % 16 == 0
+    cfg, constexprs, options = _triton_variant(num_experts, top_k, scoring, renormalize, bias is not None, n_group,
+                                               topk_group, logits.element_size(), aligned)
     topk_routing_kernel[(triton.cdiv(num_tokens, cfg.BLOCK_T),)](
         logits, bias if bias is not None else logits, weights, ids,
         num_tokens, num_experts, logits.stride(0), top_k, n_group, cfg.row_len, topk_group, scale,
@@ -540,11 +545,16 @@ def sm90_variants():
     for name, r in SM90_ROUTERS.items():
         _, constexprs, options = _triton_variant(
             r["num_experts"], r["top_k"], r["scoring"], r.get("renormalize", False), r.get("bias", False),
-            r.get("n_group", 1),
+            r.get("n_group", 1), r.get("topk_group", 1), r["dtype"].itemsize, r["num_experts"] % 16 == 0,
         )
         sig = signature(topk_routing_kernel, constexprs, logits_ptr=ptr(r["dtype"]), bias_ptr="*fp32",
                         weights_ptr="*fp32", ids_ptr="*i32", routed_scaling_factor="fp32")
-        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, sig, constexprs, options,
+        # As a launch on contiguous logits specialises them: 16-byte aligned tensors, and the
+        # row stride (E) when a multiple of 16; what the 16-byte loads of ROW rows depend on.
+        aligned = ("logits_ptr", "bias_ptr", "weights_ptr", "ids_ptr")
+        if r["num_experts"] % 16 == 0:
+            aligned += ("num_experts", "stride_t")
+        out.append(Variant(f"topk_routing/{name}", topk_routing_kernel, sig, constexprs, options, aligned=aligned,
                            per_token=ROUTE_TRITON_DSV3 if name == ROUTE_TRITON_DSV3["router"] else None))
     for name, (num_experts, dtype) in SM90_LOSSES.items():
         for balance in (True, False):

@@ -196,7 +196,7 @@ def test_routing_arithmetic_is_not_fused(name):
 # today's count + 5%, so that a regression fails. 40 us at 40,000 DeepSeek-V3 tokens on an H200 (132 SMs,
 # 4 schedulers each issuing at most one warp instruction a cycle at 1.98 GHz, ~76% issue efficiency)
 # allows ~800 (issue 13 item 10).
-ROUTING_CEILING = {"topk_routing/deepseek_v3_e256_k8_g8_4_bias": 3360}  # counted 3,200
+ROUTING_CEILING = {"topk_routing/deepseek_v3_e256_k8_g8_4_bias": 952}  # counted 907 (3,200 before the rework)
 ROUTING_BUDGET = 800
 PER_TOKEN = [n for n, v in VARIANTS.items() if v.per_token is not None]
 

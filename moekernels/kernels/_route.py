@@ -4,18 +4,28 @@ A program routes BLOCK_T tokens. Each token's E logits are held as a [BLOCK_R, B
 of rows of ``row_len`` experts. With groups a row is a group, so expert groups of any
 size (DeepSeek-V2: 160 = 8 x 20) are plain row reductions; without groups a row is 32 experts.
 
-Triton gives the lanes, then the warps, to the fastest dim first. A row wider than a warp's 32
-lanes, or a vectorised load that leaves lanes over for the token dim, spreads a token over
-several warps, and every reduction then goes through shared memory and barriers (18 barriers
-and 81 shared-memory accesses per token at E = 128, seen in the sm_90 SASS). So rows hold at
-most 32 experts, and ``row_len`` stays a run-time value (``do_not_specialize``): the loads are
-known contiguous along a row but not aligned, so they are not vectorised, the 32 lanes span a
-row, the warps take tokens, and every reduction stays inside a warp.
+Triton gives the lanes, then the warps, to the fastest dim first, and the tile's order puts the
+tokens before the rows. A row wider than a warp's 32 lanes, or lanes left over for the rows,
+spreads a token over several warps, and every reduction then goes through shared memory and
+barriers (18 barriers and 81 shared-memory accesses per token at E = 128, seen in the sm_90
+SASS). So rows hold at most 32 experts and every reduction stays inside a warp:
 
-Selection uses one int64 key per expert: the float32 choice mapped to an order-preserving
-int32 in the high half, and E - 1 - expert in the low half. One max-reduction then yields the
-best expert and breaks ties to the lower id, and each key is unique within a token, so
-``key == max`` marks exactly one expert.
+* ``ROW`` = 0 (the fallback): ``row_len`` stays a run-time value (``do_not_specialize``), so the
+  loads are not vectorised, the 32 lanes span a row and a warp takes a token.
+* ``ROW`` = 32 (configs.route_config: fp32 logits on 16-byte rows): the loads are 16 bytes, a
+  thread holds 4 adjacent experts of every row, 8 lanes span a row and a warp takes 4 tokens.
+  A row reduction is 3 shuffle steps instead of 5, and each instruction serves 4 tokens.
+
+Either way a thread holds its columns of every row, so a reduction over the rows, picking a row
+or copying rows is register work (``_row``).
+
+Selection uses an int32 key per expert: the float32 choice mapped to an order-preserving int32
+(-0.0 folded onto +0.0). A pick is a max-reduction of the keys, then a min-reduction of the ids
+of the experts holding that max: the tie goes to the lower id, and that one expert is retired
+(its key set below every real key, -inf's included) and its score read from the tile. (One
+int64 key of (choice, E - 1 - id) did both in one reduction, but every int64 max, compare and
+select is 2 instructions: twice the work per expert per pick.) With groups, the kept groups
+are copied into ``SLOTS`` slots in id order first, so the picks scan KEPT groups, not all.
 
 Non-finite logits follow reference.py's policy: ``_sanitize`` where a logit is loaded (NaN ->
 -inf, +inf -> FLT_MAX: a select and a min per element, no extra pass over memory).
@@ -27,7 +37,9 @@ import triton.language as tl
 from ..reference import FLT_MAX
 from ._math import exp_f32, order_key
 
-_NONE: tl.constexpr = tl.constexpr(-9223372036854775808)  # key of an ineligible expert
+# Key of an ineligible expert: below order_key(-inf) = -2139095041, and no sanitized choice is NaN.
+_NONE: tl.constexpr = tl.constexpr(-2147483648)
+_NO_EXPERT: tl.constexpr = tl.constexpr(2147483647)
 _FLT_MAX: tl.constexpr = tl.constexpr(FLT_MAX)
 
 
@@ -38,16 +50,28 @@ def _sanitize(x):
 
 
 @triton.jit
-def _pack(choice, low):
-    return (order_key(choice + 0.0).to(tl.int64) << 32) | low.to(tl.int64)
+def _sigmoid(x):
+    """reference.routing_scores' sigmoid, bit for bit."""
+    return tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp_f32(-x))
 
 
 @triton.jit
-def _score(x, row_max, denom, SOFTMAX: tl.constexpr):
-    """The score of logit x, bit-identical to reference.routing_scores."""
-    if SOFTMAX:
-        return tl.math.div_rn(exp_f32(x - row_max), denom)
-    return tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp_f32(-x))
+def _top2(a1, a2, b1, b2):
+    """Combine two (largest, second largest) pairs: the top two of a multiset (a tie gives
+    top1 == top2, like reference's topk(2)). choice has no NaN."""
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
+def _row(x, row, g: tl.constexpr):
+    """x[:, g, :] of an int32 [T, R, C] tile whose rows are in-thread: where + sum fold to
+    register moves once compiled (a float sum would keep its + 0.0)."""
+    return tl.sum(tl.where(row[None, :, None] == g, x, 0), axis=1)
+
+
+@triton.jit
+def _row_f32(x, row, g: tl.constexpr):
+    return _row(x.to(tl.int32, bitcast=True), row, g).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["row_len"])
@@ -58,13 +82,19 @@ def topk_routing_kernel(
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr,
+    ROW: tl.constexpr, FULL: tl.constexpr, KEPT: tl.constexpr, SLOTS: tl.constexpr,
 ):
+    if ROW > 0:  # known rows: 16-byte loads, and the layout they bring (see the module doc)
+        row_len = ROW
     # int64 token offsets: T * E passes 2**31 at 2M tokens of 1024 experts.
     tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     row = tl.arange(0, BLOCK_R)
     col = tl.arange(0, BLOCK_C)
     expert = row[:, None] * row_len + col[None, :]  # [R, C]
-    valid = (col[None, :] < row_len) & (expert < num_experts)
+    if FULL:  # E = BLOCK_R * BLOCK_C in rows of BLOCK_C: no padding expert, no masks
+        valid = tl.full([BLOCK_R, BLOCK_C], 1, tl.int1)
+    else:
+        valid = (col[None, :] < row_len) & (expert < num_experts)
     tmask = tok < num_tokens
     ptrs = logits_ptr + tok[:, None, None] * stride_t + expert[None, :, :]
     x = _sanitize(tl.load(ptrs, mask=tmask[:, None, None] & valid[None, :, :], other=0.0).to(tl.float32))
@@ -82,9 +112,7 @@ def topk_routing_kernel(
         denom = tl.sum(tl.sum(e.to(tl.float64), axis=1), axis=1).to(tl.float32)
         scores = tl.math.div_rn(e, denom[:, None, None])
     else:
-        row_max = tl.zeros([BLOCK_T], dtype=tl.float32)  # unused: sigmoid needs no row terms
-        denom = row_max
-        scores = _score(x, row_max[:, None, None], denom[:, None, None], SOFTMAX)
+        scores = _sigmoid(x)
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + expert, mask=valid, other=0.0)
@@ -92,26 +120,55 @@ def topk_routing_kernel(
         choice = tl.where(valid[None, :, :], choice, float("-inf"))
     else:
         choice = x  # softmax and sigmoid are monotone: rank the logits, no rounding involved
-    key = _pack(choice, num_experts - 1 - expert[None, :, :])
-    key = tl.where(valid[None, :, :], key, _NONE)
-
     if GROUPED:
         if HAS_BIAS:  # DeepSeek-V3: a group scores the sum of its two best experts
-            is_best = key == tl.max(key, axis=2)[:, :, None]  # one expert per group
-            top1 = tl.max(tl.where(is_best, choice, float("-inf")), axis=2)
-            top2 = tl.max(tl.where(is_best, float("-inf"), choice), axis=2)
+            top1, top2 = tl.reduce((choice, tl.full(choice.shape, float("-inf"), tl.float32)), 2, _top2)
             group_score = top1 + top2
         else:  # DeepSeek-V2: a group scores its best expert
             group_score = tl.max(choice, axis=2)
-        gkey = _pack(group_score, n_group - 1 - row[None, :])
-        gkey = tl.where(row[None, :] < n_group, gkey, _NONE)
+        gkey = tl.where(row[None, :] < n_group, order_key(group_score + 0.0), _NONE)
+        # KEPT max-and-retire rounds, unrolled. (A rank of 8 x 8 in-thread compares counted the
+        # same, 907, and left DeepSeek-V2 an 8-byte stack frame.)
         keep = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.int1)
-        for _ in range(topk_group):
+        for _ in tl.static_range(KEPT):
             gbest = tl.max(gkey, axis=1)
-            hit = gkey == gbest[:, None]
-            keep = keep | hit
-            gkey = tl.where(hit, _NONE, gkey)
-        key = tl.where(keep[:, :, None], key, _NONE)
+            g = tl.min(tl.where(gkey == gbest[:, None], row[None, :], BLOCK_R), axis=1)
+            picked = row[None, :] == g[:, None]
+            keep = keep | picked
+            gkey = tl.where(picked, _NONE, gkey)
+        if SLOTS < BLOCK_R:
+            # The picks scan only the kept groups: slot s of a [BLOCK_T, SLOTS, BLOCK_C] tile
+            # holds the s-th kept group, so the slots keep the groups' order and a tie on the
+            # tile's index is a tie on the expert id. A thread holds its columns of every row,
+            # so the copy is register selects (DeepSeek-V3: 8 rows -> 4 slots, half the picks' work).
+            kept = keep.to(tl.int32)
+            first = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.int32)  # kept groups before a row: its slot
+            for h in tl.static_range(BLOCK_R - 1):  # (tl.cumsum went through shared memory)
+                first += tl.where(h < row[None, :], tl.sum(tl.where(row[None, :] == h, kept, 0), axis=1)[:, None], 0)
+            slot_of = tl.where(keep, first, SLOTS)
+            sl = tl.arange(0, SLOTS)
+            c_choice = tl.zeros([BLOCK_T, SLOTS, BLOCK_C], tl.float32)
+            c_score = tl.zeros([BLOCK_T, SLOTS, BLOCK_C], tl.float32)
+            c_group = tl.zeros([BLOCK_T, SLOTS], tl.int32)
+            for r in tl.static_range(BLOCK_R):
+                # Row r can only fill the slots KEPT - BLOCK_R + r ..= r: constant-false selects fold
+                # away (DeepSeek-V3: 20 of 32 row-slot pairs left).
+                into = tl.sum(tl.where(row[None, :] == r, slot_of, 0), axis=1)[:, None] == sl[None, :]
+                into = into & ((sl <= r) & (sl >= KEPT - BLOCK_R + r))[None, :]
+                c_group = tl.where(into, r, c_group)
+                c_choice = tl.where(into[:, :, None], _row_f32(choice, row, r)[:, None, :], c_choice)
+                c_score = tl.where(into[:, :, None], _row_f32(scores, row, r)[:, None, :], c_score)
+            choice, scores = c_choice, c_score
+            expert = c_group[:, :, None] * row_len + col[None, None, :]
+            # slots past KEPT (DeepSeek-V2 keeps 3 in 4) and columns past a group's size
+            valid = (sl[:, None] < KEPT) & ((col[None, :] < row_len) | FULL)
+        else:
+            valid = valid[None, :, :] & keep[:, :, None]
+            expert = expert[None, :, :]
+    else:
+        valid = valid[None, :, :]
+        expert = expert[None, :, :]
+    key = tl.where(valid, order_key(choice + 0.0), _NONE)
 
     # top_k <= BLOCK_K (config: up to 32): the picks gather in a [BLOCK_T, BLOCK_K] register tile,
     # stored once. Larger top_k stores each pick as it is made (a tile would cost
@@ -122,17 +179,14 @@ def topk_routing_kernel(
     tile_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     tile_id = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
-    row_ptr = logits_ptr + tok * stride_t
     for j in range(top_k):
-        # Rows first: the lanes span a row and each thread holds its column of every row, so
-        # this order shuffles once per token instead of once per row (80 -> 10 SHFL at E = 256).
+        # Rows first: each thread holds its columns of every row, so this order shuffles once
+        # per token instead of once per row.
         kbest = tl.max(tl.max(key, axis=1), axis=1)
-        key = tl.where(key == kbest[:, None, None], _NONE, key)
-        eid = (num_experts - 1 - (kbest & 0xFFFFFFFF)).to(tl.int32)
-        # The winner's score is recomputed from its logit (an L1 hit, same bits) rather than
-        # pulled out of the tile by another cross-lane reduction (5 shuffles per pick).
-        x_pick = _sanitize(tl.load(row_ptr + eid, mask=tmask, other=0.0).to(tl.float32))
-        w = _score(x_pick, row_max, denom, SOFTMAX)
+        eid = tl.min(tl.min(tl.where(key == kbest[:, None, None], expert, _NO_EXPERT), axis=1), axis=1)
+        hit = expert == eid[:, None, None]
+        key = tl.where(hit, _NONE, key)
+        w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=1)
         total += w
         if K_IN_TILE:
             tile_w = tl.where(slot[None, :] == j, w[:, None], tile_w)
