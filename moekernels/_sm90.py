@@ -119,6 +119,9 @@ class Report:
     segment_mma: str | None = None  # the second K loop's (a LoRA segment's) "wgmma" or "mma" (mma.sync); None: none
     segment_depth: int | None = None  # min N of wgmma.wait_group N in that loop
     rows: bool = False  # a row-moving kernel (Variant.rows)
+    # a loop of the TTGIR yields an index (i32 / i64) loaded in its body: the next iteration's
+    # destinations fetched while this iteration's rows move (issue 13 item 6)
+    index_prefetch: bool = False
     launch_key: str | None = None
     # SASS instructions one warp executes per program on Variant.per_token's path, x warps / BLOCK_T
     warp_instructions_per_token: int | None = None
@@ -402,6 +405,15 @@ _CP_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared(?:::\w+)?\.global(?:\.\w+)*"
                        r"\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+)")
 
 
+def index_prefetch(ttgir: str) -> bool:
+    """Whether an ``scf.yield`` of the TTGIR carries a value that a ``tt.load`` of i32 / i64
+    pointers defined: an index loaded one iteration ahead of its use (SSA names are unique in the
+    function, so the load is the one in the loop body that yields it)."""
+    index_loads = set(re.findall(r"(%[\w.]+) = tt\.load [^\n]*!tt\.ptr<i(?:32|64)>", ttgir))
+    return any(name in index_loads for line in re.findall(r"scf\.yield ([^:\n]*)", ttgir)
+               for name in re.findall(r"%[\w.]+", line))
+
+
 def loop_facts(ttgir: str, ptx: str, sass: str) -> dict:
     """The K-loop facts of one compiled kernel (see Report): of its main K loop, the first of the
     code, and what a second one (a low-rank segment's) multiplies with."""
@@ -474,6 +486,7 @@ def compile_variant(v: Variant) -> Report:
         wgmma="wgmma" in ptx,
         fma=re.search(r"\bfma\.rn\.f32\b", ptx) is not None,
         vector16=re.search(r"\b(ld|st)\.global(\.\w+)*\.v4\.(b32|f32|u32|s32)\b", ptx) is not None,
+        index_prefetch=v.rows and index_prefetch(kernel.asm["ttgir"]),
         tma="cp.async.bulk.tensor" in ptx,
         wgmma_fp8=re.search(r"wgmma\.mma_async\S*\.e4m3\.e4m3", ptx) is not None,
         threads=threads,

@@ -186,6 +186,15 @@ def test_row_kernels_move_16_bytes_per_access(name):
     assert reports()[name]["vector16"], f"{name}: no ld/st.global.v4 in the PTX"
 
 
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith(("permute_", "unpermute_"))])
+def test_row_moves_prefetch_their_destinations(name):
+    """permute, unpermute and their backwards load slot j + 1's destination rows while slot j's rows
+    move (issue 13 item 6): a dest index loaded in the slot loop and carried to the next iteration
+    (scf.yield of a tt.load of i32 in the TTGIR), not a load whose rows then wait on it (two
+    dependent DRAM round trips a slot)."""
+    assert reports()[name]["index_prefetch"], f"{name}: no index loaded one slot ahead in the TTGIR"
+
+
 @pytest.mark.parametrize("name", [n for n in VARIANTS if n.startswith("topk_routing/")])
 def test_routing_arithmetic_is_not_fused(name):
     """exp_f32 is bit-exact across backends only if no multiply-add is fused (kernels/_math.py)."""
