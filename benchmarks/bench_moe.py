@@ -50,17 +50,17 @@ expert parallelism 8 ("deepseek-v3 E32": 32 experts, H 7168, I 2048, k 8, ids wi
 at T = 1, 8, 64, 512, 4096 and 16384. Routing is made once per case on the host from a fixed
 seed: ids the top-k of random logits (every expert equally likely: a balanced router's), weights
 the softmax over the k chosen logits; make_inputs copies them to the device. The CPU dry run:
-naive and torch only (and no_lora), at "qwen3-30b-a3b /8" (H 256, E 16, k 8; I 128, not 96: the fp8 path's
-128-wide blocks), T = 1, 8, 64: ~15 s with the imports and the plot. The quick GPU suite:
-Qwen3-30B-A3B bf16 at T 8 (decode) and 4096 forward, 4096 fwd+bwd; DeepSeek-V3 E32 at T 512
-forward, bf16 and fp8 (the shapes of tests/test_moe.py's GPU tests, which run first: their Triton
-compiles are in the cache).
-5 cases, 19 timings (and the LoRA case's 4, below): ~20 s of timed calls on an H200, ~35-60 s with the transformers import,
+naive and torch only (and no_lora), at "qwen3-30b-a3b /8" (H 256, E 16, k 8; I 128, not 96: the
+fp8 path's 128-wide blocks), T = 1, 8, 64: ~15 s with the imports and the plot (LoRA's 2 cases add
+a few seconds). The quick GPU suite: Qwen3-30B-A3B bf16 at T 8 (decode) and 4096 forward, 4096
+fwd+bwd; DeepSeek-V3 E32 at T 512 forward, bf16 and fp8 (the shapes of tests/test_moe.py's GPU
+tests, which run first: their Triton compiles are in the cache); and LoRA's case (below).
+5 cases, 19 timings: ~20 s of timed calls on an H200, ~35-60 s with the transformers import,
 the inputs, the checks and any Triton compile the tests left (estimated: no GPU has run it yet;
-most of it is the two eager loops over 128 experts, >= 156 calls each). The full suite: 70 cases
-(Mixtral's and DeepSeek-V3 E32's fwd+bwd at 16384 tokens pass MAX_FLOPS) and 20 LoRA cases, ~30-35
-minutes estimated, two thirds of it the naive and eager loops (>= 506 calls each): past one device call,
-so run it in parts (--tokens 1,8,64 then 512,4096 then 16384).
+most of it is the two eager loops over 128 experts, >= 156 calls each), and LoRA's ~20-40 s. The full suite: 70 cases
+(Mixtral's and DeepSeek-V3 E32's fwd+bwd at 16384 tokens pass MAX_FLOPS) and 20 LoRA cases,
+~30-35 minutes estimated, two thirds of it the naive and eager loops (>= 506 calls each): past one
+device call, so run it in parts (--tokens 1,8,64 then 512,4096 then 16384).
 
 Counted: 2*T*k*H*2I + 2*T*k*I*H FLOPs forward (the two GEMMs over the T*k pairs), 3x that for
 fwd+bwd (dx and dw, one GEMM each per forward GEMM). Bytes, the least the layer moves: hidden and
@@ -80,9 +80,10 @@ The LoRA groups, "<model> fwd+bwd <dtype> lora r<r>": fine-tuning adapters on fr
 fused_moe(lora=ExpertsLoRA(a1, b1, a2, b2, scale=LORA_SCALE)), forward and the gradients of hidden,
 the router weights and the four adapters (never W + sBA); bf16 or e4m3 (128, 128) experts, r 16 and
 64, Qwen3-30B-A3B and DeepSeek-V3 E32 at T 512, 4096, 16384 (20 cases); the CPU dry run adds its
-shape at r 16 and its largest T, bf16 and fp8 (2 cases, 5 timings). The quick suite adds one: Qwen3-30B-A3B bf16 r 16 at T 4096 (naive, peft_grouped_mm,
-triton, no_lora; ~20-40 s, estimated: 4 timings, the naive loop over 128 experts ~30-40 ms a call,
-and the LoRA kernels' Triton compiles at this shape). Counted (lora_flops): the base GEMMs forward
+shape at r 16 and its largest T, bf16 and fp8 (2 cases, 5 timings). The quick suite adds one:
+Qwen3-30B-A3B bf16 r 16 at T 4096 (naive, peft_grouped_mm, triton, no_lora; ~20-40 s, estimated:
+4 timings, the naive loop over 128 experts ~30-40 ms a call, and the LoRA kernels' Triton
+compiles at this shape). Counted (lora_flops): the base GEMMs forward
 and their dgrads (2x the forward: no weight gradient) plus the adapters, 2*T*k*r*(H + 2I) +
 2*T*k*r*(I + H) forward and 2x that backward (the low-rank dgrad and the wgrads of A and B); the
 no_lora row is rated on the same count (it does 1-13% fewer FLOPs). Bytes (lora_bytes): the
@@ -369,7 +370,8 @@ def _quantized(x: torch.Tensor) -> torch.Tensor:
     """x quantized (1, 128) and dequantized, in bf16, with a straight-through gradient: the e4m3
     cast's own backward would round the incoming gradient to e4m3 without a scale (most of it
     underflows), and the fp8 layers' backward takes the gradient as if unquantized too."""
-    return quantize_dequantize(x.detach()).to(DTYPE) + (x - x.detach())
+    q = quantize_dequantize(x.detach()).to(DTYPE)
+    return q + (x - x.detach()) if x.requires_grad else q
 
 
 def naive(inp: MoEInputs) -> torch.Tensor:
@@ -719,7 +721,8 @@ def lora_cases(device: str, quick: bool, tokens: list[int] | None, hf: HfExperts
         combos = QUICK_LORA if tokens is None else list(dict.fromkeys(
             (s, d, r, t) for s, d, r, _ in QUICK_LORA for t in tokens))
     else:
-        combos = [(s, d, r, t) for s in LORA_SHAPES for d in DTYPES for r in LORA_RANKS for t in (tokens or LORA_TOKENS)]
+        combos = [(s, d, r, t) for s in LORA_SHAPES for d in DTYPES for r in LORA_RANKS
+                  for t in (tokens or LORA_TOKENS)]
     return [_lora_case(s, d, r, t, device, quick, hf, hf_why) for s, d, r, t in combos
             if device != "cuda" or lora_flops(t, s.hidden, s.intermediate, s.top_k, r) <= MAX_FLOPS]
 
