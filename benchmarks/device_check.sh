@@ -19,8 +19,9 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
-# Each stage is cut off at its limit; 75 + 180 + 255 s plus ~30 s of version
-# checks is 540 s, 9 minutes (give the device call 600 s, its ceiling, since the FP8 training rows: see below).
+# Each stage is cut off at its limit; 75 + 180 + 310 s plus ~30 s of version
+# checks is 595 s, just under 10 minutes (give the device call 600 s, its ceiling, since the FP8 training
+# rows: see below; the LoRA row took the last 10 s there is).
 # Expected: the nvcc build ~50 s (48 s on 2 CPU cores with route.cu and permute.cu;
 # plan.cu and quantize.cu add ~10 s; 75 s is 1.25x that).
 # The GPU tests: 440 of them at a2e3203 (pytest -m gpu --collect-only): 155 FP8's
@@ -65,9 +66,17 @@ export PYTHONUNBUFFERED=1
 # the fp8 wgrad, the fp8 layer's GEMMs in backward), 14 timings, the naive loop over 128
 # experts at T 8192 the longest (~40 ms a call, >= 156 calls). BENCH_LIMIT went from 270 to
 # 300 s: 585 s with the checks, inside the device call's 600 s ceiling.
+# LoRA's quick case (bench_moe.py: Qwen3-30B-A3B bf16 fwd+bwd, r 16, T 4096: naive, PEFT's
+# materializing path, triton with and without the adapters) adds ~20-40 s, estimated: 4 timings of
+# >= 156 calls, the naive loop over 128 experts with its adapters ~30-40 ms a call, the others a few
+# ms; and the Triton compiles of the LoRA GEMMs at this shape (~5-8, the GPU tests' LoRA kernels ran
+# at other sizes). BENCH_LIMIT went from 300 to 310 s, all that the 600 s ceiling leaves (595 s with
+# the checks): less than the estimate, so this stage now relies on the others' estimates being high
+# (they have not been measured either). A cut-off suite writes no bench.json: rerun it with
+# --only moe (and the other benchmarks apart) if bench.log stops short.
 BUILD_LIMIT=75
 TEST_LIMIT=180
-BENCH_LIMIT=300
+BENCH_LIMIT=310
 
 OUT_DIR=${1:-benchmarks/results/$(python3 -c 'from benchmarks.harness import gpu_name; print(gpu_name())')/quick}
 mkdir -p "$OUT_DIR"

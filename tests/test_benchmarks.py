@@ -908,14 +908,24 @@ def test_moe_cpu_dry_run(tmp_path, monkeypatch):
     shape = bm.CPU_SHAPE
     assert (shape.experts, shape.hidden, shape.intermediate, shape.top_k) == (16, 256, 128, 8)
     groups = [f"{shape.name} {p}" for p in ("fwd bf16", "fwd fp8", "fwd+bwd bf16")]  # fp8 is inference-only
+    lora = [f"{shape.name} fwd+bwd {d} lora r16" for d in ("bf16", "fp8")]  # at the largest T only
     assert {(r["group"], r["x"], r["impl"]) for r in records} == {
-        (g, t, impl) for g in groups for t in (1, 16) for impl in ("naive", "torch")}
+        (g, t, impl) for g in groups for t in (1, 16) for impl in ("naive", "torch")} | {
+        (g, 16, impl) for g in lora for impl in ("naive", "torch")} | {(lora[0], 16, "no_lora")}
     for r in records:
         assert r["error"] is None, r
         p = r["params"]
         backward, fp8 = p["pass"] == "fwd+bwd", p["dtype"] == "fp8"
         touched = bm.routing(shape, r["x"])[1].unique().numel()
         assert p["touched_experts"] == touched and p["transformers"] is None and not p["transformers_timed"]
+        if r["group"] in lora:
+            assert p["lora_rank"] == 16 and r["flops"] == bm.lora_flops(r["x"], 256, 128, 8, 16)
+            assert r["bytes"] == bm.lora_bytes(r["x"], 256, 128, 16, 8, touched, fp8, 16)
+            if r["impl"] != "naive":
+                ref = "bf16" if r["impl"] == "no_lora" else f"{p['dtype']}+lora"
+                assert r["check"]["ok"] and r["check"]["rel_err"] <= bm.RTOL[ref], r
+                assert r["check"]["naive_rel_err"] <= bm.RTOL[f"{p['dtype']}+lora"], r
+            continue
         assert r["flops"] == (3 if backward else 1) * 6 * r["x"] * 8 * 256 * 128
         assert r["bytes"] == bm.moe_bytes(r["x"], 256, 128, 16, 8, touched, fp8, backward)
         assert p["weight_bytes"] == bm.weight_bytes(touched, 256, 128, fp8)
@@ -1052,7 +1062,11 @@ def test_moe_gpu_sweeps(with_hf, monkeypatch):
     quick = bm.cases("cuda", quick=True)  # no input is made
     assert [(c.group, c.x) for c in quick] == [
         ("qwen3-30b-a3b fwd bf16", 8), ("qwen3-30b-a3b fwd bf16", 4096), ("qwen3-30b-a3b fwd+bwd bf16", 4096),
-        ("deepseek-v3 E32 fwd bf16", 512), ("deepseek-v3 E32 fwd fp8", 512)]
+        ("deepseek-v3 E32 fwd bf16", 512), ("deepseek-v3 E32 fwd fp8", 512),
+        ("qwen3-30b-a3b fwd+bwd bf16 lora r16", 4096)]
+    lora = quick.pop()  # ours with and without the adapters, and PEFT's materializing path
+    assert list(lora.impls) == ["naive"] + (["peft_grouped_mm"] if hf else []) + ["triton", "no_lora"]
+    assert lora.eager == ("naive",) and lora.params["lora_rank"] == 16 and lora.bound == "compute"
     for c in quick:  # naive first: the harness's speed-ups and checks are against it; torch: full suite only
         backward = c.params["pass"] == "fwd+bwd"
         hf_impls = [] if hf is None else ["hf_grouped_mm"] if backward else ["hf_eager", "hf_grouped_mm"]
@@ -1063,9 +1077,18 @@ def test_moe_gpu_sweeps(with_hf, monkeypatch):
         assert c.params["transformers"] == ("transformers 9.9" if with_hf else "why not")
     assert {(c.group, c.x) for c in bm.cases("cuda", quick=True, tokens=[1, 64])} == {
         (g, t) for g in ("qwen3-30b-a3b fwd bf16", "qwen3-30b-a3b fwd+bwd bf16", "deepseek-v3 E32 fwd bf16",
-                         "deepseek-v3 E32 fwd fp8") for t in (1, 64)}
+                         "deepseek-v3 E32 fwd fp8", "qwen3-30b-a3b fwd+bwd bf16 lora r16") for t in (1, 64)}
 
     full = bm.cases("cuda", quick=False)
+    lora = [c for c in full if c.params.get("lora_rank")]
+    # 2 shapes x bf16, fp8 x r 16, 64 x T 512, 4096, 16384, less DeepSeek-V3 E32's 16384 (MAX_FLOPS).
+    assert len(lora) == 20 and {c.params["lora_rank"] for c in lora} == {16, 64}
+    assert {(c.group, c.x) for c in lora if c.group.startswith("deepseek")} == {
+        (f"deepseek-v3 E32 fwd+bwd {d} lora r{r}", t) for d in ("bf16", "fp8") for r in (16, 64) for t in (512, 4096)}
+    for c in lora:  # no_lora in bf16 only: the layer on e4m3 experts has no backward without adapters
+        assert ("no_lora" in c.impls) == (c.params["dtype"] == "bf16") and "triton" in c.impls
+        assert ("peft_grouped_mm" in c.impls) == with_hf and "hf_grouped_mm" not in c.impls
+    full = [c for c in full if c not in lora]
     assert len(full) == 70
     assert all(c.flops <= bm.MAX_FLOPS for c in full)
     assert all(("torch" in c.impls) == (c.flops <= bm.TORCH_MAX_FLOPS) for c in full)
@@ -1130,6 +1153,160 @@ def test_moe_notes_report_the_targets():
                            timed=False)]
     assert bm.notes(skipped) == ["moe: transformers' experts not timed: transformers does not import: ImportError: x"]
     assert bm.notes([r for r in records if r["impl"] not in bm.KERNELS and r["impl"] not in bm.HF_IMPLS]) == []
+
+
+def test_moe_lora_counts_flops_and_bytes():
+    # Qwen3-30B-A3B at 4096 tokens, r 16: the frozen layer's forward and dgrads, plus the adapters' 3 x forward.
+    t, h, i, e, k, r = 4096, 2048, 768, 128, 8, 16
+    adapters = 2 * t * k * r * (h + 2 * i) + 2 * t * k * r * (i + h)
+    assert bm.lora_flops(t, h, i, k, r) == 2 * 6 * t * k * h * i + 3 * adapters
+    assert 1.03 < bm.lora_flops(t, h, i, k, r) / bm.lora_flops(t, h, i, k, 0) < 1.04  # r 16 adds 3.3% of FLOPs
+    # The forward's bytes, dy read, dx and the router weights' gradient written, the adapters read and written;
+    # no weight gradient.
+    lora = e * r * (2 * h + 3 * i) * 2
+    assert bm.lora_bytes(t, h, i, e, k, e, False, r) == (bm.moe_bytes(t, h, i, e, k, e, False, False) + 2 * t * h * 2
+                                                         + t * k * 4 + 2 * lora)
+    assert bm.lora_bytes(t, h, i, e, k, e, True, r) - bm.lora_bytes(t, h, i, e, k, e, False, r) == (
+        bm.weight_bytes(e, h, i, True) - bm.weight_bytes(e, h, i, False))
+
+
+def _lora_impls(hf):
+    impls = {"torch": bm.timed(bm.library("torch"), None), "no_lora": bm.timed(bm.library("torch", lora=False),
+                                                                              "bf16", frozen=True)}
+    if hf is not None:
+        impls["peft_grouped_mm"] = bm.timed(bm.peft_grouped_mm(hf), "bf16+lora")
+    return impls
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_moe_lora_implementations_agree_on_cpu(dtype):
+    """The LoRA groups' implementations (PEFT's path where transformers imports), checked as the harness checks
+    them: y, dx, the router weights' and the adapters' gradients. The triton row is the torch row's call with
+    another backend (tests/test_lora*.py run the op on interpreted Triton; ~5 s a step here)."""
+    torch.manual_seed(0)
+    shape = MoEShape("tiny", hidden=128, intermediate=128, experts=8, top_k=2)
+    hf, _ = bm.transformers_impls("cpu")
+    (inp,) = bm.make_inputs(shape, 16, "fwd+bwd", dtype, "cpu", hf, lora_rank=4)()
+    assert [t.shape for t in inp.lora] == [(8, 4, 128), (8, 256, 4), (8, 4, 128), (8, 128, 4)]
+    assert not inp.w_gate_up.requires_grad and all(t.requires_grad for t in inp.leaves())
+    ref = f"{dtype}+lora"
+    naive = bm.timed(bm.naive, ref)(inp)
+    for name, fn in _lora_impls(hf).items():
+        if name == "no_lora" and dtype == "fp8":
+            continue
+        out = fn(inp)
+        outs = (out[0], inp, out[2] or ref)
+        assert len(outs[0]) == (3 if name == "no_lora" else 7)
+        check = bm.compare(outs, naive)
+        assert check["ok"] and check["naive_rel_err"] <= bm.RTOL[ref], (name, check)
+        if name != "no_lora":  # the adapters change the layer: its plain reference is no answer
+            assert not bm.compare(((outs[0][0],), inp, "bf16"), naive)["ok"], name
+
+
+def test_moe_lora_check_catches_wrong_outputs():
+    torch.manual_seed(0)
+    shape = MoEShape("tiny", hidden=128, intermediate=128, experts=8, top_k=2)
+    (inp,) = bm.make_inputs(shape, 16, "fwd+bwd", "bf16", "cpu", lora_rank=4)()
+    naive = bm.timed(bm.naive, "bf16+lora")(inp)
+    outs = bm.timed(bm.library("torch"), "bf16+lora")(inp)[0]
+    assert bm.compare((outs, inp, "bf16+lora"), naive)["ok"]
+    (busiest, least), _ = bm.check_experts(inp.topk_ids, 8)
+    for index, change, part in [(3, lambda g: g[busiest].mul_(1.1), "d_a1"), (4, lambda g: g[least].mul_(1.1), "d_b1"),
+                                (5, lambda g: g[busiest].neg_(), "d_a2"), (6, lambda g: g[least].zero_(), "d_b2")]:
+        wrong = [t.detach().clone() for t in outs]
+        change(wrong[index])
+        check = bm.compare((tuple(wrong), inp, "bf16+lora"), naive)
+        assert not check["ok"] and check["worst"] == part, (part, check)
+    # A missing scale: the layer with s = 1 instead of LORA_SCALE.
+    scaled = bm.timed(lambda i: moekernels.fused_moe(i.hidden, i.w_gate_up, i.w_down, i.topk_weights, i.topk_ids,
+                                                     lora=moekernels.ExpertsLoRA(*i.lora)), "bf16+lora")(inp)
+    assert not bm.compare(scaled, naive)["ok"]
+
+    (one,) = bm.make_inputs(shape, 1, "fwd+bwd", "bf16", "cpu", lora_rank=4)()  # 2 of the 8 experts
+    outs = bm.timed(bm.library("torch"), "bf16+lora")(one)[0]
+    empty = bm.check_experts(one.topk_ids, 8)[1]
+    assert not any(g[empty].any() for g in outs[3:])
+    ghost = [t.detach().clone() for t in outs]
+    ghost[5][empty] = 1.0  # a gradient for an expert that saw no pair
+    check = bm.compare((tuple(ghost), one, "bf16+lora"), bm.timed(bm.naive, "bf16+lora")(one))
+    assert not check["ok"] and check["worst"] == "d_lora_untouched"
+
+
+def test_moe_peft_row_is_what_peft_computes():
+    """peft_grouped_mm against PEFT itself: LoraConfig(target_parameters=[...]) on a Qwen3MoeExperts holding the
+    case's weights, its lora_A / lora_B set to the case's adapters (PEFT's layout: A [E*r, in], B [out, r*E] with
+    the experts innermost), through transformers' "grouped_mm" experts: the same output and gradients."""
+    peft = pytest.importorskip("peft")
+    hf, why = bm.transformers_impls("cpu")
+    if hf is None:
+        pytest.skip(why)
+    torch.manual_seed(0)
+    shape = MoEShape("tiny", hidden=64, intermediate=32, experts=4, top_k=2)
+    (inp,) = bm.make_inputs(shape, 16, "fwd+bwd", "bf16", "cpu", hf, lora_rank=3)()
+    want = bm.timed(bm.peft_grouped_mm(hf), "bf16+lora")(inp)[0]
+
+    config = hf.config_cls(hidden_size=64, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                           hidden_act="silu")
+    config._experts_implementation = "grouped_mm"
+    experts = hf.experts_cls(config)
+    experts.gate_up_proj = torch.nn.Parameter(inp.w_gate_up, requires_grad=False)  # the same storage
+    experts.down_proj = torch.nn.Parameter(inp.w_down, requires_grad=False)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = experts
+
+        def forward(self, *args):
+            return self.experts(*args)
+
+    lora_config = peft.LoraConfig(r=3, lora_alpha=3 * bm.LORA_SCALE, target_modules=[],
+                                  target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    block = peft.inject_adapter_in_model(lora_config, Block()).to(torch.bfloat16)
+    wrappers = {m.parameter_name: m for m in block.modules() if type(m).__name__ == "ParamWrapper"}
+    a1, b1, a2, b2 = inp.lora
+    with torch.no_grad():
+        for name, a, b in (("gate_up_proj", a1, b1), ("down_proj", a2, b2)):
+            wrappers[name].lora_A["default"].weight.copy_(a.reshape(-1, a.shape[2]))
+            wrappers[name].lora_B["default"].weight.copy_(b.permute(1, 2, 0).reshape(b.shape[1], -1))
+    y = block(inp.hidden, inp.topk_ids_long, inp.topk_weights)
+    trained = [wrappers[n].lora_A["default"].weight for n in ("gate_up_proj", "down_proj")] + [
+        wrappers[n].lora_B["default"].weight for n in ("gate_up_proj", "down_proj")]
+    grads = torch.autograd.grad(y, [inp.hidden, inp.topk_weights, *trained], inp.dy)
+    da1, da2, db1, db2 = grads[2:]
+    got = (y, grads[0], grads[1], da1.view(a1.shape), db1.view(b1.shape[1], 3, 4).permute(2, 0, 1),
+           da2.view(a2.shape), db2.view(b2.shape[1], 3, 4).permute(2, 0, 1))
+    for name, a, b in zip(("y", "dx", "d_topk_weights", *bm.LORA_GRADS), got, want):
+        assert a.shape == b.shape and harness.rel_err(a, b) <= 1e-3, name  # the same bits on torch 2.13's CPU
+
+
+def test_moe_lora_notes_report_the_targets():
+    g, gf = "qwen3-30b-a3b fwd+bwd bf16 lora r16", "qwen3-30b-a3b fwd+bwd fp8 lora r16"
+    g64 = "qwen3-30b-a3b fwd+bwd bf16 lora r64"
+
+    def rec(group, x, impl, us, rank=16, dtype="bf16", **kw):
+        r = _moe_record(group, x, impl, us, dtype=dtype, pass_name="fwd+bwd", **kw)
+        r["params"] |= {"lora_rank": rank, "E": 128, "H": 2048, "I": 768}
+        return r
+    # Qwen3-30B-A3B's stacks: 128 x 3 x 2048 x 768 x 2 bytes = 1.21 GB; written and read at 4,000 GB/s: 604 us.
+    decode = _moe_record("qwen3-30b-a3b fwd bf16", 8, "triton", 25.0, frac=0.5, weight_bytes=40_000, nbytes=50_000)
+    decode["gbps"], decode["bound"] = 2000.0, "memory"  # this run's copy rate: 2,000 / 0.5
+    records = [decode,
+               rec(g, 4096, "triton", 1100.0), rec(g, 4096, "no_lora", 1000.0), rec(g, 4096, "peft_grouped_mm", 2000.0),
+               rec(g, 16384, "triton", 4800.0), rec(g, 16384, "no_lora", 4000.0),
+               rec(g, 512, "triton", 500.0), rec(g, 512, "no_lora", 100.0),  # not prefill
+               rec(g64, 4096, "triton", 1500.0, rank=64), rec(g64, 4096, "no_lora", 1000.0, rank=64),
+               rec(gf, 4096, "triton", 900.0, dtype="fp8"), rec(gf, 4096, "peft_grouped_mm", 1200.0, dtype="fp8")]
+    lines = [line for line in bm.notes(records) if "LoRA" in line]
+    assert lines == [
+        "moe fwd+bwd bf16 LoRA r16 at T >= 4096, triton time over no_lora: target <= 1.15: met in 1 of 2; "
+        f"worst {g} T=16384: 1.20",
+        "moe fwd+bwd bf16 LoRA at T >= 4096, peft_grouped_mm - triton in writes and reads of the weight stacks at "
+        f"4,000 GB/s: target >= 1.00: met in 1 of 1; worst {g} T=4096: 1.49",
+        "moe fwd+bwd fp8 LoRA at T >= 4096, peft_grouped_mm - triton in writes and reads of the weight stacks at "
+        f"4,000 GB/s: target >= 1.00: met in 0 of 1; worst {gf} T=4096: 0.50",
+    ]
+    assert not any("LoRA" in line for line in bm.notes(records[1:]) if "peft" in line)  # no copy rate: no line
 
 
 # ---------------------------------------------------------------- expert parallelism
