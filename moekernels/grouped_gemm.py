@@ -151,7 +151,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device),
-                                    block_scaled=scales is not None and scales[0] == 3)
+                                    block_scaled=scales is not None and scales[0] == 3, kmajor=kmajor)
     if cfg.SPLIT_GATED:  # a decode step too small to fill the GPU: see configs.split_gated_decode
         z = out.new_empty(rows, 2 * n, dtype=torch.float32)  # float32: one rounding, as the fused epilogue
         _launch(x, w, offs, z, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div, scales=scales,
@@ -723,10 +723,10 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
                          loads=loads, launch_key=key)
 
 
-def sm90_config(variant, per_expert, n, k, dtype, block_scaled=False):
+def sm90_config(variant, per_expert, n, k, dtype, block_scaled=False, kmajor=True):
     """The config a launch of ``variant`` at ``per_expert`` rows per expert (of 128) picks."""
     return configs.grouped_mm_config(config_variant(variant), per_expert * 128, 128, n, k, dtype,
-                                     block_scaled=block_scaled)
+                                     block_scaled=block_scaled, kmajor=kmajor)
 
 
 def config_variant(variant: str) -> str:
@@ -739,7 +739,7 @@ def config_variant(variant: str) -> str:
 def sm90_variants():
     out = []
     for name, (variant, per_expert, n, k, dtype, kmajor, *out_dtype) in SM90_GEMMS.items():
-        cfg = sm90_config(variant, per_expert, n, k, dtype)
+        cfg = sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor)
         if variant.startswith("dw"):
             out.append(_dw_variant(f"grouped_mm/{name}", cfg, dtype, variant == "dw_gather"))
         else:

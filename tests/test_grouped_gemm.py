@@ -571,6 +571,18 @@ def test_config_is_a_pure_function_of_the_problem():
     assert decode.SWAP_AB and decode.BLOCK_M == 16 and not a.SWAP_AB and a.BLOCK_M >= 64
 
 
+def test_n_major_fp32_weight_swaps_operands():
+    """tf32 wgmma reads shared memory K-major only: an N-major fp32 weight (dx of an nn.Linear
+    weight) becomes the register operand of the transposed tile (SWAP_AB) at every size, so it is
+    never transposed through shared memory (the sm_90 contract's no_smem_round_trip holds it);
+    K-major fp32, and bf16 of either storage, keep the plain tile. test_grouped_mm_matches_float64's
+    300-row fp32 w_ekn case runs this config (100 rows an expert) under the interpreter."""
+    for rows in (64 * 8, 512 * 8):
+        assert configs.grouped_mm_config("plain", rows, 8, 3072, 4096, torch.float32, kmajor=False).SWAP_AB
+        assert not configs.grouped_mm_config("plain", rows, 8, 3072, 4096, torch.float32).SWAP_AB
+        assert not configs.grouped_mm_config("plain", rows, 8, 3072, 4096, torch.bfloat16, kmajor=False).SWAP_AB
+
+
 def test_decode_splits_the_gated_gemm_only_when_it_does_not_fill_the_gpu():
     """Qwen3-30B-A3B (E 128, k 8, H 2048, I 768) on an H100/H200 (132 SMs). At T = 1 GEMM 1 (gated,
     N = I) has 8 experts x 768/64 tiles = 96 work items: split, into 8 x 1536/64 = 192 plain ones

@@ -35,10 +35,9 @@ KNOWN_STALLS = {
                               "(wait_group 0) before promoting each K step's partial (triton 3.6); the "
                               "tensor cores are kept busy across programs instead "
                               "(test_block_scaled_promotion_overlaps_a_wgmma)" for n in _FP8_BLOCK},
-    ("grouped_mm/plain_prefill_fp32_ekn", "no_smem_round_trip"):
-        "issue 13 item 3: an N-major fp32 (tf32) weight is transposed through shared memory every K step",
     ("grouped_mm/plain_prefill_fp32_ekn", "wgmma_in_flight"):
-        "issue 13 item 3: the transpose through shared memory makes the tf32 loop wait for every wgmma",
+        "issue 13 item 3: the N-major fp32 weight is wgmma's register operand (swap-AB: tf32 reads shared "
+        "memory K-major only), which triton 3.6 waits for (depth 0); three programs an SM take turns",
     ("grouped_mm/dw_fp32", "cp_async_16"):
         "issue 13 item 5: the fp32 weight gradient copies its strided tiles 4 bytes at a time",
     ("grouped_mm/dw_fp32", "tma"): "issue 13 item 5: the weight gradient's x and dy tiles come by cp.async",

@@ -168,7 +168,8 @@ def tuned_table(gpu: str | None) -> dict:
         return json.load(f)["configs"]
 
 
-def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled: bool = False) -> GemmConfig:
+def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled: bool = False,
+                        kmajor: bool = True) -> GemmConfig:
     """The untuned choice. On sm_90 (ptxas, sm_90a): 128x128x64 at 8 warps and 3 stages is 98 KB
     of shared memory and ~123 registers; the gated epilogue holds two accumulators, so it halves
     BLOCK_N to keep them at 64 registers a thread. fp32 operands (tf32) halve BLOCK_K."""
@@ -187,6 +188,17 @@ def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled
         # touched expert pair of GEMMs). Swap A/B: a 16-row token tile in wgmma's N, 64 weight
         # columns in its M, deep K steps in flight (4 stages of 64x128 bf16: 64 KB).
         return GemmConfig(16, 64, min(2 * bk, 128), 1, True, 4, 4)
+    if itemsize == 4 and not kmajor and variant == "plain":
+        # An N-major fp32 weight (the backward dx of an nn.Linear-stored [E, N, K] weight): tf32
+        # wgmma reads both shared-memory operands K-major only, so the weight tile went through
+        # registers and back to shared memory transposed every K step (the round trip, 147
+        # registers, one 8-warp program an SM). Swapping A and B makes the weight tile wgmma's A
+        # operand, which it reads from registers in any order: 128 token rows in wgmma's N, 64
+        # weight columns in its M, 4 warps and 3 stages: 132 registers, 74 KB, three programs an
+        # SM, no round trip (ptxas, sm_90a). A register operand keeps each wgmma waited for
+        # (depth 0); the three programs take turns on the tensor cores, as the fp8 block loop's two do.
+        # 64 token rows for at most 64 an expert: 92 registers, 3 programs an SM.
+        return GemmConfig(64 if rows_cls <= 64 else 128, 64, bk, 8, True, 4, 3)
     if rows_cls <= 64 or block_scaled:
         # Block-scaled fp8 at every size past decode too: its loop waits for each wgmma before
         # promoting the step's product (wgmma depth 0: triton 3.6, see kernels/_grouped_gemm.py),
@@ -203,17 +215,18 @@ def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled
 
 
 def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dtype, gpu: str | None = None,
-                      *, block_scaled: bool = False) -> GemmConfig:
+                      *, block_scaled: bool = False, kmajor: bool = True) -> GemmConfig:
     """The tile config of one grouped GEMM: the tuned table entry of (variant, rows class, N, K,
     dtype) on ``gpu`` ("h100", "h200") when there is one, else the default (``block_scaled``: the
-    (1, 128) x (128, 128) fp8 loop, see default_gemm_config). Pure: no timing."""
+    (1, 128) x (128, 128) fp8 loop; ``kmajor``: the weight's storage, see default_gemm_config). Pure:
+    no timing."""
     if variant not in GEMM_VARIANTS:
         raise ValueError(f"variant must be one of {GEMM_VARIANTS}, got {variant!r}")
     cls = rows_class(rows, experts)
     entry = tuned_table(gpu).get(gemm_key(variant, cls, n, k, dtype))
     if entry is not None:
         return GemmConfig(**entry)  # measured: a tuned entry says itself whether it splits
-    cfg = default_gemm_config(variant, cls, dtype.itemsize, block_scaled)
+    cfg = default_gemm_config(variant, cls, dtype.itemsize, block_scaled, kmajor)
     if split_gated_decode(variant, cfg, rows, experts, n, dtype, gpu):
         cfg = dataclasses.replace(cfg, SPLIT_GATED=True)
     return cfg
