@@ -180,3 +180,30 @@ def test_lora_with_fp8_precision_raises():
         moekernels.fused_moe(x, w1, w2, tw, ids, lora=lora, precision="fp8")
     with pytest.raises(TypeError, match="lora must be a moekernels.ExpertsLoRA"):
         moekernels.fused_moe(x, w1, w2, tw, ids, lora=(1, 2))
+
+
+# ----------------------------------------------------------------------------- GPU (device check)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_base", "fp8_base"])
+def test_gpu_model_shapes(fp8):
+    """Qwen3-30B-A3B's layer (bf16 experts) and DeepSeek-V3's slice of 32 experts (e4m3 experts) at
+    512 tokens with r = 16 adapters: the Triton path (the fused low-rank segment in both GEMMs and
+    their dgrads) against the torch backend's composition, forward and every trained gradient."""
+    case = (512, 7168, 2048, 32, 8) if fp8 else (512, 2048, 768, 128, 8)
+    num_tokens, hid, inter, num_experts, top_k = case
+    x, w1, w2, tw, ids = make_layer(case, torch.bfloat16, "cuda")
+    scales = {}
+    if fp8:
+        (w1, s1), (w2, s2) = moekernels.quantize_fp8(w1, (128, 128)), moekernels.quantize_fp8(w2, (128, 128))
+        scales = dict(w_gate_up_scale=s1, w_down_scale=s2)
+    adapters = make_adapters(num_experts, hid, inter, 16, 16, torch.bfloat16, "cuda")
+    x.requires_grad_()
+    tw.requires_grad_()
+    lora = ExpertsLoRA(*adapters, scale=2.0)
+    outs = [moekernels.fused_moe(x, w1, w2, tw, ids, lora=lora, backend=b, **scales) for b in ("triton", "torch")]
+    assert calc_diff(*outs) <= (3e-3 if fp8 else 1e-4)
+    g = torch.randn_like(outs[0])
+    for a, b in zip(*(grads(y, [x, tw, *adapters], g) for y in outs)):
+        assert calc_diff(a, b) <= (3e-3 if fp8 else 1e-4)
