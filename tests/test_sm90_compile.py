@@ -39,9 +39,6 @@ KNOWN_STALLS = {
         "issue 13 item 3: an N-major fp32 (tf32) weight is transposed through shared memory every K step",
     ("grouped_mm/plain_prefill_fp32_ekn", "wgmma_in_flight"):
         "issue 13 item 3: the transpose through shared memory makes the tf32 loop wait for every wgmma",
-    ("grouped_mm/dw_fp32", "cp_async_16"):
-        "issue 13 item 5: the fp32 weight gradient copies its strided tiles 4 bytes at a time",
-    ("grouped_mm/dw_fp32", "tma"): "issue 13 item 5: the weight gradient's x and dy tiles come by cp.async",
     ("grouped_mm/dw_bf16", "tma"): "issue 13 part 1: the weight gradient's x and dy tiles come by cp.async",
     ("grouped_mm/dw_gather_fp16", "tma"): "issue 13 part 1: the weight gradient's dy tile comes by cp.async",
     ("fp8_grouped_mm/wgrad_segments", "wgmma_in_flight"):
