@@ -276,13 +276,9 @@ def sm90_variants():
                                      rows=True))
     # FP8 training: the wgrad operands' quantize + transpose, and the fp8 weight-gradient GEMM, at
     # DeepSeek-V3's shapes (x [T*k, 7168] and dy [T*k, 2048] rows: K = 7168, N = 2048 per expert).
-    from .kernels._fp8 import quantize_fp8_segments_kernel as seg
-
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        cx = dict(POW2=False, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=SEGMENT_COLS, BLOCK_E=256)
-        sig = _sm90.signature(seg, cx, x_ptr=_sm90.ptr(dtype), offs_ptr="*i32", q_ptr=_sm90.ptr(FP8), scale_ptr="*fp32")
-        out.append(_sm90.Variant(f"quantize_fp8_segments/{name}", seg, sig, cx, dict(num_warps=8),
-                                 aligned=("x_ptr", "q_ptr", "C", "stride_xr", "stride_qc"), rows=True))
+        out.append(grouped_gemm.segments_variant(f"quantize_fp8_segments/{name}", dtype, FP8, SEGMENT_TILE,
+                                                 fmax=FP8_MAX))
     cfg = wgrad_config(32768, 256, 2048, 7168, "h200")
     out.append(grouped_gemm._dw_variant("fp8_grouped_mm/wgrad_segments", cfg, FP8, False, scaled=True))
     return out
@@ -430,15 +426,15 @@ def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
 # Every fp8 product is summed over at most 128 values before it is promoted.
 
 SEGMENT_TILE = 128  # tokens per wgrad tile: DeepSeek-V3's 128 x 1
-SEGMENT_COLS = 64  # channels a program of the segment quantize: 128 x 64 values, 32 float32 a thread at 8 warps
 RECIPES = ("block", "row")
 
 
 def _segments_shapes(x, offs):
-    """q [C, tiles * 128] and scale [tiles, C], tiles = ceil(M / 128) + E: the static bound (each
-    segment adds at most one partial tile), so no host sync sizes them."""
-    tiles = -(-x.shape[0] // SEGMENT_TILE) + offs.shape[0]
-    return (x.shape[1], tiles * SEGMENT_TILE), (tiles, x.shape[1])
+    """q [C, tiles * 128] and scale [tiles, C] (grouped_gemm.segment_columns: a static bound)."""
+    from .grouped_gemm import segment_columns
+
+    cols = segment_columns(x.shape[0], offs.shape[0], SEGMENT_TILE)
+    return (x.shape[1], cols), (cols // SEGMENT_TILE, x.shape[1])
 
 
 @torch.library.custom_op("moekernels::quantize_fp8_segments", mutates_args=())
@@ -449,19 +445,14 @@ def segments_op(x: torch.Tensor, offs: torch.Tensor, pow2_scale: bool, backend: 
     name = _backend.choose("quantize_fp8", x.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
     if name == "torch":
         return reference.quantize_fp8_segments(x, offs, tile=SEGMENT_TILE, pow2_scale=pow2_scale)
-    from .kernels._fp8 import quantize_fp8_segments_kernel
+    from .grouped_gemm import transpose_segments
 
     # Every tile's program writes its columns and scales (zeros for the spare ones): no memset.
     q = torch.empty(q_shape, dtype=FP8, device=x.device)
     scale = torch.empty(s_shape, dtype=torch.float32, device=x.device)
     if not x.shape[0] or not x.shape[1]:
         return q.zero_(), scale.zero_()
-    x = x if x.stride(1) == 1 else x.contiguous()
-    with _backend.device_guard(x):
-        quantize_fp8_segments_kernel[(s_shape[0], triton.cdiv(x.shape[1], SEGMENT_COLS))](
-            x, offs, q, scale, rows, x.shape[1], offs.shape[0], x.stride(0), q.stride(0),
-            POW2=pow2_scale, FMAX=FP8_MAX, TILE=SEGMENT_TILE, BC=SEGMENT_COLS,
-            BLOCK_E=triton.next_power_of_2(offs.shape[0]), num_warps=8)
+    transpose_segments(x, offs, rows, q, scale, tile=SEGMENT_TILE, pow2=pow2_scale, fmax=FP8_MAX)
     return q, scale
 
 
@@ -526,18 +517,10 @@ def dw_fp8_op(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_sca
         out.copy_(reference.grouped_mm_dw_fp8(a_t, a_scale, b_t, b_scale, offs, rows, tile=SEGMENT_TILE))
         return out
     if out.numel():
-        from .grouped_gemm import gpu_name, num_programs
-        from .kernels._grouped_gemm import grouped_mm_dw_kernel
+        from .grouped_gemm import gpu_name, launch_dw_kernel
 
         cfg = wgrad_config(rows, num_experts, n, k, gpu_name(a_t.device))
-        items = num_experts * triton.cdiv(k, cfg.BLOCK_K) * triton.cdiv(n, cfg.BLOCK_N)
-        grid = min(items, num_programs(a_t.device)) if a_t.device.type != "cuda" else items
-        with _backend.device_guard(a_t):
-            grouped_mm_dw_kernel[(grid,)](
-                a_t, offs, b_t, out, offs, a_scale, b_scale, rows, k, n, num_experts, 1, 1, a_t.stride(0), 1,
-                b_t.stride(0), *out.stride(), GATHER=False, SCALED=True, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K,
-                BLOCK_N=cfg.BLOCK_N, BLOCK_E=triton.next_power_of_2(num_experts), GROUP_M=cfg.GROUP_M,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch_dw_kernel(a_t, b_t, offs, out, cfg, rows, transposed=True, scales=(a_scale, b_scale))
     return out
 
 

@@ -212,24 +212,81 @@ def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int) -> int:
     return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators)
 
 
+# Channels a program of the segment transpose: TILE x 64 values (fp8's 128-token tiles: 32 float32
+# a thread at 8 warps).
+SEGMENT_COLS = 64
+
+
+def segment_columns(rows: int, num_experts: int, tile: int) -> int:
+    """Columns of a segment transpose of ``rows`` sorted rows: tiles = ceil(rows / tile) + E, the
+    static bound (each segment adds at most one partial tile), so no host sync sizes them."""
+    return (triton.cdiv(rows, tile) + num_experts) * tile
+
+
+def transpose_segments(x, offs, rows, q, scale=None, *, tile, a_index=None, gather_div=1, pow2=False, fmax=1.0):
+    """Launch kernels/_fp8.transpose_segments_kernel: the ``rows`` sorted rows of x (row r is
+    ``x[a_index[r] // gather_div]`` with a_index) into q [C, segment_columns(rows, E, tile)], each
+    expert's token tiles transposed into tile-aligned columns; quantized with ``scale`` [tiles, C]
+    (the fp8 weight gradient), or copied as they are without it."""
+    from .kernels._fp8 import transpose_segments_kernel
+
+    x = _rows(x)
+    num_experts = offs.shape[0]
+    with _backend.device_guard(x):
+        transpose_segments_kernel[(q.shape[1] // tile, triton.cdiv(x.shape[1], SEGMENT_COLS))](
+            x, a_index if a_index is not None else offs, offs, q, scale if scale is not None else q, rows, x.shape[1],
+            num_experts, gather_div, x.stride(0), q.stride(0), QUANT=scale is not None, GATHER=a_index is not None,
+            POW2=pow2, FMAX=fmax, TILE=tile, BC=SEGMENT_COLS, BLOCK_E=triton.next_power_of_2(num_experts),
+            num_warps=8)
+
+
 def _launch_dw(a, grad, offs, out, *, a_index=None, gather_div=1):
     """out[e] = A[seg e]^T @ grad[seg e], out [E, K, N] of any strides."""
-    from .kernels._grouped_gemm import grouped_mm_dw_kernel
-
     num_experts, k, n = out.shape
     rows = grad.shape[0]
     cfg = configs.grouped_mm_config("dw", rows, num_experts, n, k, a.dtype, gpu_name(a.device))
-    a, grad = _rows(a), _rows(grad)
+    if a.dtype != torch.float32:
+        launch_dw_kernel(_rows(a), _rows(grad), offs, out, cfg, rows, a_index=a_index, gather_div=gather_div)
+        return
+    # tf32 wgmma reads both operands K-major (here: token-contiguous) only, so fp32 rows as they
+    # are came by 4-byte cp.async (48 a thread a K step at 64 x 128 x 64); their tile-aligned
+    # transposes (the fp8 weight gradient's layout, unquantized, gathered while copied) come by
+    # TMA, for 8 * M * (K + N) bytes written and read once (benchmarks/NOTES.md).
+    cols = segment_columns(rows, num_experts, cfg.BLOCK_M)
+    a_t, grad_t = a.new_empty(k, cols), grad.new_empty(n, cols)
+    transpose_segments(a, offs, rows, a_t, tile=cfg.BLOCK_M, a_index=a_index, gather_div=gather_div)
+    transpose_segments(grad, offs, rows, grad_t, tile=cfg.BLOCK_M)
+    launch_dw_kernel(a_t, grad_t, offs, out, cfg, rows, transposed=True)
+
+
+def launch_dw_kernel(a, b, offs, out, cfg, rows, *, transposed=False, a_index=None, gather_div=1, scales=None):
+    """grouped_mm_dw_kernel into out [E, K, N] over ``rows`` sorted rows: a [*, K] (gathered by
+    a_index) and b [rows, N] with unit inner strides, or (``transposed``) the segment copies
+    a^T [K, cols] and b^T [N, cols] of transpose_segments, read by TMA; ``scales`` (sa, sb): the fp8
+    weight gradient's tile scales."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from .kernels._grouped_gemm import grouped_mm_dw_kernel
+
+    num_experts, k, n = out.shape
+    if transposed:
+        strides = (1, a.stride(0), 1, b.stride(0))
+        a = TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [cfg.BLOCK_K, cfg.BLOCK_M])
+        b = TensorDescriptor(b, list(b.shape), [b.stride(0), 1], [cfg.BLOCK_N, cfg.BLOCK_M])
+    else:
+        strides = (a.stride(0), 1, b.stride(0), 1)
+    sa, sb = scales if scales is not None else (offs, offs)
     # One program per work item: the hardware balances experts of unequal rows better than a
     # static round-robin would.
     items = num_experts * triton.cdiv(k, cfg.BLOCK_K) * triton.cdiv(n, cfg.BLOCK_N)
-    grid = min(items, num_programs(a.device)) if a.device.type != "cuda" else items
-    with _backend.device_guard(a):
+    grid = min(items, num_programs(out.device)) if out.device.type != "cuda" else items
+    with _backend.device_guard(out):
         grouped_mm_dw_kernel[(grid,)](
-            a, a_index if a_index is not None else offs, grad, out, offs, offs, offs,
-            rows, k, n, num_experts, gather_div, a.stride(0), 1, grad.stride(0), 1, *out.stride(),
-            GATHER=a_index is not None, SCALED=False, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
-            BLOCK_E=1, GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            a, a_index if a_index is not None else offs, b, out, offs, sa, sb,
+            rows, k, n, num_experts, gather_div, *strides, *out.stride(),
+            GATHER=a_index is not None, TRANSPOSED=transposed, SCALED=scales is not None, BLOCK_M=cfg.BLOCK_M,
+            BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N, BLOCK_E=triton.next_power_of_2(num_experts) if transposed else 1,
+            GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
 
 
@@ -656,25 +713,45 @@ SM90_GEMMS = {
 
 def _dw_variant(name, cfg, dtype, gather, *, scaled=False):
     """The sm_90 compile job of a grouped_mm_dw_kernel launch; ``scaled``: the fp8 weight gradient
-    (fp8.grouped_mm_fp8's wgrad: e4m3 operands with the token dim contiguous, float32 out)."""
+    (fp8.grouped_mm_fp8's wgrad: e4m3 operands, float32 out). fp8 and fp32 read the transposed
+    segment copies (TRANSPOSED: TMA descriptors; the copy gathers), bf16/fp16 the rows."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_dw_kernel as fn
 
     ptr = _sm90.ptr(dtype)
+    transposed = scaled or dtype == torch.float32
     # stride_cn = 1 (a contiguous gradient), and the contiguous dim of a and b (channels; tokens
-    # when scaled): Triton specialises an integer argument of 1.
-    unit = dict(stride_am=1, stride_bm=1) if scaled else dict(stride_ak=1, stride_bn=1)
-    cx = dict(GATHER=gather, SCALED=scaled, BLOCK_M=cfg.BLOCK_M, BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N,
-              BLOCK_E=256 if scaled else 1, GROUP_M=cfg.GROUP_M, stride_cn=1, **unit)
-    sig = _sm90.signature(fn, cx, a_ptr=ptr, b_ptr=ptr, c_ptr=_sm90.ptr(torch.float32) if scaled else ptr,
-                          a_index_ptr="*i32", offs_ptr="*i32", sa_ptr="*fp32", sb_ptr="*fp32")
-    strides = ("stride_ak", "stride_bn") if scaled else ("stride_am", "stride_bm")
-    # The contract: x's rows by 16-byte cp.async when gathered, else both tiles by TMA; the fp8
-    # one masks each tile at its segment's end, so both come by 16-byte cp.async.
-    loads = {"x": "cp.async", "dy": "cp.async"} if scaled else {"x": "cp.async" if gather else "tma", "dy": "tma"}
+    # when transposed): Triton specialises an integer argument of 1.
+    unit = dict(stride_am=1, stride_bm=1) if transposed else dict(stride_ak=1, stride_bn=1)
+    cx = dict(GATHER=gather and not transposed, TRANSPOSED=transposed, SCALED=scaled, BLOCK_M=cfg.BLOCK_M,
+              BLOCK_K=cfg.BLOCK_K, BLOCK_N=cfg.BLOCK_N, BLOCK_E=256 if transposed else 1, GROUP_M=cfg.GROUP_M,
+              stride_cn=1, **unit)
+    elem = ptr.removeprefix("*")
+    operands = (dict(a=f"tensordesc<{elem}[{cfg.BLOCK_K}, {cfg.BLOCK_M}]>",
+                     b=f"tensordesc<{elem}[{cfg.BLOCK_N}, {cfg.BLOCK_M}]>") if transposed else dict(a=ptr, b=ptr))
+    sig = _sm90.signature(fn, cx, c_ptr=_sm90.ptr(torch.float32) if scaled else ptr, a_index_ptr="*i32",
+                          offs_ptr="*i32", sa_ptr="*fp32", sb_ptr="*fp32", **operands)
+    rows = () if transposed else ("a", "b", "stride_am", "stride_bm")
+    aligned = ("c_ptr", "K", "N", "stride_ce", "stride_ck") + rows
+    # The contract: the transposed copies' dense tiles (masked at K and N only) by TMA; the rows
+    # as they are by cp.async, 16-byte when gathered (a TMA box would cross a segment's end).
+    loads = ({"x": "tma", "dy": "tma"} if transposed else {"x": "cp.async" if gather else "tma", "dy": "tma"})
     return _sm90.Variant(name, fn, sig, cx, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), matrix=True,
-                         aligned=("a_ptr", "b_ptr", "c_ptr", "K", "N", *strides, "stride_ce", "stride_ck"),
-                         loads=loads)
+                         aligned=aligned, loads=loads)
+
+
+def segments_variant(name, dtype, out_dtype, tile, *, fmax=None, gather=False):
+    """The sm_90 compile job of a transpose_segments launch (a row kernel: 16-byte accesses):
+    the fp8 weight gradient's quantize to +-``fmax``, or without it the fp32 weight gradient's copy."""
+    from . import _sm90
+    from .kernels._fp8 import transpose_segments_kernel as fn
+
+    cx = dict(QUANT=fmax is not None, GATHER=gather, POW2=False, FMAX=fmax or 1.0, TILE=tile, BC=SEGMENT_COLS,
+              BLOCK_E=256)
+    sig = _sm90.signature(fn, cx, x_ptr=_sm90.ptr(dtype), idx_ptr="*i32", offs_ptr="*i32", q_ptr=_sm90.ptr(out_dtype),
+                          scale_ptr="*fp32")
+    return _sm90.Variant(name, fn, sig, cx, dict(num_warps=8), rows=True,
+                         aligned=("x_ptr", "q_ptr", "C", "stride_xr", "stride_qc"))
 
 
 def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False):
@@ -742,6 +819,10 @@ def sm90_variants():
         cfg = sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor)
         if variant.startswith("dw"):
             out.append(_dw_variant(f"grouped_mm/{name}", cfg, dtype, variant == "dw_gather"))
+            if dtype == torch.float32:  # its operands' copies (x gathered, as the fused layers' x is)
+                for copy, gather in (("x_gather", True), ("dy", False)):
+                    out.append(segments_variant(f"grouped_mm/{name}_transpose_{copy}", dtype, dtype, cfg.BLOCK_M,
+                                                gather=gather))
         else:
             out.append(forward_variant(f"grouped_mm/{name}", variant, cfg, dtype, kmajor,
                                        out_dtype=out_dtype[0] if out_dtype else None))

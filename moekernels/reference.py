@@ -531,6 +531,21 @@ def segment_tiles(offs: torch.Tensor, rows: int, tile: int = 128) -> tuple[torch
     return (tiles.cumsum(0) - tiles).int(), -(-rows // tile) + offs.shape[0]
 
 
+def transpose_segments(x: torch.Tensor, offs: torch.Tensor, rows: int, tile: int,
+                       a_index: torch.Tensor | None = None, gather_div: int = 1) -> torch.Tensor:
+    """Reference of :func:`moekernels.grouped_gemm.transpose_segments` without quantization: the
+    ``rows`` sorted rows of x (row r is x[a_index[r] // gather_div] with a_index) transposed into
+    tile-aligned columns [C, num_tiles * tile] of x's dtype, expert e's rows from column
+    ``segment_tiles(offs)[0][e] * tile`` on; zeros past a partial tile's end and in unused tiles."""
+    src = permute_rows(x, a_index, gather_div) if a_index is not None else x
+    first, num_tiles = segment_tiles(offs, rows, tile)
+    out = x.new_zeros(x.shape[1], num_tiles * tile)
+    for e, s, t in _segments(offs, rows):
+        c = int(first[e]) * tile
+        out[:, c:c + t - s] = src[s:t].T
+    return out
+
+
 def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, tile: int = 128, pow2_scale: bool = False,
                           dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of :func:`moekernels.fp8.quantize_fp8_segments`: the rows of x [M, C] (sorted by

@@ -183,6 +183,57 @@ def test_weight_gradient_many_tiles(backend, small_tiles):
     assert rel_err(dw, want) <= 1e-6
 
 
+def gather_problem(num_tokens, top_k, k, n, num_experts, tail, dtype=torch.float32):
+    """x [T, K] and the fused layers' sorted rows: a_index a permutation of the T * k pairs (row r is
+    x[a_index[r] // k]), grad [T * k, N], and offs with ``tail`` rows past offs[-1]."""
+    rows = num_tokens * top_k
+    x = torch.randn(num_tokens, k).to(dtype)
+    a_index = torch.randperm(rows).to(torch.int32)
+    return x, a_index, torch.randn(rows, n).to(dtype), make_offs(rows, num_experts, tail)
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fp32_weight_gradient_reads_transposed_copies(backend, gather, small_tiles, monkeypatch):
+    """fp32 (tf32 on a GPU: both operands token-contiguous) runs through the tile-aligned transposed
+    copies of x (gathered while copied) and dy: an empty expert, a single-row one, segments not
+    multiples of the 16-token tile, rows past offs[-1]."""
+    copies, copy = [], gg.transpose_segments
+
+    def spy(x, offs, rows, q, *args, **kwargs):
+        copies.append(tuple(q.shape))
+        return copy(x, offs, rows, q, *args, **kwargs)
+
+    monkeypatch.setattr(gg, "transpose_segments", spy)
+    num_tokens, top_k, k, n, num_experts = (45, 2, 40, 56, 6)
+    x, a_index, grad, offs = gather_problem(num_tokens, top_k, k, n, num_experts, 3)
+    if not gather:
+        x, a_index, top_k = reference.permute_rows(x, a_index, top_k), None, 1
+    dw = torch.ops.moekernels.grouped_mm_dw(x, grad, offs, a_index, top_k, False, backend)
+    want = reference.grouped_mm_dw(x.double(), grad.double(), offs, a_index, top_k)
+    assert rel_err(dw, want) <= 1e-6
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    assert not dw[counts == 0].any()
+    cols = gg.segment_columns(grad.shape[0], num_experts, 16)
+    assert copies == ([(k, cols), (n, cols)] if backend == "triton" else [])
+
+
+@pytest.mark.parametrize("gather", [False, True], ids=["rows", "gather"])
+@pytest.mark.parametrize("tile", [16, 32])
+def test_dw_segment_transpose_is_an_exact_copy(gather, tile):
+    """The fp32 weight gradient's operand copy (transpose_segments_kernel without quantization)
+    against the reference, bit for bit, every column written (spare tiles and padding zeros)."""
+    if not _backend.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    x, a_index, grad, offs = gather_problem(37, 2, 72, 8, 5, 4)
+    if not gather:
+        x, a_index = grad, None
+    rows = grad.shape[0]
+    q = torch.full((x.shape[1], gg.segment_columns(rows, 5, tile)), float("nan"))
+    gg.transpose_segments(x, offs, rows, q, tile=tile, a_index=a_index, gather_div=2)
+    assert torch.equal(q, reference.transpose_segments(x, offs, rows, tile, a_index, 2))
+
+
 def test_gradcheck_on_the_reference_path():
     x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)

@@ -38,9 +38,6 @@ KNOWN_STALLS = {
     ("grouped_mm/plain_prefill_fp32_ekn", "wgmma_in_flight"):
         "issue 13 item 3: the N-major fp32 weight is wgmma's register operand (swap-AB: tf32 reads shared "
         "memory K-major only), which triton 3.6 waits for (depth 0); three programs an SM take turns",
-    ("grouped_mm/dw_fp32", "cp_async_16"):
-        "issue 13 item 5: the fp32 weight gradient copies its strided tiles 4 bytes at a time",
-    ("grouped_mm/dw_fp32", "tma"): "issue 13 item 5: the weight gradient's x and dy tiles come by cp.async",
     ("grouped_mm/dw_bf16", "tma"): "issue 13 part 1: the weight gradient's x and dy tiles come by cp.async",
     ("grouped_mm/dw_gather_fp16", "tma"): "issue 13 part 1: the weight gradient's dy tile comes by cp.async",
     ("fp8_grouped_mm/wgrad_segments", "wgmma_in_flight"):

@@ -177,7 +177,12 @@ def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled
     # and one stage of 128x128x128 fp8 tiles is the 32 KB of a 128x128x64 bf16 one.
     bk = {1: 128, 2: 64}.get(itemsize, 32)
     if variant == "dw":  # [BLOCK_K, BLOCK_N] of the weight gradient, BLOCK_M rows reduced a step
-        return GemmConfig(64, 128, 128 if itemsize <= 2 else 64, 8, False, 8, 3)
+        if itemsize == 4:
+            # tf32 reads the transposed segment copies by TMA (grouped_gemm._launch_dw): at 32 tokens
+            # x 128 x 128 ptxas (sm_90a) gives 119 registers and 96 KB, two programs an SM, and
+            # 32 KB of tiles a step for 1 MFLOP (64 x 128 x 64 took 48 KB, 144 KB in all: one).
+            return GemmConfig(32, 128, 128, 8, False, 8, 3)
+        return GemmConfig(64, 128, 128, 8, False, 8, 3)
     if variant == "unaligned":
         # Weight rows that are not 16-byte aligned (no model has them: a correctness fallback) go
         # through plain loads, without cp.async pipelining, a 64-bit address per element: at

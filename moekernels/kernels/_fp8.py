@@ -123,16 +123,21 @@ def quantize_values(x, s, FMAX: tl.constexpr):
 
 
 @triton.jit
-def quantize_fp8_segments_kernel(x_ptr, offs_ptr, q_ptr, scale_ptr, R, C, num_experts, stride_xr, stride_qc,
-                                 POW2: tl.constexpr, FMAX: tl.constexpr, TILE: tl.constexpr, BC: tl.constexpr,
-                                 BLOCK_E: tl.constexpr):
-    """The weight gradient's operand: rows of x [R, C] (sorted by expert, segments ending at offs)
-    quantized per (TILE tokens x 1 channel) tile that never crosses a segment, written transposed
-    into tile-aligned columns: q [C, tiles * TILE], tile g in columns g * TILE.. (zeros past a
-    partial tile's end), scale [tiles, C]. Program (g, channel block) takes token tile g: the tiles
-    are numbered segment by segment (reference.segment_tiles), and g's expert is the count of
-    experts whose tiles all come before it, from one [BLOCK_E] vector of offs. A program past the
-    last tile (the bound has a spare tile an expert) writes zeros: no memset of the outputs.
+def transpose_segments_kernel(x_ptr, idx_ptr, offs_ptr, q_ptr, scale_ptr, R, C, num_experts, gather_div, stride_xr,
+                              stride_qc, QUANT: tl.constexpr, GATHER: tl.constexpr, POW2: tl.constexpr,
+                              FMAX: tl.constexpr, TILE: tl.constexpr, BC: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The weight gradient's operand: rows of x [R, C] (sorted by expert, segments ending at offs;
+    with GATHER row r is ``x[idx[r] // gather_div]``, gathered while it is transposed) cut into
+    tiles of TILE tokens that never cross a segment, written transposed into tile-aligned columns:
+    q [C, tiles * TILE], tile g in columns g * TILE.. (zeros past a partial tile's end). Program
+    (g, channel block) takes token tile g: the tiles are numbered segment by segment
+    (reference.segment_tiles), and g's expert is the count of experts whose tiles all come before
+    it, from one [BLOCK_E] vector of offs. A program past the last tile (the bound has a spare
+    tile an expert) writes zeros: no memset of the outputs.
+
+    QUANT (the fp8 weight gradient): each (tile x 1 channel) block quantized to q's e4m3 with its
+    float32 scale, scale [tiles, C]; without it q holds x's values as they are (the fp32 weight
+    gradient: tf32 wgmma reads both operands reduction-contiguous too), and scale_ptr is unused.
 
     Tile-aligned columns are what lets the wgrad GEMM read a tile with 16-byte copies: a segment
     starts at any token, and a token-contiguous copy of it would start at any byte.
@@ -153,13 +158,18 @@ def quantize_fp8_segments_kernel(x_ptr, offs_ptr, q_ptr, scale_ptr, R, C, num_ex
     end = tl.where(in_tile, tl.sum(tl.where(e_idx == e, ends, 0), 0), 0)
     j = tl.arange(0, TILE)
     rows = start + (g - first) * TILE + j
+    row_ok = rows < end
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     col_ok = cols < C
-    mask = (rows < end)[:, None] & col_ok[None, :]
-    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    scale = tl.where(in_tile, block_scale(tl.max(abs_or_inf(x), axis=0), FMAX, POW2), 0.0)
-    tl.store(scale_ptr + g.to(tl.int64) * C + cols, scale, mask=col_ok)
-    q = tl.where(mask, quantize_values(x, scale[None, :], FMAX), 0.0)  # padding and spare tiles: zeros
+    mask = row_ok[:, None] & col_ok[None, :]
+    src = rows
+    if GATHER:
+        src = tl.load(idx_ptr + rows, mask=row_ok, other=0) // gather_div
+    x = tl.load(x_ptr + src.to(tl.int64)[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0)
+    if QUANT:
+        x = x.to(tl.float32)
+        scale = tl.where(in_tile, block_scale(tl.max(abs_or_inf(x), axis=0), FMAX, POW2), 0.0)
+        tl.store(scale_ptr + g.to(tl.int64) * C + cols, scale, mask=col_ok)
+        x = tl.where(mask, quantize_values(x, scale[None, :], FMAX), 0.0)  # padding and spare tiles: zeros
     tl.store(q_ptr + cols.to(tl.int64)[None, :] * stride_qc + (g.to(tl.int64) * TILE + j)[:, None],
-             q.to(q_ptr.dtype.element_ty), mask=col_ok[None, :])
+             x.to(q_ptr.dtype.element_ty), mask=col_ok[None, :])

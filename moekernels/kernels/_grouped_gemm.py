@@ -36,7 +36,10 @@ promotion (see there).
 ``grouped_mm_dw_kernel`` is the K-grouped product of the weight gradient,
 dw[e] = a[seg e]^T @ b[seg e]: one work item per (expert, K tile, N tile), a loop over the
 expert's rows, masked at the segment's end (the rows of other experts must not enter the sum),
-and zeros for an expert with no rows.
+and zeros for an expert with no rows. bf16/fp16 read the rows as they are (wgmma takes their
+tiles MN-major from shared memory); tf32 and e4m3 wgmma read both operands K-major only, here
+token-contiguous, so fp32 and fp8 read tile-aligned transposed copies (TRANSPOSED) by TMA, where
+fp32 rows as they are came by 4-byte cp.async.
 
 Row offsets are int64 (a[M, K] with M*K past 2**31 at DeepSeek-V3 prefill: 131072 x 7168 = 9.4e8
 elements, twice that for K = 14336); tile coordinates stay int32.
@@ -352,26 +355,30 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
 
 
 @triton.jit
-def grouped_mm_dw_kernel(a_ptr, a_index_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_ptr,
+def grouped_mm_dw_kernel(a, a_index_ptr, b, c_ptr, offs_ptr, sa_ptr, sb_ptr,
                          num_rows, K, N, num_experts, gather_div, stride_am, stride_ak, stride_bm, stride_bn,
                          stride_ce, stride_ck, stride_cn,
-                         GATHER: tl.constexpr, SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+                         GATHER: tl.constexpr, TRANSPOSED: tl.constexpr, SCALED: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                         GROUP_M: tl.constexpr):
     """c[e] = a[seg e]^T @ b[seg e] ([K, N] per expert; zeros for an empty one), a[r] gathered
-    from ``a[a_index[r] // gather_div]`` with GATHER. Loads are masked pointer loads: a segment
-    ends mid-tile, and a TMA box would bring the next expert's rows into the sum.
+    from ``a[a_index[r] // gather_div]`` with GATHER. The rows as they are come by masked pointer
+    loads: a segment ends mid-tile, and a TMA box would bring the next expert's rows into the sum.
 
-    SCALED (the fp8 weight gradient): a [K, tiles * BLOCK_M] and b [N, tiles * BLOCK_M] are the
-    e4m3 copies of kernels/_fp8.quantize_fp8_segments_kernel, token tile g in columns g * BLOCK_M..
-    (stride_am = stride_bm = 1: the tokens, the reduction, contiguous, which wgmma needs of e4m3
-    operands; zero past a partial tile's end, so no row mask, and every tile 16-byte aligned),
-    with float32 scales sa [tiles, K] and sb [tiles, N]. Expert e's tiles follow the tiles of the
-    experts before it; each tile's product is promoted to the float32 sum times its scales (an
-    fp8 sum never runs past 128 products, as in the forward)."""
+    TRANSPOSED: a and b are TMA descriptors of blocks [BLOCK_K, BLOCK_M] and [BLOCK_N, BLOCK_M]
+    over the copies of kernels/_fp8.transpose_segments_kernel, a^T [K, tiles * BLOCK_M] and b^T
+    [N, tiles * BLOCK_M], token tile g in columns g * BLOCK_M.. (the tokens, the reduction,
+    contiguous, which wgmma needs of tf32 and e4m3 operands; zero past a partial tile's end, so no
+    row mask: every tile is a dense, 16-byte aligned box, and the box zero-fills past K and N).
+    Expert e's tiles follow the tiles of the experts before it (any gather was done by the copy).
+    SCALED (the fp8 weight gradient, on the TRANSPOSED layout): e4m3 tiles with float32 scales
+    sa [tiles, K] and sb [tiles, N]; each tile's product is promoted to the float32 sum times its
+    scales (an fp8 sum never runs past 128 products, as in the forward)."""
+    tl.static_assert(TRANSPOSED or not SCALED, "the fp8 weight gradient reads the transposed tiles")
     num_kt = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
     per_expert = num_kt * num_n
-    if SCALED:  # each expert's tiles, as the quantize numbered them
+    if TRANSPOSED:  # each expert's tiles, as the copy numbered them
         e_idx, ends_v, tiles_v, cum_v = _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M, 1, BLOCK_E)
     for t in range(tl.program_id(0), num_experts * per_expert, tl.num_programs(0)):
         e = t // per_expert
@@ -379,20 +386,20 @@ def grouped_mm_dw_kernel(a_ptr, a_index_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_
         k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        if SCALED:
+        if TRANSPOSED:
             first = tl.sum(tl.where(e_idx == e, cum_v - tiles_v, 0), 0)
             last = tl.sum(tl.where(e_idx == e, cum_v, 0), 0)
             for g in range(first, last):
-                # int32 is enough: g * BLOCK_M <= M + BLOCK_M * E, and g * K <= (M / 128 + E) * K.
-                cols = (g * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-                a = tl.load(a_ptr + cols[:, None] * stride_am + k.to(tl.int64)[None, :] * stride_ak,
-                            mask=(k < K)[None, :], other=0.0)
-                b = tl.load(b_ptr + cols[:, None] * stride_bm + n.to(tl.int64)[None, :] * stride_bn,
-                            mask=(n < N)[None, :], other=0.0)
-                sa = tl.load(sa_ptr + g * K + k, mask=k < K, other=0.0)
-                sb = tl.load(sb_ptr + g * N + n, mask=n < N, other=0.0)
-                part = dot(tl.trans(a), b, tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32))
-                acc += part * sa[:, None] * sb[None, :]
+                # int32 is enough: g * BLOCK_M <= M + BLOCK_M * E, and the scales' g * K <= (M / 128 + E) * K.
+                a_t = a.load([pid_k * BLOCK_K, g * BLOCK_M])
+                b_t = tl.trans(b.load([pid_n * BLOCK_N, g * BLOCK_M]))
+                if SCALED:
+                    sa = tl.load(sa_ptr + g * K + k, mask=k < K, other=0.0)
+                    sb = tl.load(sb_ptr + g * N + n, mask=n < N, other=0.0)
+                    part = dot(a_t, b_t, tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32))
+                    acc += part * sa[:, None] * sb[None, :]
+                else:
+                    acc = dot(a_t, b_t, acc)
         else:
             end = tl.minimum(tl.maximum(tl.load(offs_ptr + e), 0), num_rows)
             start = tl.minimum(tl.maximum(tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0), end)
@@ -402,10 +409,10 @@ def grouped_mm_dw_kernel(a_ptr, a_index_ptr, b_ptr, c_ptr, offs_ptr, sa_ptr, sb_
                 src = rows
                 if GATHER:
                     src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // gather_div
-                a = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_am + k[None, :] * stride_ak,
-                            mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
-                b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * stride_bm + n[None, :] * stride_bn,
-                            mask=row_ok[:, None] & (n < N)[None, :], other=0.0)
-                acc = dot(tl.trans(a), b, acc)
+                a_r = tl.load(a + src.to(tl.int64)[:, None] * stride_am + k[None, :] * stride_ak,
+                              mask=row_ok[:, None] & (k < K)[None, :], other=0.0)
+                b_r = tl.load(b + rows.to(tl.int64)[:, None] * stride_bm + n[None, :] * stride_bn,
+                              mask=row_ok[:, None] & (n < N)[None, :], other=0.0)
+                acc = dot(tl.trans(a_r), b_r, acc)
         ptrs = c_ptr + e.to(tl.int64) * stride_ce + k.to(tl.int64)[:, None] * stride_ck + n[None, :] * stride_cn
         tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=(k < K)[:, None] & (n < N)[None, :])
