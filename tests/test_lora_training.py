@@ -119,15 +119,20 @@ def adapters(model):
     return [getattr(model.moe, n) for n in ADAPTERS]
 
 
+def task(experts, rank, backend, tokens):
+    """The student, the inputs, the teacher's outputs on them, and Adam on the student's adapters."""
+    teacher, student = teacher_and_student(experts, rank, backend)
+    x = torch.randn(tokens, 128)
+    with torch.no_grad():
+        target = teacher(x)
+    return student, x, target, torch.optim.Adam(adapters(student), lr=1e-2)
+
+
 def test_lora_on_frozen_fp8_experts_learns():
     """Adam on the adapters only: the loss against the teacher falls to a quarter or less (it starts at the teacher's
     delta, which predicting the base layer gives)."""
-    teacher, student = teacher_and_student(8, 8, "torch")
+    student, x, target, opt = task(8, 8, "torch", 64)
     assert [p for p in student.parameters() if p.requires_grad] == adapters(student)
-    x = torch.randn(64, 128)
-    with torch.no_grad():
-        target = teacher(x)
-    opt = torch.optim.Adam(adapters(student), lr=1e-2)
     losses = []
     for _ in range(15):
         loss = (student(x) - target).square().mean()
@@ -149,11 +154,7 @@ def test_lora_fine_tuning_steps_on_interpreted_triton():
 
     if not _backend.interpreting():
         pytest.skip("needs TRITON_INTERPRET=1")
-    teacher, student = teacher_and_student(4, 4, "triton")
-    x = torch.randn(16, 128)
-    with torch.no_grad():
-        target = teacher(x)
-    opt = torch.optim.Adam(adapters(student), lr=1e-2)
+    student, x, target, opt = task(4, 4, "triton", 16)
     losses = []
     for step in range(2):
         ref = copy.deepcopy(student)

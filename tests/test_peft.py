@@ -17,7 +17,7 @@ integration = pytest.importorskip("moekernels.integrations.transformers")
 
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import layer as peft_lora  # noqa: E402
-from test_transformers import BF16_EPS, CONFIGS, inputs, routers  # noqa: E402
+from test_transformers import BF16_EPS, CONFIGS, forward_backward, inputs, routers  # noqa: E402
 
 integration.register()  # PEFT imported after the integration (test_transformers): let it reach the experts
 
@@ -71,27 +71,9 @@ def run(model, impl, router_inputs=None):
     as test_transformers.forward_backward (a bf16 run replays the routers' inputs of the reference run, so that near
     ties choose the same experts)."""
     model.get_base_model().set_experts_implementation(impl)
-    ids, targets = inputs()
-    replay, hooked = bool(router_inputs), routers(model.get_base_model())
-
-    def hook(module, args):
-        if not replay:
-            router_inputs.append(args[0].detach().clone())
-            return None
-        return (router_inputs[hooked.index(module)] + (args[0] - args[0].detach()),)
-
-    handles = [r.register_forward_pre_hook(hook) for r in hooked] if router_inputs is not None else []
-    try:
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids).logits
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets).backward()
-    finally:
-        for h in handles:
-            h.remove()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None for g in grads.values())
-    model.zero_grad(set_to_none=True)
-    return logits.detach(), grads
+    logits, grads = forward_backward(model, router_inputs, routers(model.get_base_model()))
+    assert grads
+    return logits, grads
 
 
 @pytest.fixture

@@ -84,8 +84,9 @@ def routers(model):
     return [getattr(layer.mlp, "router", None) or layer.mlp.gate for layer in model.model.layers]
 
 
-def forward_backward(model, router_inputs=None):
-    """Logits and the gradient of a cross-entropy loss on them w.r.t. every parameter (router and experts too).
+def forward_backward(model, router_inputs=None, hooked=None):
+    """Logits and the gradient of a cross-entropy loss on them w.r.t. every trainable parameter (router and experts
+    too). ``hooked``: the routers (default: ``routers(model)``; a PEFT model passes its base model's).
 
     ``router_inputs``: a list to record each router's input into, or the inputs recorded in another run, which the
     routers then see instead of their own (the gradient passes straight through to their own). A bf16 run differs
@@ -103,7 +104,7 @@ def forward_backward(model, router_inputs=None):
         recorded = router_inputs[hooks.index(module)]
         return (recorded + (args[0] - args[0].detach()),)
 
-    handles, hooks = [], routers(model)
+    handles, hooks = [], hooked if hooked is not None else routers(model)
     if router_inputs is not None:
         handles = [r.register_forward_pre_hook(hook) for r in hooks]
     try:
@@ -113,7 +114,7 @@ def forward_backward(model, router_inputs=None):
     finally:
         for h in handles:
             h.remove()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     return logits.detach(), grads
 
