@@ -31,7 +31,15 @@ _EXP_MAX: tl.constexpr = tl.constexpr(EXP_MAX)
 
 @triton.jit
 def exp_f32(x):
-    xc = tl.minimum(tl.maximum(x, _EXP_MIN), _EXP_MAX)
+    y = exp_f32_in_range(tl.minimum(tl.maximum(x, _EXP_MIN), _EXP_MAX))
+    y = tl.where(x < _EXP_MIN, 0.0, y)
+    return tl.where(x > _EXP_MAX, float("inf"), y)
+
+
+@triton.jit
+def exp_f32_in_range(xc):
+    """exp_f32 of xc in [EXP_MIN, EXP_MAX] (the clamped argument), without the selects that
+    give 0 below and inf above."""
     n = tl.floor(xc * _LOG2E + 0.5)
     r = (xc - n * _LN2_HI) - n * _LN2_LO
     p = r * _C0 + _C1
@@ -42,9 +50,7 @@ def exp_f32(x):
     p = p * r + _C6
     p = p * r + _C7
     two_n = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-    y = p * two_n
-    y = tl.where(x < _EXP_MIN, 0.0, y)
-    return tl.where(x > _EXP_MAX, float("inf"), y)
+    return p * two_n
 
 
 @triton.jit
