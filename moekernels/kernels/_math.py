@@ -37,11 +37,17 @@ def exp_f32(x):
 
 
 @triton.jit
-def exp_f32_in_range(xc):
+def exp_f32_in_range(xc, NEG: tl.constexpr = False):
     """exp_f32 of xc in [EXP_MIN, EXP_MAX] (the clamped argument), without the selects that
-    give 0 below and inf above."""
-    n = tl.floor(xc * _LOG2E + 0.5)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    give 0 below and inf above. NEG: exp_f32 of -xc, bit for bit, without negating xc (-x is
+    0 - x once compiled, an instruction an element): fl(-a * b) = -fl(a * b) = fl(a * -b), and
+    fl(-xc - t) = fl(-t - xc), the same two operands."""
+    if NEG:
+        n = tl.floor(xc * -_LOG2E + 0.5)
+        r = (n * -_LN2_HI - xc) - n * _LN2_LO
+    else:
+        n = tl.floor(xc * _LOG2E + 0.5)
+        r = (xc - n * _LN2_HI) - n * _LN2_LO
     p = r * _C0 + _C1
     p = p * r + _C2
     p = p * r + _C3

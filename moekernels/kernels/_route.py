@@ -28,7 +28,8 @@ select is 2 instructions: twice the work per expert per pick.) With groups, the 
 are copied into ``SLOTS`` slots in id order first, so the picks scan KEPT groups, not all.
 
 Non-finite logits follow reference.py's policy: ``_sanitize`` where a logit is loaded (NaN ->
--inf, +inf -> FLT_MAX: a select and a min per element, no extra pass over memory).
+-inf, +inf -> FLT_MAX: a select and a min per element, no extra pass over memory); sigmoid
+scores fold it into their own select (``_sigmoid``), and with a bias sanitize the bias instead.
 """
 
 import triton
@@ -58,10 +59,10 @@ def _sigmoid(x):
     EXP_MIN (x > 87, +inf) the clamped exp is 1.6e-38 and 1 + it rounds to 1, as 1 + 0 does; x
     below -EXP_MAX (exp inf, sigmoid 0), -inf and NaN (sanitized to -inf) fail x >= -EXP_MAX.
     (-4 selects, compares and mins an expert: DeepSeek-V3 x 32 a thread.)"""
-    u = -x
+    xc = tl.minimum(tl.maximum(x, -_EXP_MAX), -_EXP_MIN)  # -xc: exp_f32's clamp of -x
     if INTERPRET:  # numpy's maximum keeps a NaN and warns casting it to int; the select drops it
-        u = tl.where(x != x, 0.0, u)
-    e = exp_f32_in_range(tl.minimum(tl.maximum(u, _EXP_MIN), _EXP_MAX))
+        xc = tl.where(x != x, 0.0, xc)
+    e = exp_f32_in_range(xc, NEG=True)
     return tl.where(x >= -_EXP_MAX, tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + e), 0.0)
 
 
@@ -127,7 +128,10 @@ def topk_routing_kernel(
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + expert, mask=valid, other=0.0)
-        choice = _sanitize(scores + b[None, :, :])  # NaN scores of a row with no softmax
+        if SOFTMAX:
+            choice = _sanitize(scores + b[None, :, :])  # NaN scores of a row with no softmax
+        else:  # the same for scores in [0, 1] (FLT_MAX + 1 rounds to FLT_MAX), on the bias as loaded:
+            choice = scores + _sanitize(b)[None, :, :]  # (1 element a thread, before its conversion)
         choice = tl.where(valid[None, :, :], choice, float("-inf"))
     else:
         choice = x  # softmax and sigmoid are monotone: rank the logits, no rounding involved
@@ -222,7 +226,7 @@ def topk_routing_kernel(
         picked = tl.load(logits_ptr + tok[:, None] * stride_t + tile_id, mask=m, other=0.0)
         tile_w = tl.where(m, _sigmoid(picked.to(tl.float32)), 0.0)
         for j in tl.static_range(BLOCK_K):  # in pick order, as the loop above adds (+ 0.0 past top_k)
-            total += tl.sum(tl.where(slot[None, :] == j, tile_w, 0.0), axis=1)
+            total += tl.reshape(tl.gather(tile_w, tl.full([BLOCK_T, 1], j, tl.int32), axis=1), [BLOCK_T])
     if RENORMALIZE:
         norm = routed_scaling_factor / (total + 1e-20)
     else:
