@@ -31,9 +31,23 @@ _EXP_MAX: tl.constexpr = tl.constexpr(EXP_MAX)
 
 @triton.jit
 def exp_f32(x):
-    xc = tl.minimum(tl.maximum(x, _EXP_MIN), _EXP_MAX)
-    n = tl.floor(xc * _LOG2E + 0.5)
-    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    y = exp_f32_in_range(tl.minimum(tl.maximum(x, _EXP_MIN), _EXP_MAX))
+    y = tl.where(x < _EXP_MIN, 0.0, y)
+    return tl.where(x > _EXP_MAX, float("inf"), y)
+
+
+@triton.jit
+def exp_f32_in_range(xc, NEG: tl.constexpr = False):
+    """exp_f32 of xc in [EXP_MIN, EXP_MAX] (the clamped argument), without the selects that
+    give 0 below and inf above. NEG: exp_f32 of -xc, bit for bit, without negating xc (-x is
+    0 - x once compiled, an instruction an element): fl(-a * b) = -fl(a * b) = fl(a * -b), and
+    fl(-xc - t) = fl(-t - xc), the same two operands."""
+    if NEG:
+        n = tl.floor(xc * -_LOG2E + 0.5)
+        r = (n * -_LN2_HI - xc) - n * _LN2_LO
+    else:
+        n = tl.floor(xc * _LOG2E + 0.5)
+        r = (xc - n * _LN2_HI) - n * _LN2_LO
     p = r * _C0 + _C1
     p = p * r + _C2
     p = p * r + _C3
@@ -42,9 +56,7 @@ def exp_f32(x):
     p = p * r + _C6
     p = p * r + _C7
     two_n = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-    y = p * two_n
-    y = tl.where(x < _EXP_MIN, 0.0, y)
-    return tl.where(x > _EXP_MAX, float("inf"), y)
+    return p * two_n
 
 
 @triton.jit

@@ -28,19 +28,22 @@ select is 2 instructions: twice the work per expert per pick.) With groups, the 
 are copied into ``SLOTS`` slots in id order first, so the picks scan KEPT groups, not all.
 
 Non-finite logits follow reference.py's policy: ``_sanitize`` where a logit is loaded (NaN ->
--inf, +inf -> FLT_MAX: a select and a min per element, no extra pass over memory).
+-inf, +inf -> FLT_MAX: a select and a min per element, no extra pass over memory); sigmoid
+scores fold it into their own select (``_sigmoid``), and with a bias sanitize the bias instead.
 """
 
 import triton
 import triton.language as tl
 
-from ..reference import FLT_MAX
-from ._math import exp_f32, order_key
+from ..reference import EXP_MAX, EXP_MIN, FLT_MAX
+from ._math import INTERPRET, exp_f32, exp_f32_in_range, order_key
 
 # Key of an ineligible expert: below order_key(-inf) = -2139095041, and no sanitized choice is NaN.
 _NONE: tl.constexpr = tl.constexpr(-2147483648)
 _NO_EXPERT: tl.constexpr = tl.constexpr(2147483647)
 _FLT_MAX: tl.constexpr = tl.constexpr(FLT_MAX)
+_EXP_MIN: tl.constexpr = tl.constexpr(EXP_MIN)
+_EXP_MAX: tl.constexpr = tl.constexpr(EXP_MAX)
 
 
 @triton.jit
@@ -51,8 +54,16 @@ def _sanitize(x):
 
 @triton.jit
 def _sigmoid(x):
-    """reference.routing_scores' sigmoid, bit for bit."""
-    return tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + exp_f32(-x))
+    """reference.routing_scores' sigmoid of _sanitize(x), bit for bit, from the raw logit x:
+    1 / (1 + exp_f32(-x)) with exp_f32's two selects and _sanitize folded into one. Below
+    EXP_MIN (x > 87, +inf) the clamped exp is 1.6e-38 and 1 + it rounds to 1, as 1 + 0 does; x
+    below -EXP_MAX (exp inf, sigmoid 0), -inf and NaN (sanitized to -inf) fail x >= -EXP_MAX.
+    (-4 selects, compares and mins an expert: DeepSeek-V3 x 32 a thread.)"""
+    xc = tl.minimum(tl.maximum(x, -_EXP_MAX), -_EXP_MIN)  # -xc: exp_f32's clamp of -x
+    if INTERPRET:  # numpy's maximum keeps a NaN and warns casting it to int; the select drops it
+        xc = tl.where(x != x, 0.0, xc)
+    e = exp_f32_in_range(xc, NEG=True)
+    return tl.where(x >= -_EXP_MAX, tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + e), 0.0)
 
 
 @triton.jit
@@ -97,10 +108,11 @@ def topk_routing_kernel(
         valid = (col[None, :] < row_len) & (expert < num_experts)
     tmask = tok < num_tokens
     ptrs = logits_ptr + tok[:, None, None] * stride_t + expert[None, :, :]
-    x = _sanitize(tl.load(ptrs, mask=tmask[:, None, None] & valid[None, :, :], other=0.0).to(tl.float32))
+    raw = tl.load(ptrs, mask=tmask[:, None, None] & valid[None, :, :], other=0.0).to(tl.float32)
     # Padding experts get -inf: a zero score, and never chosen. Padding tokens keep 0 logits,
     # so their (unstored) rows stay finite.
-    x = tl.where(valid[None, :, :], x, float("-inf"))
+    raw = tl.where(valid[None, :, :], raw, float("-inf"))
+    x = _sanitize(raw)  # unused (compiled out) by sigmoid with a bias, which ranks the scores
 
     if SOFTMAX:
         row_max = tl.max(tl.max(x, axis=1), axis=1)
@@ -112,11 +124,14 @@ def topk_routing_kernel(
         denom = tl.sum(tl.sum(e.to(tl.float64), axis=1), axis=1).to(tl.float32)
         scores = tl.math.div_rn(e, denom[:, None, None])
     else:
-        scores = _sigmoid(x)
+        scores = _sigmoid(raw if HAS_BIAS else x)  # no bias: x is live anyway (ranked)
 
     if HAS_BIAS:
         b = tl.load(bias_ptr + expert, mask=valid, other=0.0)
-        choice = _sanitize(scores + b[None, :, :])  # NaN scores of a row with no softmax
+        if SOFTMAX:
+            choice = _sanitize(scores + b[None, :, :])  # NaN scores of a row with no softmax
+        else:  # the same for scores in [0, 1] (FLT_MAX + 1 rounds to FLT_MAX), on the bias as loaded:
+            choice = scores + _sanitize(b)[None, :, :]  # (1 element a thread, before its conversion)
         choice = tl.where(valid[None, :, :], choice, float("-inf"))
     else:
         choice = x  # softmax and sigmoid are monotone: rank the logits, no rounding involved
@@ -148,7 +163,7 @@ def topk_routing_kernel(
             slot_of = tl.where(keep, first, SLOTS)
             sl = tl.arange(0, SLOTS)
             c_choice = tl.zeros([BLOCK_T, SLOTS, BLOCK_C], tl.float32)
-            c_score = tl.zeros([BLOCK_T, SLOTS, BLOCK_C], tl.float32)
+            c_score = tl.zeros([BLOCK_T, SLOTS, BLOCK_C], tl.float32)  # (compiled out by RELOAD)
             c_group = tl.zeros([BLOCK_T, SLOTS], tl.int32)
             for r in tl.static_range(BLOCK_R):
                 # Row r can only fill the slots KEPT - BLOCK_R + r ..= r: constant-false selects fold
@@ -171,7 +186,11 @@ def topk_routing_kernel(
     key = tl.where(valid, order_key(choice + 0.0), _NONE)
 
     # top_k <= BLOCK_K (config: up to 32): the picks gather in a [BLOCK_T, BLOCK_K] register tile,
-    # stored once. Larger top_k stores each pick as it is made (a tile would cost
+    # stored once. With sigmoid scores the picks gather only the ids, and the weights are the
+    # sigmoids of the picked logits, reloaded (the block just read them: L1 / L2) into that tile:
+    # a sigmoid a thread at DeepSeek-V3 ([32, 8] over 256 threads) instead of summing each pick's
+    # score out of the score tile (16 selects, 15 adds and 3 shuffle steps a pick, and the copy of
+    # the scores into the slots). Larger top_k stores each pick as it is made (a tile would cost
     # top_k * BLOCK_K selects per token, 1M at top_k = 1024, and spill) and renormalises by
     # reading the row back.
     out = tok * top_k
@@ -179,6 +198,7 @@ def topk_routing_kernel(
     tile_w = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
     tile_id = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.int32)
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
+    RELOAD: tl.constexpr = K_IN_TILE and not SOFTMAX
     for j in range(top_k):
         # Rows first: each thread holds its columns of every row, so this order shuffles once
         # per token instead of once per row.
@@ -186,17 +206,27 @@ def topk_routing_kernel(
         eid = tl.min(tl.min(tl.where(key == kbest[:, None, None], expert, _NO_EXPERT), axis=1), axis=1)
         hit = expert == eid[:, None, None]
         key = tl.where(hit, _NONE, key)
-        w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=1)
-        total += w
-        if K_IN_TILE:
+        if RELOAD:
+            tile_id = tl.where(slot[None, :] == j, eid[:, None], tile_id)
+        elif K_IN_TILE:
+            w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=1)
+            total += w
             tile_w = tl.where(slot[None, :] == j, w[:, None], tile_w)
             tile_id = tl.where(slot[None, :] == j, eid[:, None], tile_id)
         else:
+            w = tl.sum(tl.sum(tl.where(hit, scores, 0.0), axis=1), axis=1)
+            total += w
             if not RENORMALIZE:
                 w = w * routed_scaling_factor
             tl.store(weights_ptr + out + j, w, mask=tmask)
             tl.store(ids_ptr + out + j, eid, mask=tmask)
 
+    if RELOAD:
+        m = tmask[:, None] & (slot[None, :] < top_k)
+        picked = tl.load(logits_ptr + tok[:, None] * stride_t + tile_id, mask=m, other=0.0)
+        tile_w = tl.where(m, _sigmoid(picked.to(tl.float32)), 0.0)
+        for j in tl.static_range(BLOCK_K):  # in pick order, as the loop above adds (+ 0.0 past top_k)
+            total += tl.reshape(tl.gather(tile_w, tl.full([BLOCK_T, 1], j, tl.int32), axis=1), [BLOCK_T])
     if RENORMALIZE:
         norm = routed_scaling_factor / (total + 1e-20)
     else:
