@@ -371,7 +371,10 @@ def test_nonfinite_logits_gradient(mode, device, backend):
                                    kw.get("routed_scaling_factor", 1.0))
     (grad_ref,) = torch.autograd.grad((w_ref.nan_to_num(0.0) * grad_out.cpu()).sum(), subst)
     some = [r for r in range(x.shape[0]) if r not in ALL_NONFINITE_ROWS]
-    assert rel_err(grad[some], grad_ref[some]) <= 1e-5
+    # float32 against float32 by two roundings of the same formula (exp_f32 and an IEEE division
+    # against torch's exp and sigmoid, another order of the renormalized sum): ~3e-6 typical, 5.6e-6
+    # the largest of 40 fresh draws, 1.7e-5 seen once; a wrong formula is off by O(1).
+    assert rel_err(grad[some], grad_ref[some]) <= 5e-5
 
 
 def test_exp_f32_of_the_substituted_extremes():
