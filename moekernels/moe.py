@@ -129,6 +129,15 @@ def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_s
     return hidden.new_empty(topk_ids.shape[0], hidden.shape[1]), hidden.new_empty(rows, rank)
 
 
+def _router_weight_grad(dh_unweighted, h, src, topk_weights):
+    """d loss / d topk_weights [T, k]: per sorted row r, <dh_r / w_r, h_r> (the down GEMM's input
+    gradient before the router weight, dotted with its input), written to its pair src[r], in
+    float32 before topk_weights' dtype; zero for a dropped pair."""
+    grad = torch.zeros(topk_weights.numel(), dtype=torch.float32, device=h.device)
+    grad[src] = (dh_unweighted.float() * h.float()).sum(-1)
+    return grad.view(topk_weights.shape).to(topk_weights.dtype)
+
+
 # The op's tensor inputs by position (needs_input_grad's indices).
 _HIDDEN, _W1, _W2, _TW, _A1, _B1, _A2, _B2 = 0, 1, 2, 3, 9, 10, 11, 12
 
@@ -188,9 +197,7 @@ def _backward(ctx, grad_y, _):
         dh_unweighted = fused_op(g, w_down, offsets, source, top_k, False, "", None, None, None, None, backend,
                                  *lora_dh)  # [T*k, I]; zero past offsets[-1]
     if need[_TW]:
-        grad_tw = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=hidden.device)
-        grad_tw[src] = (dh_unweighted.float() * h.float()).sum(-1)
-        grads[_TW] = grad_tw.view(num_tokens, top_k).to(topk_weights.dtype)
+        grads[_TW] = _router_weight_grad(dh_unweighted, h, src, topk_weights)
     if need[_W2] or need[_B2]:
         gw = (g.float() * w).to(g.dtype)
         if need[_W2]:  # d(w_down^T)[e] = h_e^T (w g)_e, written in w_down's [E, H, I] layout
@@ -303,9 +310,7 @@ def _fp8_backward(ctx, grad_y, *_):
     dh_unweighted = fused_op(qg, b2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend)
     w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
     if need_tw:
-        grad_tw = torch.zeros(num_tokens * top_k, dtype=torch.float32, device=qx.device)
-        grad_tw[src] = (dh_unweighted.float() * h.float()).sum(-1)
-        grads[3] = grad_tw.view(num_tokens, top_k).to(topk_weights.dtype)
+        grads[3] = _router_weight_grad(dh_unweighted, h, src, topk_weights)
     if need_w2:  # d(w_down^T)[e] = h_e^T (w g)_e on e4m3, in w_down's [E, H, I] layout
         gw = (grad_y.index_select(0, src // top_k).float() * w).to(dtype)
         hq_t, hs_t = segments_op(h, offsets, True, backend)
