@@ -3,7 +3,8 @@
 The choice, in order:
 1. the op's ``backend=`` argument, else the ``MOEKERNELS_BACKEND`` environment variable
    (``cuda`` there runs every op that has a CUDA kernel, and ``triton`` the others);
-2. otherwise CUDA tensors take the op's fastest built backend and CPU tensors ``torch``.
+2. otherwise CUDA tensors take the op's fastest built backend and CPU tensors ``torch``; ``cuda``
+   only where moekernels._C has code the GPU runs (``_ext.no_image``), else ``triton``.
 ``triton`` on CPU tensors runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
 before moekernels is imported (``triton.jit`` reads it when the kernel is defined).
 The backend never changes results beyond rounding, and index outputs not at all.
