@@ -3,9 +3,9 @@
 The sdist must carry everything the wheel needs (the CUDA sources, the tuned config tables, the
 license), so the wheel is built from the unpacked sdist, never from the repository, and imported
 from outside the repository. No network: the wheel builds without build isolation (the test
-extra installs setuptools and pybind11) and installs with --no-deps into a venv that sees the
-system's torch, triton and numpy. The nvcc build takes about a minute on 2 cores, so it runs
-once per session (module fixtures).
+extra installs setuptools and pybind11) and installs with --no-deps into a fresh venv that sees the
+running interpreter's torch, triton and numpy (see ``_venv``). The nvcc build takes about a minute
+on 2 cores, so it runs once per session (module fixtures).
 """
 
 import json
@@ -75,16 +75,53 @@ def wheel(sdist, tmp_path_factory):
     return path, log
 
 
+def _venv(root, python=sys.executable):
+    """A fresh venv at ``root`` that sees ``python``'s packages after its own; returns its python.
+
+    Not ``--system-site-packages``: that gives the venv the *base* interpreter's site-packages, and
+    where ``python`` is itself a venv (a newcomer's, with torch installed into it) the base holds no
+    torch. A .pth file in the new venv's site-packages instead adds ``python``'s site directories as
+    ``--system-site-packages`` would add the base's (``site.addsitedir``, so their own .pth files,
+    and those of a venv made this way, are read too). Without pip: ``python``'s pip, run by the
+    venv's python, installs into the venv."""
+    _run([str(python), "-m", "venv", "--without-pip", str(root)], cwd=root.parent)
+    code = ("import json, os, site\n"
+            "dirs = site.getsitepackages()\n"
+            "user = site.getusersitepackages() if site.ENABLE_USER_SITE else None\n"
+            "print(json.dumps([d for d in dirs + [user] if d and os.path.isdir(d)]))\n")
+    dirs = json.loads(_run([str(python), "-c", code], cwd=root, env=_env()).splitlines()[-1])
+    venv_python = root / "bin" / "python"
+    purelib = _run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   cwd=root, env=_env()).splitlines()[-1]
+    (Path(purelib) / "_moekernels_parent_site.pth").write_text(
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs))
+    return venv_python
+
+
 @pytest.fixture(scope="module")
 def venv_python(wheel, tmp_path_factory):
-    """A fresh venv that sees the system's packages, with only the wheel installed into it."""
-    root = tmp_path_factory.mktemp("venv")
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / "env")], cwd=root)
-    python = root / "env" / "bin" / "python"
-    # The system's pip, run by the venv's python, installs into the venv.
+    """A fresh venv that sees the running interpreter's packages, with only the wheel installed into it."""
+    python = _venv(tmp_path_factory.mktemp("venv") / "env")
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir",
-          str(wheel[0])], cwd=root, env=_env())
+          str(wheel[0])], cwd=python.parents[2], env=_env())
     return python
+
+
+def test_a_venv_made_for_the_wheel_sees_the_running_interpreters_packages(tmp_path):
+    """The venv the wheel goes into imports this interpreter's torch, also when this interpreter is itself a venv
+    with packages of its own (here `outer`, holding a module its base has not): from a venv, a newcomer's setup,
+    ``--system-site-packages`` gave the base's packages only, and the wheel's import failed on 'No module named
+    torch'. Fast, no build: it runs without the slow tests too."""
+    outer = _venv(tmp_path / "outer")
+    purelib = _run([str(outer), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   cwd=tmp_path, env=_env()).splitlines()[-1]
+    (Path(purelib) / "moekernels_venv_probe.py").write_text("HERE = True\n")
+    inner = _venv(tmp_path / "inner", python=outer)
+    code = "import sys, torch, moekernels_venv_probe; print(sys.prefix); print(torch.__file__)"
+    for python in (outer, inner):
+        prefix, torch_file = _run([str(python), "-c", code], cwd=tmp_path, env=_env()).splitlines()[-2:]
+        assert Path(prefix) == python.parents[1]
+        assert Path(torch_file).resolve() == Path(torch.__file__).resolve()  # the running interpreter's torch
 
 
 def test_sdist_is_complete(sdist):
