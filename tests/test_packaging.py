@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from moekernels import configs
+from test_docs import relative_links
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: the wheel's CUDA extension cannot build")
@@ -124,10 +125,14 @@ def test_a_venv_made_for_the_wheel_sees_the_running_interpreters_packages(tmp_pa
         assert Path(torch_file).resolve() == Path(torch.__file__).resolve()  # the running interpreter's torch
 
 
-def test_sdist_is_complete(sdist):
+def _sdist_names(sdist):
     with tarfile.open(sdist) as tar:
         top = sdist.name.removesuffix(".tar.gz")  # moekernels-0.1.0
-        names = {n.removeprefix(top + "/") for n in tar.getnames()}
+        return {n.removeprefix(top + "/") for n in tar.getnames()}
+
+
+def test_sdist_is_complete(sdist):
+    names = _sdist_names(sdist)
     csrc = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h")}
     assert {"csrc/route.cu", "csrc/common.cuh", "csrc/bindings.cpp"} <= csrc
     assert csrc <= names, f"missing from the sdist: {sorted(csrc - names)}"
@@ -152,6 +157,8 @@ def test_wheel_from_the_sdist_has_the_extension_tables_and_license(wheel):
     assert [n for n in names if n.startswith("moekernels/_C.") and n.endswith(".so")], sorted(names)
     assert f"moekernels/configs/grouped_mm_{TABLE_GPU}.json" in names
     assert f"{dist_info}/licenses/LICENSE" in names
+    # What the sdist carries for the README's links stays out of the installed package.
+    assert not [n for n in names if n.startswith(("docs/", "examples/")) or "/results/" in n], sorted(names)
     headers = dict(ln.split(": ", 1) for ln in metadata.split("\n\n", 1)[0].splitlines() if ": " in ln)
     assert headers.get("License-Expression") == "Apache-2.0", metadata[:2000]
     assert headers.get("License-File") == "LICENSE"
@@ -179,3 +186,15 @@ def test_installed_wheel_imports_with_its_extension_outside_the_repository(venv_
     assert "topk_routing" in got["kernels"]
     assert TUNED != configs.default_gemm_config("plain", configs.rows_class(*TUNED_KEY[1:3]), 2)
     assert got["config"] == list(dataclasses.astuple(TUNED))  # the shipped table's entry, not the default
+
+
+def test_sdist_holds_every_file_the_readme_and_docs_link_to(sdist):
+    """The README is the package's description and links to docs/ and examples/; docs/ links on (a plot)."""
+    names = _sdist_names(sdist)
+    docs = ["README.md", *(n for n in sorted(names) if n.startswith("docs/") and n.endswith(".md"))]
+    assert "docs/API.md" in docs
+    for doc in docs:
+        for target, _ in relative_links(ROOT / doc):
+            if target:
+                assert target in names or any(n.startswith(target + "/") for n in names), \
+                    f"{doc} links to {target}, which the sdist does not hold"
