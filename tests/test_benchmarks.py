@@ -1417,11 +1417,11 @@ def test_distributed_scaling_rate_is_the_measured_h200_roofline():
     assert round(roofline["mm_bf16_tflops"]) == bd.MM_BF16_TFLOPS
 
 
-def test_readme_scaling_section_holds_the_computed_table():
-    readme = (REPO / "README.md").read_text()
-    headings = re.findall(r"^## .*$", readme, flags=re.M)
+def test_api_docs_scaling_section_holds_the_computed_table():
+    api = (REPO / "docs" / "API.md").read_text()
+    headings = re.findall(r"^## .*$", api, flags=re.M)
     assert headings.index("## Expert parallelism: scaling") + 1 == headings.index("## Backends")
-    section = readme.split("## Expert parallelism: scaling")[1].split("## Backends")[0]
+    section = api.split("## Expert parallelism: scaling")[1].split("## Backends")[0]
     assert bd.scaling_markdown() in section
 
 
