@@ -481,7 +481,10 @@ class MoE(nn.Module):
             it is adjusted outside the gradient, by :meth:`update_bias`).
         bias_update_rate: the speed gamma of :meth:`update_bias` (DeepSeek-V3: 1e-3).
         activation: ``"silu"`` or ``"gelu"``.
-        dtype, device: of the parameters.
+        dtype, device: of the parameters. x must be in that dtype, except under ``torch.autocast``,
+            which casts x and the experts' weights to its dtype (as it does an nn.Linear's input
+            and weight): there a float32 layer takes bf16 x (Trainer's ``bf16=True``) and a bf16
+            layer float32 x.
         router_dtype: of the router's weight and logits (default: dtype). DeepSeek-V3 keeps its
             router in float32 when the model is bf16: routing on bf16 logits picks other experts
             near ties. Set, the router runs with ``torch.autocast`` off, so its logits stay in it
@@ -644,8 +647,8 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], topk_weights [T, k] float32, topk_ids [T, k] int32) of x [T, H]."""
-        # With router_dtype set, autocast off: bf16 logits route E = 64 grouped sigmoid scores
-        # (DeepSeek-V3's router) to another expert set for 46 of 2,048 tokens.
+        # With router_dtype set, autocast off: bf16 logits gave 63 of 2,048 tokens another expert
+        # set (H = 64, E = 64 sigmoid scores in 8 groups, 4 kept, top-8: DeepSeek-V3's router).
         with _autocast.disabled(x.device.type) if self.router_dtype is not None else contextlib.nullcontext():
             logits = self.gate(x.to(self.gate.weight.dtype))
         weights, ids = topk_routing(
