@@ -25,6 +25,7 @@ losses in training mode.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
@@ -480,10 +481,14 @@ class MoE(nn.Module):
             it is adjusted outside the gradient, by :meth:`update_bias`).
         bias_update_rate: the speed gamma of :meth:`update_bias` (DeepSeek-V3: 1e-3).
         activation: ``"silu"`` or ``"gelu"``.
-        dtype, device: of the parameters.
+        dtype, device: of the parameters. x must be in that dtype, except under ``torch.autocast``,
+            which casts x and the experts' weights to its dtype (as it does an nn.Linear's input
+            and weight): there a float32 layer takes bf16 x (Trainer's ``bf16=True``) and a bf16
+            layer float32 x.
         router_dtype: of the router's weight and logits (default: dtype). DeepSeek-V3 keeps its
             router in float32 when the model is bf16: routing on bf16 logits picks other experts
-            near ties.
+            near ties. Set, the router runs with ``torch.autocast`` off, so its logits stay in it
+            under autocast too (by default the router follows autocast, as an nn.Linear does).
         expert_parallel_group: a torch.distributed process group (``torch.distributed.group.WORLD``
             for every rank), or None: no expert parallelism. Then this rank holds only its E / world_size
             experts (rank r: experts r*E/W .. (r+1)*E/W - 1, ``expert_offset`` the first), and the
@@ -559,6 +564,7 @@ class MoE(nn.Module):
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.num_shared_experts = routed_scaling_factor, num_shared_experts
         self.activation, self.backend, self.precision = activation, backend, precision
+        self.router_dtype = router_dtype
         self.group, self.capacity = expert_parallel_group, capacity
         local, self.expert_offset = num_experts, 0
         if expert_parallel_group is not None:
@@ -641,7 +647,10 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], topk_weights [T, k] float32, topk_ids [T, k] int32) of x [T, H]."""
-        logits = self.gate(x.to(self.gate.weight.dtype))
+        # With router_dtype set, autocast off: bf16 logits gave 63 of 2,048 tokens another expert
+        # set (H = 64, E = 64 sigmoid scores in 8 groups, 4 kept, top-8: DeepSeek-V3's router).
+        with _autocast.disabled(x.device.type) if self.router_dtype is not None else contextlib.nullcontext():
+            logits = self.gate(x.to(self.gate.weight.dtype))
         weights, ids = topk_routing(
             logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
             bias=self.e_score_correction_bias, n_group=self.n_group, topk_group=self.topk_group,
@@ -662,14 +671,17 @@ class MoE(nn.Module):
                    if self.group is not None else ""))
 
     def _check_input(self, x) -> None:
-        """Name the input as the cause: fused_moe's own checks would blame the layer's weights."""
+        """Name the input as the cause: fused_moe's own checks would blame the layer's weights.
+        Under autocast x's dtype may differ from the layer's where autocast casts both to its
+        dtype (_autocast.cast_dtype), as fused_moe then does: an fp32 layer takes an autocast
+        nn.Linear's bf16 output."""
         _checks.tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         dtype = self.w_gate_up.dtype
         if dtype == FP8:  # e4m3 experts (quantize_experts) compute in the adapters' or the former weights' dtype
             dtype = self.lora_a1.dtype if self.lora_rank else self.experts_dtype
-        if x.dtype != dtype:
+        if _autocast.cast_dtype(x.dtype, x.device.type) != _autocast.cast_dtype(dtype, x.device.type):
             raise TypeError(f"x has dtype {str(x.dtype).removeprefix('torch.')} but the layer's parameters are "
                             f"{str(dtype).removeprefix('torch.')}: cast the input "
                             f"(x.to({dtype})) or the layer (moe.to(...))")
