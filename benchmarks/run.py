@@ -59,8 +59,8 @@ def default_out(gpu: str, quick: bool) -> Path:
 
 def cpu_quick(cases: list[harness.Case]) -> list[harness.Case]:
     """--quick on the CPU: each benchmark's first case. The CPU times say nothing about the
-    kernels, so its quick run is a smoke test of every benchmark's code paths: 7 cases, ~20 s on
-    2 shared cores with the imports, where all of them took ~2 minutes."""
+    kernels, so its quick run is a smoke test of every benchmark's code paths: each benchmark's
+    first case (the README's Times table has the measured time)."""
     first: dict[str, harness.Case] = {}
     for case in cases:
         first.setdefault(case.bench, case)

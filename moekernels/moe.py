@@ -557,7 +557,7 @@ class MoE(nn.Module):
                     + (". MoE trains in those; for fp8 inference quantize a trained layer's weights, "
                        "q1, s1 = moekernels.quantize_fp8(moe.w_gate_up, (128, 128)) and likewise w_down, and call "
                        "moekernels.fused_moe(x, q1, q2, topk_weights, topk_ids, w_gate_up_scale=s1, "
-                       "w_down_scale=s2) (see the README's FP8 section)" if value == FP8 else ""))
+                       "w_down_scale=s2) (see docs/API.md's FP8 section)" if value == FP8 else ""))
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.scoring, self.renormalize = scoring, renormalize
