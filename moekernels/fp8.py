@@ -90,6 +90,7 @@ def _launch_cuda(x, q, scale, pow2, inverse, top_k):
 def _launch_quantize(x3, q, scale, br, bc, pow2, index=None, gather_div=1):
     """x3 [B, R_in, C] (rows gathered by index when given: then R = len(index)), q [B, R, C],
     scale [B, nbr, nbc] of any strides (a transposed view for the column-major layout)."""
+    from .grouped_gemm import fp8_bytes
     from .kernels._fp8 import quantize_fp8_kernel
 
     batch, _, cols = x3.shape
@@ -99,6 +100,7 @@ def _launch_quantize(x3, q, scale, br, bc, pow2, index=None, gather_div=1):
     grid = (triton.cdiv(rows, cfg.TR) * triton.cdiv(cols, cfg.TC), batch)
     amax = torch.zeros(batch, nbr, nbc, dtype=torch.float32, device=x3.device) if cfg.two_pass else scale
     idx = index if index is not None else scale
+    q = fp8_bytes(q)  # e4m3 encoded by integer operations where the GPU has no e4m3 type
     args = (x3, idx, q, scale, amax, rows, cols, br, bc, nbr, nbc, gather_div, x3.stride(0), x3.stride(1),
             *scale.stride())
     meta = dict(POW2=pow2, GATHER=index is not None, FMAX=FP8_MAX, TR=cfg.TR, TC=cfg.TC, BRF=cfg.BRF,
@@ -213,6 +215,19 @@ def quantize_fp8_gathered(x: torch.Tensor, plan, granularity=(1, 128), *, pow2_s
     br, bc = block_shape(granularity, plan.source_index.shape[0], x.shape[1])
     return quantize_op(x, br, bc, bool(pow2_scale), plan.source_index, plan.dest_index, plan.top_k,
                         scale_layout == "col_major", backend or "")
+
+
+def activation_operand(x: torch.Tensor, pow2_scale: bool, backend: str):
+    """The activation operand (a, a_scale) of a GEMM on e4m3 weights: x quantized (1, 128) with
+    column-major scales (w8a8, DeepSeek-V3's), or, where the GPU has no e4m3 MMA
+    (grouped_gemm.fp8_emulated: sm_80, sm_86), (x, None): the weight-only route of vLLM's Marlin,
+    x kept in its own type. There an e4m3 x would only be decoded back to bf16 by the GEMM: a
+    quantize pass and e4m3's rounding for nothing."""
+    from .grouped_gemm import fp8_emulated
+
+    if fp8_emulated(x.device):
+        return x, None
+    return quantize_op(x, 1, 128, pow2_scale, None, None, 1, True, backend)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
