@@ -299,6 +299,44 @@ def sm90_variants():
     return out
 
 
+# The weight-only GEMMs (bf16 tokens, e4m3 weights: fused_moe where the GPU has no e4m3 MMA) at
+# DeepSeek-V3's shapes: GEMM 1 gathering with SwiGLU (prefill and decode), GEMM 2 scattering.
+SM80_WEIGHT_ONLY = {
+    "w8a16_block_gather_gated_kmajor": ("gather+gated", 512, 2048, 7168),
+    "w8a16_block_gather_gated_decode": ("gather+gated", 4, 2048, 7168),
+    "w8a16_block_scatter_kmajor": ("scatter", 512, 7168, 2048),
+}
+
+
+def sm80_variants():
+    """The fp8 kernels as a GPU without e4m3 MMA (sm_80, sm_86) runs them, every e4m3 operand as
+    its bytes (``u8``: grouped_gemm.fp8_bytes): the shipped fp8 GEMMs (sm90_variants'), the
+    weight-only ones, and every other shipped variant that takes e4m3 (an ``fp8e4nv`` pointer:
+    the quantize kernels, the wgrad GEMM, the fp8 permute). The compile jobs of moekernels/_sm90.py's
+    Variant, for ``GPUTarget("cuda", 80, 32)`` (tests/test_fp8_sm80.py)."""
+    import dataclasses
+
+    from . import _sm90, grouped_gemm
+
+    out = []
+    for name, (variant, per_expert, n, k, scale) in SM90_FP8_GEMMS.items():
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3)
+        launch = "+".join(p for p in variant.split("+") if p != "colscale")
+        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, True, scale=scale,
+                                                out_dtype=torch.bfloat16, col_major_a_scale=launch != variant,
+                                                weight_bytes=True))
+    for name, (variant, per_expert, n, k) in SM80_WEIGHT_ONLY.items():
+        # The launcher picks an e4m3 weight's config (128-wide K steps) for a bf16 x too.
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=True)
+        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", variant, cfg, torch.bfloat16, True,
+                                                scale=3, weight_bytes=True))
+    gemms = {v.name for v in out}
+    out += [dataclasses.replace(v, signature={a: t.replace("fp8e4nv", "u8") for a, t in v.signature.items()})
+            for v in _sm90.shipped_variants()
+            if v.name not in gemms and any("fp8e4nv" in t for t in v.signature.values())]
+    return [dataclasses.replace(v, launch_key=None) for v in out]
+
+
 # ----------------------------------------------------------------------------- scaled GEMMs
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)

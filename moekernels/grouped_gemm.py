@@ -144,12 +144,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
-def num_stages(cfg, scale_mode: int, act: int) -> int:
+def num_stages(cfg, scale_mode: int, act: int, weight_bytes: bool = False) -> int:
     """Software-pipeline stages of a forward launch. The block-scaled fp8 loop without an
     activation takes two K steps an iteration (kernels/_grouped_gemm.py, _block_scaled_loop; its
     weight is always K-major), so half the stages (at least 2) prefetch as many K steps: 2 stages
-    of two 128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB."""
-    two_steps = scale_mode == 3 and not act
+    of two 128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB. Not with
+    the weight as bytes (``weight_bytes``, see fp8_bytes: _dequantized_loop, one step an iteration)."""
+    two_steps = scale_mode == 3 and not act and not weight_bytes
     return max(2, (cfg.num_stages + 1) // 2) if two_steps else cfg.num_stages
 
 
@@ -202,7 +203,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
                            scatter=c_index is not None, act=act, scale=scale_mode,
                            block_e=triton.next_power_of_2(num_experts), rank=rank if lora is not None else None)
-    stages = num_stages(cfg, scale_mode, act)
+    stages = num_stages(cfg, scale_mode, act, storage.dtype == torch.uint8)
     per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
@@ -806,12 +807,15 @@ def segments_variant(name, dtype, out_dtype, tile, *, fmax=None, gather=False):
                          aligned=("x_ptr", "q_ptr", "C", "stride_xr", "stride_qc"))
 
 
-def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False):
+def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False,
+                    weight_bytes=False):
     """The sm_90 compile job of one grouped_mm_kernel launch: ``variant`` is plain, gather (rows by
     pointer), unaligned (both operands by pointer), gated or scatter, and ``+lora<r>`` for a
     low-rank segment of rank r (lora_x [M, r] contiguous, lora_w the [E, r, N] view of PEFT's
     [E, N, r] B: its rank stride 1, which Triton specialises; in the output dtype, fp8's compute
-    dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too."""
+    dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too;
+    ``weight_bytes``: the launch of a GPU without e4m3 MMA, or of the weight-only route (a 16-bit
+    dtype), every e4m3 operand as its bytes (fp8_bytes: fp8.sm80_variants)."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
@@ -822,7 +826,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128,
                            rank=rank)
-    stages = num_stages(cfg, scale, cx["ACT"])
+    stages = num_stages(cfg, scale, cx["ACT"], weight_bytes)
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
     # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.
@@ -840,6 +844,9 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     block_b = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
     a_type = ptr if pointers else f"tensordesc<{elem}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
     b_type = ptr if unaligned else f"tensordesc<{elem}[1, {block_b[0]}, {block_b[1]}]>"
+    if weight_bytes:
+        a_type = a_type.replace("fp8e4nv", "u8")
+        b_type = b_type.replace(elem, "u8")
     sig = _sm90.signature(fn, cx, a=a_type, b=b_type, c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
                           c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32", a_scale_ptr="*fp32",
                           b_scale_ptr="*fp32", **dict.fromkeys(("lora_x", "lora_w"), _sm90.ptr(out_dtype or dtype)))

@@ -170,23 +170,27 @@ CASES = [(50, 256, 192, 3, 3), (9, 128, 72, 5, 0), (1, 128, 128, 2, 0)]
 @pytest.mark.parametrize("mode", ["tensor", "rowcol", "block"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}_K{}_N{}_E{}_tail{}".format(*c))
 def test_fp8_grouped_mm_decodes_to_bf16(case, mode, backend, sm80, monkeypatch):
-    """e4m3 x e4m3 on bf16 MMA: e4m3 values are exact in bf16, so the product is the dequantized
-    reference's within float32 sums, and (interpreted) the e4m3 route's bit for bit. An expert
-    with no rows, one with a single row, sizes off the tiles, rows past offs[-1]."""
+    """e4m3 x e4m3 on bf16 MMA, against the dequantized reference. Per tensor and per row x
+    column the scales apply after the loop: e4m3 values are exact in bf16, so the product is the
+    reference's within float32 sums, and (interpreted) the e4m3 route's bit for bit. Blocks: each
+    K step's tiles times their scales, rounded to bf16 (kernels/_grouped_gemm.py,
+    _dequantized_loop): within bf16's rounding. An expert with no rows, one with a single row,
+    sizes off the tiles, rows past offs[-1]."""
     rows, k, n, num_experts, tail = case
     torch.manual_seed(1)
     qa, sa, qb, sb, _, _ = quantized_problem(rows, k, n, num_experts, mode, "cpu")
     offs = make_offs(rows, num_experts, tail)
     y = moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend=backend)
     deq = reference.grouped_mm(fp8.dequantize_fp8(qa, sa).double(), fp8.dequantize_fp8(qb, sb).double(), offs)
-    assert rel_err(y, deq) <= 1e-5 and not y[rows - tail:].any()
+    exact = backend == "torch" or mode != "block"
+    assert rel_err(y, deq) <= (1e-6 if exact else BF16) and not y[rows - tail:].any()
     bf16 = moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, backend=backend)
-    assert rel_err(bf16, deq) <= BF16
+    assert rel_err(bf16, deq) <= 2 * BF16
     if backend == "triton":
         assert no_e4m3_reached_a_kernel(sm80)
         monkeypatch.setattr(configs, "has_fp8_mma", lambda capability: True)
-        assert torch.equal(y, moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32,
-                                                        backend=backend))
+        native = moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend=backend)
+        assert torch.equal(y, native) if exact else rel_err(y, native) <= BF16
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -273,21 +277,31 @@ def test_lora_on_e4m3_experts_trains_weight_only(backend, sm80):
 @needs_interpreter
 def test_fp8_training_runs_on_decoded_e4m3(sm80, monkeypatch):
     """grouped_mm_fp8 (fprop, dgrad, wgrad) and fused_moe(precision="fp8") keep DeepSeek-V3's
-    recipe there, every e4m3 operand decoded to bf16 in the kernels: the e4m3 route's results bit
-    for bit (interpreted; on a GPU within float32 sums in another order)."""
-    def run():
+    recipe there, every e4m3 operand decoded to bf16 in the kernels. grouped_mm_fp8: the e4m3
+    route's results within the bf16 rounding of the block-scaled operands (fprop and dgrad; wgrad's
+    per-tile scales apply in float32). The layer, whose h is quantized to e4m3 again (one e4m3 ulp
+    is 2**-4: 1.8e-2 apart from the e4m3 route seen), within test_fp8_training's bounds of the
+    high-precision layer, as the e4m3 route is."""
+    from test_fp8_training import calc_diff
+
+    def gemm():
         x, w, offs = fp8_problem((0, 1, 130, 7, 200), 256, 128, "cpu")
         y = fp8.grouped_mm_fp8(x, w, offs, backend="triton")
-        out = (y.detach(), *torch.autograd.grad(y, (x, w), torch.ones_like(y).cumsum(-1).sin()))
-        xs, w1, w2, tw, ids = moe_problem(21, 256, 128, 4, 2, "cpu")
-        y = moekernels.fused_moe(xs, w1, w2, tw, ids, precision="fp8", backend="triton")
-        return out + (y.detach(), *torch.autograd.grad(y, (xs, w1, w2, tw), torch.ones_like(y)))
+        return (y.detach(), *torch.autograd.grad(y, (x, w), torch.ones_like(y).cumsum(-1).sin()))
 
-    got = run()
+    def layer(**kwargs):
+        xs, w1, w2, tw, ids = moe_problem(21, 256, 128, 4, 2, "cpu")
+        y = moekernels.fused_moe(xs, w1, w2, tw, ids, **kwargs)
+        return (y.detach(), *torch.autograd.grad(y, (xs, w1, w2, tw), torch.ones_like(y).cumsum(-1).cos()))
+
+    got_gemm, got_layer = gemm(), layer(precision="fp8", backend="triton")
     assert no_e4m3_reached_a_kernel(sm80)
+    high = layer(backend="torch")
+    for i, (a, b) in enumerate(zip(got_layer, high)):
+        assert calc_diff(a, b) <= (3e-3 if i == 0 else 6e-3), i
     monkeypatch.setattr(configs, "has_fp8_mma", lambda capability: True)
-    for i, (a, b) in enumerate(zip(got, run())):
-        assert torch.equal(a, b), i
+    for i, (a, b) in enumerate(zip(got_gemm, gemm())):
+        assert rel_err(a, b) <= BF16, i
 
 
 def test_weight_only_has_no_backward():
