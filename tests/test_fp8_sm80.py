@@ -313,6 +313,32 @@ def test_weight_only_has_no_backward():
         y.sum().backward()
 
 
+@pytest.mark.gpu
+def test_gpu_byte_route_on_a_real_compiler(monkeypatch):
+    """On any GPU (an H100 too: the route is forced), the byte kernels compiled: quantize bit-exact,
+    the block GEMM within bf16's rounding of the dequantized product, the layer weight-only."""
+    monkeypatch.setattr(configs, "has_fp8_mma", lambda capability: False)
+    torch.manual_seed(0)
+    x = make_non_finite((300, 260), torch.float32, "cuda")
+    q, scale = moekernels.quantize_fp8(x, (1, 128), backend="triton")
+    from test_fp8 import check_non_finite
+
+    check_non_finite(x, q, scale, 1, 128, False)
+    qa, sa, qb, sb, _, _ = quantized_problem(300, 512, 256, 8, "block", "cuda")
+    offs = make_offs(300, 8, 5, "cuda")
+    y = moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend="triton")
+    deq = reference.grouped_mm(fp8.dequantize_fp8(qa, sa).double(), fp8.dequantize_fp8(qb, sb).double(), offs)
+    assert rel_err(y, deq) <= BF16
+    ids = make_ids(64, 4, 8, device="cuda")
+    hidden = torch.randn(64, 512, device="cuda").bfloat16()
+    (q1, s1), (q2, s2) = (moekernels.quantize_fp8(torch.randn(8, n, k, device="cuda") / k**0.5, (128, 128))
+                          for n, k in ((512, 512), (512, 256)))
+    tw = torch.rand(64, 4, device="cuda").softmax(-1)
+    got = moekernels.fused_moe(hidden, q1, q2, tw, ids, w_gate_up_scale=s1, w_down_scale=s2, backend="triton")
+    want = reference.fused_moe(hidden.float(), q1, q2, tw, ids, w_gate_up_scale=s1, w_down_scale=s2)
+    assert rel_err(got, want) <= 2 * BF16
+
+
 # ----------------------------------------------------------------------------- sm_80 compile
 
 _COMPILE = r"""
