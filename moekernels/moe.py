@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from . import _autocast, _checks, reference
-from .fp8 import FP8, dw_fp8_op, prepare_weight, quantize_op, segments_op
+from .fp8 import FP8, activation_operand, dw_fp8_op, prepare_weight, quantize_op, segments_op
 from .fp8 import weight_operands as _fp8_weight_operands
 from .grouped_gemm import ACTIVATIONS, fused_op, grouped_mm_dw_op, grouped_mm_op
 from .lora import ExpertsLoRA
@@ -72,8 +72,9 @@ def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     lora1 = _low_rank(hidden, a1, b1, scale1, offsets, source, top_k, backend)
     t1 = lora1[0] if a1 is not None else no_t1
     if w_gate_up.dtype == FP8:
-        # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs.
-        qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
+        # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs
+        # (or hidden itself, weight-only, where the GPU has no e4m3 MMA).
+        qx, sx = activation_operand(hidden, False, backend)
         return _fp8_experts(qx, sx, (w_gate_up.transpose(1, 2), w_gate_up_scale.transpose(1, 2)),
                             (w_down.transpose(1, 2), w_down_scale.transpose(1, 2)), topk_weights, offsets, source,
                             activation, hidden.dtype, False, backend, lora1, (a2, b2, scale2)), t1
@@ -110,14 +111,15 @@ def _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activatio
                  lora1=(None, None), down_lora=(None, None, 1.0)):
     """The layer on e4m3 from the quantized tokens: GEMM 1 gathering them, with act(gate) * up,
     h quantized (1, 128) (power-of-two scales with ``pow2_h``), GEMM 2 scattering with the router
-    weights, the sum over k. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales.
+    weights, the sum over k. Tokens not quantized (sx None: fp8.activation_operand's weight-only
+    route) leave h unquantized too. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales.
     ``lora1``: GEMM 1's low-rank segment (:func:`_low_rank`); ``down_lora``: (a2, b2, scale2) of
     GEMM 2's adapter, applied to the high-precision h."""
     num_tokens, top_k = topk_weights.shape
     h = fused_op(qx, gate_up[0], offsets, source, top_k, True, activation, None, sx, gate_up[1], dtype, backend,
                  *lora1)
     lora2 = _low_rank(h, *down_lora, offsets, None, 1, backend)
-    qh, sh = quantize_op(h, 1, 128, pow2_h, None, None, 1, True, backend)
+    qh, sh = quantize_op(h, 1, 128, pow2_h, None, None, 1, True, backend) if sx is not None else (h, None)
     pairs = fused_op(qh, down[0], offsets, source, top_k, False, "", topk_weights, sh, down[1], dtype, backend,
                      *lora2)
     return pairs.view(num_tokens, top_k, -1).sum(1)
@@ -177,7 +179,7 @@ def _backward(ctx, grad_y, _):
     # backward), with GEMM 1's low-rank segment (t1 kept from the forward); then h = act(gate) * up.
     t1, b1_t = (t1, b1.transpose(1, 2)) if a1 is not None else (None, None)
     if fp8:
-        qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
+        qx, sx = activation_operand(hidden, False, backend)
         z = fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, sx, s1.transpose(1, 2),
                      dtype, backend, t1, b1_t)
     else:
@@ -190,7 +192,7 @@ def _backward(ctx, grad_y, _):
     v2 = grouped_mm_op(g, b2, offsets, backend) if a2 is not None else None  # [T*k, r2]
     lora_dh = (_scaled(v2, scale2), a2) if a2 is not None else (None, None)
     if fp8:  # e4m3 gradient tiles with power-of-two scales (DeepSeek-V3), gathered per pair by the GEMM
-        qg, sg = quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, True, backend)
+        qg, sg = activation_operand(grad_y.contiguous(), True, backend)
         w2_t, s2_t = prepare_weight(w_down, scale=s2)  # K-major for g @ w_down: one e4m3 transpose
         dh_unweighted = fused_op(qg, w2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend,
                                  *lora_dh)
@@ -215,7 +217,7 @@ def _backward(ctx, grad_y, _):
     if need[_HIDDEN]:  # dx = sum_j dz W1 (+ s1 (dz B1) A1: the base dgrad with the gate_up adapter's segment)
         lora_dx = (_scaled(v1, scale1), a1) if a1 is not None else (None, None)
         if fp8:
-            qz, sz = quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
+            qz, sz = activation_operand(dz, False, backend)
             w1_t, s1_t = prepare_weight(w_gate_up, scale=s1)
             dx = fused_op(qz, w1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend, *lora_dx)
         else:
