@@ -130,7 +130,9 @@ def quantize_op(x: torch.Tensor, block_rows: int, block_cols: int, pow2_scale: b
     inverse: its inverse (dest_index), which the cuda kernel walks instead (a token read once);
     col_major_scale: the scale as a transposed view of a contiguous [..., nbc, nbr] tensor."""
     reason = _cuda_reason(x, block_rows, block_cols, index, inverse)
-    name = _backend.choose("quantize_fp8", x.device, backend or None, cuda_reason=reason)
+    from .grouped_gemm import choose_fp8
+
+    name = choose_fp8("quantize_fp8", x.device, backend, reason)
     q_shape, s_shape = _quant_shapes(x, block_rows, block_cols, index)
     scale = _new_scale(x, s_shape, col_major_scale)
     if name == "torch":
@@ -253,13 +255,14 @@ SM90_FP8_GEMMS = {
 
 
 @_sm90_registry.register
-def sm90_variants():
+def sm90_variants(capability: int = 90):
     from . import _sm90, grouped_gemm
     from .kernels._fp8 import quantize_fp8_kernel as fn
 
+    arch = configs.arch_limits(capability)
     out = []
     for name, (variant, per_expert, n, k, scale) in SM90_FP8_GEMMS.items():
-        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3)
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3, arch=arch)
         launch = "+".join(p for p in variant.split("+") if p != "colscale")
         out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, True, scale=scale,
                                                 out_dtype=torch.bfloat16, col_major_a_scale=launch != variant))
@@ -279,7 +282,7 @@ def sm90_variants():
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         out.append(grouped_gemm.segments_variant(f"quantize_fp8_segments/{name}", dtype, FP8, SEGMENT_TILE,
                                                  fmax=FP8_MAX))
-    cfg = wgrad_config(32768, 256, 2048, 7168, "h200")
+    cfg = wgrad_config(32768, 256, 2048, 7168, "h200" if capability == 90 else None, arch)
     out.append(grouped_gemm._dw_variant("fp8_grouped_mm/wgrad_segments", cfg, FP8, False, scaled=True))
     return out
 
@@ -442,7 +445,9 @@ def segments_op(x: torch.Tensor, offs: torch.Tensor, pow2_scale: bool, backend: 
                                                                                               torch.Tensor]:
     q_shape, s_shape = _segments_shapes(x, offs)
     rows = x.shape[0]
-    name = _backend.choose("quantize_fp8", x.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
+    from .grouped_gemm import choose_fp8
+
+    name = choose_fp8("quantize_fp8", x.device, backend)
     if name == "torch":
         return reference.quantize_fp8_segments(x, offs, tile=SEGMENT_TILE, pow2_scale=pow2_scale)
     from .grouped_gemm import transpose_segments
@@ -491,17 +496,19 @@ def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2_scale: bo
     return segments_op(x, offs, bool(pow2_scale), backend or "")
 
 
-def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None):
+def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None, arch=configs.HOPPER):
     """The fp8 weight gradient's tiles: the weight-gradient config with one token tile (128) a K
     step, and a 64 x 128 output tile for one warpgroup a program. Each token tile's product is
     promoted after a wait_group 0 (triton 3.6), so a second resident program has to fill the
     tensor cores meanwhile, as in the forward's block loop (configs.default_gemm_config): at
     64 x 128 x 128, 4 warps and 3 stages ptxas (sm_90a) gives 255 registers, no spills, 73 KB: two
-    programs an SM; the 128 x 128 tile at 8 warps (247 registers, 96 KB) fits one."""
+    programs an SM; the 128 x 128 tile at 8 warps (247 registers, 96 KB) fits one. Fitted to ``arch``
+    (configs.fit_gemm_config) after the change of tiles."""
     import dataclasses
 
-    return dataclasses.replace(configs.grouped_mm_config("dw", rows, num_experts, n, k, FP8, gpu),
-                               BLOCK_M=SEGMENT_TILE, BLOCK_K=64, num_warps=4)
+    cfg = dataclasses.replace(configs.grouped_mm_config("dw", rows, num_experts, n, k, FP8, gpu, arch=arch),
+                              BLOCK_M=SEGMENT_TILE, BLOCK_K=64, num_warps=4)
+    return configs.fit_gemm_config(cfg, FP8.itemsize, "dw", arch)
 
 
 @torch.library.custom_op("moekernels::grouped_mm_dw_fp8", mutates_args=())
@@ -509,17 +516,17 @@ def dw_fp8_op(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_sca
                offs: torch.Tensor, rows: int, transposed: bool, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """dw[e] = x_e^T @ dy_e from two quantize_fp8_segments outputs over ``rows`` tokens, laid out
     as the weight is (``transposed``: an [E, N, K] tensor's transpose)."""
-    from .grouped_gemm import new_weight_grad
+    from .grouped_gemm import choose_fp8, new_weight_grad
 
     num_experts, k, n = offs.shape[0], a_t.shape[0], b_t.shape[0]
     out = new_weight_grad((num_experts, k, n), a_scale.new_empty(0, dtype=out_dtype), transposed)
-    if _backend.choose("grouped_mm", a_t.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL) == "torch":
+    if choose_fp8("grouped_mm", a_t.device, backend) == "torch":
         out.copy_(reference.grouped_mm_dw_fp8(a_t, a_scale, b_t, b_scale, offs, rows, tile=SEGMENT_TILE))
         return out
     if out.numel():
-        from .grouped_gemm import gpu_name, launch_dw_kernel
+        from .grouped_gemm import device_arch, gpu_name, launch_dw_kernel
 
-        cfg = wgrad_config(rows, num_experts, n, k, gpu_name(a_t.device))
+        cfg = wgrad_config(rows, num_experts, n, k, gpu_name(a_t.device), device_arch(a_t.device))
         launch_dw_kernel(a_t, b_t, offs, out, cfg, rows, transposed=True, scales=(a_scale, b_scale))
     return out
 

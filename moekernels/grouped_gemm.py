@@ -54,6 +54,20 @@ def gpu_name(device: torch.device) -> str | None:
     return next((g for g in ("h200", "h100") if g in name.lower()), None)
 
 
+def device_arch(device: torch.device) -> configs.ArchLimits:
+    """The architecture limits the configs of a launch on ``device`` are fitted to: its compute
+    capability's (configs.device_limits, checked against what the device reports, once per device);
+    Hopper's for CPU tensors, whose interpreted launches take the configs the sm_90 contract holds."""
+    if device.type != "cuda":
+        return configs.HOPPER
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _device_limits(index: int) -> configs.ArchLimits:
+    return configs.device_limits(_gpu_props(index))
+
+
 def num_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
@@ -150,8 +164,9 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     b_tma = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
     if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
+    arch = device_arch(x.device)
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device),
-                                    block_scaled=scales is not None and scales[0] == 3, kmajor=kmajor)
+                                    block_scaled=scales is not None and scales[0] == 3, kmajor=kmajor, arch=arch)
     if cfg.SPLIT_GATED:  # a decode step too small to fill the GPU: see configs.split_gated_decode
         z = out.new_empty(rows, 2 * n, dtype=torch.float32)  # float32: one rounding, as the fused epilogue
         _launch(x, w, offs, z, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div, scales=scales,
@@ -171,7 +186,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
                            scatter=c_index is not None, act=act, scale=scale_mode,
                            block_e=triton.next_power_of_2(num_experts), rank=rank if lora is not None else None)
     stages = num_stages(cfg, scale_mode, act)
-    per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages) if x.is_cuda else 1
+    per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages, arch) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
         assert cfg.BLOCK_K == 128 and 128 % cfg.BLOCK_N == 0, f"block-scaled fp8 needs 128-wide K steps: {cfg}"
@@ -194,22 +209,23 @@ def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale,
                 BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)
 
 
-def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int) -> int:
-    """Persistent programs per SM of a grouped_mm_kernel launch: what its sm_90a compile allows
-    (configs/sm90_resources.json, registers and shared memory read from ptxas's cubin), so that the
-    grid never holds a second wave it assumed resident; the estimate for a config the table lacks
-    (a tuned table's config not among the shipped ones)."""
-    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype, cx, cfg.num_warps, stages)
-    per_sm = configs.sm90_programs_per_sm(key)
-    if per_sm is not None:
-        return per_sm
+def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int, arch: configs.ArchLimits = configs.HOPPER) -> int:
+    """Persistent programs per SM of a grouped_mm_kernel launch: on sm_90, what its sm_90a compile
+    allows (configs/sm90_resources.json, registers and shared memory read from ptxas's cubin), so
+    that the grid never holds a second wave it assumed resident; the estimate for ``arch``
+    otherwise, and for a config the table lacks (a tuned table's config not among the shipped ones)."""
+    if arch.capability == 90:
+        key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype, cx, cfg.num_warps, stages)
+        per_sm = configs.sm90_programs_per_sm(key)
+        if per_sm is not None:
+            return per_sm
     if cx["LORA"]:  # the segment's tiles add 1-90 registers (configs.lora_block): never assume a second program
         return 1
     # float32 tiles held: block-scaled fp8 adds the per-step products (two, in flight and being
     # promoted, without an activation; one with it).
     scaled = cx["SCALE"] == 3
     accumulators = (2 if cx["ACT"] else 1) * (2 if scaled else 1) + (scaled and not cx["ACT"])
-    return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators)
+    return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators, arch)
 
 
 # Channels a program of the segment transpose: TILE x 64 values (fp8's 128-token tiles: 32 float32
@@ -244,7 +260,8 @@ def _launch_dw(a, grad, offs, out, *, a_index=None, gather_div=1):
     """out[e] = A[seg e]^T @ grad[seg e], out [E, K, N] of any strides."""
     num_experts, k, n = out.shape
     rows = grad.shape[0]
-    cfg = configs.grouped_mm_config("dw", rows, num_experts, n, k, a.dtype, gpu_name(a.device))
+    cfg = configs.grouped_mm_config("dw", rows, num_experts, n, k, a.dtype, gpu_name(a.device),
+                                    arch=device_arch(a.device))
     if a.dtype != torch.float32:
         launch_dw_kernel(_rows(a), _rows(grad), offs, out, cfg, rows, a_index=a_index, gather_div=gather_div)
         return
@@ -291,7 +308,26 @@ def launch_dw_kernel(a, b, offs, out, cfg, rows, *, transposed=False, a_index=No
 
 
 def _choose(op, tensor, backend):
+    if tensor.dtype == torch.float8_e4m3fn:
+        return choose_fp8(op, tensor.device, backend)
     return _backend.choose(op, tensor.device, backend or None, cuda_reason=_backend.NO_CUDA_KERNEL)
+
+
+def choose_fp8(op: str, device: torch.device, backend: str | None, cuda_reason=_backend.NO_CUDA_KERNEL) -> str:
+    """_backend.choose for an op on e4m3 data. The Triton kernels take e4m3 as the architecture
+    allows (configs.fp8_path); on one where they cannot (sm_80, sm_86: Triton 3.6 has no fp8e4nv
+    there), the automatic choice (or MOEKERNELS_BACKEND) takes configs.FP8_FALLBACK, and
+    backend='triton' raises."""
+    name = _backend.choose(op, device, backend or None, cuda_reason=cuda_reason)
+    if name != "triton" or device.type != "cuda":
+        return name
+    arch = device_arch(device)
+    if configs.fp8_path(arch) is not None:
+        return name
+    if backend:
+        raise ValueError(f"{op}: backend={backend!r} needs float8_e4m3fn in Triton's kernels, which sm_{arch.capability} "
+                         f"lacks (sm_89 and later have it): pass backend='torch', or leave backend unset")
+    return "torch"
 
 
 def new_weight_grad(w_shape, like: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -800,10 +836,10 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
                          loads=loads, launch_key=key)
 
 
-def sm90_config(variant, per_expert, n, k, dtype, block_scaled=False, kmajor=True):
-    """The config a launch of ``variant`` at ``per_expert`` rows per expert (of 128) picks."""
+def sm90_config(variant, per_expert, n, k, dtype, block_scaled=False, kmajor=True, arch=configs.HOPPER):
+    """The config a launch of ``variant`` at ``per_expert`` rows per expert (of 128) picks on ``arch``."""
     return configs.grouped_mm_config(config_variant(variant), per_expert * 128, 128, n, k, dtype,
-                                     block_scaled=block_scaled, kmajor=kmajor)
+                                     block_scaled=block_scaled, kmajor=kmajor, arch=arch)
 
 
 def config_variant(variant: str) -> str:
@@ -813,10 +849,11 @@ def config_variant(variant: str) -> str:
 
 
 @_sm90_registry.register
-def sm90_variants():
+def sm90_variants(capability: int = 90):
+    """The shipped launches, with the configs they pick on ``capability`` (the compile matrix's)."""
     out = []
     for name, (variant, per_expert, n, k, dtype, kmajor, *out_dtype) in SM90_GEMMS.items():
-        cfg = sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor)
+        cfg = sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor, arch=configs.arch_limits(capability))
         if variant.startswith("dw"):
             out.append(_dw_variant(f"grouped_mm/{name}", cfg, dtype, variant == "dw_gather"))
             if dtype == torch.float32:  # its operands' copies (x gathered, as the fused layers' x is)
