@@ -135,13 +135,14 @@ def _run(cmd: list[str]) -> str:
     return out.stdout + out.stderr
 
 
-def _ptxas_info(ptx: str, fmad: bool = True, gpu_name: str = "sm_90a") -> dict:
-    """Spills and stack frame from ``ptxas -v``, with Triton's --fmad flag so the code matches."""
+def _ptxas_info(ptx: str, fmad: bool = True, gpu_name: str = "sm_90a", ptxas: str | None = None) -> dict:
+    """Spills and stack frame from ``ptxas -v``, with Triton's --fmad flag so the code matches
+    (``ptxas``: the binary, for another ``gpu_name`` than sm_90a; the wheel's by default)."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = _run([ptxas_path(), "-v", *([] if fmad else ["--fmad=false"]), "--gpu-name", gpu_name, src,
+        log = _run([ptxas or ptxas_path(), "-v", *([] if fmad else ["--fmad=false"]), "--gpu-name", gpu_name, src,
                     "-o", os.path.join(tmp, "k.cubin")])
 
     def grab(pattern: str, default: int | None = None) -> int:

@@ -265,7 +265,8 @@ def sm90_variants(capability: int = 90):
         cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3, arch=arch)
         launch = "+".join(p for p in variant.split("+") if p != "colscale")
         out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, True, scale=scale,
-                                                out_dtype=torch.bfloat16, col_major_a_scale=launch != variant))
+                                                out_dtype=torch.bfloat16, col_major_a_scale=launch != variant,
+                                                tma=arch.tma))
     for name, (granularity, rows, cols, dtype, gather) in SM90_QUANTS.items():
         br, bc = block_shape(granularity, rows, cols)
         cfg = configs.quant_config(br, bc, rows, cols)

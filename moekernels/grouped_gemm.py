@@ -158,13 +158,18 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     storage, kmajor = _weight_storage(w)
     if scales is not None and not kmajor:
         check_fp8_weight("w", w)  # raises: the kernel has no N-major e4m3 path
-    a_tma = a_index is None and _tma_ok(x)
+    arch = device_arch(x.device)
+    # Descriptors only where the architecture has TMA: Triton 3.6 lowers them on sm_80 and sm_89 to
+    # plain loads, unpipelined (the 128x128x64 bf16 tiles took 32 KB of shared memory, one stage)
+    # and spilling at 255 registers (the decode tiles: 228 B); 16-byte pointer loads pipeline by
+    # cp.async there without spills (_matrix, sm_80: the decode tiles at 168 registers).
+    a_tma = a_index is None and _tma_ok(x) and arch.tma
     # The up half of a gated [K, 2N] weight starts at column N: with N inner (not kmajor) that
     # tile's start must be 16-byte aligned too (bf16 N = 4 is 8 bytes: the interpreter asserts).
-    b_tma = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
-    if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
+    aligned = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
+    if not aligned:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
-    arch = device_arch(x.device)
+    b_tma = aligned and arch.tma
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device),
                                     block_scaled=scales is not None and scales[0] == 3, kmajor=kmajor, arch=arch)
     if cfg.SPLIT_GATED:  # a decode step too small to fill the GPU: see configs.split_gated_decode
@@ -790,30 +795,32 @@ def segments_variant(name, dtype, out_dtype, tile, *, fmax=None, gather=False):
                          aligned=("x_ptr", "q_ptr", "C", "stride_xr", "stride_qc"))
 
 
-def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False):
+def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False,
+                    tma=True):
     """The sm_90 compile job of one grouped_mm_kernel launch: ``variant`` is plain, gather (rows by
     pointer), unaligned (both operands by pointer), gated or scatter, and ``+lora<r>`` for a
     low-rank segment of rank r (lora_x [M, r] contiguous, lora_w the [E, r, N] view of PEFT's
     [E, N, r] B: its rank stride 1, which Triton specialises; in the output dtype, fp8's compute
-    dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too."""
+    dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too;
+    ``tma``: whether the architecture has TMA (without it, 16-byte aligned pointers, as _launch)."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
     parts = variant.split("+")
     gather, unaligned = "gather" in parts, "unaligned" in parts
-    pointers = gather or unaligned
+    pointers = gather or unaligned or not tma
     rank = next((int(p.removeprefix("lora")) for p in parts if p.startswith("lora")), None)
-    cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
+    cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=tma and not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128,
                            rank=rank)
     stages = num_stages(cfg, scale, cx["ACT"])
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
     # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.
-    b_path = "pointer" if unaligned else "tma"
-    loads = {"a": "cp.async" if gather else ("pointer" if unaligned else "tma"),
+    b_path = "pointer" if unaligned else ("tma" if tma else "cp.async")
+    loads = {"a": "cp.async" if gather or not tma else ("pointer" if unaligned else "tma"),
              **({"w_gate": b_path, "w_up": b_path} if cx["ACT"] else {"w": b_path})}
-    if unaligned:  # the weight's unit stride, which Triton specialises as the constant 1
+    if not cx["B_TMA"]:  # the weight's unit stride, which Triton specialises as the constant 1
         cx["stride_bk" if kmajor else "stride_bn"] = 1
     if col_major_a_scale:
         cx["stride_sam"] = 1
@@ -823,7 +830,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     elem = ptr.removeprefix("*")
     block_b = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
     a_type = ptr if pointers else f"tensordesc<{elem}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
-    b_type = ptr if unaligned else f"tensordesc<{elem}[1, {block_b[0]}, {block_b[1]}]>"
+    b_type = ptr if not cx["B_TMA"] else f"tensordesc<{elem}[1, {block_b[0]}, {block_b[1]}]>"
     sig = _sm90.signature(fn, cx, a=a_type, b=b_type, c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
                           c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32", a_scale_ptr="*fp32",
                           b_scale_ptr="*fp32", **dict.fromkeys(("lora_x", "lora_w"), _sm90.ptr(out_dtype or dtype)))
@@ -831,8 +838,11 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     # pipelining of the pointer loads depends on it. So are r = 16 and its multiples.
     lora = ("lora_x", "lora_w", "stride_lxm", "stride_lwe", "stride_lwn") if rank is not None and rank % 16 == 0 else ()
     options = dict(num_warps=cfg.num_warps, num_stages=stages)
+    # Without TMA the aligned operands' pointers and outer strides, as a launch specialises them.
+    no_tma = ("a", "b", "stride_be", "stride_bn" if kmajor else "stride_bk") if not tma and not unaligned else ()
     return _sm90.Variant(name, fn, sig, cx, options, matrix=True,
-                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()) + lora,
+                         aligned=tuple(dict.fromkeys(("c_ptr", "N", "K", "stride_am", "stride_cm")
+                                                     + (("a",) if gather else ()) + lora + no_tma)),
                          loads=loads, launch_key=key)
 
 
@@ -862,5 +872,6 @@ def sm90_variants(capability: int = 90):
                                                 gather=gather))
         else:
             out.append(forward_variant(f"grouped_mm/{name}", variant, cfg, dtype, kmajor,
-                                       out_dtype=out_dtype[0] if out_dtype else None))
+                                       out_dtype=out_dtype[0] if out_dtype else None,
+                                       tma=configs.arch_limits(capability).tma))
     return out

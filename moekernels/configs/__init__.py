@@ -372,8 +372,14 @@ def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dty
     entry = tuned_table(gpu).get(gemm_key(variant, cls, n, k, dtype))
     if entry is not None:  # measured: a tuned entry says itself whether it splits
         return fit_gemm_config(GemmConfig(**entry), dtype.itemsize, variant, arch)
-    cfg = fit_gemm_config(default_gemm_config(variant, cls, dtype.itemsize, block_scaled, kmajor), dtype.itemsize,
-                          variant, arch)
+    cfg = default_gemm_config(variant, cls, dtype.itemsize, block_scaled, kmajor)
+    if block_scaled and arch.mma != "wgmma" and cfg.BLOCK_N == 128 and cfg.num_warps == 4:
+        # One warpgroup a program is Hopper's answer to its wgmma wait (above). Without wgmma the
+        # 64 x 128 tile's accumulator and step partial, 64 + 64 float32 a thread at 4 warps,
+        # spilled at 255 registers (_matrix: 880 B on sm_120, 116 B on sm_100); 8 warps: 250 and
+        # 200 registers, no spills.
+        cfg = dataclasses.replace(cfg, num_warps=8)
+    cfg = fit_gemm_config(cfg, dtype.itemsize, variant, arch)
     if split_gated_decode(variant, cfg, rows, experts, n, dtype, gpu):
         cfg = dataclasses.replace(cfg, SPLIT_GATED=True)
     return cfg

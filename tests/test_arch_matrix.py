@@ -1,0 +1,227 @@
+"""Configs per architecture and the compile matrix (issue 21, items 2 and 4).
+
+The limits of each architecture are a pure function of its compute capability (configs.arch_limits),
+so the configs a launcher picks on sm_80, sm_89, sm_100 or sm_120 are known without a device, and
+every shipped Triton variant is compiled here with them (moekernels/_matrix.py, in one subprocess
+per architecture, each (variant, architecture) compiled once and every check reading that one
+result). sm_90 is not compiled again: tests/test_sm90_compile.py holds every variant to the sm_90
+contract, which is stricter. A variant that cannot run on an architecture is listed with its
+fallback (configs.variant_fallback), and its compile must still fail: a fallback that compiles is
+stale.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from moekernels import _sm90, configs, fp8, grouped_gemm
+
+ARCHS = (80, 89, 100, 120)
+NAMES = [v.name for v in _sm90.shipped_variants()]
+LIMITS = {a: configs.arch_limits(a) for a in ARCHS}
+FALLBACK = {(a, n): configs.variant_fallback(n, LIMITS[a]) for a in ARCHS for n in NAMES}
+RUNS = [(a, n) for (a, n), f in FALLBACK.items() if f is None]
+FALLS_BACK = [(a, n) for (a, n), f in FALLBACK.items() if f is not None]
+
+
+@functools.cache
+def matrix() -> dict:
+    """(name, capability) -> the cell: the architectures compile in parallel subprocesses."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = {a: subprocess.Popen([sys.executable, "-m", "moekernels._matrix", "--arch", str(a), "--check-fallbacks"],
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in ARCHS}
+    cells = {}
+    for a, proc in procs.items():
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err
+        cells.update({(r["name"], a): r for r in json.loads(out)})
+    return cells
+
+
+def ids(cases):
+    return [f"sm_{a}-{n}" for a, n in cases]
+
+
+@pytest.mark.parametrize("capability", ARCHS)
+def test_every_shipped_variant_has_a_cell(capability):
+    assert sorted(n for n, a in matrix() if a == capability) == sorted(NAMES)
+    # The launchers' variant lists are the same on every architecture; only their configs differ.
+    assert [v.name for v in _sm90.shipped_variants(capability)] == NAMES
+
+
+@pytest.mark.parametrize("capability,name", RUNS, ids=ids(RUNS))
+def test_compiles_within_the_architecture(capability, name):
+    cell, arch = matrix()[name, capability], LIMITS[capability]
+    assert cell["error"] is None, cell["error"]
+    assert cell["spill_stores"] == 0 and cell["spill_loads"] == 0, cell
+    assert 0 <= cell["shared"] <= arch.smem_per_block, f"{name}: {cell['shared']} B > {arch.smem_per_block} B a block"
+    assert cell["registers"] <= arch.max_registers, cell
+    assert cell["programs_per_sm"] >= 1, f"{name}: no program fits an sm_{capability} SM ({cell['limited_by']})"
+    if cell["matrix"]:
+        assert cell["mma"] == [arch.mma], f"{name}: {cell['mma']} in the PTX, not {arch.mma}"
+
+
+@pytest.mark.parametrize("capability,name", FALLS_BACK, ids=ids(FALLS_BACK))
+def test_listed_fallbacks_cannot_compile(capability, name):
+    """A variant listed with a fallback really cannot run there: when it compiles (the emulated
+    e4m3 path landing), the listing is stale and configs.variant_fallback must say so."""
+    cell = matrix()[name, capability]
+    assert cell["fallback"] == configs.FP8_FALLBACK
+    assert cell["error"] is not None and "fp8e4nv" in cell["error"], cell
+
+
+def test_fp8_falls_back_only_without_e4m3():
+    """sm_80 compiles all but the e4m3 variants (issue 21: 21 of 97 failed, the fp8 permute among
+    them, which now moves bytes); every other architecture compiles every variant."""
+    assert {a for a, _ in FALLS_BACK} == {80}
+    assert all(n.startswith(configs.FP8_VARIANTS) for _, n in FALLS_BACK)
+    assert "permute_fp8_h7168_k8" in NAMES and (80, "permute_fp8_h7168_k8") in RUNS
+
+
+# ----------------------------------------------------------------------------- the limits (no compile)
+
+
+def test_arch_limits_table():
+    """Issue 21: sm_80 164 KB an SM; sm_86, sm_89 and sm_120 100 KB; sm_90 and sm_100 228 KB; a
+    block can opt into 1 KB less. The MMA each gets from Triton, and e4m3 from sm_89 on."""
+    kb = 1024
+    for cap, per_sm in {80: 164, 86: 100, 89: 100, 90: 228, 100: 228, 120: 100}.items():
+        a = configs.arch_limits(cap)
+        assert (a.smem_per_sm, a.smem_per_block) == (per_sm * kb, (per_sm - 1) * kb), cap
+    assert {c: a.mma for c, a in configs.ARCH_LIMITS.items()} == {
+        80: "mma.sync", 86: "mma.sync", 89: "mma.sync", 90: "wgmma", 100: "tcgen05", 120: "mma.sync"}
+    assert [c for c, a in configs.ARCH_LIMITS.items() if not a.fp8] == [80, 86]
+    assert configs.HOPPER.smem_per_sm == configs.HOPPER_SMEM_PER_SM
+    assert (configs.HOPPER.target, configs.arch_limits(80).target, configs.arch_limits(120).target) == (
+        "sm_90a", "sm_80", "sm_120a")
+
+
+def test_arch_limits_inputs():
+    assert configs.arch_limits((9, 0)) is configs.arch_limits("9.0") is configs.arch_limits(90) is configs.HOPPER
+    assert configs.arch_limits((8, 7)).capability == 86  # the major's nearest lower entry
+    assert configs.arch_limits((12, 1)).capability == 120
+    with pytest.raises(ValueError, match="capability 75"):
+        configs.arch_limits(75)
+    with pytest.raises(TypeError, match="capability"):
+        configs.arch_limits(9.0)
+
+
+def _props(**over):
+    base = dict(name="NVIDIA H100 80GB HBM3", major=9, minor=0, shared_memory_per_block_optin=227 * 1024,
+                shared_memory_per_multiprocessor=228 * 1024, regs_per_multiprocessor=65536,
+                max_threads_per_multi_processor=2048)
+    return types.SimpleNamespace(**(base | over))
+
+
+def test_device_limits_confirm_the_table():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert configs.device_limits(_props()) is configs.HOPPER
+        assert configs.device_limits(_props(name="RTX 5090", major=12, shared_memory_per_block_optin=99 * 1024,
+                                            shared_memory_per_multiprocessor=100 * 1024,
+                                            max_threads_per_multi_processor=1536)) is configs.arch_limits(120)
+
+
+def test_device_limits_report_a_mismatch():
+    """A device that reports less than its table entry is reported, and the configs fit the less."""
+    with pytest.warns(RuntimeWarning, match="smem_per_block = 101376, the sm_90 table says 232448"):
+        got = configs.device_limits(_props(shared_memory_per_block_optin=99 * 1024))
+    assert got.smem_per_block == 99 * 1024 and got.smem_per_sm == configs.HOPPER.smem_per_sm
+
+
+GEMMS = [(name, *spec) for name, spec in grouped_gemm.SM90_GEMMS.items()]
+
+
+@pytest.mark.parametrize("capability", (90, 100))
+def test_hopper_configs_are_unchanged(capability):
+    """Every shipped GEMM config fits sm_90 and sm_100 (227 KB a block) as Hopper chose it: the
+    fit is the identity there, so the sm_90 contract and sm90_resources.json keep their facts."""
+    arch = configs.arch_limits(capability)
+    for name, variant, per_expert, n, k, dtype, kmajor, *_ in GEMMS:
+        hopper = grouped_gemm.sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor)
+        assert grouped_gemm.sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor, arch=arch) == hopper, name
+    assert fp8.wgrad_config(32768, 256, 2048, 7168, None, arch) == fp8.wgrad_config(32768, 256, 2048, 7168, None)
+
+
+@pytest.mark.parametrize("capability", (80, 89, 120))
+def test_configs_fit_smaller_shared_memory(capability):
+    """The gated decode tiles (16 x 64 x 128 bf16 with gate and up: 36 KB a K step) took 4 stages,
+    108 KB on mma.sync (one buffer fewer than stages), over the 99 KB a block of sm_89 and sm_120
+    (issue 21: the three variants that ran out there); 3 stages fit. sm_80's 163 KB keeps 4."""
+    arch = configs.arch_limits(capability)
+    for name, variant, per_expert, n, k, dtype, kmajor, *_ in GEMMS:
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor, arch=arch)
+        kind = grouped_gemm.config_variant(variant)
+        assert configs.gemm_smem(cfg, dtype.itemsize, kind, arch) + arch.smem_reserved <= arch.smem_per_block, name
+    cfg = grouped_gemm.sm90_config("gated", 8, 2048, 7168, torch.bfloat16, arch=arch)
+    assert cfg.num_stages == (4 if capability == 80 else 3)
+
+
+def test_fit_shrinks_tiles_after_stages():
+    small = configs.ArchLimits(0, 48 * 1024, 47 * 1024, 48, 16, 16, "mma.sync", tma=False, fp8=False)
+    cfg = configs.GemmConfig(128, 128, 64, 8, False, 8, 4)  # 32 KB a K step
+    got = configs.fit_gemm_config(cfg, 2, "plain", small)
+    assert (got.num_stages, got.BLOCK_N, got.BLOCK_M, got.BLOCK_K) == (3, 32, 128, 64)  # 2 x 20 KB
+    with pytest.raises(ValueError, match="fits"):
+        configs.fit_gemm_config(cfg, 2, "plain", configs.ArchLimits(0, 4096, 3072, 48, 16, 16, "mma.sync",
+                                                                    tma=False, fp8=False))
+
+
+def test_programs_per_sm_use_the_architecture():
+    """The sm_90 resource table sizes Hopper's grid only: on sm_120 a launch's programs per SM are
+    the estimate with sm_120's 100 KB an SM (the 128 x 128 bf16 prefill tiles: 64 KB, one)."""
+    bf16, arch = torch.bfloat16, configs.arch_limits(120)
+    for capability in (90, 120):
+        a = configs.arch_limits(capability)
+        cfg = configs.grouped_mm_config("plain", 512 * 128, 128, 2048, 768, bf16, arch=a)
+        cx = grouped_gemm.kernel_constexprs(cfg, a_tma=True, b_tma=True, kmajor=True, gather=False, scatter=False,
+                                            act=0, scale=0, block_e=128)
+        got = grouped_gemm.programs_per_sm(cfg, cx, bf16, bf16, cfg.num_stages, a)
+        if capability == 90:
+            key = configs.launch_key("grouped_mm_kernel", bf16, bf16, cx, cfg.num_warps, cfg.num_stages)
+            assert got == configs.sm90_programs_per_sm(key) == 2
+        else:
+            assert got == configs.programs_per_sm(cfg, 2, "plain", 1, arch) == 1
+
+
+@pytest.mark.parametrize("capability,want", [(80, "torch"), (86, "torch"), (89, "triton"), (120, "triton")])
+def test_fp8_ops_fall_back_without_e4m3(monkeypatch, capability, want):
+    """On a device without e4m3 in Triton (sm_80, sm_86) the automatic choice of an fp8 op's backend
+    is configs.FP8_FALLBACK, the torch backend; asking for triton there is a clear error."""
+    monkeypatch.delenv("MOEKERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(grouped_gemm, "_device_limits", lambda index: configs.arch_limits(capability))
+    cuda = torch.device("cuda", 0)
+    assert grouped_gemm.choose_fp8("grouped_mm", cuda, "") == want
+    if want == "torch":
+        with pytest.raises(ValueError, match=f"backend='triton' needs float8_e4m3fn.*sm_{capability}"):
+            grouped_gemm.choose_fp8("grouped_mm", cuda, "triton")
+    assert grouped_gemm.choose_fp8("grouped_mm", torch.device("cpu"), "") == "torch"
+
+
+@pytest.mark.parametrize("kmajor", [True, False])
+@pytest.mark.parametrize("rows", [1, 37])  # a decode step's tiles (swap-AB) and the prefill tiles
+def test_launch_without_tma_matches_float64(monkeypatch, kmajor, rows):
+    """A launch on an architecture without TMA (sm_80's limits, interpreted on CPU tensors): both
+    operands by pointer (not descriptors), the configs fitted to sm_80, against float64. 4 experts
+    (one empty), K = 48 and N = 40: no multiple of a tile."""
+    from test_grouped_gemm import exact_mm, make_offs, make_weight
+
+    from conftest import rel_err
+
+    seen = []
+    constexprs = grouped_gemm.kernel_constexprs
+    monkeypatch.setattr(grouped_gemm, "device_arch", lambda device: configs.arch_limits(80))
+    monkeypatch.setattr(grouped_gemm, "kernel_constexprs", lambda cfg, **kw: seen.append(kw) or constexprs(cfg, **kw))
+    x = torch.randn(rows, 48).to(torch.bfloat16)
+    w = make_weight(4, 48, 40, torch.bfloat16, "cpu", kmajor)
+    offs = make_offs(rows, 4)
+    out = grouped_gemm.grouped_mm(x, w, offs, backend="triton")
+    assert [(kw["a_tma"], kw["b_tma"]) for kw in seen] == [(False, False)]
+    assert rel_err(out, exact_mm(x, w, offs)) <= 2**-7
