@@ -100,7 +100,8 @@ def cells(capability: int, check_fallbacks: bool = False) -> list[Cell]:
 
 def table(rows: list[dict]) -> str:
     """The Markdown table of benchmarks/NOTES.md: a row per variant, a column per architecture,
-    each cell "registers / shared KB / programs an SM", or its fallback."""
+    each cell "registers / shared KB / programs an SM" (and warps / stages of a matrix kernel), or
+    its fallback."""
     archs = sorted({r["capability"] for r in rows})
     by = {(r["name"], r["capability"]): r for r in rows}
     names = list(dict.fromkeys(r["name"] for r in rows))
@@ -109,11 +110,12 @@ def table(rows: list[dict]) -> str:
 
     def show(r: dict) -> str:
         if r["fallback"] is not None:
-            return "falls back"
+            return "falls back: torch backend"
         if r["error"] is not None:
             return f"**fails**: {r['error'][:60]}"
         stage = f" {r['config'].split()[-1]}" if r["matrix"] else ""
-        return f"{r['registers']} / {r['shared'] / 1024:.0f} / {r['programs_per_sm']}{stage}"
+        spills = f" **spills {r['spill_stores']} B**" if r["spill_stores"] else ""
+        return f"{r['registers']} / {r['shared'] / 1024:.0f} / {r['programs_per_sm']}{stage}{spills}"
 
     for name in names:
         lines.append(f"| {name} | " + " | ".join(show(by[name, a]) if (name, a) in by else "" for a in archs) + " |")

@@ -56,7 +56,40 @@ def test_every_shipped_variant_has_a_cell(capability):
     assert [v.name for v in _sm90.shipped_variants(capability)] == NAMES
 
 
-@pytest.mark.parametrize("capability,name", RUNS, ids=ids(RUNS))
+_BLOCK_FP8 = ("the (1, 128) x (128, 128) fp8 loop without wgmma: accumulators, the step's partial and the "
+              "scales at 255 registers spill; no per-arch tile for it yet")
+_PTXAS_BW = ("ptxas-blackwell (CUDA 12.9) gives this 4-warp row kernel 48-64 registers and spills 4-12 B, "
+             "where ptxas 12.8 on sm_90a spills none")
+# (capability, variant) -> why it spills today: strict xfails, so a fix must remove its entry.
+KNOWN_SPILLS = {
+    **{(89, f"fp8_grouped_mm/{n}"): _BLOCK_FP8 for n in (
+        "fp8_block_prefill_kmajor", "fp8_block_prefill_kmajor_colscale", "fp8_block_gather_gated_kmajor",
+        "fp8_block_gather_gated_kmajor_lora16", "fp8_block_scatter_kmajor")},
+    **{(120, f"fp8_grouped_mm/{n}"): _BLOCK_FP8 for n in (
+        "fp8_block_gather_gated_kmajor", "fp8_block_gather_gated_kmajor_lora16")},
+    (100, "fp8_grouped_mm/fp8_block_gather_gated_kmajor_lora16"): "8 B at 255 registers: the LoRA segment after "
+                                                                  "the block-scaled loop",
+    (89, "fp8_grouped_mm/wgrad_segments"): "the fp8 weight gradient reads its segment copies by descriptors only: "
+                                           "without TMA, plain loads at 255 registers (228 B)",
+    (120, "grouped_mm/gather_gated_prefill_bf16_kmajor_lora16"): "12 B at 255 registers: the segment's tiles after "
+                                                                 "two 128 x 64 accumulators",
+    (100, "permute_backward_bf16_h7168_k8"): _PTXAS_BW,
+    (100, "load_balancing_loss/qwen3_e128"): _PTXAS_BW,
+    (120, "load_balancing_loss/qwen3_e128"): _PTXAS_BW,
+    (120, "plan_scatter/qwen15_e60_b64"): _PTXAS_BW,
+}
+
+
+def runs():
+    return [pytest.param(a, n, id=f"sm_{a}-{n}", marks=pytest.mark.xfail(strict=True, reason=KNOWN_SPILLS[a, n]))
+            if (a, n) in KNOWN_SPILLS else pytest.param(a, n, id=f"sm_{a}-{n}") for a, n in RUNS]
+
+
+def test_known_spills_name_running_variants():
+    assert set(KNOWN_SPILLS) <= set(RUNS)
+
+
+@pytest.mark.parametrize("capability,name", runs())
 def test_compiles_within_the_architecture(capability, name):
     cell, arch = matrix()[name, capability], LIMITS[capability]
     assert cell["error"] is None, cell["error"]
