@@ -537,7 +537,7 @@ SM90_LOSSES = {"mixtral_e8": (8, torch.bfloat16), "qwen3_e128": (128, torch.floa
 
 
 @_sm90_registry.register
-def sm90_variants():
+def sm90_variants(capability: int = 90):  # routing tiles are the same on every architecture
     from ._sm90 import ROUTE_TRITON_DSV3, Variant, ptr, signature
     from .kernels._route import router_loss_kernel, topk_routing_kernel
 
