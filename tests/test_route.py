@@ -50,6 +50,13 @@ def make_inputs(num_tokens, num_experts, kwargs, dtype, device="cpu", *, seed=No
     return x.to(dtype).to(device), kw
 
 
+def backends_against_reference():
+    """device_backends() but cpu-torch, whose op *is* reference.topk_routing (a comparison with
+    the reference that cannot fail), plus the torch backend on a GPU, held to the CPU reference."""
+    return [p for p in device_backends() if p.id != "cpu-torch"] + [
+        pytest.param("cuda", "torch", marks=pytest.mark.gpu, id="cuda-torch")]
+
+
 def assert_same_routing(out, ref):
     (w, ids), (w_ref, ids_ref) = out, ref
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
@@ -58,7 +65,7 @@ def assert_same_routing(out, ref):
     assert rel_err(w, w_ref) <= 1e-6
 
 
-@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("device,backend", backends_against_reference())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(mode, dtype, device, backend):
@@ -107,6 +114,138 @@ def test_deterministic(backend):
     w1, i1 = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
     w2, i2 = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
     assert torch.equal(i1, i2) and torch.equal(w1.view(torch.int32), w2.view(torch.int32))
+
+
+# ----------------------------------------------------------------------------- adversarial logits
+
+# A softmax row whose float64 denominator rounds either way (issue 22 item 1): exp(0) = 1 and
+# exp_f32(MID) = 0.77880079 (an odd multiple of 2**-24) sum to 1.77880079, exactly between two
+# float32, and ties go to the even one, the lower; two exps of TINY, 0.6 * 2**-53 each, lift a
+# float64 sum over that tie where they meet each other before the 1.78 (each alone is under the
+# half ulp there, 2**-53, together over it). reference.softmax_scores drops them (floor(e * 2**s),
+# s <= 52: 0), so every backend takes the lower denominator. MID and TINY are exact in every
+# logits dtype, and the rest of the row (-45 and below) is dropped too.
+MID, TINY = -0.25, -37.25
+ADVERSARIAL_KINDS = ("wide", "midpoint", "subnormal", "ties", "nonfinite", "extremes")
+
+
+def adversarial_logits(num_tokens, num_experts, kind, gen):
+    """[T, E] float32 logits of one kind: "wide" spans > 20 (up to ~100), "midpoint" rows of the
+    denominator tie above at random places, "subnormal" float32 and float16 subnormals among
+    zeros of both signs, "ties" a few values, "nonfinite" +-inf and NaN among finite logits (whole
+    rows of them too), "extremes" the edges of exp_f32 (+-87, +-88) and of float32 (+-3e38)."""
+    shape = (num_tokens, num_experts)
+    if kind == "wide":
+        return torch.randn(shape, generator=gen) * 25
+    if kind == "midpoint":
+        x = -45 - torch.rand(shape, generator=gen) * 40
+        for row in x:
+            a, b, c, d = torch.randperm(num_experts, generator=gen)[:4].tolist() + [0, 0, 0, 0][: max(0, 4 - num_experts)]
+            row[[d, c]] = TINY
+            row[b] = MID
+            row[a] = 0.0
+        return x
+    pick = lambda values: torch.tensor(values)[torch.randint(0, len(values), shape, generator=gen)]
+    if kind == "subnormal":
+        return pick([1e-45, -1e-45, 1e-40, -3e-39, 0.0, -0.0, 6e-8, -6e-8, 3e-5, 1e-3])
+    if kind == "ties":
+        return pick([-1.0, 0.0, 0.0, 2.0])
+    if kind == "extremes":
+        return pick([-3e38, 3e38, -88.5, -87.5, -87.0, 87.0, 88.0, 88.5, -100.0, 0.0])
+    x = torch.randn(shape, generator=gen) * 3
+    x[torch.rand(shape, generator=gen) < 0.3] = NAN
+    x[torch.rand(shape, generator=gen) < 0.15] = INF
+    x[torch.rand(shape, generator=gen) < 0.15] = -INF
+    x[0] = NAN  # a row with no softmax
+    if num_tokens > 1:
+        x[1] = -INF
+    return x
+
+
+def near_gap_bias(logits, scoring, bias, gen):
+    """bias with experts moved within an ulp of another's choice in the first rows: bias[j] =
+    score[i] + bias[i] - score[j] (float32), then -1, 0 or +1 ulp, for pairs (i, j) of distinct
+    j, so one ulp of any score (a denominator rounded the other way) changes the ids. Row 0
+    pairs its best expert with the one it scores least (a midpoint row's 1.0 with a dropped exp)."""
+    bias = bias.clone()
+    scores = reference.routing_scores(logits, scoring)
+    num_experts = bias.shape[0]
+    js = torch.randperm(num_experts, generator=gen).tolist()
+    pairs = []
+    if scores.shape[0]:
+        pairs.append((int(scores[0].nan_to_num(-1.0).argmax()), int(scores[0].nan_to_num(2.0).argmin()), 0))
+    for n, j in enumerate(js[: num_experts // 2]):
+        pairs.append((js[-1 - n], j, n % min(3, scores.shape[0]) if scores.shape[0] else 0))
+    used = set()
+    for i, j, r in pairs:
+        if i == j or j in used or r >= scores.shape[0]:
+            continue
+        used.add(j)
+        b = (scores[r, i] + bias[i]) - scores[r, j]
+        if not b.isfinite():
+            continue
+        step = int(torch.randint(-1, 2, (), generator=gen))
+        for _ in range(abs(step)):
+            b = b.nextafter(torch.tensor(INF if step > 0 else -INF))
+        bias[j] = b
+    return bias
+
+
+def adversarial_inputs(num_tokens, num_experts, kwargs, dtype, device, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = adversarial_logits(num_tokens, num_experts, kind, gen).to(dtype)
+    kw = dict(kwargs)
+    if kw.pop("bias", False):
+        kw["bias"] = near_gap_bias(x.float(), kw.get("scoring", "softmax"),
+                                   torch.randn(num_experts, generator=gen) * 0.1, gen).to(device)
+    return x.to(device), kw
+
+
+@pytest.mark.parametrize("device,backend", backends_against_reference())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_adversarial_logits_match_reference(mode, dtype, device, backend):
+    """Every mode on logits of every adversarial kind (issue 22 item 17), with biases within an
+    ulp of the score gaps: ids identical, weights NaN at the same places and equal to rounding."""
+    num_experts, top_k, kwargs = MODES[mode]
+    for n, kind in enumerate(ADVERSARIAL_KINDS):
+        logits, kw = adversarial_inputs(6, num_experts, kwargs, dtype, device, kind, seed=n)
+        out = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+        cpu_kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+        assert_same_nonfinite_routing(out, reference.topk_routing(logits.cpu(), top_k, **cpu_kw))
+
+
+DENOMINATOR_MODES = {  # (E, keyword arguments): every tile layout of the kernels
+    "e64": (64, dict()),
+    "e160_groups_of_20": (160, dict(n_group=8, topk_group=8)),  # Triton rows of 20 in 32; CUDA's range path
+    "e256_groups_of_32": (256, dict(n_group=8, topk_group=8)),  # CUDA's aligned group path
+    "e1000": (1000, dict()),
+}
+
+
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "torch", id="cpu-torch"), *backends_against_reference()])
+@pytest.mark.parametrize("mode", DENOMINATOR_MODES)
+def test_softmax_bias_on_a_denominator_tie(mode, device, backend):
+    """Issue 22 item 1: the midpoint rows above, with expert 0 (logit -1000, score 0) biased by
+    1 / 1.7788009 (the higher denominator's score of the best expert), 1 ulp under its score
+    1 / 1.7788008 by the lower one, which the specification takes. The best expert must win on
+    every backend and wherever the row puts it: a sum that lifts the tie gives expert 0 the tie,
+    and the tie goes to the lower id, 0."""
+    num_experts, kw = DENOMINATOR_MODES[mode]
+    gen = torch.Generator().manual_seed(0)
+    x = -45 - torch.rand(24, num_experts, generator=gen) * 40  # dropped by the specification too
+    x[:, 0] = -1000.0
+    for row in x:
+        best, mid, tiny1, tiny2 = (1 + torch.randperm(num_experts - 1, generator=gen)[:4]).tolist()
+        row[best], row[mid], row[[tiny1, tiny2]] = 0.0, MID, TINY
+    lo = torch.tensor(1.0) + reference.exp_f32(torch.tensor(MID))  # the tie rounds to the even side, down
+    hi = lo.nextafter(torch.tensor(INF))
+    bias = torch.zeros(num_experts)
+    bias[0] = 1.0 / hi
+    assert bias[0] == (1.0 / lo).nextafter(torch.tensor(0.0))  # 1 ulp apart
+    w, ids = moekernels.topk_routing(x.to(device), 1, bias=bias.to(device), backend=backend, **kw)
+    assert torch.equal(ids.cpu()[:, 0].long(), x.argmax(1))
+    assert torch.equal(w.cpu()[:, 0], (1.0 / lo).expand(24))
 
 
 # ----------------------------------------------------------------------------- the reference
