@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from . import _ext
+from . import _ext, _interpreter
 
 BACKENDS = ("torch", "triton", "cuda")
 # The cuda_reason of an op whose CUDA kernel is not written yet: the automatic choice takes triton.
@@ -30,6 +30,14 @@ def device_guard(tensor: torch.Tensor):
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# triton.jit reads TRITON_INTERPRET when a kernel is defined, at moekernels' import: set later, the
+# kernels are still compiled ones, and Triton's own error ("Cannot call @triton.jit'd outside of
+# the scope of a kernel") says nothing of the cause. choose() compares the two.
+INTERPRETING_AT_IMPORT = interpreting()
+if INTERPRETING_AT_IMPORT:
+    _interpreter.install()  # the interpreter's float conversions round as the GPU's do
 
 
 def choose(op: str, device: torch.device, requested: str | None, *, cuda_reason: str | None = None) -> str:
@@ -52,11 +60,21 @@ def choose(op: str, device: torch.device, requested: str | None, *, cuda_reason:
     if name not in BACKENDS:
         what = "backend" if requested else "MOEKERNELS_BACKEND (environment variable)"
         raise ValueError(f"{what} must be one of {BACKENDS} or 'auto', got {name!r}")
-    if name == "triton" and device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"{op}: {source} on {device.type} tensors needs Triton's interpreter: "
-            "set TRITON_INTERPRET=1 before importing moekernels"
-        )
+    if name == "triton" and device.type != "cuda":
+        if not interpreting():
+            raise ValueError(
+                f"{op}: {source} on {device.type} tensors needs Triton's interpreter: "
+                "set TRITON_INTERPRET=1 before importing moekernels"
+            )
+        if not INTERPRETING_AT_IMPORT:
+            raise ValueError(
+                f"{op}: {source} on {device.type} tensors: TRITON_INTERPRET=1 was set after moekernels "
+                "was imported, but triton.jit reads it when the kernels are defined; set it before "
+                "importing moekernels (or triton)"
+            )
+        problem = _interpreter.numpy_problem()
+        if problem:
+            raise RuntimeError(f"{op}: {source} on {device.type} tensors: {problem}")
     if name == "cuda":
         if not _ext.HAS_CUDA_EXT:
             raise RuntimeError(f"{op}: {source} but moekernels._C is not built ({_ext.LOAD_ERROR})")
