@@ -158,9 +158,8 @@ def adversarial_logits(num_tokens, num_experts, kind, gen):
     x[torch.rand(shape, generator=gen) < 0.3] = NAN
     x[torch.rand(shape, generator=gen) < 0.15] = INF
     x[torch.rand(shape, generator=gen) < 0.15] = -INF
-    x[0] = NAN  # a row with no softmax
-    if num_tokens > 1:
-        x[1] = -INF
+    x[:1] = NAN  # a row with no softmax
+    x[1:2] = -INF
     return x
 
 
@@ -252,10 +251,27 @@ def test_softmax_bias_on_a_denominator_tie(mode, device, backend):
 # ----------------------------------------------------------------------------- the reference
 
 
+def choose(choice, top_k, n_group=None, topk_group=None, pairs=False, pair_sum=lambda a, b: a + b):
+    """The ids of the specification's choice, a list per token, from its choice values (lists):
+    groups by their best value (``pairs``: the pair_sum of their best two), then the top_k
+    largest eligible values, ties to the lower id."""
+    ids = []
+    for row in choice:
+        eligible = range(len(row))
+        if n_group:
+            size = len(row) // n_group
+            groups = [sorted(row[g * size:(g + 1) * size], reverse=True) for g in range(n_group)]
+            gscore = [pair_sum(g[0], g[1]) if pairs else g[0] for g in groups]
+            kept = sorted(range(n_group), key=lambda g: (-gscore[g], g))[:topk_group]
+            eligible = [e for e in eligible if e // size in kept]
+        ids.append(sorted(eligible, key=lambda e: (-row[e], e))[:top_k])
+    return ids
+
+
 def oracle(logits, top_k, scoring="softmax", renormalize=False, bias=None, n_group=None, topk_group=None,
            routed_scaling_factor=1.0):
     """The op's specification, written out per token in float64 Python."""
-    weights, ids = [], []
+    weights, all_scores, choice = [], [], []
     for row in logits.double().tolist():
         if scoring == "softmax":
             m = max(row)
@@ -263,20 +279,14 @@ def oracle(logits, top_k, scoring="softmax", renormalize=False, bias=None, n_gro
             scores = [v / sum(ex) for v in ex]
         else:
             scores = [1 / (1 + math.exp(-v)) for v in row]
-        choice = [s + b for s, b in zip(scores, bias.tolist())] if bias is not None else list(row)
-        eligible = range(len(row))
-        if n_group:
-            size = len(row) // n_group
-            groups = [sorted(choice[g * size:(g + 1) * size], reverse=True) for g in range(n_group)]
-            gscore = [sum(g[:2]) if bias is not None else g[0] for g in groups]
-            kept = sorted(range(n_group), key=lambda g: (-gscore[g], g))[:topk_group]
-            eligible = [e for e in eligible if e // size in kept]
-        chosen = sorted(eligible, key=lambda e: (-choice[e], e))[:top_k]
+        all_scores.append(scores)
+        choice.append([s + b for s, b in zip(scores, bias.tolist())] if bias is not None else list(row))
+    ids = choose(choice, top_k, n_group, topk_group, pairs=bias is not None)
+    for scores, chosen in zip(all_scores, ids):
         w = [scores[e] for e in chosen]
         if renormalize:
             w = [v / (sum(w) + 1e-20) for v in w]
         weights.append([v * routed_scaling_factor for v in w])
-        ids.append(chosen)
     return torch.tensor(weights, dtype=torch.float64), torch.tensor(ids, dtype=torch.int32)
 
 
