@@ -22,18 +22,19 @@ numpy, Sleef (torch CPU), libdevice and ``ex2.approx`` (Triton's fast ``tl.exp``
   A float64 sum of float32 values is not enough: once a row's logits span more than about 20,
   the exps span more than 53 bits, each order rounds the float64 sum its own way, and one
   order lands the float32 denominator on one side of a rounding tie and another on the other
-  (E = 64, logits 0, -0.436, -37.22, -37.22, the rest -1000: float64 sums of 1 + 0.646 exactly
-  between two float32, plus two exps of 0.6 * 2**-53 that survive only if added to each other
-  first). With a bias one ulp of every score is a different expert. So
+  (logits 0, -0.25, -37.25, -37.25: 1 + exp(-0.25) lies exactly between two float32, and the
+  two exps of 0.6 * 2**-53 lift a float64 sum above that tie only if added to each other first;
+  tests/test_route.py's midpoint rows). With a bias one ulp of every score can be another
+  expert. So
   :func:`softmax_scores` scales each exp ``e`` (in [0, 1]) by ``2**s``, ``s = 53 - ceil(log2
   E)`` (exact: a power of two), and sums the integer parts ``floor(e * 2**s)`` in float64:
   every term and every partial sum is an integer of at most E * 2**s <= 2**53, exact in
   float64, so every order and every tree gives the same bits. The sum is rounded once to
   float32 (F), and the scores are ``(e * 2**s) / F``, the correctly rounded quotient of
-  ``e / (F * 2**-s)``. The dropped fractions cost under E * 2**-s <= E**2 * 2**-53 of the
-  denominator (2**-33 at E = 1024), and nothing at all in a row whose exps are all at least
-  2**(23 - s) (logits within 15 of the row's maximum at E = 256), where F is the float64
-  sum's correctly rounded value, as before.
+  ``e / (F * 2**-s)``. The dropped fractions cost under E * 2**-s < 2 * E**2 * 2**-53 of the
+  denominator (which is at least 1: 2**-33 at E = 1024), and nothing at all in a row whose
+  exps are all 0 or at least 2**(23 - s) (logits within 15 of the row's maximum at E = 256),
+  where F is the correctly rounded sum, as the plain float64 sum gave.
 
 Non-finite logits (the same on every backend, applied where a kernel loads a logit):
 
