@@ -26,6 +26,7 @@ from .bench_fp8 import naive_quantize
 from .bench_plan import naive_plan
 from .bench_route import compare as compare_route
 from .bench_route import naive_router
+from . import harness
 from .harness import Case, library_backends
 from .shapes import DEEPSEEK_V3, QWEN3_30B_A3B, MoEShape, token_sweep
 
@@ -119,5 +120,5 @@ def notes(records: list[dict]) -> list[str]:
                 and r["group"].startswith(DEEPSEEK_V3.name)):
             us = r["time_us"]["median"]
             lines.append(f"decode {r['group']} T={r['x']} {r['impl']}: {us:.1f} us, target <= {TARGET_US:.0f} us "
-                         f"(H200): {'met' if us <= TARGET_US else 'not met'}")
+                         f"(H200): {harness.verdict(r, us <= TARGET_US)}")
     return lines

@@ -38,7 +38,7 @@ The CPU run is a gloo dry run of the same code paths at T = 1, 16, 128 (the real
 The quick GPU suite: T = 16, 512, 4096 (3 cases, 15 timings): ~5-15 s on an H200 with the NCCL
 init, estimated (no GPU has run it yet). The full suite adds T = 1, 128 and 16384.
 
-``python -m benchmarks.bench_distributed`` prints the scaling table of the README's "Expert
+``python -m benchmarks.bench_distributed`` prints the scaling table of docs/API.md's "Expert
 parallelism: scaling" (scaling_table, scaling_markdown): the bytes dispatch and combine move per
 token per layer at 8 and 64 GPUs, their time at link rate and the expert GEMMs' time beside it.
 """
@@ -295,7 +295,7 @@ def _exposed(row: dict) -> str:
 
 def scaling_markdown(shape: MoEShape = SHAPE, tokens: int = SCALING_TOKENS,
                      worlds: tuple[int, ...] = SCALING_WORLDS) -> str:
-    """The README's table: bf16 dispatch, fp8 dispatch in brackets."""
+    """docs/API.md's table: bf16 dispatch, fp8 dispatch in brackets."""
     out = [f"| GPUs | links | bytes leaving a GPU per token per layer | all-to-all per layer, T {tokens:,} a GPU "
            f"| expert GEMMs at {MM_BF16_TFLOPS} TFLOP/s | all-to-all / GEMMs | exposed after overlap |",
            "|---:|:---|---:|---:|---:|---:|---:|"]

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import moekernels
+from . import harness
 from .harness import Case, library_backends
 from .shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, balanced_ids, token_sweep
 
@@ -187,7 +188,7 @@ def notes(records: list[dict]) -> list[str]:
                 and r["group"].startswith(TARGET_SHAPE.name + " ") and r["x"] == TARGET_TOKENS
                 and r.get("roofline_fraction") is not None):
             frac = r["roofline_fraction"]
-            verdict = "met" if frac >= TARGET_COPY_FRACTION else "not met"
+            verdict = harness.verdict(r, frac >= TARGET_COPY_FRACTION)
             lines.append(f"permute {r['group']} T={TARGET_TOKENS} {r['impl']}: {frac:.0%} of the copy "
                          f"bandwidth, target >= {TARGET_COPY_FRACTION:.0%}: {verdict}")
     return lines

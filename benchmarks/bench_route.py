@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import moekernels
+from . import harness
+from . import harness
 from .harness import Case
 from .shapes import DEEPSEEK_V3, MIXTRAL_8X7B, QWEN3_30B_A3B, MoEShape, token_sweep
 
@@ -148,13 +150,13 @@ def notes(records: list[dict]) -> list[str]:
     for r in ok:
         if r["group"] == "deepseek-v3 fp32" and r["x"] == 40000:
             us = r["time_us"]["median"]
-            verdict = "met" if us <= TARGET_US_AT_40000 else "not met"
+            verdict = harness.verdict(r, us <= TARGET_US_AT_40000)
             lines.append(f"route deepseek-v3 fp32 T=40000 {r['impl']}: {us:.1f} us, "
                          f"target <= {TARGET_US_AT_40000:.0f} us: {verdict}")
     for r in ok:
         if r["x"] == 65536 and r["roofline_fraction"] is not None:
             frac = r["roofline_fraction"]
-            verdict = "met" if frac >= TARGET_COPY_FRACTION_AT_65536 else "not met"
+            verdict = harness.verdict(r, frac >= TARGET_COPY_FRACTION_AT_65536)
             lines.append(f"route {r['group']} T=65536 {r['impl']}: {frac:.0%} of the copy bandwidth, "
                          f"target >= {TARGET_COPY_FRACTION_AT_65536:.0%}: {verdict}")
     return lines

@@ -505,16 +505,33 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (a - b).norm().item() / den if den else (a - b).norm().item()
 
 
+# A target's verdict where its numbers are CPU timings: they say nothing about the kernels (CPU_DRY_RUN).
+NOT_MEASURED = "not measured (CPU timings, a dry run)"
+
+
+def dry_run(record: dict) -> bool:
+    """Whether ``record`` was timed on the CPU's clock (CpuTimer): a number no target is judged on."""
+    return record.get("method") == "wall"
+
+
+def verdict(record: dict, met: bool) -> str:
+    """"met" or "not met" of one record's target; NOT_MEASURED on a dry run."""
+    return NOT_MEASURED if dry_run(record) else "met" if met else "not met"
+
+
 def target_line(bench: str, label: str, values: list[tuple[dict, float]], target: float, fmt: str, *, x_name: str,
                 at_most: bool = False) -> list[str]:
     """A benchmark's note on one target: how many cases meet it (>=, or <= with at_most), and the
-    worst; ``values`` are (record, value) pairs, ``x_name`` names the records' swept size."""
+    worst; ``values`` are (record, value) pairs, ``x_name`` names the records' swept size. On a
+    dry run, NOT_MEASURED instead."""
     if not values:
         return []
+    goal = f"{bench} {label}: target {'<=' if at_most else '>='} {target:{fmt}}"
+    if any(dry_run(r) for r, _ in values):
+        return [f"{goal}: {NOT_MEASURED}"]
     met = sum(1 for _, v in values if (v <= target if at_most else v >= target))
     worst, v = (max if at_most else min)(values, key=lambda p: p[1])
-    return [f"{bench} {label}: target {'<=' if at_most else '>='} {target:{fmt}}: met in {met} of {len(values)}; "
-            f"worst {worst['group']} {x_name}={worst['x']}: {v:{fmt}}"]
+    return [f"{goal}: met in {met} of {len(values)}; worst {worst['group']} {x_name}={worst['x']}: {v:{fmt}}"]
 
 
 def library_backends(device: str) -> list[str]:
@@ -613,8 +630,15 @@ def markdown_report(meta: dict, roofline: dict | None, records: list[dict], note
     return "\n\n".join(parts) + "\n"
 
 
-def write_plots(out_dir: Path, records: list[dict], roofline: dict | None) -> list[Path]:
-    """One PNG per benchmark: time (top) and achieved rate against the roofline (bottom), one column per case."""
+# Why a run wrote no plot, said once on the console (run.py): they were skipped silently before.
+NO_MATPLOTLIB = "no plots: matplotlib is not installed (pip install matplotlib, or the moekernels[bench] extra)"
+ONE_SIZE = ("no plots: every case ran at one size, and a plot draws each case over its sizes (a --quick run on the "
+            "CPU times one size a benchmark; --tokens 1,16 gives two)")
+
+
+def write_plots(out_dir: Path, records: list[dict], roofline: dict | None) -> tuple[list[Path], str | None]:
+    """One PNG per benchmark: time (top) and achieved rate against the roofline (bottom), one column
+    per case; and, where it wrote none, why (ONE_SIZE or NO_MATPLOTLIB), else None."""
     benches = {}
     for bench, recs in _by_bench(records).items():
         recs = [r for r in recs if r["error"] is None]
@@ -624,11 +648,11 @@ def write_plots(out_dir: Path, records: list[dict], roofline: dict | None) -> li
         if any(len({r["x"] for r in recs if r["group"] == g}) > 1 for g in groups):
             benches[bench] = (recs, groups)
     if not benches:
-        return []
+        return [], ONE_SIZE
     try:
         import matplotlib
     except ImportError:  # matplotlib is the optional "bench" extra
-        return []
+        return [], NO_MATPLOTLIB
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -663,12 +687,13 @@ def write_plots(out_dir: Path, records: list[dict], roofline: dict | None) -> li
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
-    return paths
+    return paths, None
 
 
 def write_results(out_dir: Path, meta: dict, roofline: dict | None, records: list[dict], notes: list[str],
-                  impls: dict[str, dict[str, str]] | None = None) -> list[Path]:
-    """bench.json (every raw number), bench.md, and one PNG per benchmark where matplotlib is there.
+                  impls: dict[str, dict[str, str]] | None = None) -> tuple[list[Path], str | None]:
+    """bench.json (every raw number), bench.md, and one PNG per benchmark where matplotlib is there:
+    the paths written, and why no plot was where none was (write_plots).
 
     Few files on purpose: the device machine returns at most 8 from its output folder.
     """
@@ -678,4 +703,5 @@ def write_results(out_dir: Path, meta: dict, roofline: dict | None, records: lis
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     md_path = out_dir / "bench.md"
     md_path.write_text(markdown_report(meta, roofline, records, notes, impls))
-    return [json_path, md_path] + write_plots(out_dir, records, roofline)
+    plots, no_plots = write_plots(out_dir, records, roofline)
+    return [json_path, md_path] + plots, no_plots

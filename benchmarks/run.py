@@ -5,7 +5,8 @@
 
 With a CUDA GPU: measures the roofline (bf16 torch.mm and device copy), times
 every case, writes bench.json, bench.md and one PNG per benchmark (where
-matplotlib is installed) and prints the table last. Without one: times the
+matplotlib is installed and a case ran at two sizes or more; the console
+says why when it writes none) and prints the table last. Without one: times the
 naive and reference paths on the CPU at small sizes, says so, and writes the
 same files. They go to benchmarks/results/<gpu>/ in a clone and to
 ./moekernels-bench-results/<gpu>/ when installed; a --quick run to quick/
@@ -58,8 +59,8 @@ def default_out(gpu: str, quick: bool) -> Path:
 
 def cpu_quick(cases: list[harness.Case]) -> list[harness.Case]:
     """--quick on the CPU: each benchmark's first case. The CPU times say nothing about the
-    kernels, so its quick run is a smoke test of every benchmark's code paths: 7 cases, ~20 s on
-    2 shared cores with the imports, where all of them took ~2 minutes."""
+    kernels, so its quick run is a smoke test of every benchmark's code paths: each benchmark's
+    first case (the README's Times table has the measured time)."""
     first: dict[str, harness.Case] = {}
     for case in cases:
         first.setdefault(case.bench, case)
@@ -107,12 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     errors = harness.error_lines(records)
     notes += [line for m in modules.values() for line in m.notes(records)] + errors
     impls = {name: {**harness.IMPLS, **getattr(m, "IMPLS", {})} for name, m in modules.items()}
-    paths = harness.write_results(out_dir, harness.metadata(args.quick), roofline, records, notes, impls)
+    paths, no_plots = harness.write_results(out_dir, harness.metadata(args.quick), roofline, records, notes, impls)
 
     if roofline is not None:
         print(f"roofline: bf16 torch.mm {roofline['mm_bf16_tflops']:.0f} TFLOP/s, "
               f"device copy {roofline['copy_gbps']:.0f} GB/s")
     print("wrote " + ", ".join(str(p) for p in paths))
+    if no_plots:
+        print(no_plots)
     for line in notes:
         print(line)
     print()

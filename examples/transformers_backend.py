@@ -6,7 +6,13 @@ Runs as it is on a CPU and on a CUDA GPU. Any model whose experts use ``@use_exp
 same way (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3, gpt-oss, ...).
 """
 
+import os
 import tempfile
+
+# torch.profiler, which lists the ops that ran below, runs on Kineto, and Kineto logs "USDT: ... profiler_start" and
+# "profiler_stop" lines on stderr at each profile. Its log level above all of its levels, set before torch starts it,
+# keeps it quiet (an exported KINETO_LOG_LEVEL wins).
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 import torch
 import transformers

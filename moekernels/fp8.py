@@ -90,6 +90,7 @@ def _launch_cuda(x, q, scale, pow2, inverse, top_k):
 def _launch_quantize(x3, q, scale, br, bc, pow2, index=None, gather_div=1):
     """x3 [B, R_in, C] (rows gathered by index when given: then R = len(index)), q [B, R, C],
     scale [B, nbr, nbc] of any strides (a transposed view for the column-major layout)."""
+    from .grouped_gemm import fp8_bytes
     from .kernels._fp8 import quantize_fp8_kernel
 
     batch, _, cols = x3.shape
@@ -99,6 +100,7 @@ def _launch_quantize(x3, q, scale, br, bc, pow2, index=None, gather_div=1):
     grid = (triton.cdiv(rows, cfg.TR) * triton.cdiv(cols, cfg.TC), batch)
     amax = torch.zeros(batch, nbr, nbc, dtype=torch.float32, device=x3.device) if cfg.two_pass else scale
     idx = index if index is not None else scale
+    q = fp8_bytes(q)  # e4m3 encoded by integer operations where the GPU has no e4m3 type
     args = (x3, idx, q, scale, amax, rows, cols, br, bc, nbr, nbc, gather_div, x3.stride(0), x3.stride(1),
             *scale.stride())
     meta = dict(POW2=pow2, GATHER=index is not None, FMAX=FP8_MAX, TR=cfg.TR, TC=cfg.TC, BRF=cfg.BRF,
@@ -215,6 +217,19 @@ def quantize_fp8_gathered(x: torch.Tensor, plan, granularity=(1, 128), *, pow2_s
                         scale_layout == "col_major", backend or "")
 
 
+def activation_operand(x: torch.Tensor, pow2_scale: bool, backend: str):
+    """The activation operand (a, a_scale) of a GEMM on e4m3 weights: x quantized (1, 128) with
+    column-major scales (w8a8, DeepSeek-V3's), or, where the GPU has no e4m3 MMA
+    (grouped_gemm.fp8_emulated: sm_80, sm_86), (x, None): the weight-only route of vLLM's Marlin,
+    x kept in its own type. There an e4m3 x would only be decoded back to bf16 by the GEMM: a
+    quantize pass and e4m3's rounding for nothing."""
+    from .grouped_gemm import fp8_emulated
+
+    if fp8_emulated(x.device):
+        return x, None
+    return quantize_op(x, 1, 128, pow2_scale, None, None, 1, True, backend)
+
+
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 ``q * scale``, the scale broadcast over its blocks (block dims from the shapes)."""
     return reference.dequantize_fp8(q, scale)
@@ -282,6 +297,44 @@ def sm90_variants():
     cfg = wgrad_config(32768, 256, 2048, 7168, "h200")
     out.append(grouped_gemm._dw_variant("fp8_grouped_mm/wgrad_segments", cfg, FP8, False, scaled=True))
     return out
+
+
+# The weight-only GEMMs (bf16 tokens, e4m3 weights: fused_moe where the GPU has no e4m3 MMA) at
+# DeepSeek-V3's shapes: GEMM 1 gathering with SwiGLU (prefill and decode), GEMM 2 scattering.
+SM80_WEIGHT_ONLY = {
+    "w8a16_block_gather_gated_kmajor": ("gather+gated", 512, 2048, 7168),
+    "w8a16_block_gather_gated_decode": ("gather+gated", 4, 2048, 7168),
+    "w8a16_block_scatter_kmajor": ("scatter", 512, 7168, 2048),
+}
+
+
+def sm80_variants():
+    """The fp8 kernels as a GPU without e4m3 MMA (sm_80, sm_86) runs them, every e4m3 operand as
+    its bytes (``u8``: grouped_gemm.fp8_bytes): the shipped fp8 GEMMs (sm90_variants'), the
+    weight-only ones, and every other shipped variant that takes e4m3 (an ``fp8e4nv`` pointer:
+    the quantize kernels, the wgrad GEMM, the fp8 permute). The compile jobs of moekernels/_sm90.py's
+    Variant, for ``GPUTarget("cuda", 80, 32)`` (tests/test_fp8_sm80.py)."""
+    import dataclasses
+
+    from . import _sm90, grouped_gemm
+
+    out = []
+    for name, (variant, per_expert, n, k, scale) in SM90_FP8_GEMMS.items():
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3)
+        launch = "+".join(p for p in variant.split("+") if p != "colscale")
+        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, True, scale=scale,
+                                                out_dtype=torch.bfloat16, col_major_a_scale=launch != variant,
+                                                weight_bytes=True))
+    for name, (variant, per_expert, n, k) in SM80_WEIGHT_ONLY.items():
+        # The launcher picks an e4m3 weight's config (128-wide K steps) for a bf16 x too.
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=True)
+        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", variant, cfg, torch.bfloat16, True,
+                                                scale=3, weight_bytes=True))
+    gemms = {v.name for v in out}
+    out += [dataclasses.replace(v, signature={a: t.replace("fp8e4nv", "u8") for a, t in v.signature.items()})
+            for v in _sm90.shipped_variants()
+            if v.name not in gemms and any("fp8e4nv" in t for t in v.signature.values())]
+    return [dataclasses.replace(v, launch_key=None) for v in out]
 
 
 # ----------------------------------------------------------------------------- scaled GEMMs

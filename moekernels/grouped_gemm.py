@@ -60,6 +60,35 @@ def num_programs(device: torch.device) -> int:
     return _gpu_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
 
 
+# The compute capability the interpreter stands for: the Hopper that the kernels are written for
+# (tests force the sm_80 route by monkeypatching configs.has_fp8_mma).
+INTERPRETER_CAPABILITY = (9, 0)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return INTERPRETER_CAPABILITY
+    props = _gpu_props(device.index if device.index is not None else torch.cuda.current_device())
+    return props.major, props.minor
+
+
+def fp8_emulated(device: torch.device) -> bool:
+    """Whether e4m3 tensors reach this device's kernels as their bytes (uint8): on a GPU without
+    e4m3 MMA (configs.has_fp8_mma: sm_80, sm_86), where Triton cannot name the type. The GEMMs
+    then decode e4m3 tiles to bf16 as they load them (kernels/_math.py, ``dot``) and multiply on
+    bf16 MMA; the quantize kernels encode e4m3 by integer operations; permute moves the bytes."""
+    return not configs.has_fp8_mma(capability(device))
+
+
+def fp8_bytes(t: torch.Tensor, force: bool = False) -> torch.Tensor:
+    """t as a kernel argument: an e4m3 tensor as its bytes (a uint8 view) where its device has no
+    e4m3 MMA, or with ``force`` (a weight-only product: no MMA takes e4m3 times bf16); any other
+    tensor as it is."""
+    if t.dtype == torch.float8_e4m3fn and (force or fp8_emulated(t.device)):
+        return t.view(torch.uint8)
+    return t
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     """A TMA descriptor needs a 16-byte aligned base, unit inner stride, 16-byte outer strides and
     positive extents (K = 0 reaches a launch with a LoRA segment: pointer loads, no K steps)."""
@@ -115,12 +144,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- launchers
 
 
-def num_stages(cfg, scale_mode: int, act: int) -> int:
+def num_stages(cfg, scale_mode: int, act: int, weight_bytes: bool = False) -> int:
     """Software-pipeline stages of a forward launch. The block-scaled fp8 loop without an
     activation takes two K steps an iteration (kernels/_grouped_gemm.py, _block_scaled_loop; its
     weight is always K-major), so half the stages (at least 2) prefetch as many K steps: 2 stages
-    of two 128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB."""
-    two_steps = scale_mode == 3 and not act
+    of two 128x128x128 fp8 steps are 128 KB of shared memory, where 3 would be 192 KB. Not with
+    the weight as bytes (``weight_bytes``, see fp8_bytes: _dequantized_loop, one step an iteration)."""
+    two_steps = scale_mode == 3 and not act and not weight_bytes
     return max(2, (cfg.num_stages + 1) // 2) if two_steps else cfg.num_stages
 
 
@@ -131,7 +161,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
 
     ``scales`` (fp8 operands): (mode, a_scale, b_scale) with mode 1 (per tensor: a_scale [1, 1],
     b_scale [E, 1, 1]), 2 (rows x columns: [M, 1] and [E, 1, N]) or 3 ((1, 128) x (128, 128)
-    blocks: [M, K/128] and [E, K/128, N/128]); any strides. ``lora``: (lora_x [rows, r] over the
+    blocks: [M, K/128] and [E, K/128, N/128]); any strides. x may be e4m3 or, with an e4m3 w, of
+    a 16-bit type (the weight-only route: a_scale all ones). ``lora``: (lora_x [rows, r] over the
     sorted rows, lora_w [E, r, w.shape[2]] of any strides), or None.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -144,13 +175,15 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     storage, kmajor = _weight_storage(w)
     if scales is not None and not kmajor:
         check_fp8_weight("w", w)  # raises: the kernel has no N-major e4m3 path
+    # e4m3 as bytes, decoded to the other operand's type in the kernel (kernels/_math.py, dot).
+    x, storage = fp8_bytes(x), fp8_bytes(storage, force=x.dtype != w.dtype)
     a_tma = a_index is None and _tma_ok(x)
     # The up half of a gated [K, 2N] weight starts at column N: with N inner (not kmajor) that
     # tile's start must be 16-byte aligned too (bf16 N = 4 is 8 bytes: the interpreter asserts).
     b_tma = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
     if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
-    cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, x.dtype, gpu_name(x.device),
+    cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, w.dtype, gpu_name(x.device),
                                     block_scaled=scales is not None and scales[0] == 3, kmajor=kmajor)
     if cfg.SPLIT_GATED:  # a decode step too small to fill the GPU: see configs.split_gated_decode
         z = out.new_empty(rows, 2 * n, dtype=torch.float32)  # float32: one rounding, as the fused epilogue
@@ -170,7 +203,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
                            scatter=c_index is not None, act=act, scale=scale_mode,
                            block_e=triton.next_power_of_2(num_experts), rank=rank if lora is not None else None)
-    stages = num_stages(cfg, scale_mode, act)
+    stages = num_stages(cfg, scale_mode, act, storage.dtype == torch.uint8)
     per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
@@ -231,6 +264,7 @@ def transpose_segments(x, offs, rows, q, scale=None, *, tile, a_index=None, gath
     from .kernels._fp8 import transpose_segments_kernel
 
     x = _rows(x)
+    q = fp8_bytes(q)  # e4m3 encoded by integer operations where the GPU has no e4m3 type
     num_experts = offs.shape[0]
     with _backend.device_guard(x):
         transpose_segments_kernel[(q.shape[1] // tile, triton.cdiv(x.shape[1], SEGMENT_COLS))](
@@ -269,6 +303,7 @@ def launch_dw_kernel(a, b, offs, out, cfg, rows, *, transposed=False, a_index=No
     from .kernels._grouped_gemm import grouped_mm_dw_kernel
 
     num_experts, k, n = out.shape
+    a, b = fp8_bytes(a), fp8_bytes(b)  # e4m3 tiles decoded to bf16 where the GPU has no e4m3 MMA
     if transposed:
         strides = (1, a.stride(0), 1, b.stride(0))
         a = TensorDescriptor(a, list(a.shape), [a.stride(0), 1], [cfg.BLOCK_K, cfg.BLOCK_M])
@@ -415,6 +450,13 @@ def scaling_mode(a, a_scale, b, b_scale) -> int:
 
 
 
+def unit_scale(x: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
+    """The a_scale of a weight-only product (x unscaled) that pairs with b_scale's mode: ones,
+    [1, 1] beside per-tensor b scales, else [M, K/128] or [M, 1], one element's stride-0 view."""
+    rows = 1 if tuple(b_scale.shape[1:]) == (1, 1) else x.shape[0]
+    return torch.ones(1, 1, dtype=torch.float32, device=x.device).expand(rows, b_scale.shape[1])
+
+
 @torch.library.custom_op("moekernels::grouped_mm_fused", mutates_args=())
 def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor,
               top_k: int, gather: bool, activation: str, scatter_weights: torch.Tensor | None,
@@ -425,8 +467,10 @@ def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index:
     width = w.shape[2] // 2 if activation else w.shape[2]
     dtype = out_dtype or x.dtype
     if _choose("grouped_mm", x, backend) == "torch":
-        if a_scale is not None:  # fp8: the product of the dequantized operands, in float32
-            x, w = reference.dequantize_fp8(x, a_scale), reference.dequantize_fp8(w, b_scale)
+        if b_scale is not None:  # fp8: the product of the dequantized operands, in float32
+            w = reference.dequantize_fp8(w, b_scale)
+        if a_scale is not None:
+            x = reference.dequantize_fp8(x, a_scale)
         lora = (lora_x, lora_w) if lora_x is not None else None
         out = reference.grouped_mm_fused(x, w, offs, source_index, top_k, gather, activation, scatter_weights, lora)
         return out.to(dtype)
@@ -434,6 +478,8 @@ def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index:
     if not out.numel():
         return out
     scatter = scatter_weights is not None
+    if b_scale is not None and a_scale is None:  # the weight-only route: x unscaled
+        a_scale = unit_scale(x, b_scale)
     scales = None if a_scale is None else (scaling_mode(x, a_scale, w, b_scale), a_scale, b_scale)
     if w.shape[1] == 0 and lora_x is None:
         return out.zero_()
@@ -460,6 +506,8 @@ def _fused_setup(ctx, inputs, output):
 
 def _fused_backward(ctx, grad):
     x, w, offs, source_index, scatter_weights, lora_x, lora_w = ctx.saved_tensors
+    if w.dtype == torch.float8_e4m3fn:  # only x of the weight-only route can require grad
+        raise NotImplementedError("grouped_mm_fused with a float8_e4m3fn w is inference-only: it has no backward")
     k, backend = ctx.top_k, ctx.backend
     # The product before the epilogue, recomputed ([M, 2N] with an activation: not saved).
     z = fused_op(x, w, offs, source_index, k, ctx.gather, "", None, None, None, None, backend, lora_x, lora_w)
@@ -503,9 +551,9 @@ _autocast.register("grouped_mm_fused", (0, 1, 12, 13))
 # ----------------------------------------------------------------------------- public
 
 
-def check_operands(x, w, offs, dtypes=DTYPES, name="x"):
+def check_operands(x, w, offs, dtypes=DTYPES, name="x", w_dtype=None):
     _checks.tensor(name, x, ndim=2, dtypes=dtypes)
-    _checks.tensor("w", w, ndim=3, dtypes=(x.dtype,), device=x.device)
+    _checks.tensor("w", w, ndim=3, dtypes=(w_dtype or x.dtype,), device=x.device)
     _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,), device=x.device)
     if offs.shape[0] != w.shape[0]:
         raise ValueError(f"offs must have one entry per expert: w has E={w.shape[0]}, offs has {offs.shape[0]}")
@@ -611,7 +659,9 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
         a_scale, b_scale: with float8_e4m3fn x and w, their float32 scales (see
             :func:`moekernels.fp8_grouped_mm`; a_scale has a row per row of x, gathered with it).
             The block-wise mode with an activation needs N % 128 == 0 (up starts a scale block).
-        out_dtype: the output dtype (default x's, bfloat16 for fp8).
+            b_scale alone, with a float8_e4m3fn w and x of x's usual dtypes: the weight-only
+            route (w8a16, vLLM's Marlin's): w decoded to x's type as its tiles load, x unscaled.
+        out_dtype: the output dtype (default x's, bfloat16 for fp8 x).
         lora_x, lora_w: a low-rank segment (LoRA on the experts), given together: lora_x [M, r]
             over the M sorted rows (never gathered; already times the LoRA scale) and lora_w
             [E, r, N] ([E, r, 2N] with ``activation``, gate then up, as w), any strides (the
@@ -626,15 +676,18 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
     x, w, lora_x, lora_w = _autocast.cast(x, w, lora_x, lora_w)
     _checks.choice("activation", activation, tuple(ACTIVATIONS))
     scaled = a_scale is not None or b_scale is not None
-    check_operands(x, w, offs, (torch.float8_e4m3fn,) if scaled else DTYPES)
+    weight_only = a_scale is None and b_scale is not None
+    fp8 = torch.float8_e4m3fn
+    check_operands(x, w, offs, DTYPES if not scaled or weight_only else (fp8,), w_dtype=fp8 if scaled else None)
     if scaled:
-        _checks.tensor("a_scale", a_scale, ndim=2, dtypes=(torch.float32,), device=x.device)
+        if not weight_only:
+            _checks.tensor("a_scale", a_scale, ndim=2, dtypes=(torch.float32,), device=x.device)
         _checks.tensor("b_scale", b_scale, ndim=3, dtypes=(torch.float32,), device=x.device)
         check_fp8_weight("w", w)
-        mode = scaling_mode(x, a_scale, w, b_scale)
+        mode = scaling_mode(x, unit_scale(x, b_scale) if weight_only else a_scale, w, b_scale)
         if mode == 3 and activation and (w.shape[2] // 2) % 128:
             raise ValueError(f"block-scaled w with an activation needs N % 128 == 0 (w is [E, K, 2N={w.shape[2]}])")
-        out_dtype = out_dtype or torch.bfloat16
+        out_dtype = out_dtype or (x.dtype if weight_only else torch.bfloat16)
     if out_dtype is not None and out_dtype not in DTYPES:
         raise TypeError(f"out_dtype must be one of {DTYPES}, got {out_dtype}")
     if gather or scatter_weights is not None:
@@ -658,7 +711,7 @@ def grouped_mm_fused(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, *, so
     if (lora_x is None) != (lora_w is None):
         raise ValueError("lora_x and lora_w must be given together (or neither)")
     if lora_x is not None:
-        compute = out_dtype if scaled else x.dtype
+        compute = out_dtype if scaled else x.dtype  # the weight-only route's: out_dtype, x's by default
         _checks.tensor("lora_x", lora_x, ndim=2, dtypes=(compute,), device=x.device)
         _checks.tensor("lora_w", lora_w, ndim=3, dtypes=(compute,), device=x.device)
         if lora_x.shape[0] != rows or tuple(lora_w.shape) != (w.shape[0], lora_x.shape[1], w.shape[2]):
@@ -754,12 +807,15 @@ def segments_variant(name, dtype, out_dtype, tile, *, fmax=None, gather=False):
                          aligned=("x_ptr", "q_ptr", "C", "stride_xr", "stride_qc"))
 
 
-def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False):
+def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False,
+                    weight_bytes=False):
     """The sm_90 compile job of one grouped_mm_kernel launch: ``variant`` is plain, gather (rows by
     pointer), unaligned (both operands by pointer), gated or scatter, and ``+lora<r>`` for a
     low-rank segment of rank r (lora_x [M, r] contiguous, lora_w the [E, r, N] view of PEFT's
     [E, N, r] B: its rank stride 1, which Triton specialises; in the output dtype, fp8's compute
-    dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too."""
+    dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too;
+    ``weight_bytes``: the launch of a GPU without e4m3 MMA, or of the weight-only route (a 16-bit
+    dtype), every e4m3 operand as its bytes (fp8_bytes: fp8.sm80_variants)."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
@@ -770,7 +826,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128,
                            rank=rank)
-    stages = num_stages(cfg, scale, cx["ACT"])
+    stages = num_stages(cfg, scale, cx["ACT"], weight_bytes)
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
     # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.
@@ -788,6 +844,9 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     block_b = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
     a_type = ptr if pointers else f"tensordesc<{elem}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
     b_type = ptr if unaligned else f"tensordesc<{elem}[1, {block_b[0]}, {block_b[1]}]>"
+    if weight_bytes:
+        a_type = a_type.replace("fp8e4nv", "u8")
+        b_type = b_type.replace(elem, "u8")
     sig = _sm90.signature(fn, cx, a=a_type, b=b_type, c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
                           c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32", a_scale_ptr="*fp32",
                           b_scale_ptr="*fp32", **dict.fromkeys(("lora_x", "lora_w"), _sm90.ptr(out_dtype or dtype)))

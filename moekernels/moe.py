@@ -25,6 +25,7 @@ losses in training mode.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from . import _autocast, _checks, reference
-from .fp8 import FP8, dw_fp8_op, prepare_weight, quantize_op, segments_op
+from .fp8 import FP8, activation_operand, dw_fp8_op, prepare_weight, quantize_op, segments_op
 from .fp8 import weight_operands as _fp8_weight_operands
 from .grouped_gemm import ACTIVATIONS, fused_op, grouped_mm_dw_op, grouped_mm_op
 from .lora import ExpertsLoRA
@@ -71,8 +72,9 @@ def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
     lora1 = _low_rank(hidden, a1, b1, scale1, offsets, source, top_k, backend)
     t1 = lora1[0] if a1 is not None else no_t1
     if w_gate_up.dtype == FP8:
-        # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs.
-        qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
+        # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs
+        # (or hidden itself, weight-only, where the GPU has no e4m3 MMA).
+        qx, sx = activation_operand(hidden, False, backend)
         return _fp8_experts(qx, sx, (w_gate_up.transpose(1, 2), w_gate_up_scale.transpose(1, 2)),
                             (w_down.transpose(1, 2), w_down_scale.transpose(1, 2)), topk_weights, offsets, source,
                             activation, hidden.dtype, False, backend, lora1, (a2, b2, scale2)), t1
@@ -109,14 +111,15 @@ def _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activatio
                  lora1=(None, None), down_lora=(None, None, 1.0)):
     """The layer on e4m3 from the quantized tokens: GEMM 1 gathering them, with act(gate) * up,
     h quantized (1, 128) (power-of-two scales with ``pow2_h``), GEMM 2 scattering with the router
-    weights, the sum over k. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales.
+    weights, the sum over k. Tokens not quantized (sx None: fp8.activation_operand's weight-only
+    route) leave h unquantized too. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales.
     ``lora1``: GEMM 1's low-rank segment (:func:`_low_rank`); ``down_lora``: (a2, b2, scale2) of
     GEMM 2's adapter, applied to the high-precision h."""
     num_tokens, top_k = topk_weights.shape
     h = fused_op(qx, gate_up[0], offsets, source, top_k, True, activation, None, sx, gate_up[1], dtype, backend,
                  *lora1)
     lora2 = _low_rank(h, *down_lora, offsets, None, 1, backend)
-    qh, sh = quantize_op(h, 1, 128, pow2_h, None, None, 1, True, backend)
+    qh, sh = quantize_op(h, 1, 128, pow2_h, None, None, 1, True, backend) if sx is not None else (h, None)
     pairs = fused_op(qh, down[0], offsets, source, top_k, False, "", topk_weights, sh, down[1], dtype, backend,
                      *lora2)
     return pairs.view(num_tokens, top_k, -1).sum(1)
@@ -176,7 +179,7 @@ def _backward(ctx, grad_y, _):
     # backward), with GEMM 1's low-rank segment (t1 kept from the forward); then h = act(gate) * up.
     t1, b1_t = (t1, b1.transpose(1, 2)) if a1 is not None else (None, None)
     if fp8:
-        qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, True, backend)
+        qx, sx = activation_operand(hidden, False, backend)
         z = fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, sx, s1.transpose(1, 2),
                      dtype, backend, t1, b1_t)
     else:
@@ -189,7 +192,7 @@ def _backward(ctx, grad_y, _):
     v2 = grouped_mm_op(g, b2, offsets, backend) if a2 is not None else None  # [T*k, r2]
     lora_dh = (_scaled(v2, scale2), a2) if a2 is not None else (None, None)
     if fp8:  # e4m3 gradient tiles with power-of-two scales (DeepSeek-V3), gathered per pair by the GEMM
-        qg, sg = quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, True, backend)
+        qg, sg = activation_operand(grad_y.contiguous(), True, backend)
         w2_t, s2_t = prepare_weight(w_down, scale=s2)  # K-major for g @ w_down: one e4m3 transpose
         dh_unweighted = fused_op(qg, w2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend,
                                  *lora_dh)
@@ -214,7 +217,7 @@ def _backward(ctx, grad_y, _):
     if need[_HIDDEN]:  # dx = sum_j dz W1 (+ s1 (dz B1) A1: the base dgrad with the gate_up adapter's segment)
         lora_dx = (_scaled(v1, scale1), a1) if a1 is not None else (None, None)
         if fp8:
-            qz, sz = quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
+            qz, sz = activation_operand(dz, False, backend)
             w1_t, s1_t = prepare_weight(w_gate_up, scale=s1)
             dx = fused_op(qz, w1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend, *lora_dx)
         else:
@@ -480,10 +483,14 @@ class MoE(nn.Module):
             it is adjusted outside the gradient, by :meth:`update_bias`).
         bias_update_rate: the speed gamma of :meth:`update_bias` (DeepSeek-V3: 1e-3).
         activation: ``"silu"`` or ``"gelu"``.
-        dtype, device: of the parameters.
+        dtype, device: of the parameters. x must be in that dtype, except under ``torch.autocast``,
+            which casts x and the experts' weights to its dtype (as it does an nn.Linear's input
+            and weight): there a float32 layer takes bf16 x (Trainer's ``bf16=True``) and a bf16
+            layer float32 x.
         router_dtype: of the router's weight and logits (default: dtype). DeepSeek-V3 keeps its
             router in float32 when the model is bf16: routing on bf16 logits picks other experts
-            near ties.
+            near ties. Set, the router runs with ``torch.autocast`` off, so its logits stay in it
+            under autocast too (by default the router follows autocast, as an nn.Linear does).
         expert_parallel_group: a torch.distributed process group (``torch.distributed.group.WORLD``
             for every rank), or None: no expert parallelism. Then this rank holds only its E / world_size
             experts (rank r: experts r*E/W .. (r+1)*E/W - 1, ``expert_offset`` the first), and the
@@ -552,13 +559,14 @@ class MoE(nn.Module):
                     + (". MoE trains in those; for fp8 inference quantize a trained layer's weights, "
                        "q1, s1 = moekernels.quantize_fp8(moe.w_gate_up, (128, 128)) and likewise w_down, and call "
                        "moekernels.fused_moe(x, q1, q2, topk_weights, topk_ids, w_gate_up_scale=s1, "
-                       "w_down_scale=s2) (see the README's FP8 section)" if value == FP8 else ""))
+                       "w_down_scale=s2) (see docs/API.md's FP8 section)" if value == FP8 else ""))
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
         self.scoring, self.renormalize = scoring, renormalize
         self.n_group, self.topk_group = n_group, topk_group
         self.routed_scaling_factor, self.num_shared_experts = routed_scaling_factor, num_shared_experts
         self.activation, self.backend, self.precision = activation, backend, precision
+        self.router_dtype = router_dtype
         self.group, self.capacity = expert_parallel_group, capacity
         local, self.expert_offset = num_experts, 0
         if expert_parallel_group is not None:
@@ -641,7 +649,10 @@ class MoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(router logits [T, E], topk_weights [T, k] float32, topk_ids [T, k] int32) of x [T, H]."""
-        logits = self.gate(x.to(self.gate.weight.dtype))
+        # With router_dtype set, autocast off: bf16 logits gave 63 of 2,048 tokens another expert
+        # set (H = 64, E = 64 sigmoid scores in 8 groups, 4 kept, top-8: DeepSeek-V3's router).
+        with _autocast.disabled(x.device.type) if self.router_dtype is not None else contextlib.nullcontext():
+            logits = self.gate(x.to(self.gate.weight.dtype))
         weights, ids = topk_routing(
             logits, self.top_k, scoring=self.scoring, renormalize=self.renormalize,
             bias=self.e_score_correction_bias, n_group=self.n_group, topk_group=self.topk_group,
@@ -662,14 +673,17 @@ class MoE(nn.Module):
                    if self.group is not None else ""))
 
     def _check_input(self, x) -> None:
-        """Name the input as the cause: fused_moe's own checks would blame the layer's weights."""
+        """Name the input as the cause: fused_moe's own checks would blame the layer's weights.
+        Under autocast x's dtype may differ from the layer's where autocast casts both to its
+        dtype (_autocast.cast_dtype), as fused_moe then does: an fp32 layer takes an autocast
+        nn.Linear's bf16 output."""
         _checks.tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
         dtype = self.w_gate_up.dtype
         if dtype == FP8:  # e4m3 experts (quantize_experts) compute in the adapters' or the former weights' dtype
             dtype = self.lora_a1.dtype if self.lora_rank else self.experts_dtype
-        if x.dtype != dtype:
+        if _autocast.cast_dtype(x.dtype, x.device.type) != _autocast.cast_dtype(dtype, x.device.type):
             raise TypeError(f"x has dtype {str(x.dtype).removeprefix('torch.')} but the layer's parameters are "
                             f"{str(dtype).removeprefix('torch.')}: cast the input "
                             f"(x.to({dtype})) or the layer (moe.to(...))")

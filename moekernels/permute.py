@@ -18,6 +18,7 @@ import torch
 import triton
 
 from . import _backend, _checks, _ext, _sm90_registry, configs, reference
+from .grouped_gemm import fp8_bytes
 from .plan import RoutingPlan
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -123,8 +124,8 @@ def _permute_op(
         with _backend.device_guard(x):
             _ext.C.permute(x.data_ptr(), x.element_size(), dest_index.data_ptr(), out.data_ptr(), x.shape[0], top_k,
                            x.shape[1], x.stride(0), _ext.stream(x))
-    else:
-        _launch_scatter(x, dest_index, top_k, out)
+    else:  # e4m3 rows move as their bytes where Triton cannot name the type (sm_80, sm_86)
+        _launch_scatter(fp8_bytes(x), dest_index, top_k, fp8_bytes(out))
     return out
 
 

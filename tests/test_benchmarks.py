@@ -25,12 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_cpu_dry_run_writes_the_records(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert run.main(["--quick", "--out", str(tmp_path), "--only", "route", "--tokens", "1,16"]) == 0
 
     printed = capsys.readouterr().out
     lines = printed.rstrip().splitlines()
     assert lines[0] == harness.CPU_DRY_RUN  # said up front, before the numbers
     assert run.NO_GPU in printed
+    assert lines.count(harness.NO_MATPLOTLIB) == 1  # two sizes: a plot, but no matplotlib to draw it
     # The table comes last, then its legend: every implementation and column it shows.
     last_row = max(i for i, line in enumerate(lines) if line.startswith("deepseek-v3 fp32"))
     legend = lines[last_row + 2:]
@@ -130,10 +132,10 @@ def test_tables_drop_empty_columns_and_show_errors():
 
 def test_results_are_written_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    records = [_record("naive", 4.0)]
+    records = [_record("naive", 4.0), {**_record("naive", 9.0), "x": 16}]  # two sizes: a plot to draw
     harness.derive(records, None)
-    paths = harness.write_results(tmp_path, harness.metadata(quick=True), None, records, ["a note"])
-    assert sorted(p.name for p in paths) == ["bench.json", "bench.md"]
+    paths, no_plots = harness.write_results(tmp_path, harness.metadata(quick=True), None, records, ["a note"])
+    assert sorted(p.name for p in paths) == ["bench.json", "bench.md"] and no_plots == harness.NO_MATPLOTLIB
     assert "- a note" in (tmp_path / "bench.md").read_text()
 
 
@@ -201,7 +203,9 @@ def test_cpu_quick_runs_each_benchmarks_first_case(tmp_path, monkeypatch, capsys
     assert all(c is next(d for d in cases if d.bench == c.bench) for c in picked)
 
     monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    capsys.readouterr()
     assert run.main(["--quick", "--out", str(tmp_path), "--only", "plan", "--only", "route"]) == 0
+    assert capsys.readouterr().out.splitlines().count(harness.ONE_SIZE) == 1  # no plot, and the console says why
     records = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [(r["bench"], r["group"], r["x"], r["impl"]) for r in records] == [
         ("plan", "mixtral-8x7b", 1, "naive"), ("plan", "mixtral-8x7b", 1, "torch"),
@@ -402,9 +406,9 @@ def test_permute_sweeps_hold_the_target_and_skip_the_largest():
 
 
 def test_plan_and_permute_notes_report_the_targets():
-    def rec(bench, group, x, impl, us, frac=None):
+    def rec(bench, group, x, impl, us, frac=None, method="graph"):
         return {"bench": bench, "group": group, "x": x, "impl": impl, "error": None,
-                "time_us": {"median": us}, "roofline_fraction": frac}
+                "time_us": {"median": us}, "roofline_fraction": frac, "method": method}
 
     plan = [rec("plan", "deepseek-v3", 4096, "triton", 12.0),
             rec("plan", "deepseek-v3 B=64", 4096, "triton", 21.0),
@@ -414,6 +418,9 @@ def test_plan_and_permute_notes_report_the_targets():
     assert len(lines) == 2
     assert lines[0].startswith("plan deepseek-v3 T=4096 triton: 12.0 us") and lines[0].endswith(": met")
     assert lines[1].startswith("plan deepseek-v3 B=64 T=4096 triton") and lines[1].endswith("not met")
+    # CPU timings (a dry run) meet or miss no target.
+    assert bench_plan.notes([rec("plan", "deepseek-v3", 4096, "triton", 12.0, method="wall")]) == [
+        f"plan deepseek-v3 T=4096 triton: 12.0 us, target <= 15 us (H200): {harness.NOT_MEASURED}"]
 
     permute = [rec("permute", "deepseek-v3 permute", 16384, "triton", 1.0, 0.85),
                rec("permute", "deepseek-v3 unpermute", 16384, "triton", 1.0, 0.5),
@@ -1417,11 +1424,11 @@ def test_distributed_scaling_rate_is_the_measured_h200_roofline():
     assert round(roofline["mm_bf16_tflops"]) == bd.MM_BF16_TFLOPS
 
 
-def test_readme_scaling_section_holds_the_computed_table():
-    readme = (REPO / "README.md").read_text()
-    headings = re.findall(r"^## .*$", readme, flags=re.M)
+def test_api_docs_scaling_section_holds_the_computed_table():
+    api = (REPO / "docs" / "API.md").read_text()
+    headings = re.findall(r"^## .*$", api, flags=re.M)
     assert headings.index("## Expert parallelism: scaling") + 1 == headings.index("## Backends")
-    section = readme.split("## Expert parallelism: scaling")[1].split("## Backends")[0]
+    section = api.split("## Expert parallelism: scaling")[1].split("## Backends")[0]
     assert bd.scaling_markdown() in section
 
 

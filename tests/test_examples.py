@@ -29,3 +29,5 @@ def test_example_runs(script, tmp_path):
                          timeout=600)
     assert out.returncode == 0, f"{script.name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
     assert any(line.startswith("check:") for line in out.stdout.splitlines()), out.stdout
+    # Nothing a user did not ask for: Kineto's profiler printed "USDT: ... profiler_start" lines.
+    assert "profiler_start" not in out.stdout + out.stderr, out.stderr[-2000:]

@@ -409,6 +409,76 @@ def test_fused_moe_autocast_keeps_router_weights(backend):
     assert tw.grad.dtype == torch.float32
 
 
+# DeepSeek-V3's router at a small size: E = 64 sigmoid scores in 8 groups, 4 of them kept, top-8.
+# Under bf16 autocast the gate's logits were bf16 and 46 of 2,048 tokens got another expert set.
+GROUPED = dict(scoring="sigmoid", n_group=8, topk_group=4)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("routing", [GROUPED, dict(scoring="softmax")], ids=["grouped_sigmoid", "softmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_module_router_dtype_under_autocast(dtype, routing, backend):
+    """router_dtype=float32 routes on float32 logits under bf16 autocast: the ids autocast picks are
+    those picked without it, exactly (256 tokens; bf16 logits change some of them)."""
+    torch.manual_seed(0)
+    layer = moekernels.MoE(64, 16, 64, 8, dtype=dtype, router_dtype=torch.float32, backend=backend, **routing)
+    x = torch.randn(256, 64).to(dtype)
+    logits, weights, ids = layer.route(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_ac, weights_ac, ids_ac = layer.route(x)
+    assert logits_ac.dtype == torch.float32
+    assert torch.equal(ids_ac, ids) and torch.equal(weights_ac, weights) and torch.equal(logits_ac, logits)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_module_router_dtype_trains_under_autocast(backend):
+    """A float32 layer with router_dtype=float32 under bf16 autocast trains as the bf16 layer with a
+    float32 router (DeepSeek-V3's) does without autocast: the same output, losses and gradients
+    (float32 ones, the gate's included)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = moekernels.MoE(64, 32, 8, 2, router_dtype=torch.float32, backend=backend, **dict(GROUPED, n_group=4,
+                                                                                             topk_group=2))
+    by_hand = copy.deepcopy(layer)
+    by_hand.w_gate_up.data, by_hand.w_down.data = layer.w_gate_up.data.bfloat16(), layer.w_down.data.bfloat16()
+    x = torch.randn(2, 5, 64).bfloat16()  # bf16 values: the float32 router sees the same x in both
+
+    def loss_of(model, inp):
+        y = model(inp)
+        return y, y.float().square().mean() + 0.01 * model.aux_loss + 0.001 * model.z_loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, loss = loss_of(layer, x.float())
+    loss.backward()  # outside autocast, as torch.autocast's documentation asks
+    y_hand, loss_hand = loss_of(by_hand, x)
+    loss_hand.backward()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_hand) and rel_err(loss, loss_hand) <= 1e-6
+    assert layer.gate.weight.grad.dtype == torch.float32 and layer.gate.weight.grad.abs().sum() > 0
+    for (name, p), p_hand in zip(layer.named_parameters(), by_hand.parameters()):
+        assert p.grad.dtype == torch.float32 and rel_err(p.grad, p_hand.grad) <= 1e-6, name
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("layer_dtype, x_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["fp32_layer_bf16_x", "bf16_layer_fp32_x"])
+def test_module_mixed_precision_under_autocast(layer_dtype, x_dtype, backend):
+    """Under bf16 autocast an fp32 layer takes a bf16 x (an autocast nn.Linear's output) and a bf16
+    layer an fp32 x, as nn.Linear and fused_moe do: the layer is its router then fused_moe under
+    the same autocast. Outside autocast the mismatch is the input's error, as before."""
+    torch.manual_seed(0)
+    layer = moekernels.MoE(40, 24, 6, 2, num_shared_experts=1, dtype=layer_dtype, backend=backend)
+    x = torch.randn(13, 40).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        _, weights, ids = layer.route(x)
+        want = moekernels.fused_moe(x, layer.w_gate_up, layer.w_down, weights, ids, backend=backend)
+        want = want + layer.shared_experts(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    with pytest.raises(TypeError, match="x has dtype"):
+        layer(x)
+
+
 def test_module_bad_arguments():
     with pytest.raises(ValueError, match="top_k"):
         moekernels.MoE(16, 8, 4, 5)

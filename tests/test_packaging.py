@@ -3,9 +3,9 @@
 The sdist must carry everything the wheel needs (the CUDA sources, the tuned config tables, the
 license), so the wheel is built from the unpacked sdist, never from the repository, and imported
 from outside the repository. No network: the wheel builds without build isolation (the test
-extra installs setuptools and pybind11) and installs with --no-deps into a venv that sees the
-system's torch, triton and numpy. The nvcc build takes about a minute on 2 cores, so it runs
-once per session (module fixtures).
+extra installs setuptools and pybind11) and installs with --no-deps into a fresh venv that sees the
+running interpreter's torch, triton and numpy (see ``_venv``). The nvcc build takes about a minute
+on 2 cores, so it runs once per session (module fixtures).
 """
 
 import json
@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from moekernels import configs
+from test_docs import relative_links
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: the wheel's CUDA extension cannot build")
@@ -75,22 +76,63 @@ def wheel(sdist, tmp_path_factory):
     return path, log
 
 
+def _venv(root, python=sys.executable):
+    """A fresh venv at ``root`` that sees ``python``'s packages after its own; returns its python.
+
+    Not ``--system-site-packages``: that gives the venv the *base* interpreter's site-packages, and
+    where ``python`` is itself a venv (a newcomer's, with torch installed into it) the base holds no
+    torch. A .pth file in the new venv's site-packages instead adds ``python``'s site directories as
+    ``--system-site-packages`` would add the base's (``site.addsitedir``, so their own .pth files,
+    and those of a venv made this way, are read too). Without pip: ``python``'s pip, run by the
+    venv's python, installs into the venv."""
+    _run([str(python), "-m", "venv", "--without-pip", str(root)], cwd=root.parent)
+    code = ("import json, os, site\n"
+            "dirs = site.getsitepackages()\n"
+            "user = site.getusersitepackages() if site.ENABLE_USER_SITE else None\n"
+            "print(json.dumps([d for d in dirs + [user] if d and os.path.isdir(d)]))\n")
+    dirs = json.loads(_run([str(python), "-c", code], cwd=root, env=_env()).splitlines()[-1])
+    venv_python = root / "bin" / "python"
+    purelib = _run([str(venv_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   cwd=root, env=_env()).splitlines()[-1]
+    (Path(purelib) / "_moekernels_parent_site.pth").write_text(
+        "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs))
+    return venv_python
+
+
 @pytest.fixture(scope="module")
 def venv_python(wheel, tmp_path_factory):
-    """A fresh venv that sees the system's packages, with only the wheel installed into it."""
-    root = tmp_path_factory.mktemp("venv")
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / "env")], cwd=root)
-    python = root / "env" / "bin" / "python"
-    # The system's pip, run by the venv's python, installs into the venv.
+    """A fresh venv that sees the running interpreter's packages, with only the wheel installed into it."""
+    python = _venv(tmp_path_factory.mktemp("venv") / "env")
     _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir",
-          str(wheel[0])], cwd=root, env=_env())
+          str(wheel[0])], cwd=python.parents[2], env=_env())
     return python
 
 
-def test_sdist_is_complete(sdist):
+def test_a_venv_made_for_the_wheel_sees_the_running_interpreters_packages(tmp_path):
+    """The venv the wheel goes into imports this interpreter's torch, also when this interpreter is itself a venv
+    with packages of its own (here `outer`, holding a module its base has not): from a venv, a newcomer's setup,
+    ``--system-site-packages`` gave the base's packages only, and the wheel's import failed on 'No module named
+    torch'. Fast, no build: it runs without the slow tests too."""
+    outer = _venv(tmp_path / "outer")
+    purelib = _run([str(outer), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   cwd=tmp_path, env=_env()).splitlines()[-1]
+    (Path(purelib) / "moekernels_venv_probe.py").write_text("HERE = True\n")
+    inner = _venv(tmp_path / "inner", python=outer)
+    code = "import sys, torch, moekernels_venv_probe; print(sys.prefix); print(torch.__file__)"
+    for python in (outer, inner):
+        prefix, torch_file = _run([str(python), "-c", code], cwd=tmp_path, env=_env()).splitlines()[-2:]
+        assert Path(prefix) == python.parents[1]
+        assert Path(torch_file).resolve() == Path(torch.__file__).resolve()  # the running interpreter's torch
+
+
+def _sdist_names(sdist):
     with tarfile.open(sdist) as tar:
         top = sdist.name.removesuffix(".tar.gz")  # moekernels-0.1.0
-        names = {n.removeprefix(top + "/") for n in tar.getnames()}
+        return {n.removeprefix(top + "/") for n in tar.getnames()}
+
+
+def test_sdist_is_complete(sdist):
+    names = _sdist_names(sdist)
     csrc = {f"csrc/{p.name}" for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".cpp", ".h")}
     assert {"csrc/route.cu", "csrc/common.cuh", "csrc/bindings.cpp"} <= csrc
     assert csrc <= names, f"missing from the sdist: {sorted(csrc - names)}"
@@ -115,6 +157,8 @@ def test_wheel_from_the_sdist_has_the_extension_tables_and_license(wheel):
     assert [n for n in names if n.startswith("moekernels/_C.") and n.endswith(".so")], sorted(names)
     assert f"moekernels/configs/grouped_mm_{TABLE_GPU}.json" in names
     assert f"{dist_info}/licenses/LICENSE" in names
+    # What the sdist carries for the README's links stays out of the installed package.
+    assert not [n for n in names if n.startswith(("docs/", "examples/")) or "/results/" in n], sorted(names)
     headers = dict(ln.split(": ", 1) for ln in metadata.split("\n\n", 1)[0].splitlines() if ": " in ln)
     assert headers.get("License-Expression") == "Apache-2.0", metadata[:2000]
     assert headers.get("License-File") == "LICENSE"
@@ -142,3 +186,15 @@ def test_installed_wheel_imports_with_its_extension_outside_the_repository(venv_
     assert "topk_routing" in got["kernels"]
     assert TUNED != configs.default_gemm_config("plain", configs.rows_class(*TUNED_KEY[1:3]), 2)
     assert got["config"] == list(dataclasses.astuple(TUNED))  # the shipped table's entry, not the default
+
+
+def test_sdist_holds_every_file_the_readme_and_docs_link_to(sdist):
+    """The README is the package's description and links to docs/ and examples/; docs/ links on (a plot)."""
+    names = _sdist_names(sdist)
+    docs = ["README.md", *(n for n in sorted(names) if n.startswith("docs/") and n.endswith(".md"))]
+    assert "docs/API.md" in docs
+    for doc in docs:
+        for target, _ in relative_links(ROOT / doc):
+            if target:
+                assert target in names or any(n.startswith(target + "/") for n in names), \
+                    f"{doc} links to {target}, which the sdist does not hold"

@@ -5,6 +5,7 @@ merged, several at once; save and load."""
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -100,6 +101,15 @@ def spy(monkeypatch):
 
         monkeypatch.setattr(proxy, "forward", counted)
     return calls
+
+
+@pytest.fixture
+def peft_patch():
+    """Gives back, after the test, the patch state the other tests run under (PEFT's class is process-wide)."""
+    wrapper = peft_lora.ParamWrapper
+    saved = wrapper.__dict__["_activate_lora"], integration._peft_decided
+    yield wrapper
+    wrapper._activate_lora, integration._peft_decided = saved
 
 
 def experts_of(model):
@@ -249,12 +259,13 @@ def test_base_weights_that_require_grad_get_their_gradient(monkeypatch, spy):
         assert rel_err(got[1][n], ref[1][n]) <= 1e-5, n
 
 
-def test_peft_imported_after_the_integration(monkeypatch, spy):
+def test_peft_imported_after_the_integration(monkeypatch, peft_patch, spy):
     """PEFT imported after register(): the first forward under an adapter runs PEFT's own activation (which builds
     W + delta once, to check its parametrization) and patches it; the next forwards build nothing. Both right."""
     monkeypatch.setenv("MOEKERNELS_BACKEND", "torch")
-    wrapper = peft_lora.ParamWrapper
-    monkeypatch.setattr(wrapper, "_activate_lora", wrapper._activate_lora._moekernels_wraps)  # as before the patch
+    wrapper = peft_patch
+    integration.unpatch_peft()
+    monkeypatch.setattr(integration, "_peft_decided", False)  # as before the patch
     model = peft_model("mixtral")
     ref = run(model, "eager")[0]
     spy["materialized"] = 0
@@ -290,3 +301,99 @@ def test_save_and_load_adapter(tmp_path, monkeypatch, spy):
     check_lora_calls(spy, loaded, "qwen3_moe")
     assert spy["materialized"] == 0
     assert rel_err(logits, ref) <= 1e-6
+
+
+def logits(model, impl):
+    model.get_base_model().set_experts_implementation(impl)
+    with torch.no_grad():
+        return model(input_ids=inputs()[0]).logits
+
+
+class Scaled(torch.nn.Module):
+    """A parametrization of the user's own, under PEFT's: W * 1.25."""
+
+    def forward(self, w):
+        return w * 1.25
+
+
+@pytest.mark.parametrize("adapters", [("default",), ("default", "other")], ids=len)
+def test_adapters_under_another_parametrization_leave_it_alone(adapters, monkeypatch):
+    """A parameter that has a parametrization of its own (here on gate_up_proj): each forward adds the adapters' one
+    after it and removes it again, so after any number of forwards only the user's is left and every forward gives
+    PEFT's result (``eager``, on a fresh copy: PEFT 0.21.2's own single-adapter path leaves its proxy behind too).
+    PEFT's removal takes only its ``_LoraParameterProxy`` off a parameter with several parametrizations: one of ours
+    left behind would add the adapters' delta once more at every forward."""
+    monkeypatch.setenv("MOEKERNELS_BACKEND", "torch")
+    models = []
+    for _ in range(2):
+        models.append(lora("mixtral", adapters=adapters))
+        models[-1].base_model.set_adapter(list(adapters))
+        for experts in experts_of(models[-1]):
+            torch.nn.utils.parametrize.register_parametrization(experts, "gate_up_proj", Scaled())
+    model, fresh = models
+    ref = logits(fresh, "eager")
+    with fresh.disable_adapter():  # the user's parametrization matters too
+        assert rel_err(logits(fresh, "eager"), ref) > 0.05
+    for _ in range(4):
+        got = logits(model, "moekernels")
+        for experts in experts_of(model):
+            assert [type(p) for p in experts.parametrizations["gate_up_proj"]] == [Scaled]
+            assert "down_proj" not in experts.parametrizations
+        assert rel_err(got, ref) <= 1e-5
+
+
+def test_peft_outside_the_tested_versions_keeps_its_own_path(monkeypatch, peft_patch, spy):
+    """A PEFT other than 0.21.x may have another _activate_lora: it is left as it is, with one warning naming the
+    version and the opt-out, and the adapters still give PEFT's result."""
+    monkeypatch.setenv("MOEKERNELS_BACKEND", "torch")
+    original = peft_patch.__dict__["_activate_lora"]._moekernels_wraps
+    integration.unpatch_peft()
+    monkeypatch.setattr(integration, "_peft_decided", False)  # as a fresh process
+    monkeypatch.setattr(peft, "__version__", "0.22.0")
+    model = peft_model("mixtral")
+    ref = logits(model, "eager")
+    with pytest.warns(UserWarning, match=r"PEFT 0\.22\.0.*MOEKERNELS_PEFT_PATCH=0") as record:
+        integration.register()
+        got = [logits(model, "moekernels") for _ in range(2)]
+        integration.register()
+    assert len([w for w in record if "MOEKERNELS_PEFT_PATCH" in str(w.message)]) == 1
+    assert peft_patch.__dict__["_activate_lora"] is original
+    assert spy["materialized"] > 0 and all(rel_err(g, ref) <= 1e-5 for g in got)
+
+
+def test_opt_out_by_environment(monkeypatch, peft_patch, spy):
+    """MOEKERNELS_PEFT_PATCH=0: PEFT's _activate_lora stays PEFT's, silently; the adapters still give its result."""
+    monkeypatch.setenv("MOEKERNELS_BACKEND", "torch")
+    original = peft_patch.__dict__["_activate_lora"]._moekernels_wraps
+    integration.unpatch_peft()
+    monkeypatch.setattr(integration, "_peft_decided", False)
+    monkeypatch.setenv("MOEKERNELS_PEFT_PATCH", "0")
+    model = peft_model("mixtral")
+    ref = logits(model, "eager")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*MOEKERNELS_PEFT_PATCH")
+        integration.register()
+        got = logits(model, "moekernels")
+    assert peft_patch.__dict__["_activate_lora"] is original
+    assert spy["materialized"] > 0 and rel_err(got, ref) <= 1e-5
+
+
+def test_unpatch_and_patch_again(monkeypatch, peft_patch, spy):
+    """unpatch_peft() gives PEFT back its own _activate_lora, and the next forwards do not patch it again (W + delta
+    is built); patch_peft() patches it again (nothing the size of the weights is built)."""
+    monkeypatch.setenv("MOEKERNELS_BACKEND", "torch")
+    original = peft_patch.__dict__["_activate_lora"]._moekernels_wraps
+    model = peft_model("mixtral")
+    ref = logits(model, "eager")
+    integration.unpatch_peft()
+    integration.unpatch_peft()  # harmless
+    assert peft_patch.__dict__["_activate_lora"] is original
+    for _ in range(2):
+        spy["materialized"] = 0
+        assert rel_err(logits(model, "moekernels"), ref) <= 1e-5
+        assert spy["materialized"] > 0 and peft_patch.__dict__["_activate_lora"] is original
+    assert integration.patch_peft() and integration.patch_peft()  # idempotent
+    assert peft_patch.__dict__["_activate_lora"]._moekernels_wraps is original
+    spy["materialized"] = 0
+    assert rel_err(logits(model, "moekernels"), ref) <= 1e-5
+    assert spy["materialized"] == 0

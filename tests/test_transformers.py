@@ -213,7 +213,7 @@ def test_import_after_transformers_registers():
 
 
 def test_register_transformers_after_import_of_moekernels():
-    """moekernels first: transformers raises its own error (the one the README quotes) until
+    """moekernels first: transformers raises its own error (the one docs/API.md quotes) until
     moekernels.register_transformers() registers the backend; that returns the name and can be called again."""
     code = ("import sys, moekernels\n"
             "assert 'transformers' not in sys.modules\n" + _TINY +

@@ -26,11 +26,13 @@ PEFT: LoRA on the experts' parameters (``LoraConfig(target_parameters=["mlp.expe
 "mlp.experts.down_proj"])``, PEFT 0.21) runs ``fused_moe(..., lora=ExpertsLoRA(...))`` on the base weights, never
 ``W + scale * B A``. PEFT's ``ParamWrapper`` replaces the experts module in its parent (one wrapper per targeted
 parameter, nested) and runs the experts' forward inside ``_activate_lora``, which parametrizes the parameter as W +
-delta; for experts running ``"moekernels"`` it is patched (:func:`_patch_peft`) to register the factors unevaluated,
+delta; for experts running ``"moekernels"`` it is patched (:func:`patch_peft`) to register the factors unevaluated,
 and the forward takes A, B and the scale from them as views of PEFT's ``lora_A`` / ``lora_B`` weights (gradients go
 to them; the base weights get none). Several active adapters are concatenated along the rank; disabled or merged
 adapters leave the plain weight. Base weights that themselves require grad take PEFT's W + delta instead. PEFT
 refuses dropout, DoRA and LoRA biases on parameters itself.
+The patch replaces a method of PEFT's class, process-wide: only on PEFT 0.21.x (:data:`PEFT_TESTED`; another release
+keeps its own path, with one warning), not at all under ``MOEKERNELS_PEFT_PATCH=0``, and ``unpatch_peft()`` undoes it.
 
 ``moe_from_block(block)`` builds a :class:`moekernels.MoE` holding a copy of a Mixtral, Qwen3-MoE or DeepSeek-V3
 block's router, experts and shared experts. ``patch_experts(module, w13=..., w2=...)`` makes a module that holds
@@ -41,8 +43,11 @@ behind it.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import sys
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -62,7 +67,7 @@ except ImportError as exc:  # transformers 4.x has no experts interface
     ) from exc
 
 __all__ = ["BACKEND", "IMPLEMENTATION", "IMPLEMENTATION_FP8", "experts_forward", "moe_from_block", "moekernels_experts_forward",
-           "patch_experts", "register", "unpatch_experts"]
+           "patch_experts", "patch_peft", "register", "unpatch_experts", "unpatch_peft"]
 
 # act(gate) * up on concatenated [gate | up] columns: what @use_experts_implementation gives a class without its own
 # _apply_gate. Private in transformers; if it goes, every class with an _apply_gate runs the unfused stages (correct,
@@ -123,10 +128,30 @@ def _peft_lora_layer():
     return sys.modules.get("peft.tuners.lora.layer")
 
 
+# The PEFT releases whose ParamWrapper._activate_lora patch_peft replaces, as (major, minor): what tests/test_peft.py
+# runs (0.21.2). Another release may change the method under the same names; it keeps its own (W + delta, correct).
+PEFT_TESTED = ((0, 21),)
+# Whether _patch_peft has made its one automatic decision (patched, warned or opted out), or unpatch_peft() /
+# patch_peft() made it: after that only patch_peft() patches.
+_peft_decided = False
+
+
 def _patch_peft() -> None:
+    """The automatic :func:`patch_peft`: done once, by :func:`register` when PEFT is imported, else on the first
+    forward that meets an adapter; not at all under ``MOEKERNELS_PEFT_PATCH=0`` or after :func:`unpatch_peft`."""
+    global _peft_decided
+    if _peft_decided or _peft_lora_layer() is None:
+        return
+    _peft_decided = True
+    if os.environ.get("MOEKERNELS_PEFT_PATCH", "1") != "0":
+        patch_peft()
+
+
+def patch_peft() -> bool:
     """Make PEFT's ``ParamWrapper`` (``LoraConfig(target_parameters=[...])``) hand moekernels experts their adapters
-    as low-rank factors, never as W + delta. Idempotent; done by :func:`register` when PEFT is imported, else on the
-    first forward that meets an adapter.
+    as low-rank factors, never as W + delta; returns whether it is patched. Idempotent, and done on its own (see
+    :func:`_patch_peft`) unless ``MOEKERNELS_PEFT_PATCH=0``; :func:`unpatch_peft` undoes it. A PEFT release outside
+    :data:`PEFT_TESTED` is left as it is, with a warning.
 
     A ``ParamWrapper`` runs the experts' forward inside ``_activate_lora``, which registers a parametrization on the
     wrapped parameter: reading ``experts.gate_up_proj`` then evaluates ``W + scale * lhs @ rhs`` (one adapter:
@@ -138,11 +163,22 @@ def _patch_peft() -> None:
     W + delta for any other reader, and :func:`_weight_and_lora` takes its factors without evaluating it. Every
     other ``ParamWrapper`` (other experts implementations, other parameters) runs PEFT's own code.
     """
-    layer = _peft_lora_layer()
-    wrapper = getattr(layer, "ParamWrapper", None)
-    if (wrapper is None or hasattr(wrapper._activate_lora, "_moekernels_wraps")
+    global _peft_decided
+    _peft_decided = True
+    import peft
+    from peft.tuners.lora import layer
+
+    wrapper = layer.ParamWrapper
+    if hasattr(wrapper._activate_lora, "_moekernels_wraps"):
+        return True
+    version = getattr(peft, "__version__", "unknown")
+    if (tuple(int(v) for v in re.findall(r"\d+", version)[:2]) not in PEFT_TESTED
             or not hasattr(wrapper, "get_delta_factors") or not hasattr(layer, "_LoraFactorsProxy")):
-        return  # not imported, patched already, or a PEFT before 0.21 (its own W + delta, correct)
+        tested = ", ".join(f"{major}.{minor}.x" for major, minor in PEFT_TESTED)
+        warnings.warn(f"moekernels: PEFT {version} is not a release its LoRA patch was tested with ({tested}); "
+                      f"LoRA on the experts of {IMPLEMENTATION!r} models takes PEFT's own W + delta (correct, "
+                      f"slower). Set MOEKERNELS_PEFT_PATCH=0 to silence this.", stacklevel=2)
+        return False
     peft_activate = wrapper._activate_lora
 
     @contextlib.contextmanager
@@ -161,24 +197,42 @@ def _patch_peft() -> None:
         else:  # sum_i s_i lhs_i rhs_i = [s_0 lhs_0 | s_1 lhs_1 | ...] @ [rhs_0; rhs_1; ...]: adapter-sized copies
             proxy = layer._LoraFactorsProxy(torch.cat([lhs * s for lhs, _, s in factors], -1),
                                             torch.cat([rhs for _, rhs, _ in factors], -2), 1.0)
-        requires_grad = self.get_param().requires_grad
-        parametrize.register_parametrization(experts, self.parameter_name, proxy, unsafe=True)
-        experts.parametrizations[self.parameter_name].original.requires_grad_(requires_grad)
+        name, requires_grad = self.parameter_name, self.get_param().requires_grad
+        parametrize.register_parametrization(experts, name, proxy, unsafe=True)
+        experts.parametrizations[name].original.requires_grad_(requires_grad)
         try:
             with parametrize.cached():
                 yield
         finally:
-            self._remove_parametrizations()
+            # Not PEFT's _remove_parametrizations: on a parameter with other parametrizations it removes only a
+            # _LoraParameterProxy, so ours would stay and add the delta once more at every forward.
+            chain = experts.parametrizations[name]
+            if len(chain) == 1:
+                parametrize.remove_parametrizations(experts, name, leave_parametrized=False)
+            else:
+                del chain[next(i for i, p in enumerate(chain) if p is proxy)]
 
     _activate_lora._moekernels_wraps = peft_activate
     wrapper._activate_lora = _activate_lora
+    return True
+
+
+def unpatch_peft() -> None:
+    """Give PEFT's ``ParamWrapper`` its own ``_activate_lora`` back (undo :func:`patch_peft`), for good: LoRA on the
+    experts then takes PEFT's W + delta. :func:`patch_peft` patches again."""
+    global _peft_decided
+    _peft_decided = True
+    wrapper = getattr(_peft_lora_layer(), "ParamWrapper", None)
+    ours = getattr(wrapper, "_activate_lora", None)
+    if hasattr(ours, "_moekernels_wraps"):
+        wrapper._activate_lora = ours._moekernels_wraps
 
 
 def _weight_and_lora(experts: nn.Module, name: str):
     """The weight ``name`` of ``experts`` as stored, and its LoRA as ``(a [E, r, K], b [E, N, r], scale)`` in the
     [E, N, K] orientation (delta = scale * b @ a), or None.
 
-    Under a PEFT adapter (see :func:`_patch_peft`) the weight is parametrized by a ``_LoraFactorsProxy``: the base
+    Under a PEFT adapter (see :func:`patch_peft`) the weight is parametrized by a ``_LoraFactorsProxy``: the base
     weight and the factors are taken from it, without evaluating W + delta. Anything else is read as it is: no
     parametrization (no adapter, adapters disabled or merged into the weight) or another parametrization.
     """
@@ -292,8 +346,8 @@ def moekernels_fp8_experts_forward(self: nn.Module, hidden_states: torch.Tensor,
 
 def register() -> None:
     """Register ``"moekernels"`` and ``"moekernels_fp8"`` in transformers' ``ExpertsInterface``, and, if PEFT is
-    imported, let its LoRA reach these experts as factors (:func:`_patch_peft`). Done on import; calling it again
-    (after importing PEFT) is harmless."""
+    imported, let its LoRA reach these experts as factors (:func:`patch_peft`, unless ``MOEKERNELS_PEFT_PATCH=0``).
+    Done on import; calling it again (after importing PEFT) is harmless."""
     ExpertsInterface.register(IMPLEMENTATION, moekernels_experts_forward)
     ExpertsInterface.register(IMPLEMENTATION_FP8, moekernels_fp8_experts_forward)
     _patch_peft()

@@ -51,6 +51,34 @@ def round_e4m3(v):
 
 
 @triton.jit
+def e4m3_bits(v):
+    """float32 -> e4m3fn bytes (uint8) by integer operations, as the GPU's cvt.rn.satfinite:
+    rounded to nearest even, saturated to +-448 (inf too), NaN -> 0x7F. For GPUs whose Triton
+    cannot name e4m3 (sm_80, sm_86: kernels/_math.py, e4m3_to_float). torch's CPU cast gives the
+    same bytes, but for a negative NaN (0xFF)."""
+    c = tl.minimum(tl.maximum(v, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                   propagate_nan=tl.PropagateNan.ALL)
+    r = round_e4m3(c)
+    bits = r.to(tl.int32, bitcast=True)
+    exp = ((bits >> 23) & 0xFF) - 120  # e4m3's biased exponent (bias 7 = 127 - 120)
+    # Below 2**-6 the value is a subnormal m * 2**-9, m = 0..7 (exact: r is on e4m3's grid).
+    mag = tl.where(exp > 0, (exp << 3) | ((bits >> 20) & 7), (tl.abs(r) * 512.0).to(tl.int32))
+    out = tl.where(r == r, mag | ((bits >> 24) & 0x80), 0x7F)
+    return out.to(tl.uint8)
+
+
+@triton.jit
+def to_output(q, dtype: tl.constexpr):
+    """q as the output's element type: uint8 is e4m3's bytes where the GPU has no e4m3 type
+    (e4m3_bits); float8e4nv, or the unquantized copy's own type, a cast."""
+    if dtype == tl.uint8:
+        out = e4m3_bits(q)
+    else:
+        out = q.to(dtype)
+    return out
+
+
+@triton.jit
 def abs_or_inf(x):
     """|x|, with NaN mapped to +inf: the compiled max (max.f32, atomic max) drops NaN, but keeps
     inf, so a block's max is inf exactly when the block holds a NaN or an inf."""
@@ -108,7 +136,7 @@ def quantize_fp8_kernel(x_ptr, idx_ptr, q_ptr, scale_ptr, amax_ptr,
         tl.store(scale_ptr + b * stride_sb + blk_r * stride_sr + blk_c * stride_sc, scale, mask=blk_ok & first)
         s = tl.reshape(tl.broadcast_to(tl.reshape(scale, (NBR, 1, NBC, 1)), (NBR, BRF, NBC, BCF)), (TR, TC))
         out = q_ptr + b * R * C + rows.to(tl.int64)[:, None] * C + cols[None, :]
-        tl.store(out, quantize_values(x, s, FMAX).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(out, to_output(quantize_values(x, s, FMAX), q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -172,4 +200,4 @@ def transpose_segments_kernel(x_ptr, idx_ptr, offs_ptr, q_ptr, scale_ptr, R, C, 
         tl.store(scale_ptr + g.to(tl.int64) * C + cols, scale, mask=col_ok)
         x = tl.where(mask, quantize_values(x, scale[None, :], FMAX), 0.0)  # padding and spare tiles: zeros
     tl.store(q_ptr + cols.to(tl.int64)[None, :] * stride_qc + (g.to(tl.int64) * TILE + j)[:, None],
-             x.to(q_ptr.dtype.element_ty), mask=col_ok[None, :])
+             to_output(x, q_ptr.dtype.element_ty), mask=col_ok[None, :])

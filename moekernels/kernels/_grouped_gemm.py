@@ -48,7 +48,7 @@ elements, twice that for K = 14336); tile coordinates stay int32.
 import triton
 import triton.language as tl
 
-from ._math import dot
+from ._math import dot, e4m3_to_float
 
 
 @triton.jit
@@ -244,6 +244,35 @@ def _block_scaled_gated_loop(a, b, acc, acc_up, src, src64, row_ok, row0, e, e64
     return acc, _promote(acc_up, part_up, s_up, SWAP_AB)
 
 
+@triton.jit
+def _dequantized_loop(a, b, acc, acc_up, src64, row_ok, row0, e, e64, n0, N, K, num_k_tiles, width_b, stride_am,
+                      stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr, stride_sam, stride_sak, stride_sbe,
+                      stride_sbk, stride_sbn, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr,
+                      SWAP_AB: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (1, 128) x (128, 128) K loop where e4m3 arrives as bytes (no e4m3 MMA: sm_80, sm_86;
+    or the weight-only route): each K step's e4m3 tiles decoded, times their scales, rounded to
+    bf16 (x's type, weight-only, whose x is taken as it is: its scales are ones) and multiplied on
+    bf16 MMA into the float32 accumulators. No per-step product beside them: mma.sync holds its
+    operands in registers, and the wgmma loops' extra product tiles spilled 28 KB a thread there
+    (ptxas, sm_80, 64 x 128 x 128 at 4 warps). Within bf16's rounding of the operands (2**-9)."""
+    sb_ptr = b_scale_ptr + e64 * stride_sbe
+    for kk in range(0, num_k_tiles):
+        k0 = kk * BLOCK_K
+        a_tile = _load_a(a, src64, row_ok, row0, k0, K, stride_am, A_TMA, BLOCK_K)
+        if a_tile.dtype == tl.uint8:
+            sa = tl.load(a_scale_ptr + src64 * stride_sam + kk * stride_sak, mask=row_ok, other=0.0)
+            a_tile = (e4m3_to_float(a_tile, tl.float32) * sa[:, None]).to(tl.bfloat16)
+        gate = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K, BLOCK_N)
+        s_gate = tl.load(sb_ptr + kk * stride_sbk + (n0 // 128) * stride_sbn)
+        acc = _mma(a_tile, (e4m3_to_float(gate, tl.float32) * s_gate).to(a_tile.dtype), acc, SWAP_AB)
+        if ACT != 0:
+            up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
+                         BLOCK_N)
+            s_up = tl.load(sb_ptr + kk * stride_sbk + ((n0 + N) // 128) * stride_sbn)
+            acc_up = _mma(a_tile, (e4m3_to_float(up, tl.float32) * s_up).to(a_tile.dtype), acc_up, SWAP_AB)
+    return acc, acc_up
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_ptr, a_scale_ptr, b_scale_ptr,
                       lora_x, lora_w, num_rows, N, K, num_experts, gather_div, stride_am, stride_be, stride_bk,
@@ -272,6 +301,8 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
     last = tl.sum(tl.where(e_idx == num_experts - 1, ends, 0), 0)
     work = total + tl.cdiv(num_rows - last, BLOCK_M) * num_n
     acc_shape: tl.constexpr = (BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N)
+    # e4m3 weights as their bytes (grouped_gemm.fp8_bytes): no e4m3 MMA, or the weight-only route
+    B_BYTES: tl.constexpr = (b.dtype if B_TMA else b.dtype.element_ty) == tl.uint8
     for t in range(tl.program_id(0), work, tl.num_programs(0)):
         in_expert = t < total
         # One reduction finds both the expert of t (how many experts' tiles all come before it)
@@ -298,7 +329,12 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
         acc = tl.zeros(acc_shape, dtype=tl.float32)
         acc_up = tl.zeros(acc_shape, dtype=tl.float32)
         num_steps = tl.where(in_expert, num_k_tiles, 0)  # tail tiles: no K steps, zeros
-        if SCALE == 3 and ACT != 0:
+        if SCALE == 3 and B_BYTES:
+            acc, acc_up = _dequantized_loop(a, b, acc, acc_up, src64, row_ok, row0, e, e64, n0, N, K, num_steps,
+                                            width_b, stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr,
+                                            b_scale_ptr, stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn,
+                                            A_TMA, B_TMA, B_KMAJOR, SWAP_AB, ACT, BLOCK_K, BLOCK_N)
+        elif SCALE == 3 and ACT != 0:
             acc, acc_up = _block_scaled_gated_loop(a, b, acc, acc_up, src, src64, row_ok, row0, e, e64, n0, N, K,
                                                    num_steps, width_b, stride_am, stride_be, stride_bk, stride_bn,
                                                    a_scale_ptr, b_scale_ptr, stride_sam, stride_sak, stride_sbe,

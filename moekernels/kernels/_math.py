@@ -74,8 +74,33 @@ INTERPRET: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") =
 
 
 @triton.jit
+def e4m3_to_float(bits, dtype: tl.constexpr):
+    """e4m3fn values from their bytes (uint8), by integer operations, in ``dtype`` (bfloat16,
+    float16 or float32: each holds every e4m3 value exactly). Where the GPU has no e4m3 MMA
+    (sm_80, sm_86) Triton cannot name the type, so the launchers pass e4m3 tensors as their bytes.
+
+    e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; no inf; 0x7F and 0xFF are NaN. A
+    normal number moves to float32's fields as they are, its exponent rebiased by 120 (127 - 7);
+    a subnormal one (exponent 0) is m * 2**-9, exact in float32 (not a float32 subnormal: no
+    flush-to-zero can touch it)."""
+    b = bits.to(tl.int32)
+    exp_mant = b & 0x7F
+    normal = (exp_mant << 20) + (120 << 23)
+    subnormal = ((b & 7).to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)  # m * 2**-9
+    mag = tl.where((b & 0x78) == 0, subnormal, normal)
+    mag = tl.where(exp_mant == 0x7F, 0x7FC00000, mag)
+    return (mag | ((b & 0x80) << 24)).to(tl.float32, bitcast=True).to(dtype)
+
+
+@triton.jit
 def dot(a, b, acc):
-    """acc + a @ b, float32 accumulation; the one place that works around the interpreter."""
+    """acc + a @ b, float32 accumulation; the one place that works around the interpreter, and the
+    architecture: a uint8 operand holds e4m3 bytes (see e4m3_to_float), decoded here to the other
+    operand's type (bfloat16 when both are bytes), so the product runs on bf16 (fp16, tf32) MMA."""
+    if a.dtype == tl.uint8:
+        a = e4m3_to_float(a, tl.bfloat16 if b.dtype == tl.uint8 else b.dtype)
+    if b.dtype == tl.uint8:
+        b = e4m3_to_float(b, a.dtype)
     if INTERPRET:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
