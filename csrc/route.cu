@@ -73,7 +73,7 @@ template <typename T, int VPT, int LANES>
 __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
     const T* __restrict__ logits, const float* __restrict__ bias, float* __restrict__ weights,
     int32_t* __restrict__ ids, int64_t num_tokens, int num_experts, int64_t stride_t, int top_k,
-    bool softmax, bool renormalize, int n_group, int topk_group, float scale) {
+    bool softmax, bool renormalize, int n_group, int topk_group, float scale, float denom_scale) {
   const int lane = threadIdx.x % LANES;
   const int seg_base = (threadIdx.x & 31) - lane;  // first warp lane of this token's segment
   const unsigned seg_mask = LANES == 32 ? kFullMask : ((1u << LANES) - 1u) << seg_base;
@@ -91,11 +91,14 @@ __global__ void __launch_bounds__(kThreads) topk_routing_kernel(
     for (int i = 0; i < VPT; ++i) m = fmaxf(m, x[i]);
     m = seg_max<LANES>(m);
     if (m == -INFINITY) m = 0.0f;  // all NaN / -inf: exp 0 everywhere, 0 / 0 weights
-    double sum = 0.0;  // float64, rounded once: the summation order cannot change the bits
+    // reference.softmax_scores: the exps scaled by 2**s (exact), their integer parts summed in
+    // float64. Every partial sum is an integer <= 2**53, exact, so neither this loop's order nor
+    // the shuffle tree's can change the bits; rounded once to float32.
+    double sum = 0.0;
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
-      score[i] = exp_f32(__fsub_rn(x[i], m));
-      sum += static_cast<double>(score[i]);
+      score[i] = __fmul_rn(exp_f32(__fsub_rn(x[i], m)), denom_scale);
+      sum += static_cast<double>(floorf(score[i]));
     }
     const float denom = __double2float_rn(seg_sum<LANES>(sum));
 #pragma unroll
@@ -221,11 +224,14 @@ void launch(const void* logits, const float* bias, float* weights, int32_t* ids,
             int num_experts, int64_t stride_t, int top_k, bool softmax, bool renormalize, int n_group,
             int topk_group, float scale, cudaStream_t stream) {
   const T* in = static_cast<const T*>(logits);
+  int log2_e = 0;  // ceil(log2 E): reference.denominator_scale = 2**(53 - ceil(log2 E))
+  while ((1 << log2_e) < num_experts) ++log2_e;
+  const float denom_scale = ldexpf(1.0f, 53 - log2_e);
 #define MOEKERNELS_ROUTE(VPT, LANES)                                                           \
   topk_routing_kernel<T, VPT, LANES>                                                           \
       <<<static_cast<unsigned>((num_tokens * LANES + kThreads - 1) / kThreads), kThreads, 0,  \
          stream>>>(in, bias, weights, ids, num_tokens, num_experts, stride_t, top_k, softmax,  \
-                   renormalize, n_group, topk_group, scale)
+                   renormalize, n_group, topk_group, scale, denom_scale)
   if (num_experts <= 8) MOEKERNELS_ROUTE(1, 8);
   else if (num_experts <= 32) MOEKERNELS_ROUTE(1, 32);
   else if (num_experts <= 64) MOEKERNELS_ROUTE(2, 32);

@@ -27,22 +27,13 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 
-from .configs import HOPPER_SMEM_PER_SM as SM90_SMEM  # shared memory per SM (the largest carveout)
+from .configs import HOPPER
 
-HOPPER_SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block can opt into on sm_90
+# The occupancy rules of sm_90 (and of each architecture the compile matrix targets) are the
+# fields of configs.ArchLimits, from CUDA 13.0's cuda_occupancy.h.
+HOPPER_SMEM_LIMIT = HOPPER.smem_per_block  # bytes of shared memory one block can opt into on sm_90 (227 KB)
 # Triton's pointer type of each torch dtype a shipped kernel takes (names, so torch stays unimported).
-TRITON_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float8_e4m3fn": "*fp8e4nv"}
-
-# The occupancy rules of sm_90, from CUDA 13.0's cuda_occupancy.h (the calculator the driver's own
-# cudaOccupancyMaxActiveBlocksPerMultiprocessor implements):
-SM90_REGISTERS = 65536  # the register file of an SM, in four sub-partitions of 16384
-SM90_SUB_PARTITIONS = 4  # a warp's registers come from one sub-partition
-SM90_REG_GRANULE = 256  # registers are allocated per warp, rounded up to 256 (8 a thread)
-SM90_MAX_WARPS = 64  # 2048 threads per SM
-SM90_MAX_BLOCKS = 32
-SM90_SMEM_RESERVED = 1024  # the driver reserves 1 KB of it per block (reservedSharedMemPerBlock)
-SM90_SMEM_GRANULE = 128
-SM90_BARRIERS = 64  # named barriers per SM: 2 x the 32 blocks
+TRITON_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16", "float8_e4m3fn": "*fp8e4nv", "uint8": "*u8"}
 
 
 def ptr(dtype) -> str:
@@ -75,13 +66,14 @@ class Variant:
     per_token: dict | None = None
 
 
-def shipped_variants() -> list[Variant]:
-    """Every stage's shipped variants, from the registry (moekernels/_sm90_registry.py)."""
+def shipped_variants(capability: int = 90) -> list[Variant]:
+    """Every stage's shipped variants, from the registry (moekernels/_sm90_registry.py), with the
+    configs their launchers pick on ``capability`` (moekernels/_matrix.py compiles the others)."""
     import moekernels  # noqa: F401  (importing the package imports every stage, which registers)
 
     from ._sm90_registry import REGISTRY
 
-    return [v for fn in REGISTRY.values() for v in fn()]
+    return [v for fn in REGISTRY.values() for v in fn(capability)]
 
 
 @dataclass
@@ -143,13 +135,14 @@ def _run(cmd: list[str]) -> str:
     return out.stdout + out.stderr
 
 
-def _ptxas_info(ptx: str, fmad: bool = True) -> dict:
-    """Spills and stack frame from ``ptxas -v``, with Triton's --fmad flag so the code matches."""
+def _ptxas_info(ptx: str, fmad: bool = True, gpu_name: str = "sm_90a", ptxas: str | None = None) -> dict:
+    """Spills and stack frame from ``ptxas -v``, with Triton's --fmad flag so the code matches
+    (``ptxas``: the binary, for another ``gpu_name`` than sm_90a; the wheel's by default)."""
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        log = _run([ptxas_path(), "-v", *([] if fmad else ["--fmad=false"]), "--gpu-name", "sm_90a", src,
+        log = _run([ptxas or ptxas_path(), "-v", *([] if fmad else ["--fmad=false"]), "--gpu-name", gpu_name, src,
                     "-o", os.path.join(tmp, "k.cubin")])
 
     def grab(pattern: str, default: int | None = None) -> int:
@@ -171,16 +164,23 @@ def _ptxas_info(ptx: str, fmad: bool = True) -> dict:
 def _cubin_info(cubin: bytes, sass: bool = True) -> tuple[dict, str]:
     """Registers and static shared memory of the cubin Triton built, and its SASS if ``sass`` (a
     second of nvdisasm each: only the matrix kernels' K loops are read from it)."""
+    usage = res_usage(cubin)
+    sass = _disassemble(cubin, "-c") if sass else ""
+    return {"registers": usage["registers"], "shared_static": usage["shared_static"]}, sass
+
+
+def res_usage(cubin: bytes) -> dict:
+    """``cuobjdump -res-usage`` of a cubin, for any architecture: registers a thread, stack frame
+    and local memory (bytes a thread: a spill needs them), static shared memory (bytes a block)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
         usage = _run([_nvidia_bin("cuobjdump"), "-res-usage", path])
-    sass = _disassemble(cubin, "-c") if sass else ""
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if m is None:
-        raise RuntimeError(f"cuobjdump -res-usage printed no REG/SHARED:\n{usage}")
-    return {"registers": int(m.group(1)), "shared_static": int(m.group(3))}, sass
+        raise RuntimeError(f"cuobjdump -res-usage printed no REG/STACK/SHARED/LOCAL:\n{usage}")
+    return dict(zip(("registers", "stack", "shared_static", "local"), map(int, m.groups())))
 
 
 def _disassemble(cubin: bytes, *flags: str) -> str:
@@ -195,20 +195,22 @@ def _disassemble(cubin: bytes, *flags: str) -> str:
 # ----------------------------------------------------------------------------- occupancy
 
 
-def occupancy(registers: int, threads: int, shared: int, barriers: int = 1) -> tuple[int, str]:
-    """Programs (blocks) of ``threads`` threads resident on one sm_90 SM at once, and the limit that
-    binds: cuda_occupancy.h's rules. Registers go to warps in 256-register units (a thread's count
-    rounded up to 8), each warp from one of 4 sub-partitions of 16384; at most 64 warps and 32
-    blocks; ``shared`` bytes per block plus the 1 KB the driver reserves, in 128-byte units, out of
-    228 KB; 64 named barriers. ``shared`` counts what ptxas placed statically too (callers add it)."""
+def occupancy(registers: int, threads: int, shared: int, barriers: int = 1, arch=None) -> tuple[int, str]:
+    """Programs (blocks) of ``threads`` threads resident on one SM of ``arch`` (a configs.ArchLimits;
+    sm_90 by default) at once, and the limit that binds: cuda_occupancy.h's rules. On sm_90:
+    registers go to warps in 256-register units (a thread's count rounded up to 8), each warp from
+    one of 4 sub-partitions of 16384; at most 64 warps and 32 blocks; ``shared`` bytes per block
+    plus the 1 KB the driver reserves, in 128-byte units, out of 228 KB; 64 named barriers.
+    ``shared`` counts what ptxas placed statically too (callers add it)."""
+    a = arch or HOPPER
     warps = -(-threads // 32)
-    per_warp = -(-registers * 32 // SM90_REG_GRANULE) * SM90_REG_GRANULE
-    by_regs = (SM90_REGISTERS // SM90_SUB_PARTITIONS // per_warp) * SM90_SUB_PARTITIONS // warps if per_warp else 99
-    smem = -(-(shared + SM90_SMEM_RESERVED) // SM90_SMEM_GRANULE) * SM90_SMEM_GRANULE
-    fits = registers <= 255 and per_warp * -(-warps // SM90_SUB_PARTITIONS) * SM90_SUB_PARTITIONS <= SM90_REGISTERS
-    limits = {"registers": by_regs if fits else 0, "warps": SM90_MAX_WARPS // warps,
-              "blocks": SM90_MAX_BLOCKS, "shared memory": SM90_SMEM // smem if shared <= HOPPER_SMEM_LIMIT else 0,
-              "barriers": SM90_BARRIERS // barriers if barriers else SM90_MAX_BLOCKS}
+    per_warp = -(-registers * 32 // a.reg_granule) * a.reg_granule
+    by_regs = (a.registers // a.sub_partitions // per_warp) * a.sub_partitions // warps if per_warp else 99
+    smem = -(-(shared + a.smem_reserved) // a.smem_granule) * a.smem_granule
+    fits = registers <= a.max_registers and per_warp * -(-warps // a.sub_partitions) * a.sub_partitions <= a.registers
+    limits = {"registers": by_regs if fits else 0, "warps": a.max_warps // warps,
+              "blocks": a.max_blocks, "shared memory": a.smem_per_sm // smem if shared <= a.smem_per_block else 0,
+              "barriers": a.barriers // barriers if barriers else a.max_blocks}
     limit = min(limits, key=limits.get)
     return limits[limit], limit
 
@@ -460,14 +462,19 @@ def _tile_bytes(line: str) -> int:
 # ----------------------------------------------------------------------------- compile
 
 
-def compile_variant(v: Variant) -> Report:
+def compile_kernel(v: Variant, capability: int = 90):
+    """``triton.compile`` of a variant for ``GPUTarget("cuda", capability, 32)``, no device needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     attrs = {(v.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in v.aligned}
     src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=v.options)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=v.options)
+
+
+def compile_variant(v: Variant) -> Report:
+    kernel = compile_kernel(v)
     ptx = kernel.asm["ptx"]
     cubin, sass = _cubin_info(kernel.asm["cubin"], sass=v.matrix)
     per_token = None

@@ -267,17 +267,39 @@ SM90_FP8_GEMMS = {
 }
 
 
+# The weight-only GEMMs (bf16 tokens, e4m3 weights: fused_moe where the GPU has no e4m3 MMA) at
+# DeepSeek-V3's shapes: GEMM 1 gathering with SwiGLU (prefill and decode), GEMM 2 scattering.
+WEIGHT_ONLY_GEMMS = {
+    "w8a16_block_gather_gated_kmajor": ("gather+gated", 512, 2048, 7168),
+    "w8a16_block_gather_gated_decode": ("gather+gated", 4, 2048, 7168),
+    "w8a16_block_scatter_kmajor": ("scatter", 512, 7168, 2048),
+}
+
+
 @_sm90_registry.register
-def sm90_variants():
+def sm90_variants(capability: int = 90):
+    """The fp8 kernels' compile jobs for ``capability``. Where the GPU has no e4m3 MMA
+    (configs.fp8_path "bytes": sm_80, sm_86) every e4m3 operand is its bytes (``u8``:
+    grouped_gemm.fp8_bytes), and the weight-only GEMMs that fused_moe runs there are added."""
+    import dataclasses
+
     from . import _sm90, grouped_gemm
     from .kernels._fp8 import quantize_fp8_kernel as fn
 
+    arch = configs.arch_limits(capability)
+    as_bytes = configs.fp8_path(arch) == "bytes"
     out = []
     for name, (variant, per_expert, n, k, scale) in SM90_FP8_GEMMS.items():
-        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3)
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3, arch=arch)
         launch = "+".join(p for p in variant.split("+") if p != "colscale")
         out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, True, scale=scale,
-                                                out_dtype=torch.bfloat16, col_major_a_scale=launch != variant))
+                                                out_dtype=torch.bfloat16, col_major_a_scale=launch != variant,
+                                                weight_bytes=as_bytes, tma=arch.tma))
+    for name, (variant, per_expert, n, k) in WEIGHT_ONLY_GEMMS.items() if as_bytes else ():
+        # The launcher picks an e4m3 weight's config (128-wide K steps) for a bf16 x too.
+        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=True, arch=arch)
+        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", variant, cfg, torch.bfloat16, True,
+                                                scale=3, weight_bytes=True, tma=arch.tma))
     for name, (granularity, rows, cols, dtype, gather) in SM90_QUANTS.items():
         br, bc = block_shape(granularity, rows, cols)
         cfg = configs.quant_config(br, bc, rows, cols)
@@ -294,47 +316,12 @@ def sm90_variants():
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         out.append(grouped_gemm.segments_variant(f"quantize_fp8_segments/{name}", dtype, FP8, SEGMENT_TILE,
                                                  fmax=FP8_MAX))
-    cfg = wgrad_config(32768, 256, 2048, 7168, "h200")
+    cfg = wgrad_config(32768, 256, 2048, 7168, "h200" if capability == 90 else None, arch)
     out.append(grouped_gemm._dw_variant("fp8_grouped_mm/wgrad_segments", cfg, FP8, False, scaled=True))
+    if as_bytes:  # the rest as their bytes too; Hopper's resource table has no row for them
+        out = [dataclasses.replace(v, signature={a: t.replace("fp8e4nv", "u8") for a, t in v.signature.items()},
+                                   launch_key=None) for v in out]
     return out
-
-
-# The weight-only GEMMs (bf16 tokens, e4m3 weights: fused_moe where the GPU has no e4m3 MMA) at
-# DeepSeek-V3's shapes: GEMM 1 gathering with SwiGLU (prefill and decode), GEMM 2 scattering.
-SM80_WEIGHT_ONLY = {
-    "w8a16_block_gather_gated_kmajor": ("gather+gated", 512, 2048, 7168),
-    "w8a16_block_gather_gated_decode": ("gather+gated", 4, 2048, 7168),
-    "w8a16_block_scatter_kmajor": ("scatter", 512, 7168, 2048),
-}
-
-
-def sm80_variants():
-    """The fp8 kernels as a GPU without e4m3 MMA (sm_80, sm_86) runs them, every e4m3 operand as
-    its bytes (``u8``: grouped_gemm.fp8_bytes): the shipped fp8 GEMMs (sm90_variants'), the
-    weight-only ones, and every other shipped variant that takes e4m3 (an ``fp8e4nv`` pointer:
-    the quantize kernels, the wgrad GEMM, the fp8 permute). The compile jobs of moekernels/_sm90.py's
-    Variant, for ``GPUTarget("cuda", 80, 32)`` (tests/test_fp8_sm80.py)."""
-    import dataclasses
-
-    from . import _sm90, grouped_gemm
-
-    out = []
-    for name, (variant, per_expert, n, k, scale) in SM90_FP8_GEMMS.items():
-        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=scale == 3)
-        launch = "+".join(p for p in variant.split("+") if p != "colscale")
-        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", launch, cfg, FP8, True, scale=scale,
-                                                out_dtype=torch.bfloat16, col_major_a_scale=launch != variant,
-                                                weight_bytes=True))
-    for name, (variant, per_expert, n, k) in SM80_WEIGHT_ONLY.items():
-        # The launcher picks an e4m3 weight's config (128-wide K steps) for a bf16 x too.
-        cfg = grouped_gemm.sm90_config(variant, per_expert, n, k, FP8, block_scaled=True)
-        out.append(grouped_gemm.forward_variant(f"fp8_grouped_mm/{name}", variant, cfg, torch.bfloat16, True,
-                                                scale=3, weight_bytes=True))
-    gemms = {v.name for v in out}
-    out += [dataclasses.replace(v, signature={a: t.replace("fp8e4nv", "u8") for a, t in v.signature.items()})
-            for v in _sm90.shipped_variants()
-            if v.name not in gemms and any("fp8e4nv" in t for t in v.signature.values())]
-    return [dataclasses.replace(v, launch_key=None) for v in out]
 
 
 # ----------------------------------------------------------------------------- scaled GEMMs
@@ -544,17 +531,19 @@ def quantize_fp8_segments(x: torch.Tensor, offs: torch.Tensor, *, pow2_scale: bo
     return segments_op(x, offs, bool(pow2_scale), backend or "")
 
 
-def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None):
+def wgrad_config(rows: int, num_experts: int, n: int, k: int, gpu: str | None, arch=configs.HOPPER):
     """The fp8 weight gradient's tiles: the weight-gradient config with one token tile (128) a K
     step, and a 64 x 128 output tile for one warpgroup a program. Each token tile's product is
     promoted after a wait_group 0 (triton 3.6), so a second resident program has to fill the
     tensor cores meanwhile, as in the forward's block loop (configs.default_gemm_config): at
     64 x 128 x 128, 4 warps and 3 stages ptxas (sm_90a) gives 255 registers, no spills, 73 KB: two
-    programs an SM; the 128 x 128 tile at 8 warps (247 registers, 96 KB) fits one."""
+    programs an SM; the 128 x 128 tile at 8 warps (247 registers, 96 KB) fits one. Fitted to ``arch``
+    (configs.fit_gemm_config) after the change of tiles."""
     import dataclasses
 
-    return dataclasses.replace(configs.grouped_mm_config("dw", rows, num_experts, n, k, FP8, gpu),
-                               BLOCK_M=SEGMENT_TILE, BLOCK_K=64, num_warps=4)
+    cfg = dataclasses.replace(configs.grouped_mm_config("dw", rows, num_experts, n, k, FP8, gpu, arch=arch),
+                              BLOCK_M=SEGMENT_TILE, BLOCK_K=64, num_warps=4)
+    return configs.fit_gemm_config(cfg, FP8.itemsize, "dw", arch)
 
 
 @torch.library.custom_op("moekernels::grouped_mm_dw_fp8", mutates_args=())
@@ -570,9 +559,9 @@ def dw_fp8_op(a_t: torch.Tensor, a_scale: torch.Tensor, b_t: torch.Tensor, b_sca
         out.copy_(reference.grouped_mm_dw_fp8(a_t, a_scale, b_t, b_scale, offs, rows, tile=SEGMENT_TILE))
         return out
     if out.numel():
-        from .grouped_gemm import gpu_name, launch_dw_kernel
+        from .grouped_gemm import device_arch, gpu_name, launch_dw_kernel
 
-        cfg = wgrad_config(rows, num_experts, n, k, gpu_name(a_t.device))
+        cfg = wgrad_config(rows, num_experts, n, k, gpu_name(a_t.device), device_arch(a_t.device))
         launch_dw_kernel(a_t, b_t, offs, out, cfg, rows, transposed=True, scales=(a_scale, b_scale))
     return out
 

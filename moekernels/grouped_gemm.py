@@ -54,6 +54,20 @@ def gpu_name(device: torch.device) -> str | None:
     return next((g for g in ("h200", "h100") if g in name.lower()), None)
 
 
+def device_arch(device: torch.device) -> configs.ArchLimits:
+    """The architecture limits the configs of a launch on ``device`` are fitted to: its compute
+    capability's (configs.device_limits, checked against what the device reports, once per device);
+    Hopper's for CPU tensors, whose interpreted launches take the configs the sm_90 contract holds."""
+    if device.type != "cuda":
+        return configs.HOPPER
+    return _device_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _device_limits(index: int) -> configs.ArchLimits:
+    return configs.device_limits(_gpu_props(index))
+
+
 def num_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
@@ -175,16 +189,22 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     storage, kmajor = _weight_storage(w)
     if scales is not None and not kmajor:
         check_fp8_weight("w", w)  # raises: the kernel has no N-major e4m3 path
+    arch = device_arch(x.device)
     # e4m3 as bytes, decoded to the other operand's type in the kernel (kernels/_math.py, dot).
     x, storage = fp8_bytes(x), fp8_bytes(storage, force=x.dtype != w.dtype)
-    a_tma = a_index is None and _tma_ok(x)
+    # Descriptors only where the architecture has TMA: Triton 3.6 lowers them on sm_80 and sm_89 to
+    # plain loads, unpipelined (the 128x128x64 bf16 tiles took 32 KB of shared memory, one stage)
+    # and spilling at 255 registers (the decode tiles: 228 B); 16-byte pointer loads pipeline by
+    # cp.async there without spills (_matrix, sm_80: the decode tiles at 168 registers).
+    a_tma = a_index is None and _tma_ok(x) and arch.tma
     # The up half of a gated [K, 2N] weight starts at column N: with N inner (not kmajor) that
     # tile's start must be 16-byte aligned too (bf16 N = 4 is 8 bytes: the interpreter asserts).
-    b_tma = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
-    if not b_tma:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
+    aligned = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
+    if not aligned:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
+    b_tma = aligned and arch.tma
     cfg = configs.grouped_mm_config(variant, rows, num_experts, n, k, w.dtype, gpu_name(x.device),
-                                    block_scaled=scales is not None and scales[0] == 3, kmajor=kmajor)
+                                    block_scaled=scales is not None and scales[0] == 3, kmajor=kmajor, arch=arch)
     if cfg.SPLIT_GATED:  # a decode step too small to fill the GPU: see configs.split_gated_decode
         z = out.new_empty(rows, 2 * n, dtype=torch.float32)  # float32: one rounding, as the fused epilogue
         _launch(x, w, offs, z, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div, scales=scales,
@@ -204,7 +224,7 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
                            scatter=c_index is not None, act=act, scale=scale_mode,
                            block_e=triton.next_power_of_2(num_experts), rank=rank if lora is not None else None)
     stages = num_stages(cfg, scale_mode, act, storage.dtype == torch.uint8)
-    per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages) if x.is_cuda else 1
+    per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages, arch) if x.is_cuda else 1
     dummy = offs
     if scale_mode == 3:
         assert cfg.BLOCK_K == 128 and 128 % cfg.BLOCK_N == 0, f"block-scaled fp8 needs 128-wide K steps: {cfg}"
@@ -227,22 +247,23 @@ def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale,
                 BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)
 
 
-def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int) -> int:
-    """Persistent programs per SM of a grouped_mm_kernel launch: what its sm_90a compile allows
-    (configs/sm90_resources.json, registers and shared memory read from ptxas's cubin), so that the
-    grid never holds a second wave it assumed resident; the estimate for a config the table lacks
-    (a tuned table's config not among the shipped ones)."""
-    key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype, cx, cfg.num_warps, stages)
-    per_sm = configs.sm90_programs_per_sm(key)
-    if per_sm is not None:
-        return per_sm
+def programs_per_sm(cfg, cx: dict, dtype, out_dtype, stages: int, arch: configs.ArchLimits = configs.HOPPER) -> int:
+    """Persistent programs per SM of a grouped_mm_kernel launch: on sm_90, what its sm_90a compile
+    allows (configs/sm90_resources.json, registers and shared memory read from ptxas's cubin), so
+    that the grid never holds a second wave it assumed resident; the estimate for ``arch``
+    otherwise, and for a config the table lacks (a tuned table's config not among the shipped ones)."""
+    if arch.capability == 90:
+        key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype, cx, cfg.num_warps, stages)
+        per_sm = configs.sm90_programs_per_sm(key)
+        if per_sm is not None:
+            return per_sm
     if cx["LORA"]:  # the segment's tiles add 1-90 registers (configs.lora_block): never assume a second program
         return 1
     # float32 tiles held: block-scaled fp8 adds the per-step products (two, in flight and being
     # promoted, without an activation; one with it).
     scaled = cx["SCALE"] == 3
     accumulators = (2 if cx["ACT"] else 1) * (2 if scaled else 1) + (scaled and not cx["ACT"])
-    return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators)
+    return configs.programs_per_sm(cfg, dtype.itemsize, "gated" if cx["ACT"] else "plain", accumulators, arch)
 
 
 # Channels a program of the segment transpose: TILE x 64 values (fp8's 128-token tiles: 32 float32
@@ -278,7 +299,8 @@ def _launch_dw(a, grad, offs, out, *, a_index=None, gather_div=1):
     """out[e] = A[seg e]^T @ grad[seg e], out [E, K, N] of any strides."""
     num_experts, k, n = out.shape
     rows = grad.shape[0]
-    cfg = configs.grouped_mm_config("dw", rows, num_experts, n, k, a.dtype, gpu_name(a.device))
+    cfg = configs.grouped_mm_config("dw", rows, num_experts, n, k, a.dtype, gpu_name(a.device),
+                                    arch=device_arch(a.device))
     if a.dtype != torch.float32:
         launch_dw_kernel(_rows(a), _rows(grad), offs, out, cfg, rows, a_index=a_index, gather_div=gather_div)
         return
@@ -808,32 +830,33 @@ def segments_variant(name, dtype, out_dtype, tile, *, fmax=None, gather=False):
 
 
 def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=None, col_major_a_scale=False,
-                    weight_bytes=False):
+                    weight_bytes=False, tma=True):
     """The sm_90 compile job of one grouped_mm_kernel launch: ``variant`` is plain, gather (rows by
     pointer), unaligned (both operands by pointer), gated or scatter, and ``+lora<r>`` for a
     low-rank segment of rank r (lora_x [M, r] contiguous, lora_w the [E, r, N] view of PEFT's
     [E, N, r] B: its rank stride 1, which Triton specialises; in the output dtype, fp8's compute
     dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too;
     ``weight_bytes``: the launch of a GPU without e4m3 MMA, or of the weight-only route (a 16-bit
-    dtype), every e4m3 operand as its bytes (fp8_bytes: fp8.sm80_variants)."""
+    dtype), every e4m3 operand as its bytes (fp8_bytes: fp8.sm90_variants on sm_80); ``tma``: whether the
+    architecture has TMA (without it, 16-byte aligned pointers, as _launch)."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
     parts = variant.split("+")
     gather, unaligned = "gather" in parts, "unaligned" in parts
-    pointers = gather or unaligned
+    pointers = gather or unaligned or not tma
     rank = next((int(p.removeprefix("lora")) for p in parts if p.startswith("lora")), None)
-    cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=not unaligned, kmajor=kmajor, gather=gather,
+    cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=tma and not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128,
                            rank=rank)
     stages = num_stages(cfg, scale, cx["ACT"], weight_bytes)
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
     # and up halves are two) by TMA; the unaligned fallback's plain loads claim nothing.
-    b_path = "pointer" if unaligned else "tma"
-    loads = {"a": "cp.async" if gather else ("pointer" if unaligned else "tma"),
+    b_path = "pointer" if unaligned else ("tma" if tma else "cp.async")
+    loads = {"a": "cp.async" if gather or not tma else ("pointer" if unaligned else "tma"),
              **({"w_gate": b_path, "w_up": b_path} if cx["ACT"] else {"w": b_path})}
-    if unaligned:  # the weight's unit stride, which Triton specialises as the constant 1
+    if not cx["B_TMA"]:  # the weight's unit stride, which Triton specialises as the constant 1
         cx["stride_bk" if kmajor else "stride_bn"] = 1
     if col_major_a_scale:
         cx["stride_sam"] = 1
@@ -843,7 +866,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     elem = ptr.removeprefix("*")
     block_b = [cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [cfg.BLOCK_K, cfg.BLOCK_N]
     a_type = ptr if pointers else f"tensordesc<{elem}[{cfg.BLOCK_M}, {cfg.BLOCK_K}]>"
-    b_type = ptr if unaligned else f"tensordesc<{elem}[1, {block_b[0]}, {block_b[1]}]>"
+    b_type = ptr if not cx["B_TMA"] else f"tensordesc<{elem}[1, {block_b[0]}, {block_b[1]}]>"
     if weight_bytes:
         a_type = a_type.replace("fp8e4nv", "u8")
         b_type = b_type.replace(elem, "u8")
@@ -854,15 +877,18 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     # pipelining of the pointer loads depends on it. So are r = 16 and its multiples.
     lora = ("lora_x", "lora_w", "stride_lxm", "stride_lwe", "stride_lwn") if rank is not None and rank % 16 == 0 else ()
     options = dict(num_warps=cfg.num_warps, num_stages=stages)
+    # Without TMA the aligned operands' pointers and outer strides, as a launch specialises them.
+    no_tma = ("a", "b", "stride_be", "stride_bn" if kmajor else "stride_bk") if not tma and not unaligned else ()
     return _sm90.Variant(name, fn, sig, cx, options, matrix=True,
-                         aligned=("c_ptr", "N", "K", "stride_am", "stride_cm") + (("a",) if gather else ()) + lora,
+                         aligned=tuple(dict.fromkeys(("c_ptr", "N", "K", "stride_am", "stride_cm")
+                                                     + (("a",) if gather else ()) + lora + no_tma)),
                          loads=loads, launch_key=key)
 
 
-def sm90_config(variant, per_expert, n, k, dtype, block_scaled=False, kmajor=True):
-    """The config a launch of ``variant`` at ``per_expert`` rows per expert (of 128) picks."""
+def sm90_config(variant, per_expert, n, k, dtype, block_scaled=False, kmajor=True, arch=configs.HOPPER):
+    """The config a launch of ``variant`` at ``per_expert`` rows per expert (of 128) picks on ``arch``."""
     return configs.grouped_mm_config(config_variant(variant), per_expert * 128, 128, n, k, dtype,
-                                     block_scaled=block_scaled, kmajor=kmajor)
+                                     block_scaled=block_scaled, kmajor=kmajor, arch=arch)
 
 
 def config_variant(variant: str) -> str:
@@ -872,10 +898,11 @@ def config_variant(variant: str) -> str:
 
 
 @_sm90_registry.register
-def sm90_variants():
+def sm90_variants(capability: int = 90):
+    """The shipped launches, with the configs they pick on ``capability`` (the compile matrix's)."""
     out = []
     for name, (variant, per_expert, n, k, dtype, kmajor, *out_dtype) in SM90_GEMMS.items():
-        cfg = sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor)
+        cfg = sm90_config(variant, per_expert, n, k, dtype, kmajor=kmajor, arch=configs.arch_limits(capability))
         if variant.startswith("dw"):
             out.append(_dw_variant(f"grouped_mm/{name}", cfg, dtype, variant == "dw_gather"))
             if dtype == torch.float32:  # its operands' copies (x gathered, as the fused layers' x is)
@@ -884,5 +911,6 @@ def sm90_variants():
                                                 gather=gather))
         else:
             out.append(forward_variant(f"grouped_mm/{name}", variant, cfg, dtype, kmajor,
-                                       out_dtype=out_dtype[0] if out_dtype else None))
+                                       out_dtype=out_dtype[0] if out_dtype else None,
+                                       tma=configs.arch_limits(capability).tma))
     return out

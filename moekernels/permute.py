@@ -73,11 +73,18 @@ def _rows(x):
     return x if x.stride(1) == 1 else x.contiguous()
 
 
+def _moved(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the scatter kernel moves rows as: e4m3 rows as their bytes (permute only moves
+    them), which every architecture loads and stores (Triton 3.6 has no fp8e4nv on sm_80 and sm_86)."""
+    return torch.uint8 if dtype == torch.float8_e4m3fn else dtype
+
+
 def _launch_scatter(x, dest_index, top_k, out, *, backward=None):
     from .kernels._permute import scatter_rows_kernel
 
     num_tokens, hidden = x.shape
     if backward is None:
+        x, out = x.view(_moved(x.dtype)), out.view(_moved(out.dtype))
         y, weights, offsets, grad_w, num_experts = out, out, dest_index, out, 1
     else:
         y, weights, offsets, grad_w = backward
@@ -334,7 +341,7 @@ SM90_PERMUTES = {
 
 
 @_sm90_registry.register
-def sm90_variants():
+def sm90_variants(capability: int = 90):  # row tiles are the same on every architecture
     from . import _sm90
     from .kernels._permute import combine_rows_kernel, scatter_rows_kernel
 
@@ -342,7 +349,7 @@ def sm90_variants():
     for name, (kernel, flag, dtype, hidden, top_k) in SM90_PERMUTES.items():
         cx, opts = _constexprs(kernel, hidden, dtype, top_k, flag)
         fn = scatter_rows_kernel if kernel == "scatter" else combine_rows_kernel
-        rows = _sm90.ptr(dtype)
+        rows = _sm90.ptr(_moved(dtype) if kernel == "scatter" and not flag else dtype)
         types = dict(x_ptr=rows, y_ptr=rows, out_ptr=rows, dest_ptr="*i32", offsets_ptr="*i32",
                      w_ptr="*fp32", grad_w_ptr="*fp32")
         # H = 7168 and its strides are multiples of 16, and tensors are 16-byte aligned: the

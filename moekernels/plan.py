@@ -199,7 +199,7 @@ SM90_PLANS = {"mixtral_e8_b16": (8, 16), "qwen15_e60_b64": (60, 64), "qwen3_e128
 
 
 @_sm90_registry.register
-def sm90_variants():
+def sm90_variants(capability: int = 90):  # plan tiles are the same on every architecture
     from . import _sm90
     from .kernels import _plan as k
 

@@ -17,8 +17,24 @@ numpy, Sleef (torch CPU), libdevice and ``ex2.approx`` (Triton's fast ``tl.exp``
   an exp built only from IEEE-754 float32 ``+ - * /`` (each rounded to nearest, never fused
   into an FMA), ``floor`` and exponent-bit arithmetic. Every backend runs the same sequence,
   so every backend gets the same bits. Its error is below 2 ulp of the true exp.
-* The softmax denominator is accumulated in float64 and rounded once to float32, so the order
-  of the summation (a tree on the GPU, pairwise in numpy, vectorised in torch) does not show.
+* The softmax denominator is an exact sum, so the order of the summation (a tree of shuffles
+  on the GPU, numpy's pairwise order when interpreting, torch's vectorised one) cannot show.
+  A float64 sum of float32 values is not enough: once a row's logits span more than about 20,
+  the exps span more than 53 bits, each order rounds the float64 sum its own way, and one
+  order lands the float32 denominator on one side of a rounding tie and another on the other
+  (logits 0, -0.25, -37.25, -37.25: 1 + exp(-0.25) lies exactly between two float32, and the
+  two exps of 0.6 * 2**-53 lift a float64 sum above that tie only if added to each other first;
+  tests/test_route.py's midpoint rows). With a bias one ulp of every score can be another
+  expert. So
+  :func:`softmax_scores` scales each exp ``e`` (in [0, 1]) by ``2**s``, ``s = 53 - ceil(log2
+  E)`` (exact: a power of two), and sums the integer parts ``floor(e * 2**s)`` in float64:
+  every term and every partial sum is an integer of at most E * 2**s <= 2**53, exact in
+  float64, so every order and every tree gives the same bits. The sum is rounded once to
+  float32 (F), and the scores are ``(e * 2**s) / F``, the correctly rounded quotient of
+  ``e / (F * 2**-s)``. The dropped fractions cost under E * 2**-s < 2 * E**2 * 2**-53 of the
+  denominator (which is at least 1: 2**-33 at E = 1024), and nothing at all in a row whose
+  exps are all 0 or at least 2**(23 - s) (logits within 15 of the row's maximum at E = 256),
+  where F is the correctly rounded sum, as the plain float64 sum gave.
 
 Non-finite logits (the same on every backend, applied where a kernel loads a logit):
 
@@ -105,7 +121,20 @@ def routing_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
     row_max = x.amax(dim=-1, keepdim=True)
     # A row of -inf would give -inf - -inf = NaN inside exp; 0 gives exp = 0 and a 0 / 0 row.
     e = exp_f32(x - row_max.masked_fill(row_max == float("-inf"), 0.0))
-    return e / e.double().sum(dim=-1, keepdim=True).float()
+    return softmax_scores(e)
+
+
+def denominator_scale(num_experts: int) -> float:
+    """2**s, s = 53 - ceil(log2 E): E terms of at most 2**s sum to at most 2**53, every partial
+    sum of their integer parts an integer float64 holds exactly (see the module doc)."""
+    return 2.0 ** (53 - (num_experts - 1).bit_length())
+
+
+def softmax_scores(e: torch.Tensor) -> torch.Tensor:
+    """e / sum(e) over the last dim of float32 exps in [0, 1], the denominator an exact,
+    order-free sum (the module doc): (e * 2**s) / float32(sum(floor(e * 2**s)) in float64)."""
+    scaled = e * denominator_scale(e.shape[-1])  # exact: a power of two, at most 2**53
+    return scaled / scaled.floor().double().sum(dim=-1, keepdim=True).float()
 
 
 def topk_routing(

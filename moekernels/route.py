@@ -99,7 +99,7 @@ def _launch_triton(logits, top_k, scoring, renormalize, bias, n_group, topk_grou
     topk_routing_kernel[(triton.cdiv(num_tokens, cfg.BLOCK_T),)](
         logits, bias if bias is not None else logits, weights, ids,
         num_tokens, num_experts, logits.stride(0), top_k, n_group, cfg.row_len, topk_group, scale,
-        **constexprs, **options,
+        reference.denominator_scale(num_experts), **constexprs, **options,
     )
 
 
@@ -537,7 +537,7 @@ SM90_LOSSES = {"mixtral_e8": (8, torch.bfloat16), "qwen3_e128": (128, torch.floa
 
 
 @_sm90_registry.register
-def sm90_variants():
+def sm90_variants(capability: int = 90):  # routing tiles are the same on every architecture
     from ._sm90 import ROUTE_TRITON_DSV3, Variant, ptr, signature
     from .kernels._route import router_loss_kernel, topk_routing_kernel
 
@@ -548,7 +548,7 @@ def sm90_variants():
             r.get("n_group", 1), r.get("topk_group", 1), r["dtype"].itemsize, r["num_experts"] % 16 == 0,
         )
         sig = signature(topk_routing_kernel, constexprs, logits_ptr=ptr(r["dtype"]), bias_ptr="*fp32",
-                        weights_ptr="*fp32", ids_ptr="*i32", routed_scaling_factor="fp32")
+                        weights_ptr="*fp32", ids_ptr="*i32", routed_scaling_factor="fp32", denom_scale="fp32")
         # As a launch on contiguous logits specialises them: 16-byte aligned tensors, and the
         # row stride (E) when a multiple of 16; what the 16-byte loads of ROW rows depend on.
         aligned = ("logits_ptr", "bias_ptr", "weights_ptr", "ids_ptr")

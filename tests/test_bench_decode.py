@@ -9,6 +9,15 @@ from benchmarks import bench_decode, harness, run
 from benchmarks.shapes import DEEPSEEK_V3, QWEN3_30B_A3B
 
 
+def formula_bytes(shape, t, quantize):
+    """A decode step's bytes, written out: fp32 logits, the fp32 bias, the ids and weights (8 bytes
+    a pair), the bf16 tokens read once, and the moved rows (bf16, or e4m3 with a float32 scale
+    per 128)."""
+    e, k, h = shape.experts, shape.top_k, shape.hidden
+    moved = t * k * (h + h // 128 * 4) if quantize else t * k * h * 2
+    return t * e * 4 + e * 4 + t * k * 8 + t * h * 2 + moved
+
+
 def test_decode_cpu_dry_run(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "has_gpu", lambda: False)
     assert run.main(["--quick", "--out", str(tmp_path), "--only", "decode", "--tokens", "1,3"]) == 0
@@ -19,7 +28,7 @@ def test_decode_cpu_dry_run(tmp_path, monkeypatch):
         (g, t, impl) for g in groups for t in (1, 3) for impl in ("naive", "torch")}
     for r in records:
         assert r["error"] is None, r
-        assert r["bytes"] == bench_decode.step_bytes(*groups[r["group"]][:1], r["x"], groups[r["group"]][1])
+        assert r["bytes"] == formula_bytes(*groups[r["group"]][:1], r["x"], groups[r["group"]][1])
         if r["impl"] == "torch":
             assert r["check"]["ok"] and r["check"]["rows_equal"], r
 
@@ -37,10 +46,9 @@ def test_decode_check_catches_a_wrong_row(quantize):
 
 
 def test_decode_bytes_count_each_input_and_output_once():
-    t, e, k, h = 16, DEEPSEEK_V3.experts, DEEPSEEK_V3.top_k, DEEPSEEK_V3.hidden
-    route = t * e * 4 + e * 4 + t * k * 8
-    assert bench_decode.step_bytes(DEEPSEEK_V3, t, False) == route + t * h * 2 + t * k * h * 2
-    assert bench_decode.step_bytes(DEEPSEEK_V3, t, True) == route + t * h * 2 + t * k * (h + h // 128 * 4)
+    for shape in (DEEPSEEK_V3, QWEN3_30B_A3B):
+        for quantize in (False, True):
+            assert bench_decode.step_bytes(shape, 16, quantize) == formula_bytes(shape, 16, quantize)
 
 
 def test_decode_notes_report_the_target():

@@ -8,10 +8,6 @@ bit for bit against torch, every fp8 op against the dequantized reference and ag
 route, on both backends, with no e4m3 tensor reaching a kernel; and every such kernel compiled for
 sm_80 by the real compiler (mma.sync on bf16, no e4m3 in the PTX)."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -339,54 +335,5 @@ def test_gpu_byte_route_on_a_real_compiler(monkeypatch):
     assert rel_err(got, want) <= 2 * BF16
 
 
-# ----------------------------------------------------------------------------- sm_80 compile
-
-_COMPILE = r"""
-import json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from moekernels import fp8
-out = {}
-for v in fp8.sm80_variants():
-    attrs = {(v.fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in v.aligned}
-    try:
-        k = triton.compile(ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", 80, 32), options=v.options)
-    except Exception as exc:
-        out[v.name] = dict(error=f"{type(exc).__name__}: {exc}"[:400])
-        continue
-    ptx = k.asm["ptx"]
-    out[v.name] = dict(error=None, matrix=v.matrix, shared=k.metadata.shared,
-                       mma=sorted(set(re.findall(r"mma\.sync\.aligned\.\S+", ptx))),
-                       e4m3=bool(re.search(r"e4m3", ptx)))
-print(json.dumps(out))
-"""
-
-
-@pytest.fixture(scope="module")
-def sm80_reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=900,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout)
-
-
-# A100's shared memory a block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin: 163 KB).
-SM80_SMEM = 163 * 1024
-
-
-def test_every_fp8_kernel_compiles_for_sm80(sm80_reports):
-    """Each shipped variant that takes e4m3 (issue 21 counted 21 that failed with "type fp8e4nv
-    not supported in this architecture"), as its bytes, and the weight-only GEMMs: compiled for
-    sm_80; the matrix ones multiply on bf16 mma.sync, and no e4m3 type is left in any PTX."""
-    names = sorted(sm80_reports)
-    assert len([n for n in names if "w8a16" not in n]) == 21 and any("w8a16" in n for n in names)
-    for name in names:
-        r = sm80_reports[name]
-        assert r["error"] is None, (name, r["error"])
-        assert not r["e4m3"], name
-        assert r["shared"] <= SM80_SMEM, (name, r["shared"])
-        if r["matrix"]:
-            assert r["mma"] and all(".bf16.bf16.f32" in m for m in r["mma"]), (name, r["mma"])
+# The sm_80 compile of every fp8 variant as bytes (no e4m3 in the PTX, bf16 mma.sync) is the
+# compile matrix's: tests/test_arch_matrix.py::test_fp8_without_e4m3_mma_runs_on_bytes.

@@ -19,6 +19,8 @@ MODES = {
     "softmax_e60_k4_plain": (60, 4, dict()),
     "sigmoid_e64_k4": (64, 4, dict(scoring="sigmoid")),
     "softmax_bias_e60_k4": (60, 4, dict(bias=True, routed_scaling_factor=1.5)),
+    # Triton's rows of 20 experts in 32 columns, CUDA's group-by-range path, under a softmax denominator
+    "softmax_bias_groups_e160_k6": (160, 6, dict(bias=True, n_group=8, topk_group=3, renormalize=True)),
     "deepseek_v3_e256_k8": (
         256, 8, dict(scoring="sigmoid", bias=True, n_group=8, topk_group=4, renormalize=True, routed_scaling_factor=2.5)
     ),
@@ -50,6 +52,13 @@ def make_inputs(num_tokens, num_experts, kwargs, dtype, device="cpu", *, seed=No
     return x.to(dtype).to(device), kw
 
 
+def backends_against_reference():
+    """device_backends() but cpu-torch, whose op *is* reference.topk_routing (a comparison with
+    the reference that cannot fail), plus the torch backend on a GPU, held to the CPU reference."""
+    return [p for p in device_backends() if p.id != "cpu-torch"] + [
+        pytest.param("cuda", "torch", marks=pytest.mark.gpu, id="cuda-torch")]
+
+
 def assert_same_routing(out, ref):
     (w, ids), (w_ref, ids_ref) = out, ref
     assert ids.dtype == torch.int32 and w.dtype == torch.float32
@@ -58,7 +67,7 @@ def assert_same_routing(out, ref):
     assert rel_err(w, w_ref) <= 1e-6
 
 
-@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("device,backend", backends_against_reference())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(mode, dtype, device, backend):
@@ -109,13 +118,160 @@ def test_deterministic(backend):
     assert torch.equal(i1, i2) and torch.equal(w1.view(torch.int32), w2.view(torch.int32))
 
 
+# ----------------------------------------------------------------------------- adversarial logits
+
+# A softmax row whose float64 denominator rounds either way (issue 22 item 1): exp(0) = 1 and
+# exp_f32(MID) = 0.77880079 (an odd multiple of 2**-24) sum to 1.77880079, exactly between two
+# float32, and ties go to the even one, the lower; two exps of TINY, 0.6 * 2**-53 each, lift a
+# float64 sum over that tie where they meet each other before the 1.78 (each alone is under the
+# half ulp there, 2**-53, together over it). reference.softmax_scores drops them (floor(e * 2**s),
+# s <= 52: 0), so every backend takes the lower denominator. MID and TINY are exact in every
+# logits dtype, and the rest of the row (-45 and below) is dropped too.
+MID, TINY = -0.25, -37.25
+ADVERSARIAL_KINDS = ("wide", "midpoint", "subnormal", "ties", "nonfinite", "extremes")
+
+
+def adversarial_logits(num_tokens, num_experts, kind, gen):
+    """[T, E] float32 logits of one kind: "wide" spans > 20 (up to ~100), "midpoint" rows of the
+    denominator tie above at random places, "subnormal" float32 and float16 subnormals among
+    zeros of both signs, "ties" a few values, "nonfinite" +-inf and NaN among finite logits (whole
+    rows of them too), "extremes" the edges of exp_f32 (+-87, +-88) and of float32 (+-3e38)."""
+    shape = (num_tokens, num_experts)
+    if kind == "wide":
+        return torch.randn(shape, generator=gen) * 25
+    if kind == "midpoint":
+        x = -45 - torch.rand(shape, generator=gen) * 40
+        for row in x:
+            a, b, c, d = torch.randperm(num_experts, generator=gen)[:4].tolist() + [0, 0, 0, 0][: max(0, 4 - num_experts)]
+            row[[d, c]] = TINY
+            row[b] = MID
+            row[a] = 0.0
+        return x
+    pick = lambda values: torch.tensor(values)[torch.randint(0, len(values), shape, generator=gen)]
+    if kind == "subnormal":
+        return pick([1e-45, -1e-45, 1e-40, -3e-39, 0.0, -0.0, 6e-8, -6e-8, 3e-5, 1e-3])
+    if kind == "ties":
+        return pick([-1.0, 0.0, 0.0, 2.0])
+    if kind == "extremes":
+        return pick([-3e38, 3e38, -88.5, -87.5, -87.0, 87.0, 88.0, 88.5, -100.0, 0.0])
+    x = torch.randn(shape, generator=gen) * 3
+    x[torch.rand(shape, generator=gen) < 0.3] = NAN
+    x[torch.rand(shape, generator=gen) < 0.15] = INF
+    x[torch.rand(shape, generator=gen) < 0.15] = -INF
+    x[:1] = NAN  # a row with no softmax
+    x[1:2] = -INF
+    return x
+
+
+def near_gap_bias(logits, scoring, bias, gen, rows):
+    """bias with experts moved within an ulp of another's choice: for a pair (i, j) of each row
+    r of ``rows`` in turn (distinct j), bias[j] = score[r, i] + bias[i] - score[r, j] (float32),
+    then -1, 0 or +1 ulp, so that one ulp of a score (a denominator rounded the other way)
+    changes the ids. A row's first pair is its best expert and the one it scores least (a
+    midpoint row's 1.0 and a dropped exp)."""
+    bias = bias.clone()
+    scores = reference.routing_scores(logits, scoring)
+    free = torch.randperm(bias.shape[0], generator=gen).tolist()
+    for n in range(bias.shape[0] // 2):
+        r = rows[n % len(rows)]
+        row = scores[r].nan_to_num(-1.0)
+        i, j = (int(row.argmax()), int(row.argmin())) if n < len(rows) else (free[-1], free[0])
+        if i == j or j not in free or i not in free:
+            continue
+        free.remove(i)
+        free.remove(j)
+        b = (scores[r, i] + bias[i]) - scores[r, j]
+        step = int(torch.randint(-1, 2, (), generator=gen))
+        for _ in range(abs(step)):
+            b = b.nextafter(torch.tensor(INF if step > 0 else -INF))
+        if b.isfinite():
+            bias[j] = b
+    return bias
+
+
+def adversarial_inputs(num_experts, kwargs, dtype, device, seed, rows_per_kind=4):
+    """Logits of every adversarial kind, rows_per_kind rows each, and (if kwargs asks for one)
+    a bias near the score gaps of each kind's first row."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.cat([adversarial_logits(rows_per_kind, num_experts, kind, gen) for kind in ADVERSARIAL_KINDS])
+    x = x.to(dtype)
+    kw = dict(kwargs)
+    if kw.pop("bias", False):
+        kw["bias"] = near_gap_bias(x.float(), kw.get("scoring", "softmax"), torch.randn(num_experts, generator=gen) * 0.1,
+                                   gen, rows=list(range(0, x.shape[0], rows_per_kind))).to(device)
+    return x.to(device), kw
+
+
+@pytest.mark.parametrize("device,backend", backends_against_reference())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_adversarial_logits_match_reference(mode, dtype, device, backend):
+    """Every mode on logits of every adversarial kind (issue 22 item 17), with biases within an
+    ulp of the score gaps: ids identical, weights NaN at the same places and equal to rounding."""
+    num_experts, top_k, kwargs = MODES[mode]
+    logits, kw = adversarial_inputs(num_experts, kwargs, dtype, device, seed=0)
+    out = moekernels.topk_routing(logits, top_k, backend=backend, **kw)
+    cpu_kw = {k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()}
+    assert_same_nonfinite_routing(out, reference.topk_routing(logits.cpu(), top_k, **cpu_kw))
+
+
+DENOMINATOR_MODES = {  # (E, keyword arguments): every tile layout of the kernels
+    "e64": (64, dict()),
+    "e160_groups_of_20": (160, dict(n_group=8, topk_group=8)),  # Triton rows of 20 in 32; CUDA's range path
+    "e256_groups_of_32": (256, dict(n_group=8, topk_group=8)),  # CUDA's aligned group path
+    "e1000": (1000, dict()),
+}
+
+
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "torch", id="cpu-torch"), *backends_against_reference()])
+@pytest.mark.parametrize("mode", DENOMINATOR_MODES)
+def test_softmax_bias_on_a_denominator_tie(mode, device, backend):
+    """Issue 22 item 1: the midpoint rows above, with expert 0 (logit -1000, score 0) biased by
+    1 / 1.7788009 (the higher denominator's score of the best expert), 1 ulp under its score
+    1 / 1.7788008 by the lower one, which the specification takes. The best expert must win on
+    every backend and wherever the row puts it: a sum that lifts the tie gives expert 0 the tie,
+    and the tie goes to the lower id, 0."""
+    num_experts, kw = DENOMINATOR_MODES[mode]
+    gen = torch.Generator().manual_seed(0)
+    x = -45 - torch.rand(24, num_experts, generator=gen) * 40  # dropped by the specification too
+    x[:, 0] = -1000.0
+    for row in x:
+        best, mid, tiny1, tiny2 = (1 + torch.randperm(num_experts - 1, generator=gen)[:4]).tolist()
+        row[best], row[mid], row[[tiny1, tiny2]] = 0.0, MID, TINY
+    lo = torch.tensor(1.0) + reference.exp_f32(torch.tensor(MID))  # the tie rounds to the even side, down
+    hi = lo.nextafter(torch.tensor(INF))
+    bias = torch.zeros(num_experts)
+    bias[0] = 1.0 / hi
+    assert bias[0] == (1.0 / lo).nextafter(torch.tensor(0.0))  # 1 ulp apart
+    w, ids = moekernels.topk_routing(x.to(device), 1, bias=bias.to(device), backend=backend, **kw)
+    assert torch.equal(ids.cpu()[:, 0].long(), x.argmax(1))
+    assert torch.equal(w.cpu()[:, 0], (1.0 / lo).expand(24))
+
+
 # ----------------------------------------------------------------------------- the reference
+
+
+def choose(choice, top_k, n_group=None, topk_group=None, pairs=False, pair_sum=lambda a, b: a + b):
+    """The ids of the specification's choice, a list per token, from its choice values (lists):
+    groups by their best value (``pairs``: the pair_sum of their best two), then the top_k
+    largest eligible values, ties to the lower id."""
+    ids = []
+    for row in choice:
+        eligible = range(len(row))
+        if n_group:
+            size = len(row) // n_group
+            groups = [sorted(row[g * size:(g + 1) * size], reverse=True) for g in range(n_group)]
+            gscore = [pair_sum(g[0], g[1]) if pairs else g[0] for g in groups]
+            kept = sorted(range(n_group), key=lambda g: (-gscore[g], g))[:topk_group]
+            eligible = [e for e in eligible if e // size in kept]
+        ids.append(sorted(eligible, key=lambda e: (-row[e], e))[:top_k])
+    return ids
 
 
 def oracle(logits, top_k, scoring="softmax", renormalize=False, bias=None, n_group=None, topk_group=None,
            routed_scaling_factor=1.0):
     """The op's specification, written out per token in float64 Python."""
-    weights, ids = [], []
+    weights, all_scores, choice = [], [], []
     for row in logits.double().tolist():
         if scoring == "softmax":
             m = max(row)
@@ -123,24 +279,19 @@ def oracle(logits, top_k, scoring="softmax", renormalize=False, bias=None, n_gro
             scores = [v / sum(ex) for v in ex]
         else:
             scores = [1 / (1 + math.exp(-v)) for v in row]
-        choice = [s + b for s, b in zip(scores, bias.tolist())] if bias is not None else list(row)
-        eligible = range(len(row))
-        if n_group:
-            size = len(row) // n_group
-            groups = [sorted(choice[g * size:(g + 1) * size], reverse=True) for g in range(n_group)]
-            gscore = [sum(g[:2]) if bias is not None else g[0] for g in groups]
-            kept = sorted(range(n_group), key=lambda g: (-gscore[g], g))[:topk_group]
-            eligible = [e for e in eligible if e // size in kept]
-        chosen = sorted(eligible, key=lambda e: (-choice[e], e))[:top_k]
+        all_scores.append(scores)
+        choice.append([s + b for s, b in zip(scores, bias.tolist())] if bias is not None else list(row))
+    ids = choose(choice, top_k, n_group, topk_group, pairs=bias is not None)
+    for scores, chosen in zip(all_scores, ids):
         w = [scores[e] for e in chosen]
         if renormalize:
             w = [v / (sum(w) + 1e-20) for v in w]
         weights.append([v * routed_scaling_factor for v in w])
-        ids.append(chosen)
     return torch.tensor(weights, dtype=torch.float64), torch.tensor(ids, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("mode", [m for m in MODES if m != "softmax_bias_e60_k4"])
+@pytest.mark.parametrize("mode", [m for m, (_, _, kw) in MODES.items()
+                                  if not (kw.get("bias") and kw.get("scoring", "softmax") == "softmax")])
 def test_reference_matches_the_specification(mode):
     """Integer logits and a bias on a 1/8 grid: many exact ties, and no near-tie that float32
     rounding could flip (softmax with a bias is left out: its choices near-tie at random)."""

@@ -121,6 +121,141 @@ def loss_config(num_experts: int) -> LossConfig:
     return LossConfig(BLOCK_T=max(1, 4096 // block_e), BLOCK_E=block_e, num_warps=8 if block_e >= 4096 else 4)
 
 
+HOPPER_SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KB usable per block)
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class ArchLimits:
+    """What a config choice knows of a GPU architecture: a pure function of its compute capability
+    (:func:`arch_limits`), so that configs are chosen, and compiled, without a device. The occupancy
+    rules are CUDA 13.0's cuda_occupancy.h (the calculator behind the driver's
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor) and the CUDA guide's per-capability table."""
+
+    capability: int  # major * 10 + minor: 80, 86, 89, 90, 100, 120
+    smem_per_sm: int  # bytes of shared memory an SM holds (the largest carveout)
+    smem_per_block: int  # bytes one block can opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin)
+    max_warps: int  # resident warps per SM (maxThreadsPerMultiProcessor / 32)
+    max_blocks: int  # resident blocks per SM
+    barriers: int  # named barriers per SM: the block limit x 2 (sm_80, sm_90, sm_100) or x 1
+    mma: str  # what Triton 3.6 lowers tl.dot to: "mma.sync", "wgmma" (sm_90a), "tcgen05" (sm_100a)
+    tma: bool  # bulk tensor copies (cp.async.bulk.tensor): descriptor loads pipelined by TMA
+    fp8: bool  # e4m3 tensor-core operands (Triton's fp8e4nv: sm_89 and later)
+    registers: int = 65536  # the register file of an SM, in sub_partitions of equal size
+    sub_partitions: int = 4  # a warp's registers come from one
+    reg_granule: int = 256  # registers are allocated per warp, rounded up to 256 (8 a thread)
+    max_registers: int = 255  # per thread (ptxas)
+    smem_reserved: int = 1024  # the driver reserves 1 KB per block (reservedSharedMemPerBlock)
+    smem_granule: int = 128
+
+    @property
+    def target(self) -> str:
+        """ptxas's --gpu-name, as Triton 3.6 names it: the arch-specific ("a") target from sm_90 on."""
+        return f"sm_{self.capability}" + ("a" if self.capability >= 90 else "")
+
+    def fits(self, cfg: "GemmConfig", itemsize: int, variant: str = "plain") -> bool:
+        """Whether a config's pipeline buffers (:func:`gemm_smem`) fit one block."""
+        return gemm_smem(cfg, itemsize, variant, self) + self.smem_reserved <= self.smem_per_block
+
+
+_KB = 1024
+# Per compute capability. Shared memory: 164 KB an SM on sm_80, 100 KB on sm_86, sm_89 and sm_120,
+# 228 KB on sm_90 and sm_100, 1 KB less a block; warps: 64 (sm_80, sm_90, sm_100) or 48.
+ARCH_LIMITS = {
+    80: ArchLimits(80, 164 * _KB, 163 * _KB, 64, 32, 64, "mma.sync", tma=False, fp8=False),  # A100
+    86: ArchLimits(86, 100 * _KB, 99 * _KB, 48, 16, 16, "mma.sync", tma=False, fp8=False),  # RTX 30, A10, A40
+    89: ArchLimits(89, 100 * _KB, 99 * _KB, 48, 24, 24, "mma.sync", tma=False, fp8=True),  # L4, L40S, RTX 40
+    90: ArchLimits(90, HOPPER_SMEM_PER_SM, 227 * _KB, 64, 32, 64, "wgmma", tma=True, fp8=True),  # H100, H200
+    100: ArchLimits(100, 228 * _KB, 227 * _KB, 64, 32, 64, "tcgen05", tma=True, fp8=True),  # B200, GB200
+    120: ArchLimits(120, 100 * _KB, 99 * _KB, 48, 24, 24, "mma.sync", tma=True, fp8=True),  # RTX 50, RTX PRO
+}
+HOPPER = ARCH_LIMITS[90]
+
+
+def arch_limits(capability) -> ArchLimits:
+    """The limits of compute capability ``capability``: 90, "9.0" or (9, 0). A capability the table
+    lacks takes its major's nearest lower entry (8.7 -> 8.6, 10.3 -> 10.0, 12.1 -> 12.0); at run time
+    :func:`device_limits` checks it against the device."""
+    if isinstance(capability, tuple):
+        capability = capability[0] * 10 + capability[1]
+    elif isinstance(capability, str):
+        capability = int(capability.replace(".", "")) if "." in capability else int(capability)
+    if not isinstance(capability, int) or isinstance(capability, bool):
+        raise TypeError(f"capability must be an int such as 90, (9, 0) or '9.0', got {capability!r}")
+    known = [c for c in ARCH_LIMITS if c // 10 == capability // 10 and c <= capability]
+    if not known:
+        raise ValueError(f"capability {capability} has no limits: known {sorted(ARCH_LIMITS)} (sm_80 and later)")
+    return ARCH_LIMITS[max(known)]
+
+
+def device_limits(props) -> ArchLimits:
+    """The limits of a device from its properties (torch.cuda.get_device_properties): the table's
+    entry for its capability, confirmed by what the device reports. A mismatch is reported (a
+    warning naming the field) and the smaller value used, so that a config fits both."""
+    import warnings
+
+    table = arch_limits((props.major, props.minor))
+    seen = {"smem_per_block": getattr(props, "shared_memory_per_block_optin", None),
+            "smem_per_sm": getattr(props, "shared_memory_per_multiprocessor", None),
+            "registers": getattr(props, "regs_per_multiprocessor", None)}
+    threads = getattr(props, "max_threads_per_multi_processor", None)
+    seen["max_warps"] = threads // 32 if threads else None
+    fixed = {}
+    for field_name, value in seen.items():
+        want = getattr(table, field_name)
+        if value is not None and value != want:
+            warnings.warn(f"moekernels: {props.name} (sm_{table.capability}) reports {field_name} = {value}, "
+                          f"the sm_{table.capability} table says {want}: configs use {min(value, want)}",
+                          RuntimeWarning, stacklevel=2)
+            fixed[field_name] = min(value, want)
+    return dataclasses.replace(table, **fixed) if fixed else table
+
+
+def gemm_smem(cfg: "GemmConfig", itemsize: int, variant: str = "plain", arch: ArchLimits = HOPPER) -> int:
+    """Shared memory of a GEMM config's pipeline on ``arch``: Triton 3.6 keeps num_stages buffers of
+    a K step's tiles where the MMA reads shared memory asynchronously (wgmma, tcgen05), and one
+    fewer for mma.sync (compiled: the 128x128x64 bf16 tiles at 3 stages take 98,328 B on sm_90a and
+    sm_100a, 65,552 B on sm_120; on sm_80 and sm_89, without TMA, the descriptor loads are not
+    pipelined at all: 32,768 B)."""
+    buffers = cfg.num_stages if arch.mma in ("wgmma", "tcgen05") else cfg.num_stages - 1
+    return buffers * stage_bytes(cfg, itemsize, variant)
+
+
+def fit_gemm_config(cfg: "GemmConfig", itemsize: int, variant: str, arch: ArchLimits) -> "GemmConfig":
+    """Hopper's choice, shrunk until it fits ``arch``'s shared memory per block: fewer stages (down
+    to two buffers: a load in flight while the MMA reads the other), then half BLOCK_N, then half
+    BLOCK_M (16 at least; BLOCK_K stays: block-scaled fp8 needs its 128-wide K steps). Unchanged where it fits
+    (every shipped config on sm_90 and sm_100). sm_120 and sm_89 (99 KB a block) take the gated
+    decode tiles (36 KB a K step) at 3 stages, not 4."""
+    least = 2 if arch.mma in ("wgmma", "tcgen05") else 3
+    while not arch.fits(cfg, itemsize, variant):
+        if cfg.num_stages > least:
+            cfg = dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+        elif cfg.BLOCK_N > 16:
+            cfg = dataclasses.replace(cfg, BLOCK_N=cfg.BLOCK_N // 2)
+        elif cfg.BLOCK_M > 16:
+            cfg = dataclasses.replace(cfg, BLOCK_M=cfg.BLOCK_M // 2)
+        else:
+            raise ValueError(f"no tile of {cfg} fits sm_{arch.capability}'s {arch.smem_per_block} B a block")
+    return cfg
+
+
+def fp8_path(arch: ArchLimits) -> str:
+    """How the Triton kernels take e4m3 operands on ``arch``: "e4m3" (its own fp8 MMA and
+    conversions, sm_89 and later), or "bytes": e4m3 tensors reach the kernels as uint8, decoded
+    to bf16 in the GEMMs' load path and encoded with integer operations (grouped_gemm.fp8_bytes)."""
+    return "e4m3" if arch.fp8 else "bytes"
+
+
+def variant_fallback(name: str, arch: ArchLimits) -> str | None:
+    """What runs instead of the shipped variant ``name`` on ``arch``, or None where it runs itself
+    (the compile matrix compiles it). Every shipped variant runs on every architecture of the
+    table: the fp8 ones take the byte route (fp8_path) where the GPU has no e4m3."""
+    return None
+
+
 # ----------------------------------------------------------------------------- grouped GEMM
 
 
@@ -220,18 +355,26 @@ def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled
 
 
 def grouped_mm_config(variant: str, rows: int, experts: int, n: int, k: int, dtype, gpu: str | None = None,
-                      *, block_scaled: bool = False, kmajor: bool = True) -> GemmConfig:
+                      *, block_scaled: bool = False, kmajor: bool = True, arch: ArchLimits = HOPPER) -> GemmConfig:
     """The tile config of one grouped GEMM: the tuned table entry of (variant, rows class, N, K,
     dtype) on ``gpu`` ("h100", "h200") when there is one, else the default (``block_scaled``: the
-    (1, 128) x (128, 128) fp8 loop; ``kmajor``: the weight's storage, see default_gemm_config). Pure:
-    no timing."""
+    (1, 128) x (128, 128) fp8 loop; ``kmajor``: the weight's storage, see default_gemm_config),
+    fitted to ``arch``'s shared memory (:func:`fit_gemm_config`; Hopper's own choice on sm_90).
+    Pure: no timing."""
     if variant not in GEMM_VARIANTS:
         raise ValueError(f"variant must be one of {GEMM_VARIANTS}, got {variant!r}")
     cls = rows_class(rows, experts)
     entry = tuned_table(gpu).get(gemm_key(variant, cls, n, k, dtype))
-    if entry is not None:
-        return GemmConfig(**entry)  # measured: a tuned entry says itself whether it splits
+    if entry is not None:  # measured: a tuned entry says itself whether it splits
+        return fit_gemm_config(GemmConfig(**entry), dtype.itemsize, variant, arch)
     cfg = default_gemm_config(variant, cls, dtype.itemsize, block_scaled, kmajor)
+    if block_scaled and arch.mma != "wgmma" and cfg.BLOCK_N == 128 and cfg.num_warps == 4:
+        # One warpgroup a program is Hopper's answer to its wgmma wait (above). Without wgmma the
+        # 64 x 128 tile's accumulator and step partial, 64 + 64 float32 a thread at 4 warps,
+        # spilled at 255 registers (_matrix: 880 B on sm_120, 116 B on sm_100); 8 warps: 250 and
+        # 200 registers, no spills.
+        cfg = dataclasses.replace(cfg, num_warps=8)
+    cfg = fit_gemm_config(cfg, dtype.itemsize, variant, arch)
     if split_gated_decode(variant, cfg, rows, experts, n, dtype, gpu):
         cfg = dataclasses.replace(cfg, SPLIT_GATED=True)
     return cfg
@@ -287,9 +430,6 @@ def lora_block(rank: int, gated: bool) -> int:
     return min(max(triton.next_power_of_2(max(rank, 1)), 16), 64)
 
 
-HOPPER_SMEM_PER_SM = 228 * 1024  # bytes of shared memory per SM on sm_90 (227 KB usable per block)
-
-
 def stage_bytes(cfg: GemmConfig, itemsize: int, variant: str = "plain") -> int:
     """Shared memory of one pipeline stage: the operand tiles a K step loads. The forward kernel
     loads an [BM, BK] row tile and a [BK, BN] weight tile (two, gate and up, when "gated"); the
@@ -300,7 +440,8 @@ def stage_bytes(cfg: GemmConfig, itemsize: int, variant: str = "plain") -> int:
     return (cfg.BLOCK_M * cfg.BLOCK_K + b_tiles * cfg.BLOCK_K * cfg.BLOCK_N) * itemsize
 
 
-def programs_per_sm(cfg: GemmConfig, itemsize: int, variant: str = "plain", accumulators: int = 1) -> int:
+def programs_per_sm(cfg: GemmConfig, itemsize: int, variant: str = "plain", accumulators: int = 1,
+                    arch: ArchLimits = HOPPER) -> int:
     """An estimate of the persistent programs per SM, for a config the compiled table
     (:func:`sm90_programs_per_sm`) does not hold: two when two fit, so that one program's epilogue
     and tile lookup overlap the other's loads; else one. Two must fit in shared memory, and in the
@@ -309,9 +450,9 @@ def programs_per_sm(cfg: GemmConfig, itemsize: int, variant: str = "plain", accu
     partial) plus ~60 for addresses and operands. It misses what gathers and scales cost: ptxas on
     sm_90a gives 145 registers for the bf16 gather, 170 gather + gated and 188 fp8 row x column, at
     256 threads, where the estimate says 124-128, so only the table's count is trusted."""
-    stage = stage_bytes(cfg, itemsize, variant)
     registers = accumulators * cfg.BLOCK_M * cfg.BLOCK_N // (32 * cfg.num_warps) + 60
-    fits = 2 * (cfg.num_stages * stage + 1024) <= HOPPER_SMEM_PER_SM and registers <= 128
+    smem = gemm_smem(cfg, itemsize, variant, arch) + arch.smem_reserved
+    fits = 2 * smem <= arch.smem_per_sm and 2 * cfg.num_warps <= arch.max_warps and registers <= 128
     return 2 if fits else 1
 
 
@@ -397,4 +538,4 @@ def has_fp8_mma(capability: tuple[int, int]) -> bool:
     sm_86 it cannot ("type fp8e4nv not supported in this architecture"): the launchers pass e4m3
     tensors as their bytes, which the kernels decode to bf16 in the GEMMs' load paths and encode
     by integer operations in the quantize kernels (grouped_gemm.fp8_emulated)."""
-    return tuple(capability) >= (8, 9)
+    return arch_limits(capability).fp8

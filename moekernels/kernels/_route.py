@@ -89,7 +89,7 @@ def _row_f32(x, row, g: tl.constexpr):
 def topk_routing_kernel(
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     num_tokens, num_experts, stride_t, top_k,
-    n_group, row_len, topk_group, routed_scaling_factor,
+    n_group, row_len, topk_group, routed_scaling_factor, denom_scale,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr, K_IN_TILE: tl.constexpr,
@@ -119,9 +119,11 @@ def topk_routing_kernel(
         # A row of -inf (all NaN / -inf logits): 0, so every exp is 0 and the weights 0 / 0 = NaN
         # on every backend (-inf - -inf would put NaN into exp_f32, whose clamp differs there).
         row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-        e = exp_f32(x - row_max[:, None, None])
-        # float64 sum, rounded once: the summation order cannot change the bits.
-        denom = tl.sum(tl.sum(e.to(tl.float64), axis=1), axis=1).to(tl.float32)
+        # reference.softmax_scores: the exps scaled by 2**s (exact), their integer parts summed in
+        # float64. Every partial sum is an integer <= 2**53, exact, so tl.sum's order (unspecified,
+        # numpy's when interpreting) cannot change the bits; rounded once to float32.
+        e = exp_f32(x - row_max[:, None, None]) * denom_scale
+        denom = tl.sum(tl.sum(tl.floor(e).to(tl.float64), axis=1), axis=1).to(tl.float32)
         scores = tl.math.div_rn(e, denom[:, None, None])
     else:
         scores = _sigmoid(raw if HAS_BIAS else x)  # no bias: x is live anyway (ranked)
