@@ -375,28 +375,77 @@ def ttgir_k_loops(ttgir: str) -> list[list[str]]:
     return [lines[i:j + 1] for i, j in inner]
 
 
+# Ops that view or re-lay out a value without moving it through memory: a dot operand made by one
+# of them is made by the op under it.
+_VIEW_OPS = ("ttg.memdesc_trans", "ttg.memdesc_index", "ttg.memdesc_subslice", "ttg.memdesc_subview",
+             "ttg.memdesc_reshape", "ttg.memdesc_reinterpret", "ttg.convert_layout", "tt.trans", "tt.reshape")
+_SSA = r"%[\w.$-]+"  # an SSA value (%c-1_i32 included); "#n" picks a result of a multi-result op
+
+
 def smem_round_trip(loop: list[str]) -> bool:
-    """A wgmma operand in this TTGIR loop made by ``ttg.local_alloc`` of a value that comes (through
-    any ops in the loop) from ``ttg.local_load``: a tile read out of shared memory and written back,
-    a transpose through shared memory every K step."""
+    """A wgmma operand in this TTGIR loop (its ``scf.for`` line to its ``}``) written to shared memory
+    in the loop (``ttg.local_alloc``, or ``ttg.local_store`` into the buffer it views) from a value
+    that comes, through any ops, from ``ttg.local_load``: a tile read out of shared memory and
+    written back, a transpose through shared memory every K step. The operand is followed down
+    view ops (memdesc_trans, memdesc_index, convert_layout, ...) and iteration arguments (to the
+    value the loop yields), which the compiler puts between the write and the dot."""
     defs = {}
     for line in loop:
-        m = re.match(r"\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)", line)
+        m = re.match(rf"\s*({_SSA})(?::\d+)?\s*=\s*([\w.]+)\s*(.*)", line)
         if m:
-            defs[m.group(1)] = (m.group(2), re.findall(r"%[\w.]+", m.group(3).split(":")[0]))
+            defs[m.group(1)] = (m.group(2), re.findall(_SSA, m.group(3).split(" : ")[0]))
+    # iteration arguments: %argN of the header's iter_args(...) -> what the loop's own scf.yield passes
+    head = re.search(r"iter_args\((.*?)\)\s*->", loop[0]) if loop else None
+    args = re.findall(rf"({_SSA}) = ", head.group(1)) if head else []
+    yields = [line for line in loop if re.match(r"\s*scf\.yield\b", line)]
+    passed = re.findall(_SSA, yields[-1].split(" : ")[0]) if yields else []
+    carried = dict(zip(args, passed))
 
-    def from_load(value: str, depth: int = 0) -> bool:
-        op = defs.get(value.split("#")[0])
-        if op is None or depth > 16:
-            return False
-        return op[0] == "ttg.local_load" or any(from_load(v, depth + 1) for v in op[1])
+    def base(value: str) -> str:
+        """The value under ``value``'s views, iteration arguments and wgmma waits (which pass
+        their operands through: result #i is operand i)."""
+        seen = set()
+        while value not in seen:
+            seen.add(value)
+            name, _, index = value.partition("#")
+            op = defs.get(name)
+            if name in carried:
+                value = carried[name]
+            elif op and op[0] == "ttng.warp_group_dot_wait" and index and int(index) < len(op[1]):
+                value = op[1][int(index)]
+            elif op and op[0] in _VIEW_OPS and op[1]:
+                value = op[1][0]
+        return value.partition("#")[0]
 
-    for line in loop:
-        m = re.search(r"ttng\.warp_group_dot\s+(%[\w.#]+),\s*(%[\w.#]+)", line)
-        for operand in m.groups() if m else ():
-            op = defs.get(operand.split("#")[0])
-            if op and op[0] == "ttg.local_alloc" and any(from_load(v) for v in op[1]):
+    def from_load(value: str) -> bool:
+        """Whether ``value`` is computed, through any ops of the loop, from a ttg.local_load."""
+        seen, work = set(), [value]
+        while work:
+            name = work.pop().partition("#")[0]
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in carried:
+                work.append(carried[name])
+            op = defs.get(name)
+            if op and op[0] == "ttg.local_load":
                 return True
+            work.extend(op[1] if op else ())
+        return False
+
+    # buffers written in the loop from shared memory: local_alloc results, local_store destinations
+    written = set()
+    for value, (name, operands) in defs.items():
+        if name == "ttg.local_alloc" and any(from_load(v) for v in operands):
+            written.add(value)
+    for line in loop:
+        m = re.match(rf"\s*ttg\.local_store\s+({_SSA}),\s*({_SSA})", line)
+        if m and from_load(m.group(1)):
+            written.add(base(m.group(2)))
+    for line in loop:
+        m = re.search(rf"ttng\.warp_group_dot\s+({_SSA}(?:#\d+)?),\s*({_SSA}(?:#\d+)?)", line)
+        if m and any(base(operand) in written for operand in m.groups()):
+            return True
     return False
 
 

@@ -105,6 +105,75 @@ def test_occupancy_rules():
     assert _sm90.occupancy(64, 128, 117 * 1024) == (1, "shared memory")
 
 
+# A K loop of TTGIR as triton 3.6 prints it, cut to what the round-trip detector reads: {body} is
+# the loop's body between the TMA wait and the stage refill; %arg9 is an iteration argument.
+_LOOP = """\
+      %acc_84:3 = scf.for %kk = %c0_i32 to %num_steps step %c1_i32 iter_args(%arg8 = %cst, %arg9 = %buf0, %arg10 = %c-1_i32) -> (tensor<64x128xf32, #mma>, !ttg.memdesc<32x64xf32, #shared3, #smem>, i32)  : i32 {{
+        %tile_110 = ttg.memdesc_index %tile[%arg10] : !ttg.memdesc<3x128x32xf32, #shared, #smem, mutable> -> !ttg.memdesc<128x32xf32, #shared, #smem, mutable> loc(#loc1)
+        %acc_111 = ttg.memdesc_trans %tile_110 {{order = array<i32: 1, 0>}} : !ttg.memdesc<128x32xf32, #shared, #smem, mutable> -> !ttg.memdesc<32x128xf32, #shared3, #smem, mutable> loc(#loc2)
+        %tile_113 = ttg.memdesc_index %tile_71[%arg10] : !ttg.memdesc<2x32x64xf32, #shared, #smem, mutable> -> !ttg.memdesc<32x64xf32, #shared, #smem, mutable> loc(#loc3)
+{body}
+        %acc_118:3 = ttng.warp_group_dot_wait %acc_117, %acc_111 {{pendings = 0 : i32}} : tensor<64x128xf32, #mma>, !ttg.memdesc<32x128xf32, #shared3, #smem, mutable> loc(#loc4)
+        scf.yield %acc_118#0, %next, %arg10 : tensor<64x128xf32, #mma>, !ttg.memdesc<32x64xf32, #shared3, #smem>, i32 loc(#loc5)
+      }} loc(#loc6)"""
+_DOT = ("        %acc_117 = ttng.warp_group_dot {a}, %acc_111, %arg8 {{inputPrecision = 0 : i32, isAsync = true}} : "
+        "!ttg.memdesc<64x32xf32, #shared, #smem> * !ttg.memdesc<32x128xf32, #shared3, #smem, mutable> -> "
+        "tensor<64x128xf32, #mma> loc(#loc7)")
+_LOAD = ("        %tile_114 = ttg.local_load %tile_113 : !ttg.memdesc<32x64xf32, #shared, #smem, mutable> -> "
+         "tensor<32x64xf32, #blocked1> loc(#loc3)")
+_ALLOC = ("        %acc_115 = ttg.local_alloc %tile_114 : (tensor<32x64xf32, #blocked1>) -> "
+          "!ttg.memdesc<32x64xf32, #shared3, #smem> loc(#loc8)")
+_TRANS = ("        %acc_116 = ttg.memdesc_trans %acc_115 {order = array<i32: 1, 0>} : "
+          "!ttg.memdesc<32x64xf32, #shared3, #smem> -> !ttg.memdesc<64x32xf32, #shared, #smem> loc(#loc8)")
+_ROUND_TRIP_LOOPS = {
+    # grouped_mm/plain_prefill_fp32_ekn under triton 3.6 before the weight became a register
+    # operand (issue 22 item 5): the round trip reaches the dot through a memdesc_trans
+    "through memdesc_trans": [_LOAD, _ALLOC, _TRANS, _DOT.format(a="%acc_116")],
+    "direct": [_LOAD, _ALLOC, _DOT.format(a="%acc_115")],
+    # written into a buffer of the loop's (local_store), read through a view of it
+    "local_store into a view": [
+        _LOAD, "        %buf_1 = ttg.memdesc_index %stage[%arg10] : !ttg.memdesc<2x32x64xf32, #shared3, #smem, "
+        "mutable> -> !ttg.memdesc<32x64xf32, #shared3, #smem, mutable> loc(#loc9)",
+        "        ttg.local_store %tile_114, %buf_1 : tensor<32x64xf32, #blocked1> -> !ttg.memdesc<32x64xf32, #shared3, "
+        "#smem, mutable> loc(#loc9)",
+        "        %acc_116 = ttg.memdesc_trans %buf_1 {order = array<i32: 1, 0>} : !ttg.memdesc<32x64xf32, #shared3, "
+        "#smem, mutable> -> !ttg.memdesc<64x32xf32, #shared, #smem> loc(#loc8)", _DOT.format(a="%acc_116")],
+    # written one iteration ahead and carried to the dot by an iteration argument
+    "carried to the next iteration": [
+        _LOAD, _ALLOC.replace("%acc_115", "%next"),
+        "        %acc_116 = ttg.memdesc_trans %arg9 {order = array<i32: 1, 0>} : !ttg.memdesc<32x64xf32, #shared3, "
+        "#smem> -> !ttg.memdesc<64x32xf32, #shared, #smem> loc(#loc8)", _DOT.format(a="%acc_116")],
+}
+_CLEAN_LOOPS = {
+    # both operands are TMA stages, through views: no copy in the loop
+    "stages through views": [
+        "        %acc_116 = ttg.memdesc_trans %tile_113 {order = array<i32: 1, 0>} : !ttg.memdesc<32x64xf32, #shared, "
+        "#smem, mutable> -> !ttg.memdesc<64x32xf32, #shared3, #smem> loc(#loc8)", _DOT.format(a="%acc_116")],
+    # the register operand: read once from the stage, never written back
+    "register operand": [
+        _LOAD.replace("#blocked1>", "#ttg.dot_op<{opIdx = 0, parent = #mma, kWidth = 1}>>"),
+        _DOT.format(a="%tile_114").replace("!ttg.memdesc<64x32xf32, #shared, #smem> *", "tensor<64x32xf32> *")],
+    # a tile allocated from registers that did not come from shared memory (a global load)
+    "allocated from a global load": [
+        "        %tile_114 = tt.load %ptrs : tensor<32x64x!tt.ptr<f32>, #blocked1> loc(#loc3)", _ALLOC, _TRANS,
+        _DOT.format(a="%acc_116")],
+}
+
+
+@pytest.mark.parametrize("case", list(_ROUND_TRIP_LOOPS))
+def test_round_trip_detector_follows_views(case):
+    """The detector follows the dot's operand down views (memdesc_trans, memdesc_index, ...),
+    iteration arguments and local_store destinations to the copy out of shared memory."""
+    loops = _sm90.ttgir_k_loops(_LOOP.format(body="\n".join(_ROUND_TRIP_LOOPS[case])))
+    assert len(loops) == 1 and _sm90.smem_round_trip(loops[0]), case
+
+
+@pytest.mark.parametrize("case", list(_CLEAN_LOOPS))
+def test_round_trip_detector_passes_loops_without_one(case):
+    loops = _sm90.ttgir_k_loops(_LOOP.format(body="\n".join(_CLEAN_LOOPS[case])))
+    assert len(loops) == 1 and not _sm90.smem_round_trip(loops[0]), case
+
+
 @pytest.mark.parametrize("name", cases("wgmma_in_flight", PIPELINED))
 def test_wgmma_in_flight(name):
     """The K loop keeps at least one wgmma group in flight while it issues the next step's loads
