@@ -35,9 +35,6 @@ KNOWN_STALLS = {
                               "(wait_group 0) before promoting each K step's partial (triton 3.6); the "
                               "tensor cores are kept busy across programs instead "
                               "(test_block_scaled_promotion_overlaps_a_wgmma)" for n in _FP8_BLOCK},
-    ("grouped_mm/plain_prefill_fp32_ekn", "wgmma_in_flight"):
-        "issue 13 item 3: the N-major fp32 weight is wgmma's register operand (swap-AB: tf32 reads shared "
-        "memory K-major only), which triton 3.6 waits for (depth 0); three programs an SM take turns",
     ("grouped_mm/dw_bf16", "tma"): "issue 13 part 1: the weight gradient's x and dy tiles come by cp.async",
     ("grouped_mm/dw_gather_fp16", "tma"): "issue 13 part 1: the weight gradient's dy tile comes by cp.async",
     ("fp8_grouped_mm/wgrad_segments", "wgmma_in_flight"):

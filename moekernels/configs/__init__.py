@@ -198,11 +198,10 @@ def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled
         # wgmma reads both shared-memory operands K-major only, so the weight tile went through
         # registers and back to shared memory transposed every K step (the round trip, 147
         # registers, one 8-warp program an SM). Swapping A and B makes the weight tile wgmma's A
-        # operand, which it reads from registers in any order: 128 token rows in wgmma's N, 64
-        # weight columns in its M, 4 warps and 3 stages: 132 registers, 74 KB, three programs an
-        # SM, no round trip (ptxas, sm_90a). A register operand keeps each wgmma waited for
-        # (depth 0); the three programs take turns on the tensor cores, as the fp8 block loop's two do.
-        # 64 token rows for at most 64 an expert: 92 registers, 3 programs an SM.
+        # operand, which it can take from registers in any order (kernels/_grouped_gemm._mma makes
+        # it one): 128 token rows in wgmma's N, 64 weight columns in its M, 4 warps and 3 stages:
+        # 162 registers, 65 KB, three programs an SM, no round trip, three of a K step's four
+        # wgmmas in flight (ptxas, sm_90a, triton 3.6). 64 token rows for at most 64 an expert.
         return GemmConfig(64 if rows_cls <= 64 else 128, 64, bk, 8, True, 4, 3)
     if rows_cls <= 64 or block_scaled:
         # Block-scaled fp8 at every size past decode too: its loop waits for each wgmma before

@@ -48,7 +48,7 @@ elements, twice that for K = 14336); tile coordinates stay int32.
 import triton
 import triton.language as tl
 
-from ._math import dot
+from ._math import INTERPRET, dot
 
 
 @triton.jit
@@ -111,10 +111,30 @@ def _load_b(b, e, k0, n0, num_k, width_b, stride_be, stride_bk, stride_bn,
 
 
 @triton.jit
-def _mma(a, b, acc, SWAP_AB: tl.constexpr):
-    """acc + a @ b, or, SWAP_AB, its transpose: acc^T + b^T @ a^T."""
+def _in_registers(x):
+    """x, through an opaque identity (a ``mov`` that ptxas deletes): Triton makes a dot operand that
+    comes straight from a load wgmma's shared-memory operand, and one computed in registers a
+    register operand (AccelerateMatmul's comesFromLoadOrBlockArg)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma(a, b, acc, SWAP_AB: tl.constexpr, B_KMAJOR: tl.constexpr = True):
+    """acc + a @ b, or, SWAP_AB, its transpose: acc^T + b^T @ a^T.
+
+    An N-major fp32 weight under SWAP_AB is wgmma's A operand, which tf32 reads from shared memory
+    K-major only: Triton 3.6 copied each K step's tile out of shared memory and back transposed
+    (local_load -> local_alloc, a fence, and wgmma depth 0). As a register operand (wgmma takes A
+    from registers in the fragment layout, read once from the TMA tile) the K step's wgmma splits
+    into four of K = 8, three left in flight (the sm_90 contract: grouped_mm/plain_prefill_fp32_ekn,
+    132 -> 162 registers, still three programs an SM)."""
     if SWAP_AB:
-        acc = dot(tl.trans(b), tl.trans(a), acc)
+        w = tl.trans(b)
+        if not INTERPRET:  # the interpreter has no inline asm (nor wgmma operands)
+            if not B_KMAJOR:
+                if b.dtype == tl.float32:
+                    w = _in_registers(w)
+        acc = dot(w, tl.trans(a), acc)
     else:
         acc = dot(a, b, acc)
     return acc
@@ -318,9 +338,9 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
                 if ACT != 0:
                     up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
                                  BLOCK_K, BLOCK_N)
-                acc = _mma(a_tile, b_tile, acc, SWAP_AB)
+                acc = _mma(a_tile, b_tile, acc, SWAP_AB, B_KMAJOR)
                 if ACT != 0:
-                    acc_up = _mma(a_tile, up, acc_up, SWAP_AB)
+                    acc_up = _mma(a_tile, up, acc_up, SWAP_AB, B_KMAJOR)
         cols = n0 + tl.arange(0, BLOCK_N)
         if SCALE == 1:
             s = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + e64 * stride_sbe, mask=in_expert, other=0.0)
