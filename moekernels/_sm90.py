@@ -111,7 +111,7 @@ class Report:
     k_commits: int = 0  # wgmma.commit_group (wgmma groups issued) in the PTX K loop bodies
     ttgir_pendings: int | None = None  # min pendings of ttng.warp_group_dot_wait in the TTGIR's K loops
     k_barriers: int | None = None  # most BAR.SYNC in one SASS K loop's body
-    smem_round_trip: bool = False  # local_load -> local_alloc feeding a warp_group_dot in a K loop
+    smem_round_trip: bool = False  # a wgmma operand written back to shared memory from a local_load, in any K loop
     k_tma: int = 0  # cp.async.bulk.tensor in the PTX K loop body (per K step)
     k_cp16: int = 0  # 16-byte cp.async per thread in the PTX K loop body
     k_cp_narrow: int = 0  # cp.async of 4 or 8 bytes per thread in the PTX K loop body
@@ -135,7 +135,12 @@ def _nvidia_bin(tool: str) -> str:
 
 
 def ptxas_path() -> str:
-    return _nvidia_bin("ptxas")
+    """The ptxas Triton itself runs for sm_90, so that ``ptxas -v`` reads the code of the cubin and
+    takes the PTX's version: triton 3.6 runs bin/ptxas (CUDA 12.8); 3.9 writes PTX 9.x, which
+    only its bin/ptxas-blackwell (CUDA 13.x) reads (its bin/ptxas, CUDA 12.9, stops at PTX 8.8)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(90).path
 
 
 def _run(cmd: list[str]) -> str:
@@ -484,7 +489,7 @@ def loop_facts(ttgir: str, ptx: str, sass: str) -> dict:
         ttgir_pendings=min(pend) if pend else None,
         k_barriers=max((sum(bool(re.match(r"(@!?U?P\w+\s+)?BAR\.SYNC", i)) for i in loop) for loop in sass_loops),
                        default=None),
-        smem_round_trip=any(smem_round_trip(loop) for loop in ir_loops),
+        smem_round_trip=any(smem_round_trip(loop) for loop in ttgir_k_loops(ttgir)),  # a segment's loop too
         k_tma=sum("cp.async.bulk.tensor" in i for i in body),
         k_cp16=widths.count(16),
         k_cp_narrow=sum(w < 16 for w in widths),

@@ -171,6 +171,14 @@ def test_round_trip_detector_passes_loops_without_one(case):
     assert len(loops) == 1 and not _sm90.smem_round_trip(loops[0]), case
 
 
+def test_round_trip_detector_reads_every_k_loop():
+    """A round trip in a second K loop (a LoRA segment's, after the main one) counts too."""
+    clean = _LOOP.format(body="\n".join(_CLEAN_LOOPS["stages through views"]))
+    trip = _LOOP.format(body="\n".join(_ROUND_TRIP_LOOPS["through memdesc_trans"]))
+    assert _sm90.loop_facts(clean + "\n" + trip, "", "")["smem_round_trip"]
+    assert not _sm90.loop_facts(clean + "\n" + clean, "", "")["smem_round_trip"]
+
+
 @pytest.mark.parametrize("name", cases("wgmma_in_flight", PIPELINED))
 def test_wgmma_in_flight(name):
     """The K loop keeps at least one wgmma group in flight while it issues the next step's loads
