@@ -11,9 +11,10 @@ at import; :func:`shipped_variants` imports the package once and reads the regis
 stage or variant is compiled and checked without touching this file.
 
 ``python -m moekernels._sm90`` prints one JSON report per shipped variant;
-``python -m moekernels._sm90 --write-resources`` regenerates ``configs/sm90_resources.json``. Both
-must run without ``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` gives objects that
-cannot be compiled), which is why the test suite calls them in a subprocess.
+``python -m moekernels._sm90 --write-resources`` regenerates the running Triton's table
+(``configs/sm90_resources.json`` for 3.6, ``configs.sm90_resources_path``). Both must run without
+``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` gives objects that cannot be compiled),
+which is why the test suite calls them in a subprocess.
 """
 
 from __future__ import annotations
@@ -735,12 +736,13 @@ def main(argv: list[str]) -> int:
     if "--write-resources" in argv:
         from . import configs
 
-        with open(configs.SM90_RESOURCES, "w") as f:
+        path = configs.sm90_resources_path(write=True)
+        with open(path, "w") as f:
             json.dump({"generated_by": "python -m moekernels._sm90 --write-resources",
                        "target": "cuda sm_90a, triton " + __import__("triton").__version__,
                        "configs": resources([asdict(r) for r in reports])}, f, indent=1)
             f.write("\n")
-        print(f"wrote {configs.SM90_RESOURCES}", file=sys.stderr)
+        print(f"wrote {path}", file=sys.stderr)
     else:
         print(json.dumps([asdict(r) for r in reports], indent=1))
     return 0

@@ -357,8 +357,20 @@ def quant_config(block_rows: int, block_cols: int, rows: int, cols: int) -> Quan
 
 # Registers and shared memory of every shipped persistent-grid config, read from the sm_90a compile
 # on the CPU (``python -m moekernels._sm90 --write-resources``; tests/test_sm90_compile.py fails
-# when it is stale), and the programs per SM they allow.
+# when it is stale), and the programs per SM they allow. The compile depends on the Triton: the
+# table is triton 3.6's (the GPU image's); another version's, where it is written, sits beside it
+# (sm90_resources_triton3.9.json: 27 of its 29 rows differ from 3.6's).
 SM90_RESOURCES = os.path.join(_TABLE_DIR, "sm90_resources.json")
+SM90_RESOURCES_TRITON = "3.6"
+
+
+def sm90_resources_path(write: bool = False) -> str:
+    """The running Triton's table (major.minor); 3.6's for a version without one, unless ``write``."""
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version == SM90_RESOURCES_TRITON:
+        return SM90_RESOURCES
+    path = os.path.join(_TABLE_DIR, f"sm90_resources_triton{version}.json")
+    return path if write or os.path.exists(path) else SM90_RESOURCES
 # Constexprs that are not part of a config's identity: BLOCK_E is the expert count rounded up to a
 # power of two (the table is compiled at 128; it sizes the tile lookup before the K loop, not the
 # K loop's registers), and stride_* are unit strides Triton specialises on.
@@ -376,9 +388,9 @@ def launch_key(kernel: str, dtype, out_dtype, constexprs: dict, num_warps: int, 
 
 @functools.cache
 def _sm90_resources() -> dict:
-    if not os.path.exists(SM90_RESOURCES):
+    if not os.path.exists(sm90_resources_path()):
         return {}
-    with open(SM90_RESOURCES) as f:
+    with open(sm90_resources_path()) as f:
         return json.load(f)["configs"]
 
 
