@@ -56,8 +56,6 @@ KNOWN_STALLS_BY_TRITON = {
     "3.9": {
         **{(n, "no_spills"): f"triton 3.9 (3.6: no spills): {why}" for n, why in (
             ("topk_routing/deepseek_v3_e256_k8_g8_4_bias", "255 registers, 2,460 B of spill stores, 2 KB stack"),
-            ("unpermute_bf16_h7168_k8", "107 registers, 16 B of spill stores"),
-            ("unpermute_fp16_h2048_k8", "107 registers, 16 B of spill stores"),
             ("plan_scatter/deepseek_v3_e256_b128", "an 8-byte stack frame"),
             ("plan_scatter_single/deepseek_v3_e256_b128", "an 8-byte stack frame"))},
         **{(n, "instructions_per_token"): "triton 3.9: 2,749 warp instructions per DeepSeek-V3 token (3.6: 756), "
