@@ -75,8 +75,8 @@ def test_float64_to_bf16(raw):
 def test_scalar_comparison_in_a_block_mask():
     """triton 3.9's interpreter types a comparison of scalars as its operands (i32) and a block made
     of it holds int32, which a load rejects as a mask ("mask has unsupported dtype"); 3.6 keeps it
-    bool. So no kernel ands a scalar comparison into a block mask (combine_rows_kernel clamps its
-    next index instead: kernels/_permute.py)."""
+    bool. So no kernel ands a scalar comparison into a block mask: combine_rows_kernel clamps its
+    next index (kernels/_permute.py), the fp8 scale loads select (kernels/_grouped_gemm.py)."""
     x, y = torch.arange(8, dtype=torch.float32), torch.zeros(8)
     if TRITON >= (3, 9):
         with pytest.raises(Exception, match="mask has unsupported dtype"):

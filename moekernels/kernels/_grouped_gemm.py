@@ -190,7 +190,9 @@ def _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride
     <= 128 columns lying in one 128-column scale block. With column-major a_scale (stride_sam
     1) the tile's row scales are one contiguous run."""
     ok = kk < num_k_tiles
-    sa = tl.load(a_scale_ptr + src64 * stride_sam + kk * stride_sak, mask=row_ok & ok, other=0.0)
+    # A select, not row_ok & ok: triton 3.9's interpreter makes a scalar condition anded into a
+    # block an int32 mask, which tl.load rejects (tests/test_interpreter_workarounds.py).
+    sa = tl.load(a_scale_ptr + src64 * stride_sam + kk * stride_sak, mask=tl.where(ok, row_ok, False), other=0.0)
     return sa * tl.load(sb_ptr + kk * stride_sbk, mask=ok, other=0.0)
 
 
@@ -349,11 +351,11 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
         elif SCALE == 2:
             sa = tl.load(a_scale_ptr + src64 * stride_sam, mask=row_ok, other=0.0)
             sb_row = b_scale_ptr + e64 * stride_sbe
-            acc = _scale_rows_cols(acc, sa, tl.load(sb_row + cols * stride_sbn, mask=in_expert & (cols < N),
-                                                    other=0.0), SWAP_AB)
+            col_ok = tl.where(in_expert, cols < N, False)  # a select: see _step_scales
+            acc = _scale_rows_cols(acc, sa, tl.load(sb_row + cols * stride_sbn, mask=col_ok, other=0.0), SWAP_AB)
             if ACT != 0:
                 acc_up = _scale_rows_cols(acc_up, sa, tl.load(sb_row + (cols + N) * stride_sbn,
-                                                              mask=in_expert & (cols < N), other=0.0), SWAP_AB)
+                                                              mask=col_ok, other=0.0), SWAP_AB)
         if LORA:  # after the fp8 scales: the low-rank segment is in the high-precision dtype
             num_r = tl.where(in_expert, tl.cdiv(R, BLOCK_R), 0)  # tail tiles: zeros
             acc, acc_up = _lora_segment(lora_x, lora_w, acc, acc_up, rows, row_ok, e, n0, N, R, num_r, width_b,
