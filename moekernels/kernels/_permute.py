@@ -29,7 +29,6 @@ A dropped pair (an id outside [0, E), see kernels/_plan.py) has a sorted row at 
 import triton
 import triton.language as tl
 
-from ._math import cast
 
 
 @triton.jit
@@ -73,7 +72,7 @@ def scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, grad_w_ptr, offs
                 tl.store(out, x, mask=m)
     if BACKWARD:
         pairs = t64[:, None] * top_k + kk[None, :]
-        tl.store(grad_w_ptr + pairs, cast(dots, grad_w_ptr.dtype.element_ty),  # float64 dots for bf16 weights
+        tl.store(grad_w_ptr + pairs, dots.to(grad_w_ptr.dtype.element_ty),  # float64 dots for bf16 weights
                  mask=t_ok[:, None] & (kk < top_k)[None, :])
 
 
