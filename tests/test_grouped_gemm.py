@@ -59,9 +59,10 @@ def torch_lowp_err(x, w, offs):
 
 
 def tolerance(dtype, device, backend, torch_err):
-    """DESIGN.md: 2 * err(torch in the dtype) + eps. eps: the interpreter rounds float32 to
-    bf16/fp16 by truncation (up to 1 ulp, where torch rounds to the nearest), and the GPU runs
-    float32 as tf32 (10-bit mantissa)."""
+    """DESIGN.md: 2 * err(torch in the dtype) + eps. eps: the kernel's float32 sums run in another
+    order than torch's, so a result near a rounding boundary can round to the other bf16/fp16
+    neighbour (1 ulp where torch's error is half of one), and the GPU runs float32 as tf32 (10-bit
+    mantissa)."""
     eps = 1e-6
     if backend == "triton" and device == "cpu":
         eps = {torch.bfloat16: 2**-8, torch.float16: 2**-11}.get(dtype, 1e-6)

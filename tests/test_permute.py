@@ -12,9 +12,9 @@ from moekernels import reference
 # of tokens (4 a program), an expert with no pair and one with a single pair (make_ids).
 CASES = [(1, 1, 4, 16), (1, 8, 16, 33), (7, 2, 8, 40), (13, 3, 10, 1030), (9, 8, 16, 64)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Two roundings of a bf16 result: Triton's interpreter converts float32 to bfloat16 by
-# truncation (1 ulp), torch rounds to nearest (1/2 ulp); 2**-7 covers both (DESIGN.md: twice
-# torch's own error).
+# Two roundings of a bf16 result: the kernel's float32 sum, in another order than torch's, can
+# round to the other neighbour (1 ulp) where torch's is within 1/2 ulp; 2**-7 covers both
+# (DESIGN.md: twice torch's own error).
 TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
