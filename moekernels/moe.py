@@ -605,6 +605,11 @@ class MoE(nn.Module):
             :meth:`quantize_experts` then puts the frozen experts in e4m3.
         backend: the backend of every op (None: automatic).
 
+        split_gate_up: keep the gate and up projections as two parameters ``w_gate`` and ``w_up``
+            [E, I, H] (torchtitan's w1 and w3, Megatron's checkpoints; tensor parallelism shards
+            each on I) instead of one ``w_gate_up``; fused_moe reads the pair in place, with the
+            same math and initialization. Not with expert_parallel_group or precision='fp8'.
+
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
     [E, H, I], ``shared_experts``, and the adapters. In training mode the forward sets ``aux_loss`` (the
     load-balancing loss of transformers' ``load_balancing_loss_func``), ``z_loss`` (ST-MoE's) and
@@ -626,7 +631,7 @@ class MoE(nn.Module):
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
                  router_dtype=None, expert_parallel_group=None, capacity: int | None = None,
                  precision: str | None = None, backend: str | None = None, bias_update_rate: float = 1e-3,
-                 lora_rank: int = 0, lora_alpha: float | None = None):
+                 lora_rank: int = 0, lora_alpha: float | None = None, split_gate_up: bool = False):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -641,6 +646,9 @@ class MoE(nn.Module):
         if lora_rank and (precision is not None or expert_parallel_group is not None):
             raise ValueError("lora_rank > 0 trains adapters on frozen experts: not with precision='fp8' (which trains "
                              "the experts themselves) or expert_parallel_group")
+        if split_gate_up and (precision is not None or expert_parallel_group is not None):
+            raise ValueError("split_gate_up keeps w_gate and w_up apart: not with precision='fp8' or "
+                             "expert_parallel_group yet (they read one w_gate_up)")
         if precision == "fp8" and (hidden_size % 128 or intermediate_size % 128):
             raise ValueError(f"precision='fp8' needs hidden_size and intermediate_size multiples of 128, got "
                              f"{hidden_size} and {intermediate_size}")
@@ -677,7 +685,12 @@ class MoE(nn.Module):
         self.dropped = None
         kw = dict(dtype=dtype, device=device)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, dtype=router_dtype or dtype, device=device)
-        self.w_gate_up = nn.Parameter(torch.empty(local, 2 * intermediate_size, hidden_size, **kw))
+        self.split_gate_up = split_gate_up
+        # Their names: the fused [E, 2I, H] parameter, or the gate and up ones [E, I, H].
+        self._gate_up_names = ("w_gate", "w_up") if split_gate_up else ("w_gate_up",)
+        for name in self._gate_up_names:
+            rows = intermediate_size if split_gate_up else 2 * intermediate_size
+            setattr(self, name, nn.Parameter(torch.empty(local, rows, hidden_size, **kw)))
         self.w_down = nn.Parameter(torch.empty(local, hidden_size, intermediate_size, **kw))
         bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
@@ -688,7 +701,8 @@ class MoE(nn.Module):
                                if num_shared_experts else None)
         self.aux_loss = self.z_loss = self.seq_aux_loss = None
         self.lora_rank, self.lora_scale = lora_rank, (lora_rank if lora_alpha is None else lora_alpha) / max(lora_rank, 1)
-        self.register_buffer("w_gate_up_scale", None)  # the e4m3 experts' (128, 128) scales: quantize_experts
+        for name in self._gate_up_names:  # the e4m3 experts' (128, 128) scales: quantize_experts
+            self.register_buffer(f"{name}_scale", None)
         self.register_buffer("w_down_scale", None)
         if lora_rank:
             r, hid, inter = lora_rank, hidden_size, intermediate_size
@@ -696,7 +710,8 @@ class MoE(nn.Module):
             self.lora_b1 = nn.Parameter(torch.empty(local, 2 * inter, r, **kw))
             self.lora_a2 = nn.Parameter(torch.empty(local, r, inter, **kw))
             self.lora_b2 = nn.Parameter(torch.empty(local, hid, r, **kw))
-            self.w_gate_up.requires_grad_(False)
+            for name in self._gate_up_names:
+                getattr(self, name).requires_grad_(False)
             self.w_down.requires_grad_(False)
         self.reset_parameters()
 
@@ -704,13 +719,22 @@ class MoE(nn.Module):
         """nn.Linear's default for each expert matrix and LoRA A: uniform in +-1/sqrt(fan_in);
         LoRA B zeros (PEFT's init: the adapted layer starts as the base one)."""
         with torch.no_grad():
-            mats = [self.w_gate_up, self.w_down] if self.w_gate_up_scale is None else []
+            mats = [*self._gate_up(), self.w_down] if self.w_down_scale is None else []
             for w in mats + ([self.lora_a1, self.lora_a2] if self.lora_rank else []):
                 bound = 1 / math.sqrt(w.shape[2])
                 w.uniform_(-bound, bound)
             if self.lora_rank:
                 self.lora_b1.zero_()
                 self.lora_b2.zero_()
+
+    def _gate_up(self, suffix: str = "") -> tuple:
+        """(w_gate_up,) or (w_gate, w_up), or with suffix "_scale" their scales."""
+        return tuple(getattr(self, name + suffix) for name in self._gate_up_names)
+
+    @staticmethod
+    def _gate_up_arg(pair: tuple):
+        """fused_moe's w_gate_up (or scale) argument: the tensor, or the pair."""
+        return pair if len(pair) == 2 else pair[0]
 
     def lora(self) -> ExpertsLoRA | None:
         """The adapters as fused_moe takes them (None without lora_rank)."""
@@ -721,12 +745,13 @@ class MoE(nn.Module):
     def quantize_experts(self) -> None:
         """Freeze the routed experts in e4m3 with (128, 128) block scales (DeepSeek-V3's checkpoint
         format), in place: ``w_gate_up`` and ``w_down`` become float8_e4m3fn buffers beside their
-        float32 scales ``w_gate_up_scale`` and ``w_down_scale``, and the forward runs the fp8 GEMMs
+        float32 scales ``w_gate_up_scale`` and ``w_down_scale`` (with split_gate_up, ``w_gate`` and
+        ``w_up`` each with its own: ``w_gate_scale``, ``w_up_scale``), and the forward runs the fp8 GEMMs
         (activations quantized (1, 128) on the fly). For inference, or LoRA fine-tuning
         (``lora_rank``) on the frozen e4m3 experts; a DeepSeek-V3 checkpoint's own e4m3 weights and
         ``weight_scale_inv`` load into these buffers. H and I multiples of 128. Cast the layer
         (``moe.to(dtype)``) before, not after: ``Module.to`` would cast the e4m3 buffers too."""
-        if self.w_gate_up.dtype == FP8:
+        if self.w_down.dtype == FP8:
             return
         if self.hidden_size % 128 or self.intermediate_size % 128:
             raise ValueError(f"quantize_experts needs hidden_size and intermediate_size multiples of 128, got "
@@ -735,8 +760,8 @@ class MoE(nn.Module):
             raise ValueError("quantize_experts freezes the experts: not with precision='fp8' or expert parallelism")
         from .fp8 import quantize_fp8
 
-        self.experts_dtype = self.w_gate_up.dtype
-        for name in ("w_gate_up", "w_down"):
+        self.experts_dtype = self.w_down.dtype
+        for name in (*self._gate_up_names, "w_down"):  # w_gate and w_up each with its own blocks
             q, scale = quantize_fp8(getattr(self, name).detach(), (128, 128), backend=self.backend)
             delattr(self, name)
             self.register_buffer(name, q)
@@ -763,7 +788,8 @@ class MoE(nn.Module):
                 f"correction_bias={self.e_score_correction_bias is not None}"
                 + (f", precision={self.precision!r}" if self.precision else "")
                 + (f", lora_rank={self.lora_rank}, lora_scale={self.lora_scale:g}" if self.lora_rank else "")
-                + (", experts in float8_e4m3fn" if self.w_gate_up_scale is not None else "")
+                + (", split_gate_up=True" if self.split_gate_up else "")
+                + (", experts in float8_e4m3fn" if self.w_down_scale is not None else "")
                 + (f", local experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1}"
                    if self.group is not None else ""))
 
@@ -775,15 +801,15 @@ class MoE(nn.Module):
         _checks.tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
-        dtype = self.w_gate_up.dtype
+        dtype = self.w_down.dtype
         if dtype == FP8:  # e4m3 experts (quantize_experts) compute in the adapters' or the former weights' dtype
             dtype = self.lora_a1.dtype if self.lora_rank else self.experts_dtype
         if _autocast.cast_dtype(x.dtype, x.device.type) != _autocast.cast_dtype(dtype, x.device.type):
             raise TypeError(f"x has dtype {str(x.dtype).removeprefix('torch.')} but the layer's parameters are "
                             f"{str(dtype).removeprefix('torch.')}: cast the input "
                             f"(x.to({dtype})) or the layer (moe.to(...))")
-        if x.device != self.w_gate_up.device:
-            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w_gate_up.device}")
+        if x.device != self.w_down.device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w_down.device}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -791,8 +817,10 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x2)
         if self.group is None:
-            y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
-                          w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale,
+            scales = self._gate_up("_scale")
+            y = fused_moe(x2, self._gate_up_arg(self._gate_up()), self.w_down, weights, ids,
+                          activation=self.activation, w_down_scale=self.w_down_scale,
+                          w_gate_up_scale=self._gate_up_arg(scales) if scales[0] is not None else None,
                           precision=self.precision, lora=self.lora(), backend=self.backend)
         else:
             y = self._expert_parallel(x2, weights, ids)
