@@ -830,6 +830,10 @@ SM90_GEMMS = {
     "scatter_prefill_bf16_kmajor_lora16": ("scatter+lora16", 512, 2048, 768, torch.bfloat16, True),
     "gather_gated_decode_bf16_kmajor_lora16": ("gather+gated+lora16", 4, 768, 2048, torch.bfloat16, True),
     "gather_gated_prefill_bf16_kmajor_lora64": ("gather+gated+lora64", 512, 768, 2048, torch.bfloat16, True),
+    # Gate and up as two weights (fused_moe's (w_gate, w_up) pair, issue 20): GEMM 1 reading the up
+    # tiles from a second descriptor, to be compared with the fused weight's variants above.
+    "gather_gated_prefill_bf16_kmajor_split": ("gather+gated+split", 512, 768, 2048, torch.bfloat16, True),
+    "gather_gated_decode_bf16_kmajor_split": ("gather+gated+split", 4, 768, 2048, torch.bfloat16, True),
     # The split gated decode (configs.split_gated_decode): Qwen3-30B-A3B's GEMM 1 at T = 1 as the
     # plain kernel over the [K, 2I] weight into a float32 product, gathered (fused_moe) or not.
     "gather_split_decode_bf16_kmajor": ("gather", 1, 1536, 2048, torch.bfloat16, True, torch.float32),
@@ -892,7 +896,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too;
     ``weight_bytes``: the launch of a GPU without e4m3 MMA, or of the weight-only route (a 16-bit
     dtype), every e4m3 operand as its bytes (fp8_bytes: fp8.sm90_variants on sm_80); ``tma``: whether the
-    architecture has TMA (without it, 16-byte aligned pointers, as _launch)."""
+    architecture has TMA (without it, 16-byte aligned pointers, as _launch); ``+split``: gated with
+    the up half as a second weight (SPLIT_UP, b_up of b's type and strides)."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
@@ -902,7 +907,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     rank = next((int(p.removeprefix("lora")) for p in parts if p.startswith("lora")), None)
     cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=tma and not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128,
-                           rank=rank)
+                           rank=rank, split_up="split" in parts)
     stages = num_stages(cfg, scale, cx["ACT"], weight_bytes)
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
@@ -924,7 +929,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     if weight_bytes:
         a_type = a_type.replace("fp8e4nv", "u8")
         b_type = b_type.replace(elem, "u8")
-    sig = _sm90.signature(fn, cx, a=a_type, b=b_type, c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
+    sig = _sm90.signature(fn, cx, a=a_type, b=b_type, b_up=b_type, b_up_scale_ptr="*fp32", c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
                           c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32", a_scale_ptr="*fp32",
                           b_scale_ptr="*fp32", **dict.fromkeys(("lora_x", "lora_w"), _sm90.ptr(out_dtype or dtype)))
     # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async
