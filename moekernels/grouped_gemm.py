@@ -268,8 +268,8 @@ def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale,
                       split_up=False) -> dict:
     """grouped_mm_kernel's constexprs of one launch (the launcher and the sm_90 variants share it);
     ``rank``: the low-rank segment's r, None without one; ``split_up``: gate and up as two weights
-    (SPLIT_UP, only named when set: the fused form's launch keys stay as they were)."""
-    return dict(**(dict(SPLIT_UP=True) if split_up else {}), A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=gather, SCATTER=scatter, ACT=act,
+    (SPLIT_UP; configs.launch_key names it only when set: the fused form's keys stay as they were)."""
+    return dict(SPLIT_UP=split_up, A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=gather, SCATTER=scatter, ACT=act,
                 SWAP_AB=cfg.SWAP_AB, SCALE=scale, LORA=rank is not None,
                 BLOCK_R=configs.lora_block(rank, act != 0) if rank is not None else 0, BLOCK_M=cfg.BLOCK_M,
                 BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)

@@ -286,7 +286,7 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
                       SCATTER: tl.constexpr, ACT: tl.constexpr, SWAP_AB: tl.constexpr, SCALE: tl.constexpr,
                       LORA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-                      SPLIT_UP: tl.constexpr = False):
+                      SPLIT_UP: tl.constexpr):
     """c[r, :N] = epilogue(a[r] @ b[e]) for the rows r of expert e's segment; zeros past offs[E-1].
 
     N is the output width; with ACT the weight is [K, 2N], gate columns first, then up, or with
@@ -305,9 +305,13 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
     num_k_tiles = tl.cdiv(K, BLOCK_K)
     width_b = N * 2 if ACT != 0 and not SPLIT_UP else N
     width_lora = N * 2 if ACT != 0 else N  # lora_w is [E, R, 2N] with ACT in both forms
-    if not SPLIT_UP:  # the up half is b's own columns N..2N: the same operand and scales, as before
-        b_up = b
-        b_up_scale_ptr = b_scale_ptr
+    # The up tiles' operand and scales: b's own columns N..2N (as before: b_up unused), or b_up's.
+    if SPLIT_UP:
+        up_b = b_up
+        up_scales = b_up_scale_ptr
+    else:
+        up_b = b
+        up_scales = b_scale_ptr
     e_idx, ends, tiles, cum = _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M, num_n, BLOCK_E)
     total = tl.sum(tiles, 0)
     last = tl.sum(tl.where(e_idx == num_experts - 1, ends, 0), 0)
@@ -343,16 +347,17 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
         acc_up = tl.zeros(acc_shape, dtype=tl.float32)
         num_steps = tl.where(in_expert, num_k_tiles, 0)  # tail tiles: no K steps, zeros
         if SCALE == 3 and B_BYTES:
-            acc, acc_up = _dequantized_loop(a, b, b_up, acc, acc_up, src64, row_ok, row0, e, e64, n0, up0, K,
+            acc, acc_up = _dequantized_loop(a, b, up_b, acc, acc_up, src64, row_ok, row0, e, e64, n0, up0, K,
                                             num_steps, width_b, stride_am, stride_be, stride_bk, stride_bn,
-                                            a_scale_ptr, b_scale_ptr, b_up_scale_ptr, stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn,
-                                            A_TMA, B_TMA, B_KMAJOR, SWAP_AB, ACT, BLOCK_K, BLOCK_N)
+                                            a_scale_ptr, b_scale_ptr, up_scales, stride_sam, stride_sak, stride_sbe,
+                                            stride_sbk, stride_sbn, A_TMA, B_TMA, B_KMAJOR, SWAP_AB, ACT, BLOCK_K,
+                                            BLOCK_N)
         elif SCALE == 3 and ACT != 0:
-            acc, acc_up = _block_scaled_gated_loop(a, b, b_up, acc, acc_up, src, src64, row_ok, row0, e, e64, n0,
+            acc, acc_up = _block_scaled_gated_loop(a, b, up_b, acc, acc_up, src, src64, row_ok, row0, e, e64, n0,
                                                    up0, N, K, num_steps, width_b, stride_am, stride_be, stride_bk,
-                                                   stride_bn, a_scale_ptr, b_scale_ptr, b_up_scale_ptr, stride_sam, stride_sak, stride_sbe,
-                                                   stride_sbk, stride_sbn, A_TMA, B_TMA, B_KMAJOR, SWAP_AB,
-                                                   BLOCK_K, BLOCK_N)
+                                                   stride_bn, a_scale_ptr, b_scale_ptr, up_scales, stride_sam,
+                                                   stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA, B_TMA,
+                                                   B_KMAJOR, SWAP_AB, BLOCK_K, BLOCK_N)
         elif SCALE == 3:
             acc = _block_scaled_loop(a, b, acc, src, src64, row_ok, row0, e, e64, n0, K, num_steps, width_b,
                                      stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr,
@@ -365,7 +370,7 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
                 b_tile = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
                                  BLOCK_K, BLOCK_N)
                 if ACT != 0:
-                    up = _load_b(b_up, e, k0, up0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
+                    up = _load_b(up_b, e, k0, up0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
                                  BLOCK_K, BLOCK_N)
                 acc = _mma(a_tile, b_tile, acc, SWAP_AB)
                 if ACT != 0:
