@@ -361,8 +361,9 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_cases(cases: list[Case], timer) -> list[dict]:
-    """Times every implementation of every case; an implementation that raises is recorded, not fatal."""
+def run_cases(cases: list[Case], timer, on_record: Callable[[dict], None] | None = None) -> list[dict]:
+    """Times every implementation of every case; an implementation that raises is recorded, not fatal.
+    ``on_record`` gets each record as soon as it is measured (run.py --rows writes it to disk)."""
     records = []
     progress = Progress(sum(len(c.impls) for c in cases))
     for case in cases:
@@ -391,6 +392,8 @@ def run_cases(cases: list[Case], timer) -> list[dict]:
             except Exception as exc:  # one broken implementation must not stop the suite
                 rec["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             records.append(rec)
+            if on_record is not None:
+                on_record(rec)
         del sets, naive_out
         _free_device_memory()
     progress.close()

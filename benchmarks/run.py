@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--quick] [--out DIR] [--only route] [--tokens 1,16,...]   # in a clone
     moekernels-bench [--quick] [--out DIR] [--only route] [--tokens 1,16,...]           # installed
+    python -m benchmarks.run --quick --part headline --rows rows.jsonl   # the device check's first call
 
 With a CUDA GPU: measures the roofline (bf16 torch.mm and device copy), times
 every case, writes bench.json, bench.md and one PNG per benchmark (where
@@ -22,7 +23,9 @@ in BENCHMARKS.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +44,20 @@ BENCHMARKS = {  # the registry name -> the module, in this package
     "fp8_train": "bench_fp8_train",
     "distributed": "bench_distributed",
 }
+
+# The rows that matter most (issue 21 item 7), in this order: what the device check's first call times
+# (--part headline), and --part rest leaves out. (benchmark, case group, sizes, implementations or None
+# for all; a case keeps naive, which its check compares against). Quick GPU cases all: tests check it.
+HEADLINE = [
+    ("grouped_gemm", "qwen3-30b-a3b gate_up fwd balanced", (512, 4096), None),  # bf16, against torch._grouped_mm
+    ("fp8", "dense N4096 K7168 block", (4096,), None),  # FP8 block-wise against bf16
+    ("fp8", "contiguous 8x4096 N4096 K7168 block", (32768,), None),
+    ("route", "deepseek-v3 fp32", (40000,), None),  # cuda and triton
+    ("moe", "qwen3-30b-a3b fwd bf16", (4096,), ("naive", "triton", "hf_grouped_mm")),  # prefill
+    ("decode", "deepseek-v3 bf16", (1, 64), None),
+    ("decode", "deepseek-v3 fp8", (1, 64), None),
+]
+PARTS = ("all", "headline", "rest")
 
 NO_GPU = ("no CUDA GPU found: kernel timings (triton, cuda) need a CUDA GPU; "
           "timed the reference and naive paths on the CPU only")
@@ -67,6 +84,40 @@ def cpu_quick(cases: list[harness.Case]) -> list[harness.Case]:
     return list(first.values())
 
 
+def select(cases: list[harness.Case], part: str) -> list[harness.Case]:
+    """The cases (and implementations) of one part: all, the HEADLINE rows in its order, or the rest."""
+    if part == "all":
+        return cases
+    picked, rest = [], []
+    for case in cases:
+        entry = next((e for e in HEADLINE if (case.bench, case.group) == e[:2] and case.x in e[2]), None)
+        if entry is None:
+            rest.append(case)
+            continue
+        keep = set(case.impls) if entry[3] is None else set(entry[3]) | {"naive"}
+        picked.append((HEADLINE.index(entry), dataclasses.replace(
+            case, impls={k: fn for k, fn in case.impls.items() if k in keep})))
+        left = {k: fn for k, fn in case.impls.items() if k not in keep}
+        if left:  # the implementations the headline leaves out, with naive for their check
+            rest.append(dataclasses.replace(case, impls={k: fn for k, fn in case.impls.items()
+                                                         if k in left or k == "naive"}))
+    return [case for _, case in sorted(picked, key=lambda p: p[0])] if part == "headline" else rest
+
+
+def rows_table(path: Path) -> str:
+    """The console table of a --rows file: what a run cut off before its report had measured."""
+    first, *rest = Path(path).read_text().splitlines()
+    head, records = json.loads(first), []
+    for line in rest:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line, when the run was killed as it wrote it
+            pass
+    harness.derive(records, head["roofline"])
+    meta = head["metadata"]
+    return f"{meta['device_name']} ({meta['gpu']}), {len(records)} rows\n" + harness.console_report(records)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prog = "moekernels-bench" if __package__ == "moekernels.benchmarks" else "python -m benchmarks.run"
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
@@ -79,12 +130,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=sorted(BENCHMARKS),
                    help="run only this benchmark; may be repeated")
     p.add_argument("--tokens", type=_tokens, help="comma-separated token counts T, instead of each benchmark's own")
+    p.add_argument("--part", choices=PARTS, default="all",
+                   help="headline: only the rows that matter most (HEADLINE in run.py), in its order; rest: the "
+                        "others (the device check's two calls)")
+    p.add_argument("--rows", type=Path,
+                   help="also append each row to this JSON-lines file as soon as it is measured (the first line: "
+                        "the machine), so that a run cut off keeps what it measured")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    modules = {name: importlib.import_module(f".{BENCHMARKS[name]}", __package__) for name in (args.only or BENCHMARKS)}
+    names = args.only or (dict.fromkeys(e[0] for e in HEADLINE) if args.part == "headline" else BENCHMARKS)
+    modules = {name: importlib.import_module(f".{BENCHMARKS[name]}", __package__) for name in names}
     out_dir = args.out or default_out(harness.gpu_name(), args.quick)
     torch.manual_seed(0)
 
@@ -101,9 +159,23 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(NO_GPU)
 
     cases = [c for m in modules.values() for c in m.cases("cuda" if gpu else "cpu", args.quick, args.tokens)]
+    cases = select(cases, args.part)
     if args.quick and not gpu and args.tokens is None:
         cases = cpu_quick(cases)
-    records = harness.run_cases(cases, timer)
+    on_record = None
+    if args.rows is not None:
+        args.rows.parent.mkdir(parents=True, exist_ok=True)
+        rows = args.rows.open("w")
+        rows.write(json.dumps({"metadata": harness.metadata(args.quick), "roofline": roofline}) + "\n")
+        rows.flush()
+
+        def on_record(rec: dict) -> None:
+            rows.write(json.dumps(rec, default=str) + "\n")
+            rows.flush()
+
+    records = harness.run_cases(cases, timer, on_record)
+    if args.rows is not None:
+        rows.close()
     harness.derive(records, roofline)
     errors = harness.error_lines(records)
     notes += [line for m in modules.values() for line in m.notes(records)] + errors

@@ -1,9 +1,15 @@
 // The one PYBIND11_MODULE of moekernels._C. Every function takes raw device pointers
 // (tensor.data_ptr()) and the CUDA stream handle as integers: no torch headers, so the
 // extension builds without a GPU and loads with any torch version.
+#include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
+
+#ifndef MOEKERNELS_ARCHS
+#error "MOEKERNELS_ARCHS (the -gencode list, e.g. \"sm_80 sm_90a compute_120\") is defined by setup.py"
+#endif
 
 namespace moekernels {
 void topk_routing(uintptr_t logits, int dtype, uintptr_t bias, uintptr_t weights, uintptr_t ids,
@@ -26,7 +32,48 @@ void plan_routing(uintptr_t ids, int id_itemsize, int64_t num_pairs, int num_exp
 void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale,
                         int64_t scale_row_stride, int64_t scale_col_stride, int64_t num_rows, int top_k,
                         int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream);
+const void* topk_routing_kernel_address();
+const void* permute_kernel_address();
+const void* unpermute_kernel_address();
+const void* permute_backward_kernel_address();
+const void* unpermute_backward_kernel_address();
+const void* plan_routing_kernel_address();
+const void* quantize_fp8_1x128_kernel_address();
 }  // namespace moekernels
+
+namespace {
+
+// Each binding, with one of the kernels it launches (its .cu file's kernels are all built for the same archs).
+struct Kernel {
+  const char* name;
+  const void* (*address)();
+};
+constexpr Kernel kKernels[] = {
+    {"topk_routing", moekernels::topk_routing_kernel_address},
+    {"permute", moekernels::permute_kernel_address},
+    {"unpermute", moekernels::unpermute_kernel_address},
+    {"permute_backward", moekernels::permute_backward_kernel_address},
+    {"unpermute_backward", moekernels::unpermute_backward_kernel_address},
+    {"plan_routing", moekernels::plan_routing_kernel_address},
+    {"quantize_fp8_1x128", moekernels::quantize_fp8_1x128_kernel_address},
+};
+
+// (error name, binaryVersion, ptxVersion) of cudaFuncGetAttributes on the current device: "cudaSuccess"
+// where the binding's kernel can run there (from its SASS, or PTX the driver compiled), else why not
+// (cudaErrorNoKernelImageForDevice: no image for this device's capability). Loads the kernel's module as
+// its first launch would; no synchronization.
+pybind11::tuple kernel_image(const std::string& name) {
+  for (const Kernel& k : kKernels) {
+    if (name != k.name) continue;
+    cudaFuncAttributes attr{};
+    const cudaError_t err = cudaFuncGetAttributes(&attr, k.address());
+    if (err != cudaSuccess) cudaGetLastError();  // cleared: the next launch's check_launch would report it
+    return pybind11::make_tuple(std::string(cudaGetErrorName(err)), attr.binaryVersion, attr.ptxVersion);
+  }
+  throw pybind11::value_error("kernel_image: no kernel named '" + name + "' (moekernels._C.KERNELS lists them)");
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "moekernels CUDA kernels (raw pointers + stream handles; see csrc/)";
@@ -43,8 +90,15 @@ PYBIND11_MODULE(_C, m) {
         "[ceil(N / PLAN_CHUNK) + 1, E + 1] int32 workspace when N > PLAN_CHUNK");
   m.def("quantize_fp8_1x128", &moekernels::quantize_fp8_1x128,
         "(1, 128) fp8 e4m3 quantization, fused with permute when dest is given (csrc/quantize.cu)");
+  m.def("kernel_image", &kernel_image, pybind11::arg("name"),
+        "(error name, binaryVersion, ptxVersion) of the named binding's kernel on the current CUDA device: "
+        "'cudaSuccess' where it can run there (moekernels/_ext.py caches it per device)");
   m.attr("PLAN_CHUNK") = moekernels::plan_chunk();
   // Names of the ops with a CUDA kernel; tests assert each is exposed.
-  m.attr("KERNELS") = pybind11::make_tuple("topk_routing", "permute", "unpermute", "permute_backward",
-                                           "unpermute_backward", "plan_routing", "quantize_fp8_1x128");
+  pybind11::tuple names(sizeof(kKernels) / sizeof(kKernels[0]));
+  for (size_t i = 0; i < names.size(); ++i) names[i] = pybind11::str(kKernels[i].name);
+  m.attr("KERNELS") = names;
+  // The archs setup.py built every .cu file for (nvcc's code= names; compute_XY is PTX), so that an
+  // error can name them without a GPU.
+  m.attr("ARCHS") = MOEKERNELS_ARCHS;
 }

@@ -229,6 +229,18 @@ void launch_permute(uintptr_t x, const int32_t* dest, uintptr_t out, int64_t num
 
 }  // namespace
 
+// For kernel_image() (bindings.cpp): one kernel of each binding; a .cu file's kernels share its archs.
+const void* permute_kernel_address() { return reinterpret_cast<const void*>(&permute_kernel<uint4>); }
+const void* unpermute_kernel_address() {
+  return reinterpret_cast<const void*>(&combine_kernel<__nv_bfloat16, 8, true>);
+}
+const void* permute_backward_kernel_address() {
+  return reinterpret_cast<const void*>(&combine_kernel<__nv_bfloat16, 8, false>);
+}
+const void* unpermute_backward_kernel_address() {
+  return reinterpret_cast<const void*>(&unpermute_backward_kernel<__nv_bfloat16, 8>);
+}
+
 void permute(uintptr_t x, int itemsize, uintptr_t dest, uintptr_t out, int64_t num_tokens, int top_k, int64_t hidden,
              int64_t x_stride, uintptr_t stream) {
   check_pairs(num_tokens, top_k, hidden);

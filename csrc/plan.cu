@@ -267,6 +267,11 @@ void launch_plan(uintptr_t ids, int64_t num_pairs, int num_experts, int block_si
 
 }  // namespace
 
+// For kernel_image() (bindings.cpp): one kernel of the binding; a .cu file's kernels share its archs.
+const void* plan_routing_kernel_address() {
+  return reinterpret_cast<const void*>(&plan_scatter_kernel<int32_t, true>);
+}
+
 int plan_chunk() { return kChunk; }
 
 void plan_routing(uintptr_t ids, int id_itemsize, int64_t num_pairs, int num_experts, int block_size,

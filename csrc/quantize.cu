@@ -111,6 +111,11 @@ __global__ void __launch_bounds__(kThreads) quantize_1x128_kernel(const T* __res
 
 }  // namespace
 
+// For kernel_image() (bindings.cpp): one kernel of the binding; a .cu file's kernels share its archs.
+const void* quantize_fp8_1x128_kernel_address() {
+  return reinterpret_cast<const void*>(&quantize_1x128_kernel<__nv_bfloat16, true, false>);
+}
+
 void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale,
                         int64_t scale_row_stride, int64_t scale_col_stride, int64_t num_rows, int top_k,
                         int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream) {

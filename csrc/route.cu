@@ -244,6 +244,11 @@ void launch(const void* logits, const float* bias, float* weights, int32_t* ids,
 
 }  // namespace
 
+// For kernel_image() (bindings.cpp): one kernel of the binding; a .cu file's kernels share its archs.
+const void* topk_routing_kernel_address() {
+  return reinterpret_cast<const void*>(&topk_routing_kernel<float, 8, 32>);
+}
+
 void topk_routing(uintptr_t logits, int dtype, uintptr_t bias, uintptr_t weights, uintptr_t ids,
                   int64_t num_tokens, int num_experts, int64_t stride_t, int top_k, bool softmax,
                   bool renormalize, int n_group, int topk_group, float scale, uintptr_t stream) {

@@ -3,7 +3,8 @@
 The choice, in order:
 1. the op's ``backend=`` argument, else the ``MOEKERNELS_BACKEND`` environment variable
    (``cuda`` there runs every op that has a CUDA kernel, and ``triton`` the others);
-2. otherwise CUDA tensors take the op's fastest built backend and CPU tensors ``torch``.
+2. otherwise CUDA tensors take the op's fastest built backend and CPU tensors ``torch``; ``cuda``
+   only where moekernels._C has code the GPU runs (``_ext.no_image``), else ``triton``.
 ``triton`` on CPU tensors runs Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
 before moekernels is imported (``triton.jit`` reads it when the kernel is defined).
 The backend never changes results beyond rounding, and index outputs not at all.
@@ -21,6 +22,9 @@ from . import _ext, _interpreter
 BACKENDS = ("torch", "triton", "cuda")
 # The cuda_reason of an op whose CUDA kernel is not written yet: the automatic choice takes triton.
 NO_CUDA_KERNEL = "no CUDA kernel for this op yet"
+# The op -> the moekernels._C binding whose kernel _ext.no_image asks about, where the names differ. An op's
+# backward (permute's permute_backward) is in the same .cu file, built for the same archs.
+CUDA_KERNELS = {"quantize_fp8": "quantize_fp8_1x128"}
 
 
 def device_guard(tensor: torch.Tensor):
@@ -45,18 +49,22 @@ def choose(op: str, device: torch.device, requested: str | None, *, cuda_reason:
 
     ``cuda_reason`` is set when the op's CUDA kernel cannot take this call (say, too many
     groups); the automatic choice then falls back to ``triton``, and a forced ``cuda`` raises.
+    So does a GPU the extension has no code for (``_ext.no_image``: asked once per kernel and GPU).
     """
     name = requested or os.environ.get("MOEKERNELS_BACKEND") or None
     # Errors name where the choice came from: the argument, or the environment variable that a
     # user may have set long ago in another shell.
     source = f"backend={name!r}" if requested else f"MOEKERNELS_BACKEND={name!r} (environment variable)"
-    if not requested and name == "cuda" and cuda_reason is not None and device.type == "cuda":
+    no_image = None
+    if name in (None, "auto", "cuda") and cuda_reason is None and device.type == "cuda" and _ext.HAS_CUDA_EXT:
+        no_image = _ext.no_image(CUDA_KERNELS.get(op, op), device)
+    if not requested and name == "cuda" and device.type == "cuda" and (cuda_reason or no_image):
         # The variable means "cuda for every op that has a CUDA kernel"; an argument means this op.
         name = "triton"
     if name is None or name == "auto":
         if device.type != "cuda":
             return "torch"
-        return "cuda" if _ext.HAS_CUDA_EXT and cuda_reason is None else "triton"
+        return "cuda" if _ext.HAS_CUDA_EXT and cuda_reason is None and no_image is None else "triton"
     if name not in BACKENDS:
         what = "backend" if requested else "MOEKERNELS_BACKEND (environment variable)"
         raise ValueError(f"{what} must be one of {BACKENDS} or 'auto', got {name!r}")
@@ -82,4 +90,6 @@ def choose(op: str, device: torch.device, requested: str | None, *, cuda_reason:
             raise ValueError(f"{op}: {source} needs CUDA tensors, got {device.type} tensors")
         if cuda_reason is not None:
             raise ValueError(f"{op}: {source} cannot run this call: {cuda_reason}")
+        if no_image is not None:
+            raise RuntimeError(f"{op}: {source} but {no_image}")
     return name

@@ -1,12 +1,15 @@
 """Loads the optional compiled extension ``moekernels._C`` (see csrc/).
 
 Importing moekernels never needs it, nor a GPU: ``HAS_CUDA_EXT`` says whether it loaded, and
-``LOAD_ERROR`` why not.
+``LOAD_ERROR`` why not. ``BUILD_ARCHS`` lists the architectures it was built for, and
+``no_image(kernel, device)`` says why a kernel cannot run on a GPU (None where it can).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import warnings
 
 try:
     C = importlib.import_module("moekernels._C")
@@ -17,6 +20,13 @@ except ImportError as exc:  # not built (no nvcc, or MOEKERNELS_BUILD_CUDA=0)
     C = None
     HAS_CUDA_EXT = False
     LOAD_ERROR = str(exc)
+if C is not None and not hasattr(C, "kernel_image"):  # an in-place .so left by an older checkout
+    C = None
+    HAS_CUDA_EXT = False
+    LOAD_ERROR = "moekernels._C predates this moekernels (it has no kernel_image): rebuild it with pip install -e ."
+
+# nvcc's code= names (setup.py's TORCH_CUDA_ARCH_LIST): sm_XY is SASS, compute_XY PTX for later GPUs.
+BUILD_ARCHS: tuple[str, ...] = tuple(C.ARCHS.split()) if C is not None else ()
 
 # torch dtype name -> the extension's dtype code (csrc/common.cuh, enum class DType)
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
@@ -32,3 +42,37 @@ def stream(tensor) -> int:
 def dtype_code(dtype) -> int:
     """The csrc/ DType code of a torch dtype (common.cuh)."""
     return DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
+
+def no_image(kernel: str, device) -> str | None:
+    """Why the CUDA kernel of the binding ``kernel`` (one of ``C.KERNELS``) cannot run on the CUDA
+    ``device``, or None where it can.
+
+    The build may lack code for the device's compute capability: an sm_80 image runs on 8.x, sm_90a
+    on 9.0 alone, PTX on its capability and later ones (the driver compiles it). The driver decides
+    (``C.kernel_image``: cudaFuncGetAttributes), once per kernel and device; then cached. The first
+    time a kernel has none, a warning names the GPU, its capability and the build's list.
+    """
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _no_image(kernel, index)
+
+
+@functools.cache
+def _no_image(kernel: str, index: int) -> str | None:
+    import torch
+
+    with torch.cuda.device(index):
+        error, _binary_version, _ptx_version = C.kernel_image(kernel)
+    if error == "cudaSuccess":
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    gpu = f"{torch.cuda.get_device_name(index)} (cuda:{index}, compute capability {major}.{minor})"
+    reason = (f"moekernels._C has no {kernel} code that {gpu} can run ({error}): it was built for "
+              f"{', '.join(BUILD_ARCHS)}; reinstall with TORCH_CUDA_ARCH_LIST={major}.{minor} to build for it")
+    # One warning a device: the text names no kernel, so Python's registry shows it once.
+    warnings.warn(f"moekernels._C has no code that {gpu} can run (built for {', '.join(BUILD_ARCHS)}): the "
+                  f"ops with a CUDA kernel run their Triton kernels there; reinstall with "
+                  f"TORCH_CUDA_ARCH_LIST={major}.{minor} to build for it", RuntimeWarning, stacklevel=2)
+    return reason

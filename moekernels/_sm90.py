@@ -11,9 +11,10 @@ at import; :func:`shipped_variants` imports the package once and reads the regis
 stage or variant is compiled and checked without touching this file.
 
 ``python -m moekernels._sm90`` prints one JSON report per shipped variant;
-``python -m moekernels._sm90 --write-resources`` regenerates ``configs/sm90_resources.json``. Both
-must run without ``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` gives objects that
-cannot be compiled), which is why the test suite calls them in a subprocess.
+``python -m moekernels._sm90 --write-resources`` regenerates the running Triton's table
+(``configs/sm90_resources.json`` for 3.6, ``configs.sm90_resources_path``). Both must run without
+``TRITON_INTERPRET=1`` (under the interpreter ``triton.jit`` gives objects that cannot be compiled),
+which is why the test suite calls them in a subprocess.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Report:
     k_commits: int = 0  # wgmma.commit_group (wgmma groups issued) in the PTX K loop bodies
     ttgir_pendings: int | None = None  # min pendings of ttng.warp_group_dot_wait in the TTGIR's K loops
     k_barriers: int | None = None  # most BAR.SYNC in one SASS K loop's body
-    smem_round_trip: bool = False  # local_load -> local_alloc feeding a warp_group_dot in a K loop
+    smem_round_trip: bool = False  # a wgmma operand written back to shared memory from a local_load, in any K loop
     k_tma: int = 0  # cp.async.bulk.tensor in the PTX K loop body (per K step)
     k_cp16: int = 0  # 16-byte cp.async per thread in the PTX K loop body
     k_cp_narrow: int = 0  # cp.async of 4 or 8 bytes per thread in the PTX K loop body
@@ -127,7 +128,12 @@ def _nvidia_bin(tool: str) -> str:
 
 
 def ptxas_path() -> str:
-    return _nvidia_bin("ptxas")
+    """The ptxas Triton itself runs for sm_90, so that ``ptxas -v`` reads the code of the cubin and
+    takes the PTX's version: triton 3.6 runs bin/ptxas (CUDA 12.8); 3.9 writes PTX 9.x, which
+    only its bin/ptxas-blackwell (CUDA 13.x) reads (its bin/ptxas, CUDA 12.9, stops at PTX 8.8)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(90).path
 
 
 def _run(cmd: list[str]) -> str:
@@ -377,28 +383,77 @@ def ttgir_k_loops(ttgir: str) -> list[list[str]]:
     return [lines[i:j + 1] for i, j in inner]
 
 
+# Ops that view or re-lay out a value without moving it through memory: a dot operand made by one
+# of them is made by the op under it.
+_VIEW_OPS = ("ttg.memdesc_trans", "ttg.memdesc_index", "ttg.memdesc_subslice", "ttg.memdesc_subview",
+             "ttg.memdesc_reshape", "ttg.memdesc_reinterpret", "ttg.convert_layout", "tt.trans", "tt.reshape")
+_SSA = r"%[\w.$-]+"  # an SSA value (%c-1_i32 included); "#n" picks a result of a multi-result op
+
+
 def smem_round_trip(loop: list[str]) -> bool:
-    """A wgmma operand in this TTGIR loop made by ``ttg.local_alloc`` of a value that comes (through
-    any ops in the loop) from ``ttg.local_load``: a tile read out of shared memory and written back,
-    a transpose through shared memory every K step."""
+    """A wgmma operand in this TTGIR loop (its ``scf.for`` line to its ``}``) written to shared memory
+    in the loop (``ttg.local_alloc``, or ``ttg.local_store`` into the buffer it views) from a value
+    that comes, through any ops, from ``ttg.local_load``: a tile read out of shared memory and
+    written back, a transpose through shared memory every K step. The operand is followed down
+    view ops (memdesc_trans, memdesc_index, convert_layout, ...) and iteration arguments (to the
+    value the loop yields), which the compiler puts between the write and the dot."""
     defs = {}
     for line in loop:
-        m = re.match(r"\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)", line)
+        m = re.match(rf"\s*({_SSA})(?::\d+)?\s*=\s*([\w.]+)\s*(.*)", line)
         if m:
-            defs[m.group(1)] = (m.group(2), re.findall(r"%[\w.]+", m.group(3).split(":")[0]))
+            defs[m.group(1)] = (m.group(2), re.findall(_SSA, m.group(3).split(" : ")[0]))
+    # iteration arguments: %argN of the header's iter_args(...) -> what the loop's own scf.yield passes
+    head = re.search(r"iter_args\((.*?)\)\s*->", loop[0]) if loop else None
+    args = re.findall(rf"({_SSA}) = ", head.group(1)) if head else []
+    yields = [line for line in loop if re.match(r"\s*scf\.yield\b", line)]
+    passed = re.findall(_SSA, yields[-1].split(" : ")[0]) if yields else []
+    carried = dict(zip(args, passed))
 
-    def from_load(value: str, depth: int = 0) -> bool:
-        op = defs.get(value.split("#")[0])
-        if op is None or depth > 16:
-            return False
-        return op[0] == "ttg.local_load" or any(from_load(v, depth + 1) for v in op[1])
+    def base(value: str) -> str:
+        """The value under ``value``'s views, iteration arguments and wgmma waits (which pass
+        their operands through: result #i is operand i)."""
+        seen = set()
+        while value not in seen:
+            seen.add(value)
+            name, _, index = value.partition("#")
+            op = defs.get(name)
+            if name in carried:
+                value = carried[name]
+            elif op and op[0] == "ttng.warp_group_dot_wait" and index and int(index) < len(op[1]):
+                value = op[1][int(index)]
+            elif op and op[0] in _VIEW_OPS and op[1]:
+                value = op[1][0]
+        return value.partition("#")[0]
 
-    for line in loop:
-        m = re.search(r"ttng\.warp_group_dot\s+(%[\w.#]+),\s*(%[\w.#]+)", line)
-        for operand in m.groups() if m else ():
-            op = defs.get(operand.split("#")[0])
-            if op and op[0] == "ttg.local_alloc" and any(from_load(v) for v in op[1]):
+    def from_load(value: str) -> bool:
+        """Whether ``value`` is computed, through any ops of the loop, from a ttg.local_load."""
+        seen, work = set(), [value]
+        while work:
+            name = work.pop().partition("#")[0]
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in carried:
+                work.append(carried[name])
+            op = defs.get(name)
+            if op and op[0] == "ttg.local_load":
                 return True
+            work.extend(op[1] if op else ())
+        return False
+
+    # buffers written in the loop from shared memory: local_alloc results, local_store destinations
+    written = set()
+    for value, (name, operands) in defs.items():
+        if name == "ttg.local_alloc" and any(from_load(v) for v in operands):
+            written.add(value)
+    for line in loop:
+        m = re.match(rf"\s*ttg\.local_store\s+({_SSA}),\s*({_SSA})", line)
+        if m and from_load(m.group(1)):
+            written.add(base(m.group(2)))
+    for line in loop:
+        m = re.search(rf"ttng\.warp_group_dot\s+({_SSA}(?:#\d+)?),\s*({_SSA}(?:#\d+)?)", line)
+        if m and any(base(operand) in written for operand in m.groups()):
+            return True
     return False
 
 
@@ -437,7 +492,7 @@ def loop_facts(ttgir: str, ptx: str, sass: str) -> dict:
         ttgir_pendings=min(pend) if pend else None,
         k_barriers=max((sum(bool(re.match(r"(@!?U?P\w+\s+)?BAR\.SYNC", i)) for i in loop) for loop in sass_loops),
                        default=None),
-        smem_round_trip=any(smem_round_trip(loop) for loop in ir_loops),
+        smem_round_trip=any(smem_round_trip(loop) for loop in ttgir_k_loops(ttgir)),  # a segment's loop too
         k_tma=sum("cp.async.bulk.tensor" in i for i in body),
         k_cp16=widths.count(16),
         k_cp_narrow=sum(w < 16 for w in widths),
@@ -688,12 +743,13 @@ def main(argv: list[str]) -> int:
     if "--write-resources" in argv:
         from . import configs
 
-        with open(configs.SM90_RESOURCES, "w") as f:
+        path = configs.sm90_resources_path(write=True)
+        with open(path, "w") as f:
             json.dump({"generated_by": "python -m moekernels._sm90 --write-resources",
                        "target": "cuda sm_90a, triton " + __import__("triton").__version__,
                        "configs": resources([asdict(r) for r in reports])}, f, indent=1)
             f.write("\n")
-        print(f"wrote {configs.SM90_RESOURCES}", file=sys.stderr)
+        print(f"wrote {path}", file=sys.stderr)
     else:
         print(json.dumps([asdict(r) for r in reports], indent=1))
     return 0

@@ -220,9 +220,9 @@ def test_default_out_keeps_quick_runs_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "IN_CLONE", False)  # installed: in the current folder, not site-packages
     monkeypatch.chdir(tmp_path)
     assert run.default_out("cpu", quick=True) == tmp_path / "moekernels-bench-results" / "cpu" / "quick"
-    # The device check's default is the quick suite's.
+    # The device check's default is below the quick suite's, one folder a stage.
     script = (REPO / "benchmarks" / "device_check.sh").read_text()
-    assert "print(gpu_name())')/quick}" in script
+    assert "print(gpu_name())')/quick/stage$STAGE}" in script
 
 
 def test_legend_names_every_implementation():
@@ -272,14 +272,63 @@ def test_sanitize_replaces_the_machines_paths(tmp_path):
     assert log.read_text() == "Obtaining file://<repo>\n<site-packages>/torch/__init__.py\nwrote <out>/bench.md\n"
 
 
+def _device_check():
+    return (REPO / "benchmarks" / "device_check.sh").read_text()
+
+
+def _device_check_stages(script: str) -> dict[int, str]:
+    """The lines each stage runs: the two branches of `if [ "$STAGE" = 1 ]`."""
+    body = script[script.index('if [ "$STAGE" = 1 ]; then\n'):]
+    one, two = body.split("\nelse\n", 1)
+    return {1: one.split("\n", 1)[1], 2: two.split("\nfi\n", 1)[0]}
+
+
+def _device_check_logs(block: str) -> set[str]:
+    """The logs a stage writes: one a step (step NAME LIMIT LOG ...), and build.log where it builds."""
+    logs = set(re.findall(r'^\s*step (?:\w+|"[^"]+") "\$\w+" (\w+\.log) ', block, re.M))
+    return logs | ({"build.log"} if re.search(r"^\s*build ", block, re.M) else set())
+
+
 def test_device_check_sanitizes_every_log_it_writes():
-    script = (REPO / "benchmarks" / "device_check.sh").read_text()
-    written = set(re.findall(r'>"\$OUT_DIR/(\w+\.log)"', script))
-    assert written == {"build.log", "gpu_tests.log", "bench.log"}
+    script = _device_check()
+    stages = _device_check_stages(script)
+    assert _device_check_logs(stages[1]) == {"build.log", "smoke.log", "bench.log"}
+    assert _device_check_logs(stages[2]) == {"build.log", "gpu_tests.log", "bench.log"}
+    assert re.search(r'\bstep build "\$1" build\.log ', script)  # build()'s own step
+    # Every log of the run is in OUT_DIR, and the report sanitizes them all.
     (call,) = [line for line in script.splitlines() if "benchmarks.sanitize" in line]
-    assert set(re.findall(r'"\$OUT_DIR/(\w+\.log)"', call)) == written
+    assert '"$out"/*.log' in call and "out=$0" in script and '"$OUT_DIR" "${SUMMARY[@]}"' in script
     assert not re.search(r"(/work/|/tmp/|/opt/|site-packages)", (REPO / "benchmarks" / "results" / "h200"
                                                                  / "build.log").read_text())
+
+
+def test_device_check_first_call_fits_5_minutes():
+    """Issue 21 item 7: stage 1 runs nothing but its steps, each under one of its limits, and those add
+    up to 300 s; stage 2's to what the 15 minutes leave (a call may run 600 s)."""
+    script = _device_check()
+    for stage, most in ((1, 300), (2, 450)):
+        limits = {name: int(v) for name, v in re.findall(rf"^(S{stage}_\w+)=(\d+)$", script, re.M)}
+        block = _device_check_stages(script)[stage]
+        used = set(re.findall(r'"\$(S\d_\w+)"', block))
+        rebuild = {f"S{stage}_BUILD"} if stage == 2 else set()  # only where a fresh machine lacks stage 1's build
+        assert used == set(limits) and sum(limits[n] for n in limits if n not in rebuild) <= most, (stage, limits)
+        commands, continued = [], False
+        for line in block.splitlines():
+            if not continued and line.strip() and not line.lstrip().startswith("#"):
+                commands.append(line.split()[0])
+            continued = line.rstrip().endswith("\\")
+        allowed = {"machine", "build", "step", "report", "rm"} | ({"if", "fi", "find"} if stage == 2 else set())
+        assert set(commands) <= allowed and {"machine", "step", "report"} <= set(commands), commands
+    # The functions spend no more than the limit they are given.
+    assert 'timeout $(($1 - 5))' in script and "timeout 5 nvidia-smi" in script
+    assert re.search(r'report\(\) \{[^\n]*\n\s*timeout "\$1" bash -c', script)
+
+
+def test_device_check_names_the_headline_rows_it_times():
+    stages = _device_check_stages(_device_check())
+    assert "--part headline" in stages[1] and "--part rest" in stages[2]
+    assert "tests/test_gpu_smoke.py" in stages[1] and "-m gpu" in stages[1]
+    assert "--rows \"$OUT_DIR/rows.jsonl\"" in stages[1] and "--rows \"$OUT_DIR/rows.jsonl\"" in stages[2]
 
 
 def test_moekernels_bench_entry_point(monkeypatch, capsys):
@@ -892,12 +941,81 @@ def test_fp8_notes_report_the_targets():
 
 
 def test_device_check_keeps_at_most_8_files():
-    """3 logs, bench.json, bench.md and one PNG per benchmark, less the PNGs the script deletes."""
-    script = (REPO / "benchmarks" / "device_check.sh").read_text()
-    deleted = set(re.findall(r'\$OUT_DIR/(\w+\.png)', "\n".join(
-        line for line in script.splitlines() if line.lstrip().startswith("rm -f"))))
-    assert deleted <= {f"{name}.png" for name in run.BENCHMARKS}
-    assert 3 + 2 + len(run.BENCHMARKS) - len(deleted) <= 8
+    """Each call's logs, rows.jsonl, bench.json, bench.md and the plots it keeps: the device machine
+    returns 8 files at most."""
+    for stage, block in _device_check_stages(_device_check()).items():
+        if 'rm -f "$OUT_DIR"/*.png' in block:
+            plots = set()
+        else:  # find ... -name '*.png' ! -name route.png ... -delete
+            assert re.search(r"find \"\$OUT_DIR\" -maxdepth 1 -name '\*\.png' .*-delete", block)
+            plots = set(re.findall(r"! -name (\w+\.png)", block))
+            assert plots <= {f"{name}.png" for name in run.BENCHMARKS}
+        files = _device_check_logs(block) | {"rows.jsonl", "bench.json", "bench.md"} | plots
+        assert len(files) <= 8, (stage, sorted(files))
+
+
+# ---------------------------------------------------------------- the device check's two parts
+
+def _gpu_quick_cases():
+    """The quick GPU suite's cases, built on the CPU (no input is made; bench_moe leaves out the
+    transformers rows it cannot run here)."""
+    return [c for module in run.BENCHMARKS.values()
+            for c in importlib.import_module(f"benchmarks.{module}").cases("cuda", True, None)]
+
+
+def test_headline_rows_are_quick_gpu_cases_in_priority_order():
+    cases = _gpu_quick_cases()
+    headline = run.select(cases, "headline")
+    for bench, group, sizes, impls in run.HEADLINE:
+        found = [c for c in headline if (c.bench, c.group) == (bench, group)]
+        assert sorted(c.x for c in found) == sorted(sizes), (bench, group)
+        known = {**harness.IMPLS, **getattr(importlib.import_module(f"benchmarks.{run.BENCHMARKS[bench]}"), "IMPLS", {})}
+        assert impls is None or set(impls) <= set(known), impls
+        assert all("naive" in c.impls for c in found)  # each row is checked against it
+    order = [next(i for i, e in enumerate(run.HEADLINE) if (c.bench, c.group) == e[:2]) for c in headline]
+    assert order == sorted(order) and [c.bench for c in headline][:3] == ["grouped_gemm"] * 2 + ["fp8"]
+    assert {"native", "triton"} <= set(headline[0].impls)  # torch._grouped_mm and ours
+    route = next(c for c in headline if c.bench == "route")
+    assert route.x == 40000 and {"triton", "cuda"} <= set(route.impls)
+
+
+def test_headline_and_rest_split_the_quick_suite():
+    cases = _gpu_quick_cases()
+    timed = lambda part: {(c.bench, c.group, c.x, i) for c in run.select(cases, part) for i in c.impls}  # noqa: E731
+    every = timed("all")
+    assert timed("headline") | timed("rest") == every and len(every) == sum(len(c.impls) for c in cases)
+    # No timing twice, but naive, which a headline case's leftover implementations need for their check.
+    assert {t for t in timed("headline") & timed("rest") if t[3] != "naive"} == set()
+    assert run.select(cases, "all") is cases
+
+
+def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    seen = []  # the rows file's lines when each record is taken: one more each time
+    record = harness.run_cases
+
+    def run_cases(cases, timer, on_record=None):
+        def spy(rec):
+            on_record(rec)
+            seen.append(len((tmp_path / "rows.jsonl").read_text().splitlines()))
+        return record(cases, timer, spy)
+
+    monkeypatch.setattr(harness, "run_cases", run_cases)
+    assert run.main(["--quick", "--out", str(tmp_path), "--only", "plan", "--only", "route",
+                     "--rows", str(tmp_path / "rows.jsonl")]) == 0
+    lines = (tmp_path / "rows.jsonl").read_text().splitlines()
+    assert seen == [2, 3, 4, 5] and len(lines) == 5
+    head = json.loads(lines[0])
+    assert head["roofline"] is None and head["metadata"]["gpu"] == "cpu" and head["metadata"]["device_name"]
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    rows = [json.loads(line) for line in lines[1:]]
+    assert [(r["bench"], r["group"], r["impl"], r["time_us"]) for r in rows] == [
+        (r["bench"], r["group"], r["impl"], r["time_us"]) for r in results]
+    # Cut off as it wrote the last row: the table has the rows before it.
+    (tmp_path / "cut.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])
+    table = run.rows_table(tmp_path / "cut.jsonl")
+    assert table.splitlines()[0] == f"{head['metadata']['device_name']} (cpu), 3 rows"
+    assert table.count("mixtral-8x7b") == 3
 
 
 # ---------------------------------------------------------------- the MoE layer

@@ -34,6 +34,7 @@ def test_cuda_tensors_default_to_the_fastest_built_backend(monkeypatch):
     monkeypatch.delenv("MOEKERNELS_BACKEND", raising=False)
     cuda = torch.device("cuda", 0)  # only the device type is read: no GPU needed
     monkeypatch.setattr(_ext, "HAS_CUDA_EXT", True)
+    monkeypatch.setattr(_ext, "no_image", lambda kernel, device: None)  # a GPU the build has code for
     assert _backend.choose("op", cuda, None) == "cuda"
     assert _backend.choose("op", cuda, None, cuda_reason="too many groups") == "triton"
     monkeypatch.setattr(_ext, "HAS_CUDA_EXT", False)
@@ -71,6 +72,7 @@ def test_cuda_from_the_environment_skips_ops_without_a_cuda_kernel(monkeypatch):
     """MOEKERNELS_BACKEND=cuda runs every op that has a CUDA kernel; the others take triton.
     A backend="cuda" argument names one op, so there it raises."""
     monkeypatch.setattr(_ext, "HAS_CUDA_EXT", True)
+    monkeypatch.setattr(_ext, "no_image", lambda kernel, device: None)  # a GPU the build has code for
     monkeypatch.setenv("MOEKERNELS_BACKEND", "cuda")
     cuda = torch.device("cuda", 0)
     assert _backend.choose("op", cuda, None) == "cuda"

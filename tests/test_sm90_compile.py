@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
 from moekernels import _sm90, configs, fp8, grouped_gemm
 
@@ -35,9 +36,6 @@ KNOWN_STALLS = {
                               "(wait_group 0) before promoting each K step's partial (triton 3.6); the "
                               "tensor cores are kept busy across programs instead "
                               "(test_block_scaled_promotion_overlaps_a_wgmma)" for n in _FP8_BLOCK},
-    ("grouped_mm/plain_prefill_fp32_ekn", "wgmma_in_flight"):
-        "issue 13 item 3: the N-major fp32 weight is wgmma's register operand (swap-AB: tf32 reads shared "
-        "memory K-major only), which triton 3.6 waits for (depth 0); three programs an SM take turns",
     ("grouped_mm/dw_bf16", "tma"): "issue 13 part 1: the weight gradient's x and dy tiles come by cp.async",
     ("grouped_mm/dw_gather_fp16", "tma"): "issue 13 part 1: the weight gradient's dy tile comes by cp.async",
     ("fp8_grouped_mm/wgrad_segments", "wgmma_in_flight"):
@@ -48,6 +46,45 @@ KNOWN_STALLS = {
     ("quantize_fp8/quant_tensor_bf16_pass1", "vector16"):
         "issue 13 part 1: the amax pass of a two-pass quantize reads without 16-byte loads",
 }
+
+
+# The Triton that compiles (3.6 is the GPU image's and .ci/run's; .ci/triton39 runs this file on
+# 3.9, the newest release): facts that fail under one version only are recorded for that version.
+TRITON = ".".join(triton.__version__.split(".")[:2])
+_B39 = "triton 3.9 (3.6: {}): its K loop holds {} BAR.SYNC for {} TMA copies a step; not examined yet"
+KNOWN_STALLS_BY_TRITON = {
+    "3.9": {
+        **{(n, "no_spills"): f"triton 3.9 (3.6: no spills): {why}" for n, why in (
+            ("topk_routing/deepseek_v3_e256_k8_g8_4_bias", "255 registers, 2,460 B of spill stores, 2 KB stack"),
+            ("plan_scatter/deepseek_v3_e256_b128", "an 8-byte stack frame"),
+            ("plan_scatter_single/deepseek_v3_e256_b128", "an 8-byte stack frame"))},
+        **{(n, "instructions_per_token"): "triton 3.9: 2,749 warp instructions per DeepSeek-V3 token (3.6: 756), "
+           "the spills above" for n in ("topk_routing/deepseek_v3_e256_k8_g8_4_bias",)},
+        **{(n, "barriers_per_k_step"): _B39.format(old, new, tma) for n, old, new, tma in (
+            ("fp8_grouped_mm/fp8_block_prefill_kmajor", 5, 7, 4),
+            ("fp8_grouped_mm/fp8_block_prefill_kmajor_colscale", 5, 7, 4),
+            ("fp8_grouped_mm/fp8_block_decode_kmajor", 5, 7, 4),
+            ("fp8_grouped_mm/fp8_block_scatter_kmajor", 5, 7, 4),
+            ("fp8_grouped_mm/fp8_block_gather_gated_kmajor", 4, 6, 2),
+            ("fp8_grouped_mm/fp8_block_gather_gated_kmajor_lora16", 4, 6, 2),
+            ("fp8_grouped_mm/fp8_block_gather_gated_decode", 4, 5, 2),
+            ("fp8_grouped_mm/wgrad_segments", 4, 5, 2),
+            ("grouped_mm/plain_prefill_fp32_ekn", 3, 5, 2),
+            ("grouped_mm/gather_prefill_bf16_kmajor", 3, 4, 1),
+            ("grouped_mm/gather_split_decode_bf16_kmajor", 3, 4, 1),
+            ("grouped_mm/gated_prefill_bf16_kmajor", 4, 6, 3),
+            ("grouped_mm/gather_gated_prefill_bf16_kmajor", 4, 6, 2),
+            ("grouped_mm/gather_gated_prefill_bf16_kmajor_lora16", 4, 6, 2),
+            ("grouped_mm/gather_gated_prefill_bf16_kmajor_lora64", 4, 6, 2),
+            ("grouped_mm/gather_gated_decode_bf16_kmajor", 4, 5, 2),
+            ("grouped_mm/gather_gated_decode_bf16_kmajor_lora16", 4, 5, 2),
+            ("grouped_mm/dw_gather_fp16", 2, 3, 0))},
+        **{(n, "lora_no_wave"): "triton 3.9: the base variant compiles to 127 registers, two programs an SM, "
+           "and the segment's variant to one (3.6: one and one)" for n in (
+            "grouped_mm/gather_gated_prefill_bf16_kmajor_lora16", "grouped_mm/gather_gated_prefill_bf16_kmajor_lora64")},
+    },
+}
+KNOWN_STALLS.update(KNOWN_STALLS_BY_TRITON.get(TRITON, {}))
 
 
 def cases(fact: str, names):
@@ -75,20 +112,26 @@ def test_every_shipped_variant_is_compiled():
 def test_known_stalls_name_shipped_variants():
     """A stale entry (a renamed variant, a fact that no longer exists) would silently not apply."""
     facts = {"wgmma_in_flight", "barriers_per_k_step", "no_smem_round_trip", "tma", "cp_async_16", "vector16",
-             "promotion_overlaps_wgmma"}
-    assert {n for n, _ in KNOWN_STALLS} <= set(VARIANTS) and {f for _, f in KNOWN_STALLS} <= facts
+             "promotion_overlaps_wgmma", "no_spills", "instructions_per_token", "lora_no_wave"}
+    every = {key for stalls in (KNOWN_STALLS, *KNOWN_STALLS_BY_TRITON.values()) for key in stalls}
+    assert {n for n, _ in every} <= set(VARIANTS) and {f for _, f in every} <= facts
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_compiles_for_sm90(name):
     r = reports()[name]
     assert r["error"] is None, r["error"]
-    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_frame"] == 0, r
     assert 0 <= r["shared"] <= _sm90.HOPPER_SMEM_LIMIT, r
     assert r["registers"] <= 255, r
     assert r["programs_per_sm"] >= 1, f"{name}: no program fits an SM ({r['limited_by']})"
     if r["matrix"]:
         assert r["wgmma"], f"{name}: no wgmma in the PTX"
+
+
+@pytest.mark.parametrize("name", cases("no_spills", list(VARIANTS)))
+def test_no_spills(name):
+    r = reports()[name]
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack_frame"] == 0, r
 
 
 def test_occupancy_rules():
@@ -103,6 +146,83 @@ def test_occupancy_rules():
     assert _sm90.occupancy(16, 1024, 0) == (2, "warps")
     assert _sm90.occupancy(64, 128, 99352) == (2, "shared memory")
     assert _sm90.occupancy(64, 128, 117 * 1024) == (1, "shared memory")
+
+
+# A K loop of TTGIR as triton 3.6 prints it, cut to what the round-trip detector reads: {body} is
+# the loop's body between the TMA wait and the stage refill; %arg9 is an iteration argument.
+_LOOP = """\
+      %acc_84:3 = scf.for %kk = %c0_i32 to %num_steps step %c1_i32 iter_args(%arg8 = %cst, %arg9 = %buf0, %arg10 = %c-1_i32) -> (tensor<64x128xf32, #mma>, !ttg.memdesc<32x64xf32, #shared3, #smem>, i32)  : i32 {{
+        %tile_110 = ttg.memdesc_index %tile[%arg10] : !ttg.memdesc<3x128x32xf32, #shared, #smem, mutable> -> !ttg.memdesc<128x32xf32, #shared, #smem, mutable> loc(#loc1)
+        %acc_111 = ttg.memdesc_trans %tile_110 {{order = array<i32: 1, 0>}} : !ttg.memdesc<128x32xf32, #shared, #smem, mutable> -> !ttg.memdesc<32x128xf32, #shared3, #smem, mutable> loc(#loc2)
+        %tile_113 = ttg.memdesc_index %tile_71[%arg10] : !ttg.memdesc<2x32x64xf32, #shared, #smem, mutable> -> !ttg.memdesc<32x64xf32, #shared, #smem, mutable> loc(#loc3)
+{body}
+        %acc_118:3 = ttng.warp_group_dot_wait %acc_117, %acc_111 {{pendings = 0 : i32}} : tensor<64x128xf32, #mma>, !ttg.memdesc<32x128xf32, #shared3, #smem, mutable> loc(#loc4)
+        scf.yield %acc_118#0, %next, %arg10 : tensor<64x128xf32, #mma>, !ttg.memdesc<32x64xf32, #shared3, #smem>, i32 loc(#loc5)
+      }} loc(#loc6)"""
+_DOT = ("        %acc_117 = ttng.warp_group_dot {a}, %acc_111, %arg8 {{inputPrecision = 0 : i32, isAsync = true}} : "
+        "!ttg.memdesc<64x32xf32, #shared, #smem> * !ttg.memdesc<32x128xf32, #shared3, #smem, mutable> -> "
+        "tensor<64x128xf32, #mma> loc(#loc7)")
+_LOAD = ("        %tile_114 = ttg.local_load %tile_113 : !ttg.memdesc<32x64xf32, #shared, #smem, mutable> -> "
+         "tensor<32x64xf32, #blocked1> loc(#loc3)")
+_ALLOC = ("        %acc_115 = ttg.local_alloc %tile_114 : (tensor<32x64xf32, #blocked1>) -> "
+          "!ttg.memdesc<32x64xf32, #shared3, #smem> loc(#loc8)")
+_TRANS = ("        %acc_116 = ttg.memdesc_trans %acc_115 {order = array<i32: 1, 0>} : "
+          "!ttg.memdesc<32x64xf32, #shared3, #smem> -> !ttg.memdesc<64x32xf32, #shared, #smem> loc(#loc8)")
+_ROUND_TRIP_LOOPS = {
+    # grouped_mm/plain_prefill_fp32_ekn under triton 3.6 before the weight became a register
+    # operand (issue 22 item 5): the round trip reaches the dot through a memdesc_trans
+    "through memdesc_trans": [_LOAD, _ALLOC, _TRANS, _DOT.format(a="%acc_116")],
+    "direct": [_LOAD, _ALLOC, _DOT.format(a="%acc_115")],
+    # written into a buffer of the loop's (local_store), read through a view of it
+    "local_store into a view": [
+        _LOAD, "        %buf_1 = ttg.memdesc_index %stage[%arg10] : !ttg.memdesc<2x32x64xf32, #shared3, #smem, "
+        "mutable> -> !ttg.memdesc<32x64xf32, #shared3, #smem, mutable> loc(#loc9)",
+        "        ttg.local_store %tile_114, %buf_1 : tensor<32x64xf32, #blocked1> -> !ttg.memdesc<32x64xf32, #shared3, "
+        "#smem, mutable> loc(#loc9)",
+        "        %acc_116 = ttg.memdesc_trans %buf_1 {order = array<i32: 1, 0>} : !ttg.memdesc<32x64xf32, #shared3, "
+        "#smem, mutable> -> !ttg.memdesc<64x32xf32, #shared, #smem> loc(#loc8)", _DOT.format(a="%acc_116")],
+    # written one iteration ahead and carried to the dot by an iteration argument
+    "carried to the next iteration": [
+        _LOAD, _ALLOC.replace("%acc_115", "%next"),
+        "        %acc_116 = ttg.memdesc_trans %arg9 {order = array<i32: 1, 0>} : !ttg.memdesc<32x64xf32, #shared3, "
+        "#smem> -> !ttg.memdesc<64x32xf32, #shared, #smem> loc(#loc8)", _DOT.format(a="%acc_116")],
+}
+_CLEAN_LOOPS = {
+    # both operands are TMA stages, through views: no copy in the loop
+    "stages through views": [
+        "        %acc_116 = ttg.memdesc_trans %tile_113 {order = array<i32: 1, 0>} : !ttg.memdesc<32x64xf32, #shared, "
+        "#smem, mutable> -> !ttg.memdesc<64x32xf32, #shared3, #smem> loc(#loc8)", _DOT.format(a="%acc_116")],
+    # the register operand: read once from the stage, never written back
+    "register operand": [
+        _LOAD.replace("#blocked1>", "#ttg.dot_op<{opIdx = 0, parent = #mma, kWidth = 1}>>"),
+        _DOT.format(a="%tile_114").replace("!ttg.memdesc<64x32xf32, #shared, #smem> *", "tensor<64x32xf32> *")],
+    # a tile allocated from registers that did not come from shared memory (a global load)
+    "allocated from a global load": [
+        "        %tile_114 = tt.load %ptrs : tensor<32x64x!tt.ptr<f32>, #blocked1> loc(#loc3)", _ALLOC, _TRANS,
+        _DOT.format(a="%acc_116")],
+}
+
+
+@pytest.mark.parametrize("case", list(_ROUND_TRIP_LOOPS))
+def test_round_trip_detector_follows_views(case):
+    """The detector follows the dot's operand down views (memdesc_trans, memdesc_index, ...),
+    iteration arguments and local_store destinations to the copy out of shared memory."""
+    loops = _sm90.ttgir_k_loops(_LOOP.format(body="\n".join(_ROUND_TRIP_LOOPS[case])))
+    assert len(loops) == 1 and _sm90.smem_round_trip(loops[0]), case
+
+
+@pytest.mark.parametrize("case", list(_CLEAN_LOOPS))
+def test_round_trip_detector_passes_loops_without_one(case):
+    loops = _sm90.ttgir_k_loops(_LOOP.format(body="\n".join(_CLEAN_LOOPS[case])))
+    assert len(loops) == 1 and not _sm90.smem_round_trip(loops[0]), case
+
+
+def test_round_trip_detector_reads_every_k_loop():
+    """A round trip in a second K loop (a LoRA segment's, after the main one) counts too."""
+    clean = _LOOP.format(body="\n".join(_CLEAN_LOOPS["stages through views"]))
+    trip = _LOOP.format(body="\n".join(_ROUND_TRIP_LOOPS["through memdesc_trans"]))
+    assert _sm90.loop_facts(clean + "\n" + trip, "", "")["smem_round_trip"]
+    assert not _sm90.loop_facts(clean + "\n" + clean, "", "")["smem_round_trip"]
 
 
 @pytest.mark.parametrize("name", cases("wgmma_in_flight", PIPELINED))
@@ -210,14 +330,14 @@ def test_routing_path_tables_have_ceilings():
     assert PER_TOKEN and sorted(PER_TOKEN) == sorted(ROUTING_CEILING)
 
 
-@pytest.mark.parametrize("name", PER_TOKEN)
+@pytest.mark.parametrize("name", cases("instructions_per_token", PER_TOKEN))
 def test_routing_instructions_per_token_ceiling(name):
     count = reports()[name]["warp_instructions_per_token"]
     assert count is not None and 0 < count <= ROUTING_CEILING[name], (
         f"{name}: {count} warp instructions per token > ceiling {ROUTING_CEILING[name]}")
 
 
-@pytest.mark.parametrize("name", PER_TOKEN)
+@pytest.mark.parametrize("name", cases("instructions_per_token", PER_TOKEN))
 def test_routing_instructions_per_token_budget(name):
     assert reports()[name]["warp_instructions_per_token"] <= ROUTING_BUDGET
 
@@ -247,7 +367,7 @@ def test_lora_variants_have_base_variants():
     assert LORA and all(re.sub(r"_lora\d+$", "", n) in VARIANTS for n in LORA)
 
 
-@pytest.mark.parametrize("name", LORA)
+@pytest.mark.parametrize("name", cases("lora_no_wave", LORA))
 def test_lora_segment_costs_no_wave(name):
     """A fused LoRA segment (grouped_mm_kernel's LORA: a second K loop over the rank after the main
     one, issue 16) against the same launch without it: as many programs per SM (its registers may
@@ -266,15 +386,24 @@ def test_lora_segment_costs_no_wave(name):
 KEYED = [n for n, v in VARIANTS.items() if v.launch_key]
 
 
+def test_resource_table_was_made_with_this_triton():
+    """The launcher reads the running Triton's table (configs.sm90_resources_path: 3.6's is
+    configs/sm90_resources.json, 3.9's sm90_resources_triton3.9.json); a version without one reads
+    3.6's, whose rows are not its compile: write one with ``python -m moekernels._sm90 --write-resources``."""
+    with open(configs.sm90_resources_path()) as f:
+        target = json.load(f)["target"]
+    assert target == f"cuda sm_90a, triton {triton.__version__}", (configs.sm90_resources_path(), target)
+
+
 @pytest.mark.parametrize("name", KEYED)
 def test_resource_table_is_current(name):
-    """configs/sm90_resources.json holds what this variant compiles to; if not, regenerate it with
+    """The running Triton's table holds what this variant compiles to; if not, regenerate it with
     ``python -m moekernels._sm90 --write-resources``."""
     key = VARIANTS[name].launch_key
     row = _sm90.resources([reports()[n] for n in KEYED if VARIANTS[n].launch_key == key])[key]
     table = configs._sm90_resources()
     assert table.get(VARIANTS[name].launch_key, {}) | {"variant": row["variant"]} == row, (
-        f"{name}: configs/sm90_resources.json is stale: run python -m moekernels._sm90 --write-resources")
+        f"{name}: {configs.sm90_resources_path()} is stale: run python -m moekernels._sm90 --write-resources")
 
 
 def test_resource_table_has_no_stale_rows():
@@ -282,16 +411,18 @@ def test_resource_table_has_no_stale_rows():
 
 
 def test_launch_sizes_its_grid_from_the_compile():
-    """The bf16 gather GEMM compiles to 145 registers at 256 threads: one program per SM, where the
-    estimate allowed two (a second wave for half the grid). The launcher's count is the compiled
-    one; a config the table lacks falls back to the estimate."""
+    """The bf16 gather GEMM compiles to 145 registers at 256 threads under triton 3.6: one program
+    per SM, where the estimate allowed two (a second wave for half the grid); under 3.9 to 116, two,
+    as estimated. The launcher's count is the compiled one; a config the table lacks falls back to
+    the estimate."""
     bf16 = grouped_gemm.torch.bfloat16
     cfg = configs.grouped_mm_config("plain", 512 * 128, 128, 1536, 2048, bf16)
     cx = grouped_gemm.kernel_constexprs(cfg, a_tma=False, b_tma=True, kmajor=True, gather=True, scatter=False,
                                         act=0, scale=0, block_e=256)
     compiled = reports()["grouped_mm/gather_prefill_bf16_kmajor"]
     assert grouped_gemm.programs_per_sm(cfg, cx, bf16, bf16, cfg.num_stages) == compiled["programs_per_sm"]
-    assert compiled["programs_per_sm"] < configs.programs_per_sm(cfg, 2)  # what the estimate got wrong
+    # what the estimate got wrong under 3.6
+    assert (compiled["programs_per_sm"] < configs.programs_per_sm(cfg, 2)) == (TRITON == "3.6"), compiled
     untuned = dict(cx, GROUP_M=cx["GROUP_M"] * 2)
     assert grouped_gemm.programs_per_sm(cfg, untuned, bf16, bf16, cfg.num_stages) == configs.programs_per_sm(cfg, 2)
 

@@ -333,11 +333,10 @@ def default_gemm_config(variant: str, rows_cls: int, itemsize: int, block_scaled
         # wgmma reads both shared-memory operands K-major only, so the weight tile went through
         # registers and back to shared memory transposed every K step (the round trip, 147
         # registers, one 8-warp program an SM). Swapping A and B makes the weight tile wgmma's A
-        # operand, which it reads from registers in any order: 128 token rows in wgmma's N, 64
-        # weight columns in its M, 4 warps and 3 stages: 132 registers, 74 KB, three programs an
-        # SM, no round trip (ptxas, sm_90a). A register operand keeps each wgmma waited for
-        # (depth 0); the three programs take turns on the tensor cores, as the fp8 block loop's two do.
-        # 64 token rows for at most 64 an expert: 92 registers, 3 programs an SM.
+        # operand, which it can take from registers in any order (kernels/_grouped_gemm._mma makes
+        # it one): 128 token rows in wgmma's N, 64 weight columns in its M, 4 warps and 3 stages:
+        # 162 registers, 65 KB, three programs an SM, no round trip, three of a K step's four
+        # wgmmas in flight (ptxas, sm_90a, triton 3.6). 64 token rows for at most 64 an expert.
         return GemmConfig(64 if rows_cls <= 64 else 128, 64, bk, 8, True, 4, 3)
     if rows_cls <= 64 or block_scaled:
         # Block-scaled fp8 at every size past decode too: its loop waits for each wgmma before
@@ -499,8 +498,20 @@ def quant_config(block_rows: int, block_cols: int, rows: int, cols: int) -> Quan
 
 # Registers and shared memory of every shipped persistent-grid config, read from the sm_90a compile
 # on the CPU (``python -m moekernels._sm90 --write-resources``; tests/test_sm90_compile.py fails
-# when it is stale), and the programs per SM they allow.
+# when it is stale), and the programs per SM they allow. The compile depends on the Triton: the
+# table is triton 3.6's (the GPU image's); another version's, where it is written, sits beside it
+# (sm90_resources_triton3.9.json: 27 of its 29 rows differ from 3.6's).
 SM90_RESOURCES = os.path.join(_TABLE_DIR, "sm90_resources.json")
+SM90_RESOURCES_TRITON = "3.6"
+
+
+def sm90_resources_path(write: bool = False) -> str:
+    """The running Triton's table (major.minor); 3.6's for a version without one, unless ``write``."""
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version == SM90_RESOURCES_TRITON:
+        return SM90_RESOURCES
+    path = os.path.join(_TABLE_DIR, f"sm90_resources_triton{version}.json")
+    return path if write or os.path.exists(path) else SM90_RESOURCES
 # Constexprs that are not part of a config's identity: BLOCK_E is the expert count rounded up to a
 # power of two (the table is compiled at 128; it sizes the tile lookup before the K loop, not the
 # K loop's registers), and stride_* are unit strides Triton specialises on.
@@ -521,9 +532,9 @@ def launch_key(kernel: str, dtype, out_dtype, constexprs: dict, num_warps: int, 
 
 @functools.cache
 def _sm90_resources() -> dict:
-    if not os.path.exists(SM90_RESOURCES):
+    if not os.path.exists(sm90_resources_path()):
         return {}
-    with open(SM90_RESOURCES) as f:
+    with open(sm90_resources_path()) as f:
         return json.load(f)["configs"]
 
 

@@ -48,7 +48,7 @@ elements, twice that for K = 14336); tile coordinates stay int32.
 import triton
 import triton.language as tl
 
-from ._math import dot, e4m3_to_float
+from ._math import INTERPRET, dot, e4m3_to_float
 
 
 @triton.jit
@@ -111,10 +111,30 @@ def _load_b(b, e, k0, n0, num_k, width_b, stride_be, stride_bk, stride_bn,
 
 
 @triton.jit
-def _mma(a, b, acc, SWAP_AB: tl.constexpr):
-    """acc + a @ b, or, SWAP_AB, its transpose: acc^T + b^T @ a^T."""
+def _in_registers(x):
+    """x, through an opaque identity (a ``mov`` that ptxas deletes): Triton makes a dot operand that
+    comes straight from a load wgmma's shared-memory operand, and one computed in registers a
+    register operand (AccelerateMatmul's comesFromLoadOrBlockArg)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _mma(a, b, acc, SWAP_AB: tl.constexpr, B_KMAJOR: tl.constexpr = True):
+    """acc + a @ b, or, SWAP_AB, its transpose: acc^T + b^T @ a^T.
+
+    An N-major fp32 weight under SWAP_AB is wgmma's A operand, which tf32 reads from shared memory
+    K-major only: Triton 3.6 copied each K step's tile out of shared memory and back transposed
+    (local_load -> local_alloc, a fence, and wgmma depth 0). As a register operand (wgmma takes A
+    from registers in the fragment layout, read once from the TMA tile) the K step's wgmma splits
+    into four of K = 8, three left in flight (the sm_90 contract: grouped_mm/plain_prefill_fp32_ekn,
+    132 -> 162 registers, still three programs an SM)."""
     if SWAP_AB:
-        acc = dot(tl.trans(b), tl.trans(a), acc)
+        w = tl.trans(b)
+        if not INTERPRET:  # the interpreter has no inline asm (nor wgmma operands)
+            if not B_KMAJOR:
+                if b.dtype == tl.float32:
+                    w = _in_registers(w)
+        acc = dot(w, tl.trans(a), acc)
     else:
         acc = dot(a, b, acc)
     return acc
@@ -170,7 +190,9 @@ def _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride
     <= 128 columns lying in one 128-column scale block. With column-major a_scale (stride_sam
     1) the tile's row scales are one contiguous run."""
     ok = kk < num_k_tiles
-    sa = tl.load(a_scale_ptr + src64 * stride_sam + kk * stride_sak, mask=row_ok & ok, other=0.0)
+    # A select, not row_ok & ok: triton 3.9's interpreter makes a scalar condition anded into a
+    # block an int32 mask, which tl.load rejects (tests/test_interpreter_workarounds.py).
+    sa = tl.load(a_scale_ptr + src64 * stride_sam + kk * stride_sak, mask=tl.where(ok, row_ok, False), other=0.0)
     return sa * tl.load(sb_ptr + kk * stride_sbk, mask=ok, other=0.0)
 
 
@@ -372,9 +394,9 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
                 if ACT != 0:
                     up = _load_b(up_b, e, k0, up0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
                                  BLOCK_K, BLOCK_N)
-                acc = _mma(a_tile, b_tile, acc, SWAP_AB)
+                acc = _mma(a_tile, b_tile, acc, SWAP_AB, B_KMAJOR)
                 if ACT != 0:
-                    acc_up = _mma(a_tile, up, acc_up, SWAP_AB)
+                    acc_up = _mma(a_tile, up, acc_up, SWAP_AB, B_KMAJOR)
         cols = n0 + tl.arange(0, BLOCK_N)
         if SCALE == 1:
             s = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + e64 * stride_sbe, mask=in_expert, other=0.0)
@@ -385,15 +407,15 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
         elif SCALE == 2:
             sa = tl.load(a_scale_ptr + src64 * stride_sam, mask=row_ok, other=0.0)
             sb_row = b_scale_ptr + e64 * stride_sbe
-            acc = _scale_rows_cols(acc, sa, tl.load(sb_row + cols * stride_sbn, mask=in_expert & (cols < N),
-                                                    other=0.0), SWAP_AB)
+            col_ok = tl.where(in_expert, cols < N, False)  # a select: see _step_scales
+            acc = _scale_rows_cols(acc, sa, tl.load(sb_row + cols * stride_sbn, mask=col_ok, other=0.0), SWAP_AB)
             if ACT != 0:
                 up_cols = cols + N
                 if SPLIT_UP:
                     sb_row = b_up_scale_ptr + e64 * stride_sbe
                     up_cols = cols
                 acc_up = _scale_rows_cols(acc_up, sa, tl.load(sb_row + up_cols * stride_sbn,
-                                                              mask=in_expert & (cols < N), other=0.0), SWAP_AB)
+                                                              mask=col_ok, other=0.0), SWAP_AB)
         if LORA:  # after the fp8 scales: the low-rank segment is in the high-precision dtype
             num_r = tl.where(in_expert, tl.cdiv(R, BLOCK_R), 0)  # tail tiles: zeros
             acc, acc_up = _lora_segment(lora_x, lora_w, acc, acc_up, rows, row_ok, e, n0, N, R, num_r, width_lora,

@@ -106,13 +106,3 @@ def dot(a, b, acc):
     else:
         acc = tl.dot(a, b, acc)
     return acc
-
-
-@triton.jit
-def cast(x, dtype: tl.constexpr):
-    """x.to(dtype). triton 3.6's interpreter turns float64 -> bfloat16 into 0 (its bit-level
-    _convert_float); it goes through float32 there (a double rounding, under the interpreter only)."""
-    if INTERPRET:
-        if dtype == tl.bfloat16:
-            x = x.to(tl.float32)
-    return x.to(dtype)

@@ -29,7 +29,6 @@ A dropped pair (an id outside [0, E), see kernels/_plan.py) has a sorted row at 
 import triton
 import triton.language as tl
 
-from ._math import cast
 
 
 @triton.jit
@@ -58,7 +57,9 @@ def scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, grad_w_ptr, offs
         dest_next = tl.load(dest_ptr + t64 * top_k, mask=t_ok, other=0)
         for j in range(top_k):
             dest = dest_next.to(tl.int64)
-            dest_next = tl.load(dest_ptr + t64 * top_k + j + 1, mask=t_ok & (j + 1 < top_k), other=0)
+            # The last pair reloads its own index (unused) rather than masking the next token's
+            # off: a scalar condition in a block mask is an int32 mask under triton 3.9's interpreter.
+            dest_next = tl.load(dest_ptr + t64 * top_k + tl.minimum(j + 1, top_k - 1), mask=t_ok, other=0)
             out = out_ptr + dest[:, None] * stride_out + h[None, :]
             if BACKWARD:
                 valid = (dest < num_valid)[:, None] & m
@@ -71,7 +72,7 @@ def scatter_rows_kernel(x_ptr, dest_ptr, w_ptr, y_ptr, out_ptr, grad_w_ptr, offs
                 tl.store(out, x, mask=m)
     if BACKWARD:
         pairs = t64[:, None] * top_k + kk[None, :]
-        tl.store(grad_w_ptr + pairs, cast(dots, grad_w_ptr.dtype.element_ty),  # float64 dots for bf16 weights
+        tl.store(grad_w_ptr + pairs, dots.to(grad_w_ptr.dtype.element_ty),  # float64 dots for bf16 weights
                  mask=t_ok[:, None] & (kk < top_k)[None, :])
 
 
@@ -95,7 +96,9 @@ def combine_rows_kernel(y_ptr, dest_ptr, w_ptr, offsets_ptr, out_ptr,
         dest_next = tl.load(dest_ptr + t64 * top_k, mask=t_ok, other=0)
         for j in range(top_k):
             dest = dest_next.to(tl.int64)
-            dest_next = tl.load(dest_ptr + t64 * top_k + j + 1, mask=t_ok & (j + 1 < top_k), other=0)
+            # The last pair reloads its own index (unused) rather than masking the next token's
+            # off: a scalar condition in a block mask is an int32 mask under triton 3.9's interpreter.
+            dest_next = tl.load(dest_ptr + t64 * top_k + tl.minimum(j + 1, top_k - 1), mask=t_ok, other=0)
             if WEIGHTED:
                 valid = t_ok & (dest < num_valid)
                 w = tl.load(w_ptr + t64 * top_k + j, mask=valid, other=0).to(ACC)
