@@ -222,7 +222,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
         z = out.new_empty(rows, 2 * n, dtype=torch.float32)  # float32: one rounding, as the fused epilogue
         if split:  # gate and up products into the two halves of z, each with its half of the segment
             halves = ((w, z[:, :n], scales, lora and (lora[0], lora[1][..., :n])),
-                      (w_up, z[:, n:], scales and (scales[0], scales[1], up_scale), lora and (lora[0], lora[1][..., n:])))
+                      (w_up, z[:, n:], scales and (scales[0], scales[1], up_scale),
+                       lora and (lora[0], lora[1][..., n:])))
             for w_half, z_half, s_half, lora_half in halves:
                 _launch(x, w_half, offs, z_half, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div,
                         scales=s_half, lora=lora_half)
@@ -258,7 +259,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
         grouped_mm_kernel[(min(num_programs(x.device) * per_sm, bound),)](
             a, a_index if a_index is not None else dummy, b, out, c_index if c_index is not None else dummy,
             c_scale if c_scale is not None else out, offs, a_scale, b_scale, lora_x, lora_w,
-            b_up if split else b, up_scale if split and up_scale is not None else b_scale, rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
+            b_up if split else b, up_scale if split and up_scale is not None else b_scale, rows, n, k, num_experts,
+            gather_div, x.stride(0), se, sk, sn, out.stride(0),
             a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(), rank, lora_x.stride(0), *lora_w.stride(),
             **cx, num_warps=cfg.num_warps, num_stages=stages,
         )
@@ -929,7 +931,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     if weight_bytes:
         a_type = a_type.replace("fp8e4nv", "u8")
         b_type = b_type.replace(elem, "u8")
-    sig = _sm90.signature(fn, cx, a=a_type, b=b_type, b_up=b_type, b_up_scale_ptr="*fp32", c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
+    sig = _sm90.signature(fn, cx, a=a_type, b=b_type, b_up=b_type, b_up_scale_ptr="*fp32",
+                          c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
                           c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32", a_scale_ptr="*fp32",
                           b_scale_ptr="*fp32", **dict.fromkeys(("lora_x", "lora_w"), _sm90.ptr(out_dtype or dtype)))
     # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async

@@ -66,7 +66,7 @@ def test_pair_equals_fused_forward_backward(case, dtype, device, backend):
         assert rel_err(got, ref) <= tol
 
 
-def _fp8_pair(device, lora_rank=0):
+def _fp8_pair(device):
     case = (6, 128, 128, 3, 2)
     x, w_gate, w_up, w_down, tw, ids = make_pair(case, torch.bfloat16, device)
     w_up = w_up * 4  # another range than the gate's: its own scales matter
@@ -93,9 +93,8 @@ def test_pair_fp8_lora_backward(device, backend):
     x, (qg, sg), (qu, su), (qd, sd), tw, ids = _fp8_pair(device)
     num_experts, inter, hid = qg.shape
     r = 4
-    adapters = [torch.randn(num_experts, r, hid, device=device) / 8, torch.randn(num_experts, 2 * inter, r, device=device) / 8,
-                torch.randn(num_experts, r, inter, device=device) / 8, torch.randn(num_experts, hid, r, device=device) / 8]
-    adapters = [a.to(torch.bfloat16) for a in adapters]
+    shapes = ((r, hid), (2 * inter, r), (r, inter), (hid, r))  # A1, B1, A2, B2
+    adapters = [(torch.randn(num_experts, *s, device=device) / 8).to(torch.bfloat16) for s in shapes]
     g = torch.randn(x.shape, device=device).to(torch.bfloat16)
     grads = []
     for weights, scales in (((qg, qu), (sg, su)), (torch.cat([qg, qu], 1), torch.cat([sg, su], 1))):

@@ -272,8 +272,9 @@ def _block_scaled_gated_loop(a, b, b_up, acc, acc_up, src, src64, row_ok, row0, 
 @triton.jit
 def _dequantized_loop(a, b, b_up, acc, acc_up, src64, row_ok, row0, e, e64, n0, up0, K, num_k_tiles, width_b,
                       stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr, b_up_scale_ptr, stride_sam,
-                      stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr,
-                      SWAP_AB: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                      stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+                      B_KMAJOR: tl.constexpr, SWAP_AB: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     """The (1, 128) x (128, 128) K loop where e4m3 arrives as bytes (no e4m3 MMA: sm_80, sm_86;
     or the weight-only route): each K step's e4m3 tiles decoded, times their scales, rounded to
     bf16 (x's type, weight-only, whose x is taken as it is: its scales are ones) and multiplied on
