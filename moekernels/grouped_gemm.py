@@ -169,9 +169,13 @@ def num_stages(cfg, scale_mode: int, act: int, weight_bytes: bool = False) -> in
 
 
 def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1, c_index=None, c_scale=None,
-            scales=None, lora=None):
+            scales=None, lora=None, w_up=None, up_scale=None):
     """out[:, :N] = epilogue(A @ w[e] + lora_x @ lora_w[e]) over ``rows`` rows of A (x, or x
     gathered by a_index).
+
+    ``w_up`` (with ``act``): the up half as its own [E, K, N] weight beside the gate ``w`` [E, K, N]
+    (``up_scale`` its scales, as b_scale): both read in place by one launch (SPLIT_UP), never
+    concatenated; a w_up whose storage strides differ from w's is made like w's (one copy).
 
     ``scales`` (fp8 operands): (mode, a_scale, b_scale) with mode 1 (per tensor: a_scale [1, 1],
     b_scale [E, 1, 1]), 2 (rows x columns: [M, 1] and [E, 1, N]) or 3 ((1, 128) x (128, 128)
@@ -187,11 +191,18 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     n = out.shape[1]
     x = _rows(x)
     storage, kmajor = _weight_storage(w)
+    split = w_up is not None
+    if split:
+        up_storage = (w_up.transpose(1, 2) if kmajor else w_up)
+        if up_storage.stride() != storage.stride():  # one kernel, one set of strides: both made dense
+            storage, up_storage = storage.contiguous(), up_storage.contiguous()
     if scales is not None and not kmajor:
         check_fp8_weight("w", w)  # raises: the kernel has no N-major e4m3 path
     arch = device_arch(x.device)
     # e4m3 as bytes, decoded to the other operand's type in the kernel (kernels/_math.py, dot).
     x, storage = fp8_bytes(x), fp8_bytes(storage, force=x.dtype != w.dtype)
+    if split:
+        up_storage = fp8_bytes(up_storage, force=x.dtype != w.dtype)
     # Descriptors only where the architecture has TMA: Triton 3.6 lowers them on sm_80 and sm_89 to
     # plain loads, unpipelined (the 128x128x64 bf16 tiles took 32 KB of shared memory, one stage)
     # and spilling at 255 registers (the decode tiles: 228 B); 16-byte pointer loads pipeline by
@@ -200,6 +211,8 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
     # The up half of a gated [K, 2N] weight starts at column N: with N inner (not kmajor) that
     # tile's start must be 16-byte aligned too (bf16 N = 4 is 8 bytes: the interpreter asserts).
     aligned = _tma_ok(storage) and (kmajor or not act or n * storage.element_size() % 16 == 0)
+    if split:  # its up tiles start at column 0 of its own storage
+        aligned = _tma_ok(storage) and _tma_ok(up_storage)
     if not aligned:  # weight rows not 16-byte aligned (an odd K or N): small tiles, see default_gemm_config
         variant = "unaligned"
     b_tma = aligned and arch.tma
@@ -207,22 +220,36 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
                                     block_scaled=scales is not None and scales[0] == 3, kmajor=kmajor, arch=arch)
     if cfg.SPLIT_GATED:  # a decode step too small to fill the GPU: see configs.split_gated_decode
         z = out.new_empty(rows, 2 * n, dtype=torch.float32)  # float32: one rounding, as the fused epilogue
-        _launch(x, w, offs, z, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div, scales=scales,
-                lora=lora)
+        if split:  # gate and up products into the two halves of z, each with its half of the segment
+            halves = ((w, z[:, :n], scales, lora and (lora[0], lora[1][..., :n])),
+                      (w_up, z[:, n:], scales and (scales[0], scales[1], up_scale),
+                       lora and (lora[0], lora[1][..., n:])))
+            for w_half, z_half, s_half, lora_half in halves:
+                _launch(x, w_half, offs, z_half, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div,
+                        scales=s_half, lora=lora_half)
+        else:
+            _launch(x, w, offs, z, variant="plain", rows=rows, a_index=a_index, gather_div=gather_div, scales=scales,
+                    lora=lora)
         out.copy_(reference.gated_activation(z, next(name for name, v in ACTIVATIONS.items() if v == act)))
         return
     a = TensorDescriptor(x, [rows, k], [x.stride(0), 1], [cfg.BLOCK_M, cfg.BLOCK_K]) if a_tma else x
     block_b = [1, cfg.BLOCK_N, cfg.BLOCK_K] if kmajor else [1, cfg.BLOCK_K, cfg.BLOCK_N]
     b = TensorDescriptor(storage, list(storage.shape), _descriptor_strides(storage), block_b) if b_tma else storage
+    if split:
+        b_up = (TensorDescriptor(up_storage, list(up_storage.shape), _descriptor_strides(up_storage), block_b)
+                if b_tma else up_storage)
     # Strides of the logical [E, K, N] weight, for the pointer path.
     se, sk, sn = storage.stride(0), *(storage.stride()[::-1][:2] if kmajor else storage.stride()[1:])
     bound = (triton.cdiv(rows, cfg.BLOCK_M) + num_experts) * triton.cdiv(n, cfg.BLOCK_N)  # work items, at most
-    scale_mode, a_scale, b_scale = scales if scales is not None else (0, out, out.view(1, 1, -1))
-    lora_x, lora_w = (_rows(lora[0]), lora[1]) if lora is not None else (offs, out.view(1, 1, -1))
+    # Unused placeholders without fp8 (out, any float tensor); out may be a column slice (a split z's half).
+    placeholder = out.view(1, 1, -1) if out.is_contiguous() else out[:1, :1].unsqueeze(0)
+    scale_mode, a_scale, b_scale = scales if scales is not None else (0, out, placeholder)
+    lora_x, lora_w = (_rows(lora[0]), lora[1]) if lora is not None else (offs, placeholder)
     rank = lora_w.shape[1]
     cx = kernel_constexprs(cfg, a_tma=a_tma, b_tma=b_tma, kmajor=kmajor, gather=a_index is not None,
                            scatter=c_index is not None, act=act, scale=scale_mode,
-                           block_e=triton.next_power_of_2(num_experts), rank=rank if lora is not None else None)
+                           block_e=triton.next_power_of_2(num_experts), rank=rank if lora is not None else None,
+                           split_up=split)
     stages = num_stages(cfg, scale_mode, act, storage.dtype == torch.uint8)
     per_sm = programs_per_sm(cfg, cx, x.dtype, out.dtype, stages, arch) if x.is_cuda else 1
     dummy = offs
@@ -232,16 +259,19 @@ def _launch(x, w, offs, out, *, variant, rows, act=0, a_index=None, gather_div=1
         grouped_mm_kernel[(min(num_programs(x.device) * per_sm, bound),)](
             a, a_index if a_index is not None else dummy, b, out, c_index if c_index is not None else dummy,
             c_scale if c_scale is not None else out, offs, a_scale, b_scale, lora_x, lora_w,
-            rows, n, k, num_experts, gather_div, x.stride(0), se, sk, sn, out.stride(0),
+            b_up if split else b, up_scale if split and up_scale is not None else b_scale, rows, n, k, num_experts,
+            gather_div, x.stride(0), se, sk, sn, out.stride(0),
             a_scale.stride(0), a_scale.stride(-1), *b_scale.stride(), rank, lora_x.stride(0), *lora_w.stride(),
             **cx, num_warps=cfg.num_warps, num_stages=stages,
         )
 
 
-def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale, block_e, rank=None) -> dict:
+def kernel_constexprs(cfg, *, a_tma, b_tma, kmajor, gather, scatter, act, scale, block_e, rank=None,
+                      split_up=False) -> dict:
     """grouped_mm_kernel's constexprs of one launch (the launcher and the sm_90 variants share it);
-    ``rank``: the low-rank segment's r, None without one."""
-    return dict(A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=gather, SCATTER=scatter, ACT=act,
+    ``rank``: the low-rank segment's r, None without one; ``split_up``: gate and up as two weights
+    (SPLIT_UP; configs.launch_key names it only when set: the fused form's keys stay as they were)."""
+    return dict(SPLIT_UP=split_up, A_TMA=a_tma, B_TMA=b_tma, B_KMAJOR=kmajor, GATHER=gather, SCATTER=scatter, ACT=act,
                 SWAP_AB=cfg.SWAP_AB, SCALE=scale, LORA=rank is not None,
                 BLOCK_R=configs.lora_block(rank, act != 0) if rank is not None else 0, BLOCK_M=cfg.BLOCK_M,
                 BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_E=block_e, GROUP_M=cfg.GROUP_M)
@@ -483,17 +513,30 @@ def unit_scale(x: torch.Tensor, b_scale: torch.Tensor) -> torch.Tensor:
 def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index: torch.Tensor,
               top_k: int, gather: bool, activation: str, scatter_weights: torch.Tensor | None,
               a_scale: torch.Tensor | None, b_scale: torch.Tensor | None, out_dtype: torch.dtype | None,
-              backend: str, lora_x: torch.Tensor | None = None, lora_w: torch.Tensor | None = None) -> torch.Tensor:
+              backend: str, lora_x: torch.Tensor | None = None, lora_w: torch.Tensor | None = None,
+              w_up: torch.Tensor | None = None, up_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``w_up``: the up weight [E, K, N] apart from the gate ``w`` [E, K, N] (``up_scale`` its fp8
+    scales), read in place: the pair is never concatenated. With an activation the output is
+    act(gate) * up [M, N]; without one the two products side by side [M, 2N] (the backward's z)."""
     rows = source_index.shape[0] if gather else x.shape[0]
     _checks.offsets_in_range("offs", offs, rows)
-    width = w.shape[2] // 2 if activation else w.shape[2]
+    width = w.shape[2] // 2 if activation and w_up is None else w.shape[2]
+    if w_up is not None and not activation:
+        width = 2 * w.shape[2]
     dtype = out_dtype or x.dtype
     if _choose("grouped_mm", x, backend) == "torch":
         if b_scale is not None:  # fp8: the product of the dequantized operands, in float32
             w = reference.dequantize_fp8(w, b_scale)
+            w_up = reference.dequantize_fp8(w_up, up_scale) if w_up is not None else None
         if a_scale is not None:
             x = reference.dequantize_fp8(x, a_scale)
         lora = (lora_x, lora_w) if lora_x is not None else None
+        if w_up is not None:  # the gate and up products apart, then the activation of the pair
+            n = w.shape[2]
+            z = torch.cat([reference.grouped_mm_fused(x, w_half, offs, source_index, top_k, gather, "", None,
+                                                      lora and (lora[0], lora[1][..., i * n:(i + 1) * n]))
+                           for i, w_half in enumerate((w, w_up))], 1)
+            return (reference.gated_activation(z, activation) if activation else z).to(dtype)
         out = reference.grouped_mm_fused(x, w, offs, source_index, top_k, gather, activation, scatter_weights, lora)
         return out.to(dtype)
     out = x.new_empty(rows, width, dtype=dtype)
@@ -505,23 +548,35 @@ def fused_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, source_index:
     scales = None if a_scale is None else (scaling_mode(x, a_scale, w, b_scale), a_scale, b_scale)
     if w.shape[1] == 0 and lora_x is None:
         return out.zero_()
+    if w_up is not None and not activation:  # the gate and up products into the two halves of out
+        n = w.shape[2]
+        for i, (w_half, s_half) in enumerate(((w, b_scale), (w_up, up_scale))):
+            _launch(x, w_half, offs, out[:, i * n:(i + 1) * n], variant="plain", rows=rows,
+                    a_index=source_index if gather else None, gather_div=top_k,
+                    scales=None if scales is None else (scales[0], a_scale, s_half),
+                    lora=(lora_x, lora_w[..., i * n:(i + 1) * n]) if lora_x is not None else None)
+        return out
     _launch(x, w, offs, out, variant="gated" if activation else ("scatter" if scatter else "plain"), rows=rows,
             act=ACTIVATIONS[activation], a_index=source_index if gather else None, gather_div=top_k,
             c_index=source_index if scatter else None,
             c_scale=scatter_weights.reshape(-1).contiguous() if scatter else None, scales=scales,
-            lora=(lora_x, lora_w) if lora_x is not None else None)
+            lora=(lora_x, lora_w) if lora_x is not None else None, w_up=w_up, up_scale=up_scale)
     return out
 
 
 @fused_op.register_fake
 def _(x, w, offs, source_index, top_k, gather, activation, scatter_weights, a_scale, b_scale, out_dtype, backend,
-      lora_x=None, lora_w=None):
+      lora_x=None, lora_w=None, w_up=None, up_scale=None):
     rows = source_index.shape[0] if gather else x.shape[0]
-    return x.new_empty(rows, w.shape[2] // 2 if activation else w.shape[2], dtype=out_dtype or x.dtype)
+    width = w.shape[2] if w_up is None else 2 * w.shape[2]
+    return x.new_empty(rows, width // 2 if activation else width, dtype=out_dtype or x.dtype)
 
 
 def _fused_setup(ctx, inputs, output):
-    x, w, offs, source_index, top_k, gather, activation, scatter_weights, _, _, _, backend, lora_x, lora_w = inputs
+    x, w, offs, source_index, top_k, gather, activation, scatter_weights, _, _, _, backend, lora_x, lora_w, *up = inputs
+    if up and up[0] is not None:  # only fused_moe passes a separate up weight, and differentiates itself
+        raise NotImplementedError("grouped_mm_fused with a separate up weight (w_up) has no backward: "
+                                  "moekernels.fused_moe differentiates its (w_gate, w_up) pair")
     ctx.save_for_backward(x, w, offs, source_index, scatter_weights, lora_x, lora_w)
     ctx.top_k, ctx.gather, ctx.activation, ctx.backend = top_k, gather, activation, backend
 
@@ -562,12 +617,13 @@ def _fused_backward(ctx, grad):
         d_lora_x = grouped_mm_op(grad, lora_w.transpose(1, 2), offs, backend)
     if len(needs) > 13 and needs[13]:
         d_lora_w = grouped_mm_dw_op(lora_x, grad, offs, None, 1, is_kmajor(lora_w), backend)
-    return (dx, dw, None, None, None, None, None, grad_sw, None, None, None, None, d_lora_x, d_lora_w)[:len(needs)]
+    return (dx, dw, None, None, None, None, None, grad_sw, None, None, None, None, d_lora_x, d_lora_w, None,
+            None)[:len(needs)]
 
 
 fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
 # Not scatter_weights: router weights stay float32. The LoRA operands are GEMM operands: cast.
-_autocast.register("grouped_mm_fused", (0, 1, 12, 13))
+_autocast.register("grouped_mm_fused", (0, 1, 12, 13, 14))
 
 
 # ----------------------------------------------------------------------------- public
@@ -776,6 +832,10 @@ SM90_GEMMS = {
     "scatter_prefill_bf16_kmajor_lora16": ("scatter+lora16", 512, 2048, 768, torch.bfloat16, True),
     "gather_gated_decode_bf16_kmajor_lora16": ("gather+gated+lora16", 4, 768, 2048, torch.bfloat16, True),
     "gather_gated_prefill_bf16_kmajor_lora64": ("gather+gated+lora64", 512, 768, 2048, torch.bfloat16, True),
+    # Gate and up as two weights (fused_moe's (w_gate, w_up) pair, issue 20): GEMM 1 reading the up
+    # tiles from a second descriptor, to be compared with the fused weight's variants above.
+    "gather_gated_prefill_bf16_kmajor_split": ("gather+gated+split", 512, 768, 2048, torch.bfloat16, True),
+    "gather_gated_decode_bf16_kmajor_split": ("gather+gated+split", 4, 768, 2048, torch.bfloat16, True),
     # The split gated decode (configs.split_gated_decode): Qwen3-30B-A3B's GEMM 1 at T = 1 as the
     # plain kernel over the [K, 2I] weight into a float32 product, gathered (fused_moe) or not.
     "gather_split_decode_bf16_kmajor": ("gather", 1, 1536, 2048, torch.bfloat16, True, torch.float32),
@@ -838,7 +898,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     dtype); ``scale`` the fp8 mode; ``col_major_a_scale``: a_scale's row stride 1, specialised too;
     ``weight_bytes``: the launch of a GPU without e4m3 MMA, or of the weight-only route (a 16-bit
     dtype), every e4m3 operand as its bytes (fp8_bytes: fp8.sm90_variants on sm_80); ``tma``: whether the
-    architecture has TMA (without it, 16-byte aligned pointers, as _launch)."""
+    architecture has TMA (without it, 16-byte aligned pointers, as _launch); ``+split``: gated with
+    the up half as a second weight (SPLIT_UP, b_up of b's type and strides)."""
     from . import _sm90
     from .kernels._grouped_gemm import grouped_mm_kernel as fn
 
@@ -848,7 +909,7 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     rank = next((int(p.removeprefix("lora")) for p in parts if p.startswith("lora")), None)
     cx = kernel_constexprs(cfg, a_tma=not pointers, b_tma=tma and not unaligned, kmajor=kmajor, gather=gather,
                            scatter="scatter" in parts, act=1 if "gated" in parts else 0, scale=scale, block_e=128,
-                           rank=rank)
+                           rank=rank, split_up="split" in parts)
     stages = num_stages(cfg, scale, cx["ACT"], weight_bytes)
     key = configs.launch_key("grouped_mm_kernel", dtype, out_dtype or dtype, cx, cfg.num_warps, stages)
     # The contract: gathered rows by 16-byte cp.async, every other tile (the gated epilogue's gate
@@ -870,7 +931,8 @@ def forward_variant(name, variant, cfg, dtype, kmajor, *, scale=0, out_dtype=Non
     if weight_bytes:
         a_type = a_type.replace("fp8e4nv", "u8")
         b_type = b_type.replace(elem, "u8")
-    sig = _sm90.signature(fn, cx, a=a_type, b=b_type, c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
+    sig = _sm90.signature(fn, cx, a=a_type, b=b_type, b_up=b_type, b_up_scale_ptr="*fp32",
+                          c_ptr=_sm90.ptr(out_dtype or dtype), c_index_ptr="*i32",
                           c_scale_ptr="*fp32", a_index_ptr="*i32", offs_ptr="*i32", a_scale_ptr="*fp32",
                           b_scale_ptr="*fp32", **dict.fromkeys(("lora_x", "lora_w"), _sm90.ptr(out_dtype or dtype)))
     # Pointers are specialised as 16-byte aligned, as a launch on torch's allocations is: cp.async

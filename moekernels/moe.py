@@ -60,9 +60,11 @@ def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
                   topk_ids: torch.Tensor, activation: str, w_gate_up_scale: torch.Tensor | None,
                   w_down_scale: torch.Tensor | None, backend: str, a1: torch.Tensor | None = None,
                   b1: torch.Tensor | None = None, a2: torch.Tensor | None = None, b2: torch.Tensor | None = None,
-                  scale1: float = 1.0, scale2: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale1: float = 1.0, scale2: float = 1.0, w_up: torch.Tensor | None = None,
+                  w_up_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer, and t1 = s1 (x_rows A1^T) [T*k, r1] of the gate_up adapter (its gradients read
-    it: kept, not recomputed; [0, 0] without one)."""
+    it: kept, not recomputed; [0, 0] without one). With ``w_up`` [E, I, H] (and ``w_up_scale``),
+    ``w_gate_up`` is the gate alone, [E, I, H]: the pair is read in place, never concatenated."""
     num_tokens, top_k = topk_ids.shape
     hid = hidden.shape[1]
     no_t1 = hidden.new_empty(0, 0)
@@ -75,16 +77,30 @@ def _fused_moe_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.T
         # Column-major activation scales: one K step's scales are one contiguous vector in the GEMMs
         # (or hidden itself, weight-only, where the GPU has no e4m3 MMA).
         qx, sx = activation_operand(hidden, False, backend)
-        return _fp8_experts(qx, sx, (w_gate_up.transpose(1, 2), w_gate_up_scale.transpose(1, 2)),
+        return _fp8_experts(qx, sx, _gate_up_operands(w_gate_up, w_gate_up_scale, w_up, w_up_scale),
                             (w_down.transpose(1, 2), w_down_scale.transpose(1, 2)), topk_weights, offsets, source,
                             activation, hidden.dtype, False, backend, lora1, (a2, b2, scale2)), t1
     h = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, activation, None, None, None,
-                 None, backend, *lora1)
+                 None, backend, *lora1, *_up_operands(w_up))
     lora2 = _low_rank(h, a2, b2, scale2, offsets, None, 1, backend)
     pairs = fused_op(h, w_down.transpose(1, 2), offsets, source, top_k, False, "", topk_weights, None, None,
                      None, backend, *lora2)
     # torch accumulates a bf16 / fp16 sum in float32 and rounds once.
     return pairs.view(num_tokens, top_k, hid).sum(1), t1
+
+
+def _up_operands(w_up, scale=None):
+    """fused_op's (w_up, up_scale) of a separate up weight [E, I, H]: its transposed view (no copy),
+    or () for the fused [E, 2I, H] form."""
+    if w_up is None:
+        return ()
+    return w_up.transpose(1, 2), scale.transpose(1, 2) if scale is not None else None
+
+
+def _gate_up_operands(w_gate_up, scale, w_up, up_scale):
+    """GEMM 1's e4m3 operands for _fp8_experts: the K-major gate(-up) view and its scales, then
+    those of a separate up weight (none for the fused form)."""
+    return (w_gate_up.transpose(1, 2), scale.transpose(1, 2), *_up_operands(w_up, up_scale))
 
 
 def _low_rank(x, a, b, scale, offsets, source, top_k, backend):
@@ -112,12 +128,13 @@ def _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activatio
     """The layer on e4m3 from the quantized tokens: GEMM 1 gathering them, with act(gate) * up,
     h quantized (1, 128) (power-of-two scales with ``pow2_h``), GEMM 2 scattering with the router
     weights, the sum over k. Tokens not quantized (sx None: fp8.activation_operand's weight-only
-    route) leave h unquantized too. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales.
+    route) leave h unquantized too. ``gate_up`` and ``down``: each K-major e4m3 operand and its scales
+    (``gate_up`` then the up weight's and its scales where gate and up are apart).
     ``lora1``: GEMM 1's low-rank segment (:func:`_low_rank`); ``down_lora``: (a2, b2, scale2) of
     GEMM 2's adapter, applied to the high-precision h."""
     num_tokens, top_k = topk_weights.shape
     h = fused_op(qx, gate_up[0], offsets, source, top_k, True, activation, None, sx, gate_up[1], dtype, backend,
-                 *lora1)
+                 *lora1, *gate_up[2:])
     lora2 = _low_rank(h, *down_lora, offsets, None, 1, backend)
     qh, sh = quantize_op(h, 1, 128, pow2_h, None, None, 1, True, backend) if sx is not None else (h, None)
     pairs = fused_op(qh, down[0], offsets, source, top_k, False, "", topk_weights, sh, down[1], dtype, backend,
@@ -127,7 +144,7 @@ def _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activatio
 
 @_fused_moe_op.register_fake
 def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale, backend,
-      a1=None, b1=None, a2=None, b2=None, scale1=1.0, scale2=1.0):
+      a1=None, b1=None, a2=None, b2=None, scale1=1.0, scale2=1.0, w_up=None, w_up_scale=None):
     rows, rank = (topk_ids.numel(), a1.shape[1]) if a1 is not None and topk_ids.shape[0] else (0, 0)
     return hidden.new_empty(topk_ids.shape[0], hidden.shape[1]), hidden.new_empty(rows, rank)
 
@@ -142,18 +159,23 @@ def _router_weight_grad(dh_unweighted, h, src, topk_weights):
 
 
 # The op's tensor inputs by position (needs_input_grad's indices).
-_HIDDEN, _W1, _W2, _TW, _A1, _B1, _A2, _B2 = 0, 1, 2, 3, 9, 10, 11, 12
+_HIDDEN, _W1, _W2, _TW, _A1, _B1, _A2, _B2, _WUP = 0, 1, 2, 3, 9, 10, 11, 12, 15
+_INPUTS = 17
 
 
 def _setup(ctx, inputs, output):
-    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2, backend, a1, b1, a2, b2, *scales = inputs
-    ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2, output[1])
+    inputs = list(inputs) + [None] * (_INPUTS - len(inputs))  # the dispatcher drops trailing defaults
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2, backend, a1, b1, a2, b2 = inputs[:13]
+    scale1, scale2, w_up, s_up = inputs[13:]
+    ctx.save_for_backward(hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2, output[1],
+                          w_up, s_up)
     ctx.mark_non_differentiable(output[1])
+    scales = (1.0 if scale1 is None else scale1, 1.0 if scale2 is None else scale2)
     ctx.activation, ctx.backend, ctx.scales = activation, backend, scales
 
 
 def _backward(ctx, grad_y, _):
-    hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2, t1 = ctx.saved_tensors
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, s1, s2, a1, b1, a2, b2, t1, w_up, s_up = ctx.saved_tensors
     lora, fp8 = a1 is not None or a2 is not None, s1 is not None
     if fp8 and not lora:
         raise NotImplementedError("fused_moe with float8_e4m3fn weights is inference-only: it has no backward. To train "
@@ -162,13 +184,13 @@ def _backward(ctx, grad_y, _):
     act, backend, (scale1, scale2) = ctx.activation, ctx.backend, ctx.scales
     num_tokens, top_k = topk_ids.shape
     need = list(ctx.needs_input_grad)
-    need += [False] * (15 - len(need))  # a call that left the adapters to their defaults has 9 inputs
+    need += [False] * (_INPUTS - len(need))  # a call that left the adapters to their defaults has 9 inputs
     if lora:  # the base weights are frozen under an adapter: no gradient, even where they require one
         need[_W1] = need[_W2] = False
     grads = [None] * len(ctx.needs_input_grad)
     if num_tokens == 0:
-        for i, t in zip((_HIDDEN, _W1, _W2, _TW, _A1, _B1, _A2, _B2),
-                        (hidden, w_gate_up, w_down, topk_weights, a1, b1, a2, b2)):
+        for i, t in zip((_HIDDEN, _W1, _W2, _TW, _A1, _B1, _A2, _B2, _WUP),
+                        (hidden, w_gate_up, w_down, topk_weights, a1, b1, a2, b2, w_up)):
             if need[i]:
                 grads[i] = torch.zeros_like(t)
         return tuple(grads)
@@ -181,10 +203,10 @@ def _backward(ctx, grad_y, _):
     if fp8:
         qx, sx = activation_operand(hidden, False, backend)
         z = fused_op(qx, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, sx, s1.transpose(1, 2),
-                     dtype, backend, t1, b1_t)
+                     dtype, backend, t1, b1_t, *_up_operands(w_up, s_up))
     else:
         z = fused_op(hidden, w_gate_up.transpose(1, 2), offsets, source, top_k, True, "", None, None, None, None,
-                     backend, t1, b1_t)
+                     backend, t1, b1_t, *_up_operands(w_up))
     h = reference.gated_activation(z, act)
     g = grad_y.index_select(0, src // top_k)  # row r's gradient: its token's
     w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
@@ -210,22 +232,30 @@ def _backward(ctx, grad_y, _):
             grads[_B2] = grouped_mm_dw_op(gw, t2, offsets, None, 1, False, backend)
     if need[_A2]:  # dA2[e] = (s2 w g B2)_e^T h_e  [r2, I]
         grads[_A2] = grouped_mm_dw_op(_scaled(v2, scale2, w), h, offsets, None, 1, False, backend)
-    if not (need[_HIDDEN] or need[_W1] or need[_A1] or need[_B1]):
+    if lora:
+        need[_WUP] = False
+    if not (need[_HIDDEN] or need[_W1] or need[_WUP] or need[_A1] or need[_B1]):
         return tuple(grads)
     dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
     v1 = grouped_mm_op(dz, b1, offsets, backend) if a1 is not None and (need[_HIDDEN] or need[_A1]) else None
     if need[_HIDDEN]:  # dx = sum_j dz W1 (+ s1 (dz B1) A1: the base dgrad with the gate_up adapter's segment)
         lora_dx = (_scaled(v1, scale1), a1) if a1 is not None else (None, None)
-        if fp8:
-            qz, sz = activation_operand(dz, False, backend)
-            w1_t, s1_t = prepare_weight(w_gate_up, scale=s1)
-            dx = fused_op(qz, w1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend, *lora_dx)
-        else:
-            dx = fused_op(dz, w_gate_up, offsets, source, top_k, False, "", None, None, None, None, backend,
-                          *lora_dx)
+        if w_up is None:
+            dx = _dgrad(dz, w_gate_up, s1, offsets, source, top_k, fp8, dtype, dtype, backend, lora_dx)
+        else:  # dz_gate W_gate + dz_up W_up: two launches in float32, rounded once
+            inter = w_up.shape[1]
+            dx = (_dgrad(dz[:, :inter], w_gate_up, s1, offsets, source, top_k, fp8, dtype, torch.float32, backend,
+                         lora_dx)
+                  + _dgrad(dz[:, inter:], w_up, s_up, offsets, source, top_k, fp8, dtype, torch.float32, backend,
+                           (None, None))).to(dtype)
         grads[_HIDDEN] = permute_backward_op(dx, dest, top_k, backend)
+    # Each weight's gradient from its own columns of dz, written to its own tensor.
+    dz_gate = dz if w_up is None else dz[:, :w_up.shape[1]]
     if need[_W1]:
-        grads[_W1] = grouped_mm_dw_op(hidden, dz, offsets, source, top_k, True, backend).transpose(1, 2)
+        grads[_W1] = grouped_mm_dw_op(hidden, dz_gate, offsets, source, top_k, True, backend).transpose(1, 2)
+    if need[_WUP]:
+        grads[_WUP] = grouped_mm_dw_op(hidden, dz[:, w_up.shape[1]:], offsets, source, top_k, True,
+                                       backend).transpose(1, 2)
     if need[_B1]:  # dB1[e] = dz_e^T t1_e  [2I, r1]
         grads[_B1] = grouped_mm_dw_op(dz, t1, offsets, None, 1, False, backend)
     if need[_A1]:  # dA1[e] = (s1 dz B1)_e^T x_rows_e  [r1, H]: the transpose of x_rows^T (s1 v1)
@@ -234,8 +264,20 @@ def _backward(ctx, grad_y, _):
     return tuple(grads)
 
 
+def _dgrad(dz, w, scale, offsets, source, top_k, fp8, dtype, out_dtype, backend, lora_dx):
+    """dz @ w per expert ([T*k, H], sorted rows) for w [E, N, H] (the gate/up weight or one half), on
+    e4m3 (dz quantized (1, 128), w transposed once: fp8.prepare_weight) where w is; out_dtype's
+    float32 keeps a sum of the two halves' products to one rounding."""
+    if fp8:
+        qz, sz = activation_operand(dz, False, backend)
+        w_t, s_t = prepare_weight(w, scale=scale)
+        return fused_op(qz, w_t, offsets, source, top_k, False, "", None, sz, s_t, out_dtype, backend, *lora_dx)
+    return fused_op(dz, w, offsets, source, top_k, False, "", None, None, None, out_dtype, backend, *lora_dx)
+
+
 _fused_moe_op.register_autograd(_backward, setup_context=_setup)
-_autocast.register("fused_moe", (0, 1, 2, 9, 10, 11, 12))  # not topk_weights: router weights stay float32
+# not topk_weights: router weights stay float32
+_autocast.register("fused_moe", (0, 1, 2, 9, 10, 11, 12, 15))
 
 
 # ----------------------------------------------------------------------------- FP8 training
@@ -338,41 +380,78 @@ _fused_moe_fp8_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 _autocast.register("fused_moe_fp8", (0, 1, 2))  # the operands it quantizes; router weights stay float32
 
 
-def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2):
+def _split_pair(name, value, scale_name, scale):
+    """(w_gate, w_up, their scales) of ``w_gate_up`` given as the pair (w_gate, w_up); (w_gate_up,
+    None, scale, None) of the fused tensor. Raises TypeError, naming the argument, for any other form."""
+    if isinstance(value, torch.Tensor):
+        if isinstance(scale, (tuple, list)):
+            raise TypeError(f"{scale_name} is a pair but {name} is one tensor: pass the pair (w_gate, w_up) with "
+                            f"the pair of their scales, or one [E, 2I, H] tensor with one scale tensor")
+        return value, None, scale, None
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise TypeError(f"{name} must be a tensor [E, 2I, H] or a pair (w_gate, w_up) of tensors [E, I, H], got "
+                        f"{type(value).__name__}" + (f" of length {len(value)}" if isinstance(value, (tuple, list))
+                                                      else ""))
+    if scale is not None and (not isinstance(scale, (tuple, list)) or len(scale) != 2):
+        raise TypeError(f"{scale_name} must be the pair (w_gate's scales, w_up's scales) when {name} is the pair "
+                        f"(w_gate, w_up): each half keeps its own (128, 128) blocks")
+    return (*value, *(scale if scale is not None else (None, None)))
+
+
+def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2, w_up=None, s_up=None):
+    """The arguments of fused_moe; with ``w_up``, w_gate_up is the gate alone [E, I, H] (and s_up
+    the up weight's scales)."""
     _checks.tensor("hidden", hidden, ndim=2, dtypes=DTYPES)
     device = hidden.device
+    split = w_up is not None
+    gate_name = "w_gate_up[0] (w_gate)" if split else "w_gate_up"
     fp8 = w_gate_up.dtype == FP8 if isinstance(w_gate_up, torch.Tensor) else False
     weight_dtypes = (FP8,) if fp8 else (hidden.dtype,)
-    _checks.tensor("w_gate_up", w_gate_up, ndim=3, dtypes=weight_dtypes, device=device)
+    _checks.tensor(gate_name, w_gate_up, ndim=3, dtypes=weight_dtypes, device=device)
+    if split:
+        _checks.tensor("w_gate_up[1] (w_up)", w_up, ndim=3, dtypes=(w_gate_up.dtype,), device=device)
     _checks.tensor("w_down", w_down, ndim=3, dtypes=weight_dtypes, device=device)
     _checks.tensor("topk_weights", topk_weights, ndim=2, dtypes=WEIGHT_DTYPES, device=device)
     _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=ID_DTYPES, device=device)
     _checks.choice("activation", activation, tuple(a for a in ACTIVATIONS if a))
     num_experts, two_i, hid = w_gate_up.shape
-    if hid != hidden.shape[1] or two_i % 2:
+    if split:
+        if hid != hidden.shape[1]:
+            raise ValueError(f"w_gate_up[0] (w_gate) must be [E, I, H] with H={hidden.shape[1]}, got "
+                             f"{tuple(w_gate_up.shape)}")
+        if w_up.shape != w_gate_up.shape:
+            raise ValueError(f"w_gate_up[1] (w_up) must have w_gate's shape [E, I, H] = {tuple(w_gate_up.shape)}, "
+                             f"got {tuple(w_up.shape)}")
+        two_i *= 2
+    elif hid != hidden.shape[1] or two_i % 2:
         raise ValueError(f"w_gate_up must be [E, 2I, H] with H={hidden.shape[1]} (gate rows, then up rows), "
                          f"got {tuple(w_gate_up.shape)}")
     if tuple(w_down.shape) != (num_experts, hid, two_i // 2):
         raise ValueError(f"w_down must be [E, H, I] = {(num_experts, hid, two_i // 2)} to match w_gate_up "
-                         f"{tuple(w_gate_up.shape)}, got {tuple(w_down.shape)}")
+                         f"{tuple(w_gate_up.shape) if not split else (tuple(w_gate_up.shape), tuple(w_up.shape))}, "
+                         f"got {tuple(w_down.shape)}")
     if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"topk_weights and topk_ids must both be [T, k] with T={hidden.shape[0]}, got "
                          f"{tuple(topk_weights.shape)} and {tuple(topk_ids.shape)}")
     if not fp8:
-        if s1 is not None or s2 is not None:
+        if s1 is not None or s2 is not None or s_up is not None:
             raise ValueError("w_gate_up_scale and w_down_scale go with float8_e4m3fn weights only")
         return
-    for name, w, s in (("w_gate_up", w_gate_up, s1), ("w_down", w_down, s2)):
+    weights = [("w_gate_up", "w_gate_up_scale", w_gate_up, s1), ("w_down", "w_down_scale", w_down, s2)]
+    if split:
+        weights[:1] = [("w_gate_up[0] (w_gate)", "w_gate_up_scale[0]", w_gate_up, s1),
+                       ("w_gate_up[1] (w_up)", "w_gate_up_scale[1]", w_up, s_up)]
+    for name, scale_name, w, s in weights:
         want = (w.shape[0], -(-w.shape[1] // 128), -(-w.shape[2] // 128))
         if s is None:
-            raise ValueError(f"{name}_scale is required with float8_e4m3fn {name}: its (128, 128) scales {want}")
-        _checks.tensor(f"{name}_scale", s, ndim=3, dtypes=(torch.float32,), device=device)
+            raise ValueError(f"{scale_name} is required with float8_e4m3fn {name}: its (128, 128) scales {want}")
+        _checks.tensor(scale_name, s, ndim=3, dtypes=(torch.float32,), device=device)
         if w.stride(2) != 1 and w.shape[2] > 1:  # the GEMMs read w^T: K-major only for e4m3 (fp8.prepare_weight)
             raise ValueError(f"{name} must be stored with its last dim contiguous (K-major for the GEMM: wgmma "
                              f"reads float8_e4m3fn weights K-major only), got strides {tuple(w.stride())}; "
                              f"use {name}.contiguous() once at load time (see moekernels.fp8.prepare_weight)")
         if tuple(s.shape) != want:
-            raise ValueError(f"{name}_scale must be the (128, 128) block scales of {name}: shape {want}, "
+            raise ValueError(f"{scale_name} must be the (128, 128) block scales of {name}: shape {want}, "
                              f"got {tuple(s.shape)}")
     if hid % 128 or (two_i // 2) % 128:
         raise ValueError(f"the fp8 path needs H and I multiples of 128 (its 128-wide blocks), got H={hid}, "
@@ -382,8 +461,9 @@ def _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, s1, s2
 PRECISIONS = (None, "fp8")
 
 
-def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, *, activation: str = "silu", w_gate_up_scale: torch.Tensor | None = None,
+def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor | tuple[torch.Tensor, torch.Tensor], w_down: torch.Tensor,
+              topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: str = "silu",
+              w_gate_up_scale: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,
               w_down_scale: torch.Tensor | None = None, precision: str | None = None,
               lora: ExpertsLoRA | None = None, backend: str | None = None) -> torch.Tensor:
     """The experts of an MoE layer: ``y[t] = sum_j w[t, j] * w_down[e] @ (act(w_gate[e] @ x) * (w_up[e] @ x))``
@@ -392,13 +472,17 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     Args:
         hidden: [T, H] bfloat16, float16 or float32 tokens.
         w_gate_up: [E, 2I, H], gate rows then up rows (transformers v5 experts, vLLM's w13), in
-            hidden's dtype, or float8_e4m3fn with ``w_gate_up_scale``.
+            hidden's dtype, or float8_e4m3fn with ``w_gate_up_scale``. Or the pair ``(w_gate, w_up)``,
+            each [E, I, H] (torchtitan's w1 and w3, Megatron's): both read in place, never
+            concatenated; with e4m3 weights ``w_gate_up_scale`` is then the pair of their own
+            (128, 128) scales. Each of the pair gets its own gradient.
         w_down: [E, H, I] (vLLM's w2), likewise.
         topk_weights: [T, k] router weights (float32, bfloat16 or float16).
         topk_ids: [T, k] int32 or int64 expert ids (an id outside [0, E) raises on CPU tensors).
         activation: ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU, exact erf gelu).
         w_gate_up_scale, w_down_scale: the float32 (128, 128) block scales of fp8 weights, from
-            ``quantize_fp8(w, (128, 128))``: [E, 2I/128, H/128] and [E, H/128, I/128]. Activations
+            ``quantize_fp8(w, (128, 128))``: [E, 2I/128, H/128] (a pair of [E, I/128, H/128] for
+            the pair of weights) and [E, H/128, I/128]. Activations
             are then quantized (1, 128) on the fly (DeepSeek-V3's w8a8 block recipe; H and I
             multiples of 128).
         precision: None (compute in the weights' dtype) or ``"fp8"``: DeepSeek-V3's FP8 training
@@ -423,22 +507,33 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
         ``torch.compile(fullgraph=True)``. Under ``torch.autocast`` hidden and the (non-fp8)
         weights are cast to its dtype and the result is in it; topk_weights stay as they are.
     """
+    w_gate_up, w_up, w_gate_up_scale, w_up_scale = _split_pair("w_gate_up", w_gate_up, "w_gate_up_scale",
+                                                              w_gate_up_scale)
+    up = () if w_up is None else (w_up,)
     adapters = lora.tensors() if isinstance(lora, ExpertsLoRA) else ()
-    hidden, w_gate_up, w_down, *adapters = _autocast.cast(hidden, w_gate_up, w_down, *adapters)
-    _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale)
+    hidden, w_gate_up, w_down, *rest = _autocast.cast(hidden, w_gate_up, w_down, *up, *adapters)
+    up, adapters = rest[:len(up)], rest[len(up):]
+    w_up = up[0] if up else None
+    _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale, w_up,
+           w_up_scale)
     _checks.choice("precision", precision, PRECISIONS)
+    # The separate up weight (and its scales) after the op's other inputs: none for the fused form.
+    split = (1.0, 1.0, w_up, w_up_scale) if w_up is not None else ()
     if lora is not None:
         if not isinstance(lora, ExpertsLoRA):
             raise TypeError(f"lora must be a moekernels.ExpertsLoRA, got {type(lora).__name__}")
         lora = replace(lora, **dict(zip(("a1", "b1", "a2", "b2"), adapters)))
-        check_lora(lora, hidden, w_gate_up.shape[0], w_gate_up.shape[1])
+        check_lora(lora, hidden, w_gate_up.shape[0], w_gate_up.shape[1] * (2 if w_up is not None else 1))
         if precision is not None:
             raise ValueError("lora trains adapters on frozen base weights; precision='fp8' (which trains the base "
                              "weights on e4m3) does not take lora. For adapters on e4m3 experts pass the "
                              "float8_e4m3fn weights and their scales (w_gate_up_scale, w_down_scale)")
         return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
-                             w_down_scale, backend or "", *lora.tensors(), *lora.scales)[0]
+                             w_down_scale, backend or "", *lora.tensors(), *lora.scales, *split[2:])[0]
     if precision == "fp8":
+        if w_up is not None:
+            raise ValueError("precision='fp8' takes w_gate_up as one [E, 2I, H] tensor for now, not the pair "
+                             "(w_gate, w_up)")
         if w_gate_up.dtype == FP8:
             raise ValueError("precision='fp8' quantizes high-precision weights on the fly; float8_e4m3fn weights "
                              "already run the fp8 inference path (leave precision=None)")
@@ -448,7 +543,7 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
                              f"H={hid}, I={inter}")
         return _fused_moe_fp8_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend or "")[0]
     return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
-                         w_down_scale, backend or "")[0]
+                         w_down_scale, backend or "", *((None,) * 4 if split else ()), *split)[0]
 
 
 # ----------------------------------------------------------------------------- the module
@@ -510,6 +605,11 @@ class MoE(nn.Module):
             :meth:`quantize_experts` then puts the frozen experts in e4m3.
         backend: the backend of every op (None: automatic).
 
+        split_gate_up: keep the gate and up projections as two parameters ``w_gate`` and ``w_up``
+            [E, I, H] (torchtitan's w1 and w3, Megatron's checkpoints; tensor parallelism shards
+            each on I) instead of one ``w_gate_up``; fused_moe reads the pair in place, with the
+            same math and initialization. Not with expert_parallel_group or precision='fp8'.
+
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
     [E, H, I], ``shared_experts``, and the adapters. In training mode the forward sets ``aux_loss`` (the
     load-balancing loss of transformers' ``load_balancing_loss_func``), ``z_loss`` (ST-MoE's) and
@@ -531,7 +631,7 @@ class MoE(nn.Module):
                  correction_bias: bool = False, activation: str = "silu", dtype=None, device=None,
                  router_dtype=None, expert_parallel_group=None, capacity: int | None = None,
                  precision: str | None = None, backend: str | None = None, bias_update_rate: float = 1e-3,
-                 lora_rank: int = 0, lora_alpha: float | None = None):
+                 lora_rank: int = 0, lora_alpha: float | None = None, split_gate_up: bool = False):
         super().__init__()
         _checks.integer("hidden_size", hidden_size, low=1)
         _checks.integer("intermediate_size", intermediate_size, low=1)
@@ -546,6 +646,9 @@ class MoE(nn.Module):
         if lora_rank and (precision is not None or expert_parallel_group is not None):
             raise ValueError("lora_rank > 0 trains adapters on frozen experts: not with precision='fp8' (which trains "
                              "the experts themselves) or expert_parallel_group")
+        if split_gate_up and (precision is not None or expert_parallel_group is not None):
+            raise ValueError("split_gate_up keeps w_gate and w_up apart: not with precision='fp8' or "
+                             "expert_parallel_group yet (they read one w_gate_up)")
         if precision == "fp8" and (hidden_size % 128 or intermediate_size % 128):
             raise ValueError(f"precision='fp8' needs hidden_size and intermediate_size multiples of 128, got "
                              f"{hidden_size} and {intermediate_size}")
@@ -582,7 +685,12 @@ class MoE(nn.Module):
         self.dropped = None
         kw = dict(dtype=dtype, device=device)
         self.gate = nn.Linear(hidden_size, num_experts, bias=False, dtype=router_dtype or dtype, device=device)
-        self.w_gate_up = nn.Parameter(torch.empty(local, 2 * intermediate_size, hidden_size, **kw))
+        self.split_gate_up = split_gate_up
+        # Their names: the fused [E, 2I, H] parameter, or the gate and up ones [E, I, H].
+        self._gate_up_names = ("w_gate", "w_up") if split_gate_up else ("w_gate_up",)
+        for name in self._gate_up_names:
+            rows = intermediate_size if split_gate_up else 2 * intermediate_size
+            setattr(self, name, nn.Parameter(torch.empty(local, rows, hidden_size, **kw)))
         self.w_down = nn.Parameter(torch.empty(local, hidden_size, intermediate_size, **kw))
         bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if correction_bias else None
         self.register_buffer("e_score_correction_bias", bias)
@@ -593,7 +701,8 @@ class MoE(nn.Module):
                                if num_shared_experts else None)
         self.aux_loss = self.z_loss = self.seq_aux_loss = None
         self.lora_rank, self.lora_scale = lora_rank, (lora_rank if lora_alpha is None else lora_alpha) / max(lora_rank, 1)
-        self.register_buffer("w_gate_up_scale", None)  # the e4m3 experts' (128, 128) scales: quantize_experts
+        for name in self._gate_up_names:  # the e4m3 experts' (128, 128) scales: quantize_experts
+            self.register_buffer(f"{name}_scale", None)
         self.register_buffer("w_down_scale", None)
         if lora_rank:
             r, hid, inter = lora_rank, hidden_size, intermediate_size
@@ -601,7 +710,8 @@ class MoE(nn.Module):
             self.lora_b1 = nn.Parameter(torch.empty(local, 2 * inter, r, **kw))
             self.lora_a2 = nn.Parameter(torch.empty(local, r, inter, **kw))
             self.lora_b2 = nn.Parameter(torch.empty(local, hid, r, **kw))
-            self.w_gate_up.requires_grad_(False)
+            for name in self._gate_up_names:
+                getattr(self, name).requires_grad_(False)
             self.w_down.requires_grad_(False)
         self.reset_parameters()
 
@@ -609,13 +719,22 @@ class MoE(nn.Module):
         """nn.Linear's default for each expert matrix and LoRA A: uniform in +-1/sqrt(fan_in);
         LoRA B zeros (PEFT's init: the adapted layer starts as the base one)."""
         with torch.no_grad():
-            mats = [self.w_gate_up, self.w_down] if self.w_gate_up_scale is None else []
+            mats = [*self._gate_up(), self.w_down] if self.w_down_scale is None else []
             for w in mats + ([self.lora_a1, self.lora_a2] if self.lora_rank else []):
                 bound = 1 / math.sqrt(w.shape[2])
                 w.uniform_(-bound, bound)
             if self.lora_rank:
                 self.lora_b1.zero_()
                 self.lora_b2.zero_()
+
+    def _gate_up(self, suffix: str = "") -> tuple:
+        """(w_gate_up,) or (w_gate, w_up), or with suffix "_scale" their scales."""
+        return tuple(getattr(self, name + suffix) for name in self._gate_up_names)
+
+    @staticmethod
+    def _gate_up_arg(pair: tuple):
+        """fused_moe's w_gate_up (or scale) argument: the tensor, or the pair."""
+        return pair if len(pair) == 2 else pair[0]
 
     def lora(self) -> ExpertsLoRA | None:
         """The adapters as fused_moe takes them (None without lora_rank)."""
@@ -626,12 +745,13 @@ class MoE(nn.Module):
     def quantize_experts(self) -> None:
         """Freeze the routed experts in e4m3 with (128, 128) block scales (DeepSeek-V3's checkpoint
         format), in place: ``w_gate_up`` and ``w_down`` become float8_e4m3fn buffers beside their
-        float32 scales ``w_gate_up_scale`` and ``w_down_scale``, and the forward runs the fp8 GEMMs
+        float32 scales ``w_gate_up_scale`` and ``w_down_scale`` (with split_gate_up, ``w_gate`` and
+        ``w_up`` each with its own: ``w_gate_scale``, ``w_up_scale``), and the forward runs the fp8 GEMMs
         (activations quantized (1, 128) on the fly). For inference, or LoRA fine-tuning
         (``lora_rank``) on the frozen e4m3 experts; a DeepSeek-V3 checkpoint's own e4m3 weights and
         ``weight_scale_inv`` load into these buffers. H and I multiples of 128. Cast the layer
         (``moe.to(dtype)``) before, not after: ``Module.to`` would cast the e4m3 buffers too."""
-        if self.w_gate_up.dtype == FP8:
+        if self.w_down.dtype == FP8:
             return
         if self.hidden_size % 128 or self.intermediate_size % 128:
             raise ValueError(f"quantize_experts needs hidden_size and intermediate_size multiples of 128, got "
@@ -640,8 +760,8 @@ class MoE(nn.Module):
             raise ValueError("quantize_experts freezes the experts: not with precision='fp8' or expert parallelism")
         from .fp8 import quantize_fp8
 
-        self.experts_dtype = self.w_gate_up.dtype
-        for name in ("w_gate_up", "w_down"):
+        self.experts_dtype = self.w_down.dtype
+        for name in (*self._gate_up_names, "w_down"):  # w_gate and w_up each with its own blocks
             q, scale = quantize_fp8(getattr(self, name).detach(), (128, 128), backend=self.backend)
             delattr(self, name)
             self.register_buffer(name, q)
@@ -668,7 +788,8 @@ class MoE(nn.Module):
                 f"correction_bias={self.e_score_correction_bias is not None}"
                 + (f", precision={self.precision!r}" if self.precision else "")
                 + (f", lora_rank={self.lora_rank}, lora_scale={self.lora_scale:g}" if self.lora_rank else "")
-                + (", experts in float8_e4m3fn" if self.w_gate_up_scale is not None else "")
+                + (", split_gate_up=True" if self.split_gate_up else "")
+                + (", experts in float8_e4m3fn" if self.w_down_scale is not None else "")
                 + (f", local experts {self.expert_offset}..{self.expert_offset + self.num_local_experts - 1}"
                    if self.group is not None else ""))
 
@@ -680,15 +801,15 @@ class MoE(nn.Module):
         _checks.tensor("x", x)
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be [..., hidden_size={self.hidden_size}], got shape {tuple(x.shape)}")
-        dtype = self.w_gate_up.dtype
+        dtype = self.w_down.dtype
         if dtype == FP8:  # e4m3 experts (quantize_experts) compute in the adapters' or the former weights' dtype
             dtype = self.lora_a1.dtype if self.lora_rank else self.experts_dtype
         if _autocast.cast_dtype(x.dtype, x.device.type) != _autocast.cast_dtype(dtype, x.device.type):
             raise TypeError(f"x has dtype {str(x.dtype).removeprefix('torch.')} but the layer's parameters are "
                             f"{str(dtype).removeprefix('torch.')}: cast the input "
                             f"(x.to({dtype})) or the layer (moe.to(...))")
-        if x.device != self.w_gate_up.device:
-            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w_gate_up.device}")
+        if x.device != self.w_down.device:
+            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.w_down.device}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -696,8 +817,10 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         logits, weights, ids = self.route(x2)
         if self.group is None:
-            y = fused_moe(x2, self.w_gate_up, self.w_down, weights, ids, activation=self.activation,
-                          w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale,
+            scales = self._gate_up("_scale")
+            y = fused_moe(x2, self._gate_up_arg(self._gate_up()), self.w_down, weights, ids,
+                          activation=self.activation, w_down_scale=self.w_down_scale,
+                          w_gate_up_scale=self._gate_up_arg(scales) if scales[0] is not None else None,
                           precision=self.precision, lora=self.lora(), backend=self.backend)
         else:
             y = self._expert_parallel(x2, weights, ids)

@@ -464,9 +464,14 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
     """Reference of :func:`moekernels.fused_moe`, expert by expert in float32 (float64 for
     float64): fp8 weights dequantized with their (128, 128) scales (the tokens are not
     quantized), and with ``lora`` (an ExpertsLoRA) each adapter's ``s (x A^T) B^T`` added to its
-    product. Differentiable (autograd), so it is also the reference of the gradients."""
+    product. Differentiable (autograd), so it is also the reference of the gradients.
+    ``w_gate_up`` may be the pair (w_gate, w_up), each [E, I, H] (with the pair of their scales)."""
     acc = acc_dtype(hidden.dtype)
-    w1 = dequantize_fp8(w_gate_up, w_gate_up_scale) if w_gate_up_scale is not None else w_gate_up
+    if isinstance(w_gate_up, (tuple, list)):  # each half dequantized with its own scales, then stacked
+        scales = w_gate_up_scale if w_gate_up_scale is not None else (None, None)
+        w1 = torch.cat([dequantize_fp8(w, s) if s is not None else w for w, s in zip(w_gate_up, scales)], 1)
+    else:
+        w1 = dequantize_fp8(w_gate_up, w_gate_up_scale) if w_gate_up_scale is not None else w_gate_up
     w2 = dequantize_fp8(w_down, w_down_scale) if w_down_scale is not None else w_down
     a1 = b1 = a2 = b2 = None
     s1 = s2 = 1.0

@@ -79,6 +79,9 @@ KNOWN_SPILLS = {
                                            "without TMA, plain loads at 255 registers (228 B)",
     (120, "grouped_mm/gather_gated_prefill_bf16_kmajor_lora16"): "12 B at 255 registers: the segment's tiles after "
                                                                  "two 128 x 64 accumulators",
+    (100, "grouped_mm/gather_gated_prefill_bf16_kmajor_split"): "4 B: the up weight's second descriptor beside "
+                                                                "two 128 x 64 accumulators (ptxas-blackwell; the "
+                                                                "fused weight's variant spills none)",
     (100, "permute_backward_bf16_h7168_k8"): _PTXAS_BW,
     (100, "load_balancing_loss/qwen3_e128"): _PTXAS_BW,
     (120, "load_balancing_loss/qwen3_e128"): _PTXAS_BW,

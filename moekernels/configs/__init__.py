@@ -516,13 +516,16 @@ def sm90_resources_path(write: bool = False) -> str:
 # power of two (the table is compiled at 128; it sizes the tile lookup before the K loop, not the
 # K loop's registers), and stride_* are unit strides Triton specialises on.
 _KEY_IGNORED = ("BLOCK_E",)
+# Flags named in a key only when set: added after the table's keys (SPLIT_UP, issue 20), they leave
+# the keys of the launches without them as they were.
+_KEY_IF_SET = ("SPLIT_UP",)
 
 
 def launch_key(kernel: str, dtype, out_dtype, constexprs: dict, num_warps: int, num_stages: int) -> str:
     """The identity of one compiled launch: kernel, operand and output dtypes, constexprs, warps and
     stages. The launcher and the sm_90 variant list build it the same way."""
     cx = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in sorted(constexprs.items())
-                  if k not in _KEY_IGNORED and not k.startswith("stride_"))
+                  if k not in _KEY_IGNORED and not k.startswith("stride_") and (v or k not in _KEY_IF_SET))
     dt = "/".join(str(d).removeprefix("torch.") for d in (dtype, out_dtype))
     return f"{kernel}/{dt}/{cx}/w{num_warps}s{num_stages}"
 

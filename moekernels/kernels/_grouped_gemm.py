@@ -237,15 +237,18 @@ def _block_scaled_loop(a, b, acc, src, src64, row_ok, row0, e, e64, n0, K, num_k
 
 
 @triton.jit
-def _block_scaled_gated_loop(a, b, acc, acc_up, src, src64, row_ok, row0, e, e64, n0, N, K, num_k_tiles, width_b,
-                             stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr, stride_sam,
-                             stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA: tl.constexpr,
-                             B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, SWAP_AB: tl.constexpr,
+def _block_scaled_gated_loop(a, b, b_up, acc, acc_up, src, src64, row_ok, row0, e, e64, n0, up0, N, K, num_k_tiles,
+                             width_b, stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr,
+                             b_up_scale_ptr, stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn,
+                             A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, SWAP_AB: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """The block-scaled K loop of the gated epilogue: the same overlap as _block_scaled_loop with
     its two products a K step, gate and up: the gate wgmma is waited for at once (retiring the
-    previous step's up wgmma, promoted then), the up wgmma runs while the gate is promoted."""
+    previous step's up wgmma, promoted then), the up wgmma runs while the gate is promoted. The
+    up tile is column up0 of b_up (n0 + N of b itself, or n0 of a separate up weight) with its
+    scales in b_up_scale_ptr."""
     sb_row = b_scale_ptr + e64 * stride_sbe
+    sb_up_row = b_up_scale_ptr + e64 * stride_sbe
     zero = tl.zeros(acc.shape, dtype=tl.float32)
     part_up = zero
     s_up = tl.zeros(src.shape, dtype=tl.float32)
@@ -253,24 +256,25 @@ def _block_scaled_gated_loop(a, b, acc, acc_up, src, src64, row_ok, row0, e, e64
         k0 = kk * BLOCK_K
         a_tile = _load_a(a, src, row_ok, row0, k0, K, stride_am, A_TMA, BLOCK_K)
         gate = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K, BLOCK_N)
-        up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
+        up = _load_b(b_up, e, k0, up0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
                      BLOCK_N)
         s_gate = _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride_sak,
                               sb_row + (n0 // 128) * stride_sbn, stride_sbk)
         part_gate = _mma(a_tile, gate, zero, SWAP_AB)  # waited for at once
         acc_up = _promote(acc_up, part_up, s_up, SWAP_AB)  # the previous step's up
         s_up = _step_scales(a_scale_ptr, src64, row_ok, kk, num_k_tiles, stride_sam, stride_sak,
-                            sb_row + ((n0 + N) // 128) * stride_sbn, stride_sbk)
+                            sb_up_row + (up0 // 128) * stride_sbn, stride_sbk)
         part_up = _mma(a_tile, up, zero, SWAP_AB)  # in flight across the promotion below
         acc = _promote(acc, part_gate, s_gate, SWAP_AB)
     return acc, _promote(acc_up, part_up, s_up, SWAP_AB)
 
 
 @triton.jit
-def _dequantized_loop(a, b, acc, acc_up, src64, row_ok, row0, e, e64, n0, N, K, num_k_tiles, width_b, stride_am,
-                      stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr, stride_sam, stride_sak, stride_sbe,
-                      stride_sbk, stride_sbn, A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr,
-                      SWAP_AB: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequantized_loop(a, b, b_up, acc, acc_up, src64, row_ok, row0, e, e64, n0, up0, K, num_k_tiles, width_b,
+                      stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr, b_up_scale_ptr, stride_sam,
+                      stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+                      B_KMAJOR: tl.constexpr, SWAP_AB: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     """The (1, 128) x (128, 128) K loop where e4m3 arrives as bytes (no e4m3 MMA: sm_80, sm_86;
     or the weight-only route): each K step's e4m3 tiles decoded, times their scales, rounded to
     bf16 (x's type, weight-only, whose x is taken as it is: its scales are ones) and multiplied on
@@ -278,6 +282,7 @@ def _dequantized_loop(a, b, acc, acc_up, src64, row_ok, row0, e, e64, n0, N, K, 
     operands in registers, and the wgmma loops' extra product tiles spilled 28 KB a thread there
     (ptxas, sm_80, 64 x 128 x 128 at 4 warps). Within bf16's rounding of the operands (2**-9)."""
     sb_ptr = b_scale_ptr + e64 * stride_sbe
+    sb_up_ptr = b_up_scale_ptr + e64 * stride_sbe
     for kk in range(0, num_k_tiles):
         k0 = kk * BLOCK_K
         a_tile = _load_a(a, src64, row_ok, row0, k0, K, stride_am, A_TMA, BLOCK_K)
@@ -288,25 +293,29 @@ def _dequantized_loop(a, b, acc, acc_up, src64, row_ok, row0, e, e64, n0, N, K, 
         s_gate = tl.load(sb_ptr + kk * stride_sbk + (n0 // 128) * stride_sbn)
         acc = _mma(a_tile, (e4m3_to_float(gate, tl.float32) * s_gate).to(a_tile.dtype), acc, SWAP_AB)
         if ACT != 0:
-            up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
+            up = _load_b(b_up, e, k0, up0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR, BLOCK_K,
                          BLOCK_N)
-            s_up = tl.load(sb_ptr + kk * stride_sbk + ((n0 + N) // 128) * stride_sbn)
+            s_up = tl.load(sb_up_ptr + kk * stride_sbk + (up0 // 128) * stride_sbn)
             acc_up = _mma(a_tile, (e4m3_to_float(up, tl.float32) * s_up).to(a_tile.dtype), acc_up, SWAP_AB)
     return acc, acc_up
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_ptr, a_scale_ptr, b_scale_ptr,
-                      lora_x, lora_w, num_rows, N, K, num_experts, gather_div, stride_am, stride_be, stride_bk,
-                      stride_bn, stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn, R, stride_lxm,
-                      stride_lwe, stride_lwk, stride_lwn,
+                      lora_x, lora_w, b_up, b_up_scale_ptr, num_rows, N, K, num_experts, gather_div, stride_am,
+                      stride_be, stride_bk, stride_bn, stride_cm, stride_sam, stride_sak, stride_sbe, stride_sbk,
+                      stride_sbn, R, stride_lxm, stride_lwe, stride_lwk, stride_lwn,
                       A_TMA: tl.constexpr, B_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, GATHER: tl.constexpr,
                       SCATTER: tl.constexpr, ACT: tl.constexpr, SWAP_AB: tl.constexpr, SCALE: tl.constexpr,
                       LORA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+                      SPLIT_UP: tl.constexpr):
     """c[r, :N] = epilogue(a[r] @ b[e]) for the rows r of expert e's segment; zeros past offs[E-1].
 
-    N is the output width; with ACT the weight is [K, 2N], gate columns first, then up. SCALE
+    N is the output width; with ACT the weight is [K, 2N], gate columns first, then up, or with
+    SPLIT_UP two [K, N] weights, gate b and up b_up, of the same strides (and their scales
+    b_scale, b_up_scale of the same strides): checkpoints that keep w1 and w3 apart are read in
+    place, never concatenated. Without SPLIT_UP b_up and b_up_scale_ptr are unused. SCALE
     (fp8 operands): 0 none, 1 per tensor (a_scale [1], b_scale [E]), 2 per row x per column
     (a_scale [M], b_scale [E, N]), 3 (1, 128) x (128, 128) blocks (a_scale [M, K/128],
     b_scale [E, K/128, N/128], BLOCK_K = 128), each with the strides given.
@@ -317,7 +326,15 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
     """
     num_n = tl.cdiv(N, BLOCK_N)
     num_k_tiles = tl.cdiv(K, BLOCK_K)
-    width_b = N * 2 if ACT != 0 else N
+    width_b = N * 2 if ACT != 0 and not SPLIT_UP else N
+    width_lora = N * 2 if ACT != 0 else N  # lora_w is [E, R, 2N] with ACT in both forms
+    # The up tiles' operand and scales: b's own columns N..2N (as before: b_up unused), or b_up's.
+    if SPLIT_UP:
+        up_b = b_up
+        up_scales = b_up_scale_ptr
+    else:
+        up_b = b
+        up_scales = b_scale_ptr
     e_idx, ends, tiles, cum = _expert_table(offs_ptr, num_experts, num_rows, BLOCK_M, num_n, BLOCK_E)
     total = tl.sum(tiles, 0)
     last = tl.sum(tl.where(e_idx == num_experts - 1, ends, 0), 0)
@@ -347,21 +364,23 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
             src = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // gather_div
         src64 = src.to(tl.int64)
         n0 = pid_n * BLOCK_N
+        up0 = n0 if SPLIT_UP else n0 + N  # the up tile's column in b_up (b itself without SPLIT_UP)
         e64 = e.to(tl.int64)
         acc = tl.zeros(acc_shape, dtype=tl.float32)
         acc_up = tl.zeros(acc_shape, dtype=tl.float32)
         num_steps = tl.where(in_expert, num_k_tiles, 0)  # tail tiles: no K steps, zeros
         if SCALE == 3 and B_BYTES:
-            acc, acc_up = _dequantized_loop(a, b, acc, acc_up, src64, row_ok, row0, e, e64, n0, N, K, num_steps,
-                                            width_b, stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr,
-                                            b_scale_ptr, stride_sam, stride_sak, stride_sbe, stride_sbk, stride_sbn,
-                                            A_TMA, B_TMA, B_KMAJOR, SWAP_AB, ACT, BLOCK_K, BLOCK_N)
+            acc, acc_up = _dequantized_loop(a, b, up_b, acc, acc_up, src64, row_ok, row0, e, e64, n0, up0, K,
+                                            num_steps, width_b, stride_am, stride_be, stride_bk, stride_bn,
+                                            a_scale_ptr, b_scale_ptr, up_scales, stride_sam, stride_sak, stride_sbe,
+                                            stride_sbk, stride_sbn, A_TMA, B_TMA, B_KMAJOR, SWAP_AB, ACT, BLOCK_K,
+                                            BLOCK_N)
         elif SCALE == 3 and ACT != 0:
-            acc, acc_up = _block_scaled_gated_loop(a, b, acc, acc_up, src, src64, row_ok, row0, e, e64, n0, N, K,
-                                                   num_steps, width_b, stride_am, stride_be, stride_bk, stride_bn,
-                                                   a_scale_ptr, b_scale_ptr, stride_sam, stride_sak, stride_sbe,
-                                                   stride_sbk, stride_sbn, A_TMA, B_TMA, B_KMAJOR, SWAP_AB,
-                                                   BLOCK_K, BLOCK_N)
+            acc, acc_up = _block_scaled_gated_loop(a, b, up_b, acc, acc_up, src, src64, row_ok, row0, e, e64, n0,
+                                                   up0, N, K, num_steps, width_b, stride_am, stride_be, stride_bk,
+                                                   stride_bn, a_scale_ptr, b_scale_ptr, up_scales, stride_sam,
+                                                   stride_sak, stride_sbe, stride_sbk, stride_sbn, A_TMA, B_TMA,
+                                                   B_KMAJOR, SWAP_AB, BLOCK_K, BLOCK_N)
         elif SCALE == 3:
             acc = _block_scaled_loop(a, b, acc, src, src64, row_ok, row0, e, e64, n0, K, num_steps, width_b,
                                      stride_am, stride_be, stride_bk, stride_bn, a_scale_ptr, b_scale_ptr,
@@ -374,7 +393,7 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
                 b_tile = _load_b(b, e, k0, n0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
                                  BLOCK_K, BLOCK_N)
                 if ACT != 0:
-                    up = _load_b(b, e, k0, n0 + N, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
+                    up = _load_b(up_b, e, k0, up0, K, width_b, stride_be, stride_bk, stride_bn, B_TMA, B_KMAJOR,
                                  BLOCK_K, BLOCK_N)
                 acc = _mma(a_tile, b_tile, acc, SWAP_AB, B_KMAJOR)
                 if ACT != 0:
@@ -383,6 +402,8 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
         if SCALE == 1:
             s = tl.load(a_scale_ptr) * tl.load(b_scale_ptr + e64 * stride_sbe, mask=in_expert, other=0.0)
             acc *= s
+            if SPLIT_UP:
+                s = tl.load(a_scale_ptr) * tl.load(b_up_scale_ptr + e64 * stride_sbe, mask=in_expert, other=0.0)
             acc_up *= s
         elif SCALE == 2:
             sa = tl.load(a_scale_ptr + src64 * stride_sam, mask=row_ok, other=0.0)
@@ -390,11 +411,15 @@ def grouped_mm_kernel(a, a_index_ptr, b, c_ptr, c_index_ptr, c_scale_ptr, offs_p
             col_ok = tl.where(in_expert, cols < N, False)  # a select: see _step_scales
             acc = _scale_rows_cols(acc, sa, tl.load(sb_row + cols * stride_sbn, mask=col_ok, other=0.0), SWAP_AB)
             if ACT != 0:
-                acc_up = _scale_rows_cols(acc_up, sa, tl.load(sb_row + (cols + N) * stride_sbn,
+                up_cols = cols + N
+                if SPLIT_UP:
+                    sb_row = b_up_scale_ptr + e64 * stride_sbe
+                    up_cols = cols
+                acc_up = _scale_rows_cols(acc_up, sa, tl.load(sb_row + up_cols * stride_sbn,
                                                               mask=col_ok, other=0.0), SWAP_AB)
         if LORA:  # after the fp8 scales: the low-rank segment is in the high-precision dtype
             num_r = tl.where(in_expert, tl.cdiv(R, BLOCK_R), 0)  # tail tiles: zeros
-            acc, acc_up = _lora_segment(lora_x, lora_w, acc, acc_up, rows, row_ok, e, n0, N, R, num_r, width_b,
+            acc, acc_up = _lora_segment(lora_x, lora_w, acc, acc_up, rows, row_ok, e, n0, N, R, num_r, width_lora,
                                         stride_lxm, stride_lwe, stride_lwk, stride_lwn, ACT, SWAP_AB, BLOCK_R,
                                         BLOCK_N)
         if SWAP_AB:
