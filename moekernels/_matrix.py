@@ -65,11 +65,12 @@ def compile_cell(v: _sm90.Variant, arch: configs.ArchLimits) -> Cell:
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
-        kernel = _sm90.compile_kernel(v, arch.capability)
+        kernel, log = _sm90.compile_kernel(v, arch.capability, with_log=True)
         usage = _sm90.res_usage(kernel.asm["cubin"])
-        # The ptxas Triton built the cubin with (ptxas-blackwell from sm_100 on, in Triton 3.6).
+        # The ptxas Triton built the cubin with (ptxas-blackwell from sm_100 on, in Triton 3.6): its
+        # own -v log, or a run of it where the compile was cached.
         info = _sm90._ptxas_info(kernel.asm["ptx"], v.options.get("enable_fp_fusion", True), arch.target,
-                                 get_ptxas(arch.capability).path)
+                                 get_ptxas(arch.capability).path, log=log)
     except Exception as exc:  # report every cell, not just the first failure
         cell.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ''}"
         return cell

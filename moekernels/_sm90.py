@@ -141,15 +141,19 @@ def _run(cmd: list[str]) -> str:
     return out.stdout + out.stderr
 
 
-def _ptxas_info(ptx: str, fmad: bool = True, gpu_name: str = "sm_90a", ptxas: str | None = None) -> dict:
+def _ptxas_info(ptx: str, fmad: bool = True, gpu_name: str = "sm_90a", ptxas: str | None = None,
+                log: str = "") -> dict:
     """Spills and stack frame from ``ptxas -v``, with Triton's --fmad flag so the code matches
-    (``ptxas``: the binary, for another ``gpu_name`` than sm_90a; the wheel's by default)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        log = _run([ptxas or ptxas_path(), "-v", *([] if fmad else ["--fmad=false"]), "--gpu-name", gpu_name, src,
-                    "-o", os.path.join(tmp, "k.cubin")])
+    (``ptxas``: the binary, for another ``gpu_name`` than sm_90a; the wheel's by default). ``log``:
+    the ``-v`` output Triton's own ptxas run printed (compile_kernel), read instead of a second run
+    of ptxas on the same PTX (a second or more a kernel); empty where the compile was cached."""
+    if "bytes spill stores" not in log:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            log = _run([ptxas or ptxas_path(), "-v", *([] if fmad else ["--fmad=false"]), "--gpu-name", gpu_name,
+                        src, "-o", os.path.join(tmp, "k.cubin")])
 
     def grab(pattern: str, default: int | None = None) -> int:
         m = re.search(pattern, log)
@@ -517,19 +521,36 @@ def _tile_bytes(line: str) -> int:
 # ----------------------------------------------------------------------------- compile
 
 
-def compile_kernel(v: Variant, capability: int = 90):
-    """``triton.compile`` of a variant for ``GPUTarget("cuda", capability, 32)``, no device needed."""
+def compile_kernel(v: Variant, capability: int = 90, with_log: bool = False):
+    """``triton.compile`` of a variant for ``GPUTarget("cuda", capability, 32)``, no device needed.
+    ``with_log``: also return the ``ptxas -v`` output of Triton's own ptxas run (its
+    TRITON_DUMP_PTXAS_LOG knob prints it), the ptxas and flags that built the cubin; empty where the
+    compile came from Triton's cache."""
+    import contextlib
+    import io
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     attrs = {(v.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in v.aligned}
     src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=v.options)
+    target = GPUTarget("cuda", capability, 32)
+    if not with_log:
+        return triton.compile(src, target=target, options=v.options)
+    knobs, out = triton.knobs.nvidia, io.StringIO()
+    before = knobs.dump_ptxas_log
+    knobs.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(out):
+            kernel = triton.compile(src, target=target, options=v.options)
+    finally:
+        knobs.dump_ptxas_log = before
+    return kernel, out.getvalue()
 
 
 def compile_variant(v: Variant) -> Report:
-    kernel = compile_kernel(v)
+    kernel, log = compile_kernel(v, with_log=True)
     ptx = kernel.asm["ptx"]
     cubin, sass = _cubin_info(kernel.asm["cubin"], sass=v.matrix)
     per_token = None
@@ -537,7 +558,7 @@ def compile_variant(v: Variant) -> Report:
         lined = _disassemble(kernel.asm["cubin"], "-gi", "-c")
         path = warp_instructions(lined, inspect.getsourcefile(v.fn.fn), v.per_token["loops"], v.per_token["skip"])
         per_token = path["count"] * kernel.metadata.num_warps // v.constexprs["BLOCK_T"]
-    info = _ptxas_info(ptx, fmad=v.options.get("enable_fp_fusion", True))
+    info = _ptxas_info(ptx, fmad=v.options.get("enable_fp_fusion", True), log=log)
     threads = kernel.metadata.num_warps * 32
     per_sm, limit = occupancy(cubin["registers"], threads, kernel.metadata.shared + cubin["shared_static"],
                               info["barriers"])

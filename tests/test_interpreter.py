@@ -73,10 +73,10 @@ def test_float32_stores_and_casts_round_as_the_gpu(dtype):
 
 
 @triton.jit
-def _upcast_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _convert_kernel(x_ptr, out_ptr, n, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     mask = offs < n
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(tl.float32), mask=mask)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(DTYPE), mask=mask)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=str)
@@ -86,21 +86,14 @@ def test_every_bit_pattern_upcasts_exactly(dtype):
     bits = torch.arange(-(2 ** (8 * dtype.itemsize - 1)), 2 ** (8 * dtype.itemsize - 1), dtype=torch.int32)
     x = bits.to(int_type).view(dtype)
     out = torch.empty(x.shape)
-    _upcast_kernel[(1,)](x, out, x.numel(), BLOCK=x.numel())
+    _convert_kernel[(1,)](x, out, x.numel(), DTYPE=tl.float32, BLOCK=x.numel())
     assert _same(out, x.float()).all(), bits[~_same(out, x.float())][:8]
-
-
-@triton.jit
-def _from_float64_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask).to(tl.bfloat16), mask=mask)
 
 
 def test_float64_to_bfloat16():
     x = _hard_float32(torch.bfloat16).double()
     out = torch.empty(x.shape, dtype=torch.bfloat16)
-    _from_float64_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    _convert_kernel[(1,)](x, out, x.numel(), DTYPE=tl.bfloat16, BLOCK=triton.next_power_of_2(x.numel()))
     assert _same(out, x.to(torch.bfloat16)).all()
 
 
