@@ -78,6 +78,8 @@ KNOWN_STALLS_BY_TRITON = {
             ("grouped_mm/gather_gated_prefill_bf16_kmajor_lora64", 4, 6, 2),
             ("grouped_mm/gather_gated_decode_bf16_kmajor", 4, 5, 2),
             ("grouped_mm/gather_gated_decode_bf16_kmajor_lora16", 4, 5, 2),
+            ("grouped_mm/gather_gated_prefill_bf16_kmajor_split", 4, 6, 2),
+            ("grouped_mm/gather_gated_decode_bf16_kmajor_split", 4, 5, 2),
             ("grouped_mm/dw_gather_fp16", 2, 3, 0))},
         **{(n, "lora_no_wave"): "triton 3.9: the base variant compiles to 127 registers, two programs an SM, "
            "and the segment's variant to one (3.6: one and one)" for n in (
