@@ -1,7 +1,7 @@
 """Makes Triton's interpreter convert floats as the GPU does (installed when ``TRITON_INTERPRET=1``).
 
 CI runs every Triton kernel on CPU tensors under the interpreter, so its float conversions are
-what the CPU tests see. Triton 3.6's (``triton.runtime.interpreter``) gets three wrong:
+what the CPU tests see. Triton 3.6's (``triton.runtime.interpreter``) gets four wrong:
 - float32 -> bfloat16 truncates (its bit-level ``_convert_float`` without a rounding mode, which
   ``tl.store``'s implicit cast and ``.to(tl.bfloat16)`` both reach). The GPU rounds to nearest
   even (``cvt.rn.bf16.f32``): of 4,096 random values 2,028 came out one ulp smaller in magnitude,
@@ -14,8 +14,9 @@ what the CPU tests see. Triton 3.6's (``triton.runtime.interpreter``) gets three
 
 ``install`` replaces the interpreter's float <-> float conversion, for the types below, by torch's
 (round to nearest even, subnormals kept, NaN stays NaN), with e4m3 saturated first. That covers
-every store, explicit cast and fp8 dot operand of every kernel at one place; fp16 and integer
-casts already went through numpy's correct ``astype`` and are left as they are. Round-toward-zero
+every store, explicit cast and fp8 dot operand of every kernel at one place (fp16 goes through
+torch too: numpy's ``astype`` already rounded it right, so nothing changes there); integer casts
+are left as they are. Round-toward-zero
 conversions (``fp_downcast_rounding="rtz"``) keep the interpreter's own code.
 """
 
@@ -26,7 +27,7 @@ import functools
 import numpy as np
 import torch
 
-E4M3_MAX = 448.0
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
 
 @functools.cache

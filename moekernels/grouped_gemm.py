@@ -74,24 +74,13 @@ def num_programs(device: torch.device) -> int:
     return _gpu_props(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
 
 
-# The compute capability the interpreter stands for: the Hopper that the kernels are written for
-# (tests force the sm_80 route by monkeypatching configs.has_fp8_mma).
-INTERPRETER_CAPABILITY = (9, 0)
-
-
-def capability(device: torch.device) -> tuple[int, int]:
-    if device.type != "cuda":
-        return INTERPRETER_CAPABILITY
-    props = _gpu_props(device.index if device.index is not None else torch.cuda.current_device())
-    return props.major, props.minor
-
-
 def fp8_emulated(device: torch.device) -> bool:
     """Whether e4m3 tensors reach this device's kernels as their bytes (uint8): on a GPU without
-    e4m3 MMA (configs.has_fp8_mma: sm_80, sm_86), where Triton cannot name the type. The GEMMs
+    e4m3 MMA (configs.fp8_path "bytes": sm_80, sm_86), where Triton cannot name the type. The GEMMs
     then decode e4m3 tiles to bf16 as they load them (kernels/_math.py, ``dot``) and multiply on
-    bf16 MMA; the quantize kernels encode e4m3 by integer operations; permute moves the bytes."""
-    return not configs.has_fp8_mma(capability(device))
+    bf16 MMA; the quantize kernels encode e4m3 by integer operations; permute moves the bytes.
+    CPU tensors stand for Hopper (device_arch); tests force the route through configs.fp8_path."""
+    return configs.fp8_path(device_arch(device)) == "bytes"
 
 
 def fp8_bytes(t: torch.Tensor, force: bool = False) -> torch.Tensor:

@@ -253,9 +253,9 @@ def test_programs_per_sm_use_the_architecture():
 @pytest.mark.parametrize("capability,want", [(80, "bytes"), (86, "bytes"), (89, "e4m3"), (90, "e4m3"), (120, "e4m3")])
 def test_fp8_path_per_architecture(capability, want):
     """Without e4m3 in Triton (sm_80, sm_86) the fp8 ops take e4m3 as bytes (tests/test_fp8_sm80.py
-    runs that route); the table and the launchers' test (configs.has_fp8_mma) agree."""
+    runs that route), 8.7 taking 8.6's entry."""
     assert configs.fp8_path(configs.arch_limits(capability)) == want
-    assert configs.has_fp8_mma(divmod(capability, 10)) == (want == "e4m3")
+    assert configs.fp8_path(configs.arch_limits((8, 7))) == "bytes"
 
 
 @pytest.mark.parametrize("kmajor", [True, False])

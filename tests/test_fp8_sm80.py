@@ -3,7 +3,7 @@ there, so the launchers pass e4m3 tensors as their bytes: the GEMMs decode them 
 load them (kernels/_math.py), the quantize kernels encode them by integer operations
 (kernels/_fp8.py), permute moves the bytes, and fused_moe keeps its tokens in bf16 (weight-only).
 
-On the CPU the route is forced by ``configs.has_fp8_mma`` (the ``sm80`` fixture): the byte codecs
+On the CPU the route is forced by ``configs.fp8_path`` (the ``sm80`` fixture): the byte codecs
 bit for bit against torch, every fp8 op against the dequantized reference and against the e4m3
 route, on both backends, with no e4m3 tensor reaching a kernel; and every such kernel compiled for
 sm_80 by the real compiler (mma.sync on bf16, no e4m3 in the PTX)."""
@@ -39,7 +39,7 @@ def sm80(monkeypatch):
     from triton.runtime import interpreter
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    monkeypatch.setattr(configs, "has_fp8_mma", lambda capability: False)
+    monkeypatch.setattr(configs, "fp8_path", lambda arch: "bytes")
     seen = set()
     run = interpreter.InterpretedFunction.run
 
@@ -56,11 +56,6 @@ def sm80(monkeypatch):
 
 def no_e4m3_reached_a_kernel(seen):
     return FP8 not in seen and torch.uint8 in seen
-
-
-def test_has_fp8_mma():
-    assert [configs.has_fp8_mma(c) for c in ((8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (12, 0))] == \
-        [False, False, False, True, True, True, True]
 
 
 # ----------------------------------------------------------------------------- the byte codecs
@@ -184,7 +179,7 @@ def test_fp8_grouped_mm_decodes_to_bf16(case, mode, backend, sm80, monkeypatch):
     assert rel_err(bf16, deq) <= 2 * BF16
     if backend == "triton":
         assert no_e4m3_reached_a_kernel(sm80)
-        monkeypatch.setattr(configs, "has_fp8_mma", lambda capability: True)
+        monkeypatch.setattr(configs, "fp8_path", lambda arch: "e4m3")
         native = moekernels.fp8_grouped_mm(qa, sa, qb, sb, offs, out_dtype=torch.float32, backend=backend)
         assert torch.equal(y, native) if exact else rel_err(y, native) <= BF16
 
@@ -238,7 +233,7 @@ def test_fused_moe_keeps_bf16_tokens_on_e4m3_weights(backend, sm80, monkeypatch)
     y = moekernels.fused_moe(*args, **kwargs)
     assert y.dtype == torch.bfloat16 and rel_err(y, want) <= 2 * BF16
     assert backend == "torch" or no_e4m3_reached_a_kernel(sm80)
-    monkeypatch.setattr(configs, "has_fp8_mma", lambda capability: True)
+    monkeypatch.setattr(configs, "fp8_path", lambda arch: "e4m3")
     assert rel_err(moekernels.fused_moe(*args, **kwargs), want) > 8 * BF16
 
 
@@ -295,7 +290,7 @@ def test_fp8_training_runs_on_decoded_e4m3(sm80, monkeypatch):
     high = layer(backend="torch")
     for i, (a, b) in enumerate(zip(got_layer, high)):
         assert calc_diff(a, b) <= (3e-3 if i == 0 else 6e-3), i
-    monkeypatch.setattr(configs, "has_fp8_mma", lambda capability: True)
+    monkeypatch.setattr(configs, "fp8_path", lambda arch: "e4m3")
     for i, (a, b) in enumerate(zip(got_gemm, gemm())):
         assert rel_err(a, b) <= BF16, i
 
@@ -313,7 +308,7 @@ def test_weight_only_has_no_backward():
 def test_gpu_byte_route_on_a_real_compiler(monkeypatch):
     """On any GPU (an H100 too: the route is forced), the byte kernels compiled: quantize bit-exact,
     the block GEMM within bf16's rounding of the dequantized product, the layer weight-only."""
-    monkeypatch.setattr(configs, "has_fp8_mma", lambda capability: False)
+    monkeypatch.setattr(configs, "fp8_path", lambda arch: "bytes")
     torch.manual_seed(0)
     x = make_non_finite((300, 260), torch.float32, "cuda")
     q, scale = moekernels.quantize_fp8(x, (1, 128), backend="triton")

@@ -544,12 +544,3 @@ def sm90_programs_per_sm(key: str) -> int | None:
     for a config the table does not hold."""
     row = _sm90_resources().get(key)
     return None if row is None else row["programs_per_sm"]
-
-
-def has_fp8_mma(capability: tuple[int, int]) -> bool:
-    """Whether a GPU of this compute capability multiplies e4m3 on its tensor cores (sm_89 Ada's
-    mma.sync, sm_90 Hopper's wgmma, and later), so Triton can name the type there. On sm_80 and
-    sm_86 it cannot ("type fp8e4nv not supported in this architecture"): the launchers pass e4m3
-    tensors as their bytes, which the kernels decode to bf16 in the GEMMs' load paths and encode
-    by integer operations in the quantize kernels (grouped_gemm.fp8_emulated)."""
-    return arch_limits(capability).fp8
