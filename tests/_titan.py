@@ -1,0 +1,231 @@
+"""Runs torchtitan's own trainer (``torchtitan.train.main``) on the CPU over gloo and returns each step's loss.
+
+The pytest side calls :func:`train`: it writes a tiny tokenizer and data set into a temporary folder, starts
+``world_size`` processes (each ``python -c "import _titan; _titan.child(spec)"``, with the env:// variables that
+torchrun would set), and reads back the losses rank 0 recorded. One start of a process costs ~6 s of imports on
+this machine, so each process runs several trainings in a row (``runs``: one argument list each); every run
+builds its own config, process group and model from scratch, so runs do not share state.
+
+Everything here that torchtitan 0.3.0 needs to run on a CPU is a test workaround, not moekernels' code: each
+says why. None of them changes what the model computes, so stock and moekernels runs see the same workarounds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+import types
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+OVERRIDES = "moekernels.integrations.torchtitan"
+
+# Small enough that 4 steps of the debug model take ~1 s a run on one core: 2 sequences of 64 tokens.
+SEQ_LEN, BATCH, STEPS = 64, 2, 4
+
+
+def base_args(module: str, config: str, assets: pathlib.Path, *, world_size: int = 1, ep: int = 1,
+              seed: int = 0) -> list[str]:
+    """The command line of one run (what ``python -m torchtitan.train`` would take)."""
+    args = [
+        "--module", module, "--config", config,
+        "--hf_assets_path", str(assets / "tokenizer"),
+        "--dataloader.dataset_path", str(assets / "data"),
+        "--dump_folder", str(assets / "out"),
+        "--training.seq_len", str(SEQ_LEN), "--training.local_batch_size", str(BATCH),
+        "--training.steps", str(STEPS),
+        "--debug.seed", str(seed),
+        # CPU: the default spmd_types backend's typechecked collectives do not run on gloo/CPU tensors;
+        # partial_dtensor is the plain DTensor path (DTensor only on the parallel axes).
+        "--parallelism.spmd_backend", "partial_dtensor",
+        # CPU: CUDA graphs need CUDA; with EP > 1 the config check refuses the stock (host-synchronizing)
+        # dispatcher unless they are off (on 1 process they fall back to eager with a warning).
+        "--training.disable_cuda_graphs",
+        # CPU: FlexAttention has no CPU backward; causal SDPA (below) has no masks to build.
+        "--override.imports", "_titan.causal_sdpa",
+    ]
+    if world_size > 1:
+        args += ["--parallelism.data_parallel_shard_degree", str(world_size),
+                 "--parallelism.expert_parallel_degree", str(ep)]
+    return args
+
+
+# --- the CPU workarounds (run in each child before torchtitan's trainer is imported) -------------------------
+
+def cpu_workarounds() -> None:
+    import torch
+    import torch.distributed as dist
+
+    # CPU: torchtitan picks its device type once, at import, as _get_available_device_type() or "cuda"; a CPU-only
+    # torch has no accelerator, so it would call torch.cuda. Every torchtitan module that reads device_type or
+    # device_module imports them from torchtitan.tools.utils by name, so they are set before those imports.
+    import torchtitan.tools.utils as tt_utils
+    assert "torchtitan.distributed" not in sys.modules, "device type must be set before torchtitan.distributed loads"
+    # torch.cpu lacks the memory-monitor calls torchtitan's metrics make (device name, capacity, memory stats),
+    # so the device module is torch.cpu plus those, reporting the host's memory and no allocator statistics.
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = types.SimpleNamespace(**{k: getattr(torch.cpu, k) for k in dir(torch.cpu) if not k.startswith("__")})
+    cpu.get_device_name = lambda device=None: "cpu"
+    cpu.get_device_properties = lambda device=None: types.SimpleNamespace(name="cpu", total_memory=memory)
+    cpu.memory_stats = lambda device=None: {}
+    # torch.cpu.current_device() is the string "cpu"; torchtitan passes it to barrier(device_ids=[...]), which
+    # takes device indices (gloo ignores them).
+    cpu.current_device = lambda: 0
+    cpu.reset_peak_memory_stats = cpu.empty_cache = lambda device=None: None
+    tt_utils.device_type, tt_utils.device_module = "cpu", cpu
+
+    # CPU: torchtitan lowers every process group's timeout after the first step with
+    # torch.distributed.set_timeout, which torch 2.13 does not have; the timeout is only a watchdog setting.
+    if not hasattr(dist, "set_timeout"):
+        dist.set_timeout = lambda timeout, group=None: None
+
+    # CPU: FSDP2 reduce-scatters gradients with ReduceOp.AVG (or PREMUL_SUM for a divide factor), which gloo
+    # does not have; forcing SUM makes FSDP divide afterwards instead (the same gradient, one more division).
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
+    factors = coll._get_gradient_divide_factors
+    signature = inspect.signature(factors)
+
+    def sum_reduction(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["force_sum_reduction_for_comms"] = True
+        return factors(*bound.args, **bound.kwargs)
+
+    coll._get_gradient_divide_factors = sum_reduction
+
+
+def _register_causal_sdpa():
+    from torchtitan.config.override import override
+    from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
+
+    # CPU: FlexAttention runs compiled and has no CPU backward. Causal SDPA is the same attention without the
+    # per-document mask (the data's documents are then attended across), the same for stock and moekernels.
+    @override(target=FlexAttention.Config, exact=True, description="CPU test: causal SDPA for FlexAttention")
+    def causal_sdpa(cfg):
+        return ScaledDotProductAttention.Config()
+
+    return causal_sdpa
+
+
+# --- the child process ----------------------------------------------------------------------------------------
+
+def child(spec_path: str) -> None:
+    """Runs each argument list of the spec through ``torchtitan.train.main`` and writes rank 0's losses."""
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    cpu_workarounds()
+    global causal_sdpa
+    causal_sdpa = _register_causal_sdpa()  # --override.imports _titan.causal_sdpa finds it registered
+    from torchtitan.components.metrics import MetricsProcessor
+    import torchtitan.train
+    import torchtitan.trainer
+
+    # Test speed, not CPU: rank 0 sleeps 2 s after training "for other ranks to complete" (each rank then
+    # tears down its own process group); ten runs would spend 20 s asleep.
+    torchtitan.trainer.time = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda seconds: None)
+
+    losses: list[float] = []
+    log = MetricsProcessor.log
+
+    def record(self, step, global_avg_loss, *args, **kwargs):  # the loss the trainer logs, at full precision
+        losses.append(float(global_avg_loss))
+        return log(self, step, global_avg_loss, *args, **kwargs)
+
+    MetricsProcessor.log = record
+    results = []
+    for i, args in enumerate(spec["runs"]):
+        losses.clear()
+        # Each run makes a new process group (main() destroys its own at the end); a fresh port avoids waiting
+        # for the last store's socket to close.
+        os.environ["MASTER_PORT"] = str(spec["ports"][i])
+        sys.argv = ["torchtitan.train", *args]
+        torchtitan.train.main()
+        results.append(list(losses))
+    if os.environ["RANK"] == "0":
+        pathlib.Path(spec["out"]).write_text(json.dumps(results))
+
+
+# --- the pytest side ------------------------------------------------------------------------------------------
+
+def make_assets(folder: pathlib.Path, vocab_size: int = 512) -> pathlib.Path:
+    """A word-level tokenizer (tokenizers' own format, with BOS/EOS) and a JSON-lines text data set that the
+    stock ``c4_test`` loader (``load_dataset(path, split="train")``) reads from a folder: the wheel ships
+    neither, and the run must not touch the network."""
+    import random
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(vocab_size - 3)]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer" / "tokenizer.json"))
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "add_eos_token": True}))
+
+    rng = random.Random(0)
+    # A Zipf-like draw, so the model has something to learn in 4 steps (the loss falls).
+    weights = [1.0 / (i + 1) for i in range(len(words))]
+    docs = [" ".join(rng.choices(words, weights, k=rng.randint(20, 120))) for _ in range(200)]
+    (folder / "data").mkdir(exist_ok=True)
+    (folder / "data" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return folder
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, timeout: float = 540) -> list[list[float]]:
+    """Runs each argument list (see :func:`base_args`) as a ``world_size``-process torchtitan training and
+    returns each run's per-step losses (rank 0's log: the global mean loss)."""
+    spec = folder / f"spec{world_size}.json"
+    out = folder / f"losses{world_size}.json"
+    spec.write_text(json.dumps({"runs": runs, "out": str(out), "ports": _free_ports(len(runs))}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(HERE), os.environ.get("PYTHONPATH")]))}
+    # The trainer's CPU tensors take moekernels' torch backend, as a user's would; interpreting Triton in a
+    # training run would take minutes.
+    env.pop("TRITON_INTERPRET", None)
+    env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+               OMP_NUM_THREADS="1")
+    procs = []
+    for rank in range(world_size):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", "import sys, _titan; _titan.child(sys.argv[1])", str(spec)],
+            cwd=folder, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for rank, log in enumerate(logs):  # kept for a look at a failed or slow run
+        (folder / f"log{world_size}_rank{rank}.txt").write_text(log)
+    if any(p.returncode for p in procs):
+        raise RuntimeError("torchtitan failed:\n" + "\n".join(f"--- rank {r}\n{log[-6000:]}" for r, log in enumerate(logs)))
+    return json.loads(out.read_text())
+
+
+def qwen3_moe_debug_1_layer():
+    """torchtitan's ``qwen3_moe_debug`` with the first of its 8 layers (``--module _titan --config
+    qwen3_moe_debug_1_layer``): each layer holds 64 experts of 256 x 768 (38 M parameters, top-8 routing); all 8
+    took 92 s and 7 GB for 4 steps on this machine's CPU, 2 took 15 s; one keeps the same layer."""
+    from torchtitan.models.qwen3.config_registry import qwen3_moe_debug
+
+    config = qwen3_moe_debug()
+    config.model_spec.model.layers = config.model_spec.model.layers[:1]
+    return config
