@@ -20,35 +20,40 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import types
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 OVERRIDES = "moekernels.integrations.torchtitan"
 
-# Small enough that 4 steps of the debug model take ~1 s a run on one core: 2 sequences of 64 tokens.
+# 2 sequences of 64 tokens: a step of the debug model takes ~0.5 s on one core. (With 32 tokens a sequence,
+# the noisier steps let bf16 rounding move step 4 by 8e-4 relative between two correct runs; with 64, by 3e-4.)
 SEQ_LEN, BATCH, STEPS = 64, 2, 4
 
 
-def base_args(module: str, config: str, assets: pathlib.Path, *, world_size: int = 1, ep: int = 1,
-              seed: int = 0) -> list[str]:
-    """The command line of one run (what ``python -m torchtitan.train`` would take)."""
+def base_args(module: str, config: str, assets: pathlib.Path, *, overrides: tuple[str, ...] = (),
+              world_size: int = 1, ep: int = 1, steps: int = STEPS, seed: int = 0) -> list[str]:
+    """The command line of one run (what ``python -m torchtitan.train`` would take): the stock config
+    ``module``/``config`` on :func:`make_assets`' data, plus ``--override.imports`` ``overrides`` (each
+    ``module.function`` or ``module.function={json kwargs}``), FSDP over ``world_size`` processes and EP ``ep``."""
     args = [
         "--module", module, "--config", config,
         "--hf_assets_path", str(assets / "tokenizer"),
         "--dataloader.dataset_path", str(assets / "data"),
         "--dump_folder", str(assets / "out"),
         "--training.seq_len", str(SEQ_LEN), "--training.local_batch_size", str(BATCH),
-        "--training.steps", str(STEPS),
+        "--training.steps", str(steps),
         "--debug.seed", str(seed),
-        # CPU: the default spmd_types backend's typechecked collectives do not run on gloo/CPU tensors;
-        # partial_dtensor is the plain DTensor path (DTensor only on the parallel axes).
+        # CPU: the default spmd_types backend's typed collectives do not run on gloo; partial_dtensor is the
+        # plain DTensor path (DTensor on the parallel axes only).
         "--parallelism.spmd_backend", "partial_dtensor",
-        # CPU: CUDA graphs need CUDA; with EP > 1 the config check refuses the stock (host-synchronizing)
-        # dispatcher unless they are off (on 1 process they fall back to eager with a warning).
+        # CPU: CUDA graphs need CUDA. With EP > 1 the config check refuses the stock (host-synchronizing)
+        # dispatcher unless they are off; on 1 process they would fall back to eager with a warning.
         "--training.disable_cuda_graphs",
-        # CPU: FlexAttention has no CPU backward; causal SDPA (below) has no masks to build.
-        "--override.imports", "_titan.causal_sdpa",
+        # CPU: FlexAttention has no CPU backward; see causal_sdpa. One flag takes every override (a second
+        # --override.imports would replace the first).
+        "--override.imports", "_titan.causal_sdpa", *overrides,
     ]
     if world_size > 1:
         args += ["--parallelism.data_parallel_shard_degree", str(world_size),
@@ -104,7 +109,8 @@ def _register_causal_sdpa():
     from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 
     # CPU: FlexAttention runs compiled and has no CPU backward. Causal SDPA is the same attention without the
-    # per-document mask (the data's documents are then attended across), the same for stock and moekernels.
+    # per-document mask (documents packed in a sequence then see each other), the same for stock and
+    # moekernels runs. With SDPA the trainer builds no masks (it builds them for Flex and Varlen only).
     @override(target=FlexAttention.Config, exact=True, description="CPU test: causal SDPA for FlexAttention")
     def causal_sdpa(cfg):
         return ScaledDotProductAttention.Config()
@@ -112,41 +118,66 @@ def _register_causal_sdpa():
     return causal_sdpa
 
 
-# --- the child process ----------------------------------------------------------------------------------------
-
-def child(spec_path: str) -> None:
-    """Runs each argument list of the spec through ``torchtitan.train.main`` and writes rank 0's losses."""
-    spec = json.loads(pathlib.Path(spec_path).read_text())
+def setup_trainer_on_cpu() -> list[dict]:
+    """Everything a process does before it runs ``torchtitan.train.main`` on the CPU: the workarounds, the
+    ``causal_sdpa`` override, and a hook that appends, for each logged step, the global mean loss the trainer
+    logs (at full precision) and, once a run, the model's module classes. Returns the list it appends to."""
     cpu_workarounds()
     global causal_sdpa
     causal_sdpa = _register_causal_sdpa()  # --override.imports _titan.causal_sdpa finds it registered
     from torchtitan.components.metrics import MetricsProcessor
-    import torchtitan.train
     import torchtitan.trainer
 
     # Test speed, not CPU: rank 0 sleeps 2 s after training "for other ranks to complete" (each rank then
     # tears down its own process group); ten runs would spend 20 s asleep.
     torchtitan.trainer.time = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda seconds: None)
 
-    losses: list[float] = []
+    records: list[dict] = []
     log = MetricsProcessor.log
 
-    def record(self, step, global_avg_loss, *args, **kwargs):  # the loss the trainer logs, at full precision
-        losses.append(float(global_avg_loss))
+    def record(self, step, global_avg_loss, *args, **kwargs):
+        # The classes (and each MoE's token dispatcher's), so a test can see the overrides took hold;
+        # fully_shard renames a module's class FSDP<name>, hence the MRO.
+        classes = sorted({c.__name__ for m in self.model_parts[0].modules() for c in type(m).__mro__}
+                         | {type(m.token_dispatcher).__name__ for m in self.model_parts[0].modules()
+                            if hasattr(m, "token_dispatcher")})
+        records.append({"step": step, "loss": float(global_avg_loss), "classes": classes})
         return log(self, step, global_avg_loss, *args, **kwargs)
 
     MetricsProcessor.log = record
+    return records
+
+
+# --- the child process ----------------------------------------------------------------------------------------
+
+def child(spec_path: str) -> None:
+    """Runs each argument list of the spec through ``torchtitan.train.main`` and writes, after each run, this
+    rank's results so far: per-step losses and model classes, or the traceback of a run that raised. With more
+    than one process a failed run ends the process (its peers may be waiting in a collective)."""
+    spec = json.loads(pathlib.Path(spec_path).read_text())
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    out = pathlib.Path(spec["out"]).with_suffix(f".rank{rank}.json")
+    records = setup_trainer_on_cpu()
+    import torchtitan.train
+
     results = []
     for i, args in enumerate(spec["runs"]):
-        losses.clear()
+        records.clear()
         # Each run makes a new process group (main() destroys its own at the end); a fresh port avoids waiting
         # for the last store's socket to close.
         os.environ["MASTER_PORT"] = str(spec["ports"][i])
         sys.argv = ["torchtitan.train", *args]
-        torchtitan.train.main()
-        results.append(list(losses))
-    if os.environ["RANK"] == "0":
-        pathlib.Path(spec["out"]).write_text(json.dumps(results))
+        try:
+            torchtitan.train.main()
+            assert [r["step"] for r in records] == list(range(1, len(records) + 1)), records
+            results.append({"losses": [r["loss"] for r in records], "classes": records[0]["classes"]})
+        except Exception:
+            traceback.print_exc()
+            results.append({"error": f"rank {rank}: " + traceback.format_exc()})
+        out.write_text(json.dumps(results))
+        if "error" in results[-1] and world_size > 1:
+            sys.stdout.flush()
+            os._exit(1)
 
 
 # --- the pytest side ------------------------------------------------------------------------------------------
@@ -187,9 +218,11 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, timeout: float = 540) -> list[list[float]]:
+def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, timeout: float = 540) -> list[dict]:
     """Runs each argument list (see :func:`base_args`) as a ``world_size``-process torchtitan training and
-    returns each run's per-step losses (rank 0's log: the global mean loss)."""
+    returns, for each run, ``{"losses": [...], "classes": [...]}``: its per-step losses (rank 0's log, the
+    global mean loss) and the class names in its model (with each token dispatcher's); or ``{"error": ...}``
+    with the traceback of a run that failed. Each process's output is in ``folder/log<world_size>_rank<r>.txt``."""
     spec = folder / f"spec{world_size}.json"
     out = folder / f"losses{world_size}.json"
     spec.write_text(json.dumps({"runs": runs, "out": str(out), "ports": _free_ports(len(runs))}))
@@ -199,25 +232,37 @@ def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, t
     env.pop("TRITON_INTERPRET", None)
     env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                OMP_NUM_THREADS="1")
-    procs = []
-    for rank in range(world_size):
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", "import sys, _titan; _titan.child(sys.argv[1])", str(spec)],
-            cwd=folder, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
+    for f in folder.glob(out.stem + ".rank*.json"):  # an earlier call's
+        f.unlink()
+    logs = [open(folder / f"log{world_size}_rank{rank}.txt", "w") for rank in range(world_size)]
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys, _titan; _titan.child(sys.argv[1])", str(spec)],
+                              cwd=folder, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stdout=logs[rank], stderr=subprocess.STDOUT)
+             for rank in range(world_size)]
+    # Until all exit, or one fails (then the others get 10 s, as a peer may wait on it in a collective).
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.returncode for p in procs):
+            deadline = min(deadline, time.monotonic() + 10)
+        time.sleep(0.2)
     for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    for rank, log in enumerate(logs):  # kept for a look at a failed or slow run
-        (folder / f"log{world_size}_rank{rank}.txt").write_text(log)
-    if any(p.returncode for p in procs):
-        raise RuntimeError("torchtitan failed:\n" + "\n".join(f"--- rank {r}\n{log[-6000:]}" for r, log in enumerate(logs)))
-    return json.loads(out.read_text())
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for log in logs:
+        log.close()
+    done = [json.loads(f.read_text()) if f.exists() else []
+            for f in (out.with_suffix(f".rank{rank}.json") for rank in range(world_size))]
+    results = []
+    for i in range(len(runs)):
+        errors = [d[i]["error"] for d in done if i < len(d) and "error" in d[i]]
+        if errors or i >= len(done[0]):
+            log = (folder / f"log{world_size}_rank0.txt").read_text()[-3000:]
+            results.append({"error": "\n".join(errors) or f"not run or not finished (an earlier run failed, or "
+                                                            f"the {timeout:.0f} s ran out); rank 0's log ends:\n{log}"})
+        else:
+            results.append(done[0][i])
+    return results
 
 
 def qwen3_moe_debug_1_layer():
