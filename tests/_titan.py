@@ -64,6 +64,8 @@ def base_args(module: str, config: str, assets: pathlib.Path, *, overrides: tupl
 # --- the CPU workarounds (run in each child before torchtitan's trainer is imported) -------------------------
 
 def cpu_workarounds() -> None:
+    """What torchtitan 0.3.0's trainer needs to run on a CPU, beyond the flags in :func:`base_args`; call it
+    before anything imports torchtitan.distributed. Registers the ``_titan.causal_sdpa`` override."""
     import torch
     import torch.distributed as dist
 
@@ -103,6 +105,9 @@ def cpu_workarounds() -> None:
 
     coll._get_gradient_divide_factors = sum_reduction
 
+    global causal_sdpa
+    causal_sdpa = _register_causal_sdpa()  # --override.imports _titan.causal_sdpa finds it registered
+
 
 def _register_causal_sdpa():
     from torchtitan.config.override import override
@@ -118,19 +123,10 @@ def _register_causal_sdpa():
     return causal_sdpa
 
 
-def setup_trainer_on_cpu() -> list[dict]:
-    """Everything a process does before it runs ``torchtitan.train.main`` on the CPU: the workarounds, the
-    ``causal_sdpa`` override, and a hook that appends, for each logged step, the global mean loss the trainer
-    logs (at full precision) and, once a run, the model's module classes. Returns the list it appends to."""
-    cpu_workarounds()
-    global causal_sdpa
-    causal_sdpa = _register_causal_sdpa()  # --override.imports _titan.causal_sdpa finds it registered
+def record_steps() -> list[dict]:
+    """Hooks torchtitan's metrics so that each logged step appends ``{"step", "loss", "classes"}`` to the list
+    returned: the global mean loss the trainer logs (at full precision) and the model's class names."""
     from torchtitan.components.metrics import MetricsProcessor
-    import torchtitan.trainer
-
-    # Test speed, not CPU: rank 0 sleeps 2 s after training "for other ranks to complete" (each rank then
-    # tears down its own process group); ten runs would spend 20 s asleep.
-    torchtitan.trainer.time = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda seconds: None)
 
     records: list[dict] = []
     log = MetricsProcessor.log
@@ -138,10 +134,10 @@ def setup_trainer_on_cpu() -> list[dict]:
     def record(self, step, global_avg_loss, *args, **kwargs):
         # The classes (and each MoE's token dispatcher's), so a test can see the overrides took hold;
         # fully_shard renames a module's class FSDP<name>, hence the MRO.
-        classes = sorted({c.__name__ for m in self.model_parts[0].modules() for c in type(m).__mro__}
-                         | {type(m.token_dispatcher).__name__ for m in self.model_parts[0].modules()
-                            if hasattr(m, "token_dispatcher")})
-        records.append({"step": step, "loss": float(global_avg_loss), "classes": classes})
+        modules = list(self.model_parts[0].modules())
+        classes = ({c.__name__ for m in modules for c in type(m).__mro__}
+                   | {type(m.token_dispatcher).__name__ for m in modules if hasattr(m, "token_dispatcher")})
+        records.append({"step": step, "loss": float(global_avg_loss), "classes": sorted(classes)})
         return log(self, step, global_avg_loss, *args, **kwargs)
 
     MetricsProcessor.log = record
@@ -157,8 +153,14 @@ def child(spec_path: str) -> None:
     spec = json.loads(pathlib.Path(spec_path).read_text())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     out = pathlib.Path(spec["out"]).with_suffix(f".rank{rank}.json")
-    records = setup_trainer_on_cpu()
+    cpu_workarounds()
+    records = record_steps()
     import torchtitan.train
+    import torchtitan.trainer
+
+    # Test speed, not CPU: rank 0 sleeps 2 s after training "for other ranks to complete" (each rank then
+    # tears down its own process group); ten runs would spend 20 s asleep.
+    torchtitan.trainer.time = types.SimpleNamespace(perf_counter=time.perf_counter, sleep=lambda seconds: None)
 
     results = []
     for i, args in enumerate(spec["runs"]):

@@ -23,6 +23,8 @@ def test_every_readme_example_link_exists():
 def test_example_runs(script, tmp_path):
     if script.name == "transformers_backend.py":
         pytest.importorskip("transformers")
+    if script.name == "train_torchtitan.py":
+        pytest.importorskip("torchtitan")  # the torchtitan extra
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)  # a user's run: CPU tensors take the torch backend
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
