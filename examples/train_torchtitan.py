@@ -36,7 +36,8 @@ for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZ
                        MASTER_PORT=str(port)).items():
     os.environ.setdefault(key, value)
 
-folder = _titan.make_assets(pathlib.Path(tempfile.mkdtemp()))
+scratch = tempfile.TemporaryDirectory()  # removed at exit
+folder = _titan.make_assets(pathlib.Path(scratch.name))
 overrides = ["moekernels.integrations.torchtitan.routed_experts"]
 flags = ["--module", "deepseek_v3", "--config", "deepseek_v3_debugmodel",
          "--hf_assets_path", str(folder / "tokenizer"), "--dataloader.dataset_path", str(folder / "data"),

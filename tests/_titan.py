@@ -220,7 +220,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, timeout: float = 540) -> list[dict]:
+def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, timeout: float = 300) -> list[dict]:
     """Runs each argument list (see :func:`base_args`) as a ``world_size``-process torchtitan training and
     returns, for each run, ``{"losses": [...], "classes": [...]}``: its per-step losses (rank 0's log, the
     global mean loss) and the class names in its model (with each token dispatcher's); or ``{"error": ...}``
