@@ -45,8 +45,9 @@ def base_args(module: str, config: str, assets: pathlib.Path, *, overrides: tupl
         "--training.seq_len", str(SEQ_LEN), "--training.local_batch_size", str(BATCH),
         "--training.steps", str(steps),
         "--debug.seed", str(seed),
-        # CPU: the default spmd_types backend's typed collectives do not run on gloo; partial_dtensor is the
-        # plain DTensor path (DTensor on the parallel axes only).
+        # CPU: with the default spmd_types backend, FSDP over 2 CPU processes fails to shard ("When dp_mesh_dims
+        # is provided, all parameters must be DTensors on the full SPMD mesh"); partial_dtensor is the plain
+        # DTensor path (DTensor on the parallel axes only). The same flag on 1 process, for one config.
         "--parallelism.spmd_backend", "partial_dtensor",
         # CPU: CUDA graphs need CUDA. With EP > 1 the config check refuses the stock (host-synchronizing)
         # dispatcher unless they are off; on 1 process they would fall back to eager with a warning.
@@ -92,8 +93,9 @@ def cpu_workarounds() -> None:
     if not hasattr(dist, "set_timeout"):
         dist.set_timeout = lambda timeout, group=None: None
 
-    # CPU: FSDP2 reduce-scatters gradients with ReduceOp.AVG (or PREMUL_SUM for a divide factor), which gloo
-    # does not have; forcing SUM makes FSDP divide afterwards instead (the same gradient, one more division).
+    # CPU: FSDP2 reduce-scatters gradients with ReduceOp.AVG or PREMUL_SUM (a division folded into the
+    # reduction); gloo has neither ("RuntimeError: Cannot use ReduceOp.PREMUL_SUM with Gloo" with EP 2). Forced
+    # to SUM, FSDP divides afterwards instead: the same gradient, one more division.
     from torch.distributed.fsdp._fully_shard import _fsdp_collectives as coll
     factors = coll._get_gradient_divide_factors
     signature = inspect.signature(factors)
