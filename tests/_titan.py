@@ -125,22 +125,41 @@ def _register_causal_sdpa():
     return causal_sdpa
 
 
+EXPERT_WEIGHTS = ("w1_EFD", "w2_EDF", "w3_EFD")  # GroupedExperts' parameters (the shared experts' are Linears)
+
+
 def record_steps() -> list[dict]:
-    """Hooks torchtitan's metrics so that each logged step appends ``{"step", "loss", "classes"}`` to the list
-    returned: the global mean loss the trainer logs (at full precision) and the model's class names."""
+    """Hooks torchtitan's metrics so that each logged step appends to the list returned ``{"step", "loss",
+    "grad_norm", "classes"}``: the global mean loss and the gradient norm the trainer logs (at full precision),
+    the model's class names, and at step 1 ``"expert_grads"``: this rank's shard of the first MoE layer's expert
+    weights' gradients (float32, clipped as the optimizer took them). Step 1's weights are the same in every run
+    of a seed, so these compare the experts' backward directly; the loss barely sees the experts at init (in
+    the DeepSeek-V3 debug model, scaling their output by 1.0625, or swapping w1 and w3, moved no step's loss by
+    more than 1.2e-4 relative, less than bf16 rounding moves step 4)."""
+    from torch.distributed.tensor import DTensor
     from torchtitan.components.metrics import MetricsProcessor
 
     records: list[dict] = []
     log = MetricsProcessor.log
 
-    def record(self, step, global_avg_loss, *args, **kwargs):
+    def record(self, step, global_avg_loss, global_max_loss, grad_norm, *args, **kwargs):
+        model = self.model_parts[0]
         # The classes (and each MoE's token dispatcher's), so a test can see the overrides took hold;
         # fully_shard renames a module's class FSDP<name>, hence the MRO.
-        modules = list(self.model_parts[0].modules())
+        modules = list(model.modules())
         classes = ({c.__name__ for m in modules for c in type(m).__mro__}
                    | {type(m.token_dispatcher).__name__ for m in modules if hasattr(m, "token_dispatcher")})
-        records.append({"step": step, "loss": float(global_avg_loss), "classes": sorted(classes)})
-        return log(self, step, global_avg_loss, *args, **kwargs)
+        entry = {"step": step, "loss": float(global_avg_loss), "grad_norm": float(grad_norm),
+                 "classes": sorted(classes)}
+        if step == 1:
+            grads = {name: p.grad for name, p in model.named_parameters() if name.endswith(EXPERT_WEIGHTS)}
+            first = min(grads, key=lambda n: int(n.split("layers.")[1].split(".")[0]))  # the first MoE layer
+            layer = first.split("layers.")[1].split(".")[0]
+            entry["expert_grads"] = {
+                name.rsplit(".", 1)[1]: (g.to_local() if isinstance(g, DTensor) else g).detach().float().clone()
+                for name, g in grads.items() if name.split("layers.")[1].split(".")[0] == layer}
+        records.append(entry)
+        return log(self, step, global_avg_loss, global_max_loss, grad_norm, *args, **kwargs)
 
     MetricsProcessor.log = record
     return records
@@ -154,9 +173,11 @@ def child(spec_path: str) -> None:
     than one process a failed run ends the process (its peers may be waiting in a collective)."""
     spec = json.loads(pathlib.Path(spec_path).read_text())
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    out = pathlib.Path(spec["out"]).with_suffix(f".rank{rank}.json")
+    base = pathlib.Path(spec["out"])
+    out = base.with_suffix(f".rank{rank}.json")
     cpu_workarounds()
     records = record_steps()
+    import torch
     import torchtitan.train
     import torchtitan.trainer
 
@@ -174,7 +195,10 @@ def child(spec_path: str) -> None:
         try:
             torchtitan.train.main()
             assert [r["step"] for r in records] == list(range(1, len(records) + 1)), records
-            results.append({"losses": [r["loss"] for r in records], "classes": records[0]["classes"]})
+            grads = base.with_suffix(f".run{i}.rank{rank}.pt")
+            torch.save(records[0]["expert_grads"], grads)
+            results.append({"losses": [r["loss"] for r in records], "grad_norms": [r["grad_norm"] for r in records],
+                            "classes": records[0]["classes"], "expert_grads": str(grads)})
         except Exception:
             traceback.print_exc()
             results.append({"error": f"rank {rank}: " + traceback.format_exc()})
@@ -224,8 +248,9 @@ def _free_ports(n: int) -> list[int]:
 
 def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, timeout: float = 300) -> list[dict]:
     """Runs each argument list (see :func:`base_args`) as a ``world_size``-process torchtitan training and
-    returns, for each run, ``{"losses": [...], "classes": [...]}``: its per-step losses (rank 0's log, the
-    global mean loss) and the class names in its model (with each token dispatcher's); or ``{"error": ...}``
+    returns, for each run, ``{"losses", "grad_norms", "classes", "expert_grads"}``: its per-step losses and
+    gradient norms (rank 0's log: global), the class names in its model (with each token dispatcher's), and
+    the path of a ``torch.save`` of rank 0's step-1 expert gradients (see :func:`record_steps`); or ``{"error": ...}``
     with the traceback of a run that failed. Each process's output is in ``folder/log<world_size>_rank<r>.txt``."""
     spec = folder / f"spec{world_size}.json"
     out = folder / f"losses{world_size}.json"
@@ -236,7 +261,7 @@ def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, t
     env.pop("TRITON_INTERPRET", None)
     env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                OMP_NUM_THREADS="1")
-    for f in folder.glob(out.stem + ".rank*.json"):  # an earlier call's
+    for f in [*folder.glob(out.stem + ".rank*.json"), *folder.glob(out.stem + ".run*.pt")]:  # an earlier call's
         f.unlink()
     logs = [open(folder / f"log{world_size}_rank{rank}.txt", "w") for rank in range(world_size)]
     procs = [subprocess.Popen([sys.executable, "-c", "import sys, _titan; _titan.child(sys.argv[1])", str(spec)],
