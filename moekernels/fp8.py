@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _autocast, _backend, _checks, _sm90_registry, configs, reference
+from . import _autocast, _backend, _checks, _cutlass, _sm90_registry, configs, reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -362,12 +362,18 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
             ((128, 128), or the transposed (128, 128) scales of the storage).
         offs: [E] int32 cumulative segment ends, as in :func:`moekernels.grouped_mm`.
         out_dtype: bfloat16 (default), float16 or float32.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, None (automatic), or ``"cutlass"``: CUTLASS's Hopper
+            block-scaled grouped kernel (csrc/fp8_grouped_cutlass.cu; sm_90 GPUs, (1, 128) x (128, 128)
+            scales, bfloat16 out, K and N multiples of 128). Opt-in only, until a GPU validates it: the
+            automatic choice and MOEKERNELS_BACKEND never take it; it raises naming why where it cannot run.
 
     Scaling pairs: tensor x tensor, row x col, and (1, 128) x (128, 128) (K % 128 == 0), where
     every 128-wide K step's partial product is promoted to float32 with its scales. No padding
     of M per expert; rows at or after offs[-1] are zero. Not differentiable (inference).
     """
     _check_scaled(a, a_scale, b, b_scale, out_dtype, 3)
+    if backend == "cutlass":
+        return _cutlass.fp8_grouped_mm(a, a_scale, b, b_scale, offs, out_dtype)
     from .grouped_gemm import grouped_mm_fused
 
     return grouped_mm_fused(a, b, offs, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, backend=backend)
