@@ -43,6 +43,7 @@ void fp8_grouped_cutlass_setup(uintptr_t offs, int groups, int64_t n, int64_t k,
 void fp8_grouped_mm_cutlass(uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t sfb, uintptr_t offs, uintptr_t d,
                             int groups, int64_t n, int64_t k, uintptr_t buf, uintptr_t workspace, int sm_count,
                             uintptr_t stream);
+void fp8_grouped_cutlass_scale_offsets(int m, int n, int k, uintptr_t sfa, uintptr_t sfb);
 const void* fp8_grouped_cutlass_kernel_address();
 #endif
 const void* topk_routing_kernel_address();
@@ -118,6 +119,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("fp8_grouped_cutlass_setup_bytes", &moekernels::fp8_grouped_cutlass_setup_bytes, "buf's size for E experts");
   m.def("fp8_grouped_cutlass_workspace_bytes", &moekernels::fp8_grouped_cutlass_workspace_bytes,
         "CUTLASS's workspace for E experts on sm_count SMs (its TMA descriptors)");
+  m.def("fp8_grouped_cutlass_scale_offsets", &moekernels::fp8_grouped_cutlass_scale_offsets,
+        "The built kernel's scale layouts for (m, n, k): offsets into host int64 [m, k/128] and [n/128, k/128]");
 #endif
   // "" where the CUTLASS FP8 grouped GEMM is built in, else why not (setup.py).
   m.attr("CUTLASS_ERROR") = MOEKERNELS_CUTLASS_ERROR;

@@ -180,6 +180,22 @@ void fp8_grouped_mm_cutlass(uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t s
   check_launch("fp8_grouped_mm_cutlass");
 }
 
+// Where the built kernel reads each scale block, in elements from the expert's scale pointer: its ScaleConfig's
+// layouts for an (m, n, k) problem (host code; the same tile_atom_to_shape_SFA/SFB the collective calls).
+// sfa: [m, k/128] int64, sfb: [n/128, k/128] int64, host memory. tests/test_cutlass.py checks the emulation
+// (moekernels/_cutlass.py) and our tensors' strides against it, without a GPU.
+void fp8_grouped_cutlass_scale_offsets(int m, int n, int k, uintptr_t sfa, uintptr_t sfb) {
+  const auto la = ScaleConfig::tile_atom_to_shape_SFA(make_shape(m, n, k, 1));
+  const auto lb = ScaleConfig::tile_atom_to_shape_SFB(make_shape(m, n, k, 1));
+  auto* oa = reinterpret_cast<int64_t*>(sfa);
+  auto* ob = reinterpret_cast<int64_t*>(sfb);
+  const int kb = (k + 127) / 128, nb = (n + 127) / 128;
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < kb; ++j) oa[int64_t(i) * kb + j] = la(i, j * 128, 0);
+  for (int i = 0; i < nb; ++i)
+    for (int j = 0; j < kb; ++j) ob[int64_t(i) * kb + j] = lb(i * 128, j * 128, 0);
+}
+
 const void* fp8_grouped_cutlass_kernel_address() {
   return reinterpret_cast<const void*>(&cutlass::device_kernel<GemmKernel>);
 }

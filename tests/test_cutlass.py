@@ -125,14 +125,31 @@ def test_only_sm90a_has_the_cutlass_kernel():
 
 
 def test_cute_offset_splits_coordinates_colexicographically():
-    # ((2, 3), 4):((1, 8), 2) at 7 = (1, 1, 1): 1 + 8 + 2; at (4, 3) = ((0, 2), 3): 16 + 6
-    assert _cutlass.cute_offset(((2, 3), 4), ((1, 8), 2), 7) == 11
+    # ((2, 3), 4):((1, 8), 2) at 7 = (7 % 6, 7 // 6) = ((1, 0), 1): 1 + 2; at (4, 3) = ((0, 2), 3): 16 + 6
+    assert _cutlass.cute_offset(((2, 3), 4), ((1, 8), 2), 7) == 3
     assert _cutlass.cute_offset(((2, 3), 4), ((1, 8), 2), (4, 3)) == 22
 
 
-@pytest.mark.parametrize("major", ["K", "MN"])
-def test_scale_layout_matches_cutlass_compiled(major, tmp_path):
-    """The emulated tile_atom_to_shape_SFA/SFB against CUTLASS's own, compiled on the host (nvcc, no GPU)."""
+@needs_cutlass
+@pytest.mark.parametrize("mnk", [(200, 256, 384), (1, 128, 128), (129, 384, 7168), (0, 128, 256)], ids=str)
+def test_scale_layout_is_the_built_kernels(mnk):
+    """The emulation and our tensors' layouts against the ScaleConfig the kernel was built with (host code)."""
+    m, n, k = mnk
+    sfa = torch.full((m, k // 128), -1, dtype=torch.int64)
+    sfb = torch.full((n // 128, k // 128), -1, dtype=torch.int64)
+    _ext.C.fp8_grouped_cutlass_scale_offsets(m, n, k, sfa.data_ptr(), sfb.data_ptr())
+    assert torch.equal(_cutlass.scale_offsets(m, k, 1, 128, _cutlass.SFA_MAJOR), sfa)
+    assert torch.equal(_cutlass.scale_offsets(n, k, 128, 128, _cutlass.SFB_MAJOR), sfb)
+    # quantize_fp8's row-major scales and prepare_weight's [E, K/128, N/128] (its storage's transposed view), by
+    # their strides: the same offsets from an expert's first element
+    _, sa, _, sb, _ = operands([m, 1], n, k)
+    assert torch.equal(_strided_offsets(sa[:m]), sfa)
+    assert torch.equal(_strided_offsets(sb[1].transpose(0, 1)), sfb)
+
+
+def test_scale_layout_matches_cutlass_compiled(tmp_path):
+    """The emulated tile_atom_to_shape_SFA/SFB, K- and MN-major (the default, which the kernel does not use),
+    against CUTLASS's own compiled on the host (nvcc, no GPU; ~15 s, one compile), where its headers are."""
     nvcc = shutil.which("nvcc")
     try:
         import cutlass_library
@@ -144,32 +161,32 @@ def test_scale_layout_matches_cutlass_compiled(major, tmp_path):
         pytest.skip("needs nvcc and CUTLASS's headers")
     cases = [(200, 256, 384), (1, 128, 128), (129, 384, 7168)]  # (M, N, K)
     src = tmp_path / "layout.cu"
-    sfa = "cute::GMMA::Major::" + major
     src.write_text(f"""
 #include <cstdio>
 #include "cutlass/detail/blockwise_scale_layout.hpp"
-using C = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, {sfa}, {sfa}>;
+template <class C> void print(int m, int n, int k) {{
+  auto la = C::tile_atom_to_shape_SFA(cute::make_shape(m, n, k, 1));
+  auto lb = C::tile_atom_to_shape_SFB(cute::make_shape(m, n, k, 1));
+  for (int i = 0; i < m; ++i) for (int j = 0; j < k; j += 128) printf("%d ", int(la(i, j, 0)));
+  printf("\\n");
+  for (int i = 0; i < n; i += 128) for (int j = 0; j < k; j += 128) printf("%d ", int(lb(i, j, 0)));
+  printf("\\n");
+}}
+using K = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::K, cute::GMMA::Major::K>;
+using MN = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128>;  // the default: MN-major
 int main() {{
   int cases[][3] = {{{', '.join('{%d, %d, %d}' % c for c in cases)}}};
-  for (auto& c : cases) {{
-    auto la = C::tile_atom_to_shape_SFA(cute::make_shape(c[0], c[1], c[2], 1));
-    auto lb = C::tile_atom_to_shape_SFB(cute::make_shape(c[0], c[1], c[2], 1));
-    for (int m = 0; m < c[0]; m += 1) for (int k = 0; k < c[2]; k += 128) printf("%d ", int(la(m, k, 0)));
-    printf("\\n");
-    for (int n = 0; n < c[1]; n += 128) for (int k = 0; k < c[2]; k += 128) printf("%d ", int(lb(n, k, 0)));
-    printf("\\n");
-  }}
+  for (auto& c : cases) {{ print<K>(c[0], c[1], c[2]); print<MN>(c[0], c[1], c[2]); }}
 }}
 """)
     exe = tmp_path / "layout"
     subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(root, "include"), str(src),
                     "-o", str(exe)], check=True, capture_output=True)
-    lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
-    for i, (m, n, k) in enumerate(cases):
-        want_a = [int(v) for v in lines[2 * i].split()]
-        want_b = [int(v) for v in lines[2 * i + 1].split()]
-        assert _cutlass.scale_offsets(m, k, 1, 128, major).reshape(-1).tolist() == want_a
-        assert _cutlass.scale_offsets(n, k, 128, 128, major).reshape(-1).tolist() == want_b
+    lines = iter(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines())
+    for m, n, k in cases:
+        for major in ("K", "MN"):
+            assert _cutlass.scale_offsets(m, k, 1, 128, major).reshape(-1).tolist() == [int(v) for v in next(lines).split()]
+            assert _cutlass.scale_offsets(n, k, 128, 128, major).reshape(-1).tolist() == [int(v) for v in next(lines).split()]
 
 
 def _strided_offsets(t: torch.Tensor) -> torch.Tensor:
@@ -338,3 +355,29 @@ def test_cuda_graph_capture():
     offs.copy_(torch.tensor([0, 250, 400], dtype=torch.int32))
     graph.replay()
     assert rel_err(out, fp8_grouped_mm(a, sa, b, sb, offs, backend="torch")) < 1e-2
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def test_setup_finds_cutlass_or_says_why(monkeypatch, tmp_path):
+    from tests.test_cuda_ext import load_setup
+
+    setup = load_setup()
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))  # the override comes first, and is checked
+    includes, error = setup.find_cutlass()
+    assert includes is None and "CUTLASS_PATH" in error and "include/cutlass/cutlass.h" in error
+    (tmp_path / "include" / "cutlass").mkdir(parents=True)
+    (tmp_path / "include" / "cutlass" / "cutlass.h").touch()
+    includes, error = setup.find_cutlass()
+    assert error is None and includes == [str(tmp_path / "include"), str(tmp_path / "tools" / "util" / "include")]
+    monkeypatch.delenv("CUTLASS_PATH")
+    monkeypatch.setitem(__import__("sys").modules, "cutlass_library", None)  # not installed
+    includes, error = setup.find_cutlass()
+    assert includes is None and "nvidia-cutlass==4.2.0.0" in error
+
+
+def test_build_requires_the_pinned_wheel():
+    text = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
+    requires = re.search(r"^requires = \[(.*)\]", text, re.M).group(1)
+    assert '"nvidia-cutlass==4.2.0.0"' in requires
