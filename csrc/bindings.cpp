@@ -41,8 +41,8 @@ int64_t fp8_grouped_cutlass_workspace_bytes(int groups, int sm_count);
 void fp8_grouped_cutlass_setup(uintptr_t offs, int groups, int64_t n, int64_t k, uintptr_t a, uintptr_t b,
                                uintptr_t d, uintptr_t sfa, uintptr_t sfb, uintptr_t buf, uintptr_t stream);
 void fp8_grouped_mm_cutlass(uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t sfb, uintptr_t offs, uintptr_t d,
-                            int groups, int64_t n, int64_t k, uintptr_t buf, uintptr_t workspace, int sm_count,
-                            uintptr_t stream);
+                            int groups, int64_t m, int64_t n, int64_t k, uintptr_t buf, uintptr_t workspace,
+                            int sm_count, uintptr_t stream);
 void fp8_grouped_cutlass_scale_offsets(int m, int n, int k, uintptr_t sfa, uintptr_t sfb);
 const void* fp8_grouped_cutlass_kernel_address();
 #endif

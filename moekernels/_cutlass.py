@@ -170,10 +170,10 @@ def grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale:
     """
     m, k = a.shape
     groups, _, n = b.shape
-    # zeros: rows at or after offs[-1] belong to no expert, and offs stays on the device (no sync to find them).
-    out = torch.zeros(m, n, dtype=torch.bfloat16, device=a.device)
+    # Rows at or after offs[-1] are zeroed on the device (offs stays there: no sync to find them).
     if not m or not groups:
-        return out
+        return torch.zeros(m, n, dtype=torch.bfloat16, device=a.device)
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     a_scale = a_scale.contiguous()
     sm_count = torch.cuda.get_device_properties(a.device).multi_processor_count
     buf = torch.empty(_ext.C.fp8_grouped_cutlass_setup_bytes(groups), dtype=torch.uint8, device=a.device)
@@ -181,7 +181,7 @@ def grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale:
                             device=a.device)
     with _backend.device_guard(a):
         _ext.C.fp8_grouped_mm_cutlass(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(),
-                                      offs.data_ptr(), out.data_ptr(), groups, n, k, buf.data_ptr(),
+                                      offs.data_ptr(), out.data_ptr(), groups, m, n, k, buf.data_ptr(),
                                       workspace.data_ptr(), sm_count, _ext.stream(a))
     return out
 

@@ -33,7 +33,8 @@ BUILD_ARCHS: tuple[str, ...] = tuple(C.ARCHS.split()) if C is not None else ()
 if C is None:
     CUTLASS_ERROR = f"moekernels._C is not built ({LOAD_ERROR})"
 else:
-    CUTLASS_ERROR = getattr(C, "CUTLASS_ERROR", "moekernels._C predates the CUTLASS kernel: rebuild it with pip install -e .")
+    CUTLASS_ERROR = getattr(C, "CUTLASS_ERROR",
+                            "moekernels._C predates the CUTLASS kernel: rebuild it with pip install -e .")
 
 # torch dtype name -> the extension's dtype code (csrc/common.cuh, enum class DType)
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}

@@ -15,11 +15,13 @@ import pytest
 import torch
 
 import moekernels
-from moekernels import _cutlass, _ext, _sm90
-from moekernels.fp8 import FP8, fp8_grouped_mm, prepare_weight, quantize_fp8
+from moekernels import _cutlass, _ext
+from moekernels.fp8 import fp8_grouped_mm, prepare_weight, quantize_fp8
 from tests.conftest import rel_err
+from tests.test_cuda_ext import _cuobjdump, load_setup
 
-needs_cutlass = pytest.mark.skipif(bool(_ext.CUTLASS_ERROR), reason=f"the CUTLASS kernel is not built: {_ext.CUTLASS_ERROR}")
+needs_cutlass = pytest.mark.skipif(bool(_ext.CUTLASS_ERROR),
+                                   reason=f"the CUTLASS kernel is not built: {_ext.CUTLASS_ERROR}")
 
 
 def operands(counts, n, k, *, col_major=False, device="cpu", seed=0):
@@ -34,11 +36,6 @@ def operands(counts, n, k, *, col_major=False, device="cpu", seed=0):
 
 
 # ----------------------------------------------------------------------------- the static contract
-
-
-def _cuobjdump(*args):
-    tool = os.path.join(os.path.dirname(_sm90.ptxas_path()), "cuobjdump")
-    return subprocess.run([tool, *args, _ext.C.__file__], capture_output=True, text=True, check=True).stdout
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +182,9 @@ int main() {{
     lines = iter(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines())
     for m, n, k in cases:
         for major in ("K", "MN"):
-            assert _cutlass.scale_offsets(m, k, 1, 128, major).reshape(-1).tolist() == [int(v) for v in next(lines).split()]
-            assert _cutlass.scale_offsets(n, k, 128, 128, major).reshape(-1).tolist() == [int(v) for v in next(lines).split()]
+            for rows, vec in ((m, 1), (n, 128)):  # SFA, then SFB
+                want = [int(v) for v in next(lines).split()]
+                assert _cutlass.scale_offsets(rows, k, vec, 128, major).reshape(-1).tolist() == want, (m, n, k, major)
 
 
 def _strided_offsets(t: torch.Tensor) -> torch.Tensor:
@@ -361,8 +359,6 @@ def test_cuda_graph_capture():
 
 
 def test_setup_finds_cutlass_or_says_why(monkeypatch, tmp_path):
-    from tests.test_cuda_ext import load_setup
-
     setup = load_setup()
     monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))  # the override comes first, and is checked
     includes, error = setup.find_cutlass()
