@@ -129,6 +129,8 @@ def unavailable(device: torch.device) -> str | None:
         return f"moekernels._C was built without it: {_ext.CUTLASS_ERROR}"
     if device.type != "cuda":
         return f"it needs CUDA tensors, got {device.type} tensors"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU here"
     capability = torch.cuda.get_device_capability(device)
     if capability != (9, 0):
         return f"it is built for sm_90a (Hopper) alone; {device} has compute capability {capability[0]}.{capability[1]}"

@@ -884,7 +884,11 @@ def test_fp8_gpu_sweeps():
             cuda = ["cuda"] if moekernels.HAS_CUDA_EXT and c.params["operand"] == "act" else []  # (1, 128) only
             assert list(c.impls) == ["naive", "torch", "triton"] + cuda and c.compare is f8.compare_quant
         elif mode == "block":
-            assert list(c.impls) == ["naive", "bf16", "triton"]  # the torch reference: full suite only
+            # the torch reference: full suite only; the contiguous case adds CUTLASS's kernel where it runs
+            # (an sm_90 GPU, built) and torch._scaled_grouped_mm where torch has it
+            extra = [] if kind == "dense" else (["cutlass"] if f8.cutlass_usable("cuda") else []) + (
+                ["scaled_grouped"] if hasattr(torch, "_scaled_grouped_mm") else [])
+            assert list(c.impls) == ["naive", "bf16", "triton"] + extra
         else:
             assert kind == "dense" and list(c.impls) == ["naive", "native", "triton"]
         if kind != "quant":
