@@ -26,9 +26,9 @@ needs_cutlass = pytest.mark.skipif(bool(_ext.CUTLASS_ERROR),
 
 def operands(counts, n, k, *, col_major=False, device="cpu", seed=0):
     """DeepSeek-V3's operands: a [M, K] with (1, 128) scales, the weight [E, K, N] with (128, 128) ones."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(sum(counts), k, generator=g).to(device=device, dtype=torch.bfloat16)
-    w = (torch.randn(len(counts), k, n, generator=g) / k ** 0.5).to(device=device, dtype=torch.bfloat16)
+    g = torch.Generator(device).manual_seed(seed)  # on the GPU there: E 32 x 7168 x 4096 is 3.7 GB in float32
+    x = torch.randn(sum(counts), k, generator=g, device=device).to(torch.bfloat16)
+    w = (torch.randn(len(counts), k, n, generator=g, device=device) / k ** 0.5).to(torch.bfloat16)
     a, sa = quantize_fp8(x, (1, 128), scale_layout="col_major" if col_major else "row_major")
     b, sb = prepare_weight(w, (128, 128))
     offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
@@ -251,6 +251,16 @@ def test_setup_twin_against_the_reference(counts):
     want = fp8_grouped_mm(a, sa, b, sb, offs, backend="torch").float()
     got = emulate(a, sa, b, sb, offs).bfloat16()  # the reference rounds its float32 product to bfloat16 too
     assert rel_err(got, want) < 1e-4  # a bfloat16 ulp here and there (float32 sums in another order)
+
+
+@needs_cutlass
+def test_setup_buffer_and_workspace_sizes_are_the_builds():
+    """Host code, no GPU: the twin's buffer layout has the built kernel's size; CUTLASS's workspace is its TMA
+    descriptors, 128 B each, a set an SM: A and B for the mainloop, D for each of the 2 epilogue warpgroups (no C)."""
+    for groups in (1, 3, 32, 257):
+        assert _ext.C.fp8_grouped_cutlass_setup_bytes(groups) == _cutlass.setup_bytes(groups)
+    assert _ext.C.fp8_grouped_cutlass_workspace_bytes(32, 132) == _ext.C.fp8_grouped_cutlass_workspace_bytes(8, 132)
+    assert _ext.C.fp8_grouped_cutlass_workspace_bytes(32, 132) == 4 * 128 * 132
 
 
 def test_setup_twin_fields():
