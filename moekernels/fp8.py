@@ -454,7 +454,8 @@ def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
     """Scaled fp8 GEMM ``(a * sa) @ (b * sb)``: a [M, K], b [K, N] K-major (the transposed view of
     a contiguous [N, K] weight, or :func:`prepare_weight`'s output; an N-major b raises
     ValueError), scales as in :func:`fp8_grouped_mm` without the expert dim ([1, 1], [1, N] or
-    [K / 128, N / 128] for b). The grouped kernel with one group."""
+    [K / 128, N / 128] for b). The grouped kernel with one group; ``backend`` as there (``"cutlass"``
+    included: CUTLASS's grouped kernel with one group)."""
     _check_scaled(a, a_scale, b, b_scale, out_dtype, 2)
     _check_mm_scales(a, a_scale, b, b_scale)
     offs = torch.full((1,), a.shape[0], dtype=torch.int32, device=a.device)

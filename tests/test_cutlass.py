@@ -286,7 +286,9 @@ def test_cutlass_backend_says_why_it_cannot_run():
     with pytest.raises(RuntimeError, match="backend='cutlass' cannot run this call: .*(not built|built without|"
                                            "needs CUDA tensors)"):
         fp8_grouped_mm(a, sa, b, sb, offs, backend="cutlass")
-    with pytest.raises(ValueError, match="backend must be one of"):  # a name of fp8_grouped_mm's alone
+    with pytest.raises(RuntimeError, match="backend='cutlass' cannot run this call"):  # fp8_mm: one group
+        moekernels.fp8_mm(a, sa, b[0], sb[0], backend="cutlass")
+    with pytest.raises(ValueError, match="backend must be one of"):  # a name of the fp8 GEMMs' alone
         moekernels.grouped_mm(a.float(), b.float(), offs, backend="cutlass")
 
 
@@ -348,6 +350,15 @@ def test_parity_deepseek_v3_shapes(col_major):
     out = fp8_grouped_mm(tail, sa_tail, b, sb, offs, backend="cutlass")
     assert torch.equal(out[a.shape[0]:], torch.zeros_like(out[a.shape[0]:]))
     assert torch.equal(out[:a.shape[0]], got)
+
+
+@pytest.mark.gpu
+@needs_cutlass
+@needs_hopper
+def test_fp8_mm_is_one_group():
+    a, sa, b, sb, _ = operands([1000], 4096, 7168, device="cuda")
+    got = moekernels.fp8_mm(a, sa, b[0], sb[0], backend="cutlass")
+    assert rel_err(got, moekernels.fp8_mm(a, sa, b[0], sb[0], backend="torch")) < 1e-2
 
 
 @pytest.mark.gpu
