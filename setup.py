@@ -158,9 +158,9 @@ def find_cuda_home():
 class BuildExt(build_ext):
     """Compiles the .cu files with nvcc, then links them with pybind11's bindings.cpp.
 
-    All of it runs at once: the four nvcc processes (each with its archs on threads) while the C++
-    compiler builds bindings.cpp; the link waits for the objects. Always relinked: setuptools would
-    skip the link when the .so is newer than bindings.cpp, keeping a stale .so after an edit of a
+    All of it runs at once: the four nvcc processes (each with its archs on threads), and a fifth for
+    fp8_grouped_cutlass.cu where CUTLASS is found, while the C++ compiler builds bindings.cpp; the link
+    waits for the objects. Always relinked: setuptools would skip the link when the .so is newer than bindings.cpp, keeping a stale .so after an edit of a
     .cu file or a new TORCH_CUDA_ARCH_LIST (an editable install builds the .so in place).
 
     Measured with nvcc 13.0 on this project's 2-core x86 machine, shared (load 17-22), one build after
@@ -168,6 +168,8 @@ class BuildExt(build_ext):
     45 (197 s). Each virtual arch is one more cicc pass of every file (route.cu: ~5 CPU-s an arch,
     ~3-4 s of host compile once; the sm_120 SASS beside compute_120's PTX adds ~1 s); bindings.cpp
     ~6.5. So, estimated, about 40 s on 2 free cores and 10-15 s on 16; TORCH_CUDA_ARCH_LIST=9.0 builds one arch.
+    fp8_grouped_cutlass.cu (one arch, CUTLASS's templates) is ~47 CPU-s on its own (65 s wall at load ~2), the
+    longest job: pip install -e . went from 60 to 107 CPU-s (134 to 187 s wall at load 5-10).
     """
 
     def build_extensions(self):
@@ -266,8 +268,8 @@ def extensions():
     if CUTLASS_ARCH in archs:
         cutlass_includes, cutlass_error = find_cutlass()
     if cutlass_error:
-        print(f"moekernels: building the CUDA extension without the CUTLASS FP8 grouped GEMM: {cutlass_error}",
-              file=sys.stderr)
+        announce(f"moekernels: building the CUDA extension without the CUTLASS FP8 grouped GEMM "
+                 f"(fp8_grouped_mm's backend='cutlass'): {cutlass_error}")
     macros = [("MOEKERNELS_ARCHS", f'"{arch_names(archs)}"'),
               ("MOEKERNELS_CUTLASS_ERROR", '"' + (cutlass_error or "").replace('"', "'") + '"')]
     if cutlass_includes:
