@@ -123,12 +123,13 @@ def find_cutlass():
     root = os.environ.get("CUTLASS_PATH")
     where = "CUTLASS_PATH"
     if not root:
-        try:
-            import cutlass_library
-        except ImportError:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")  # located, not imported (its generator is large)
+        if spec is None or not spec.origin:
             return None, ("CUTLASS's headers were not found: install nvidia-cutlass==4.2.0.0 (a build requirement; "
                           "without build isolation, install it first) or set CUTLASS_PATH")
-        root = os.path.join(os.path.dirname(cutlass_library.__file__), "source")
+        root = os.path.join(os.path.dirname(spec.origin), "source")
         where = "the nvidia-cutlass wheel"
     dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
     if not os.path.exists(os.path.join(dirs[0], "cutlass", "cutlass.h")):

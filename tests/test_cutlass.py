@@ -148,14 +148,9 @@ def test_scale_layout_matches_cutlass_compiled(tmp_path):
     """The emulated tile_atom_to_shape_SFA/SFB, K- and MN-major (the default, which the kernel does not use),
     against CUTLASS's own compiled on the host (nvcc, no GPU; ~15 s, one compile), where its headers are."""
     nvcc = shutil.which("nvcc")
-    try:
-        import cutlass_library
-    except ImportError:
-        cutlass_library = None
-    root = os.environ.get("CUTLASS_PATH") or (
-        cutlass_library and os.path.join(os.path.dirname(cutlass_library.__file__), "source"))
-    if not nvcc or not root:
-        pytest.skip("needs nvcc and CUTLASS's headers")
+    includes, why = load_setup().find_cutlass()  # where the build finds them
+    if not nvcc or not includes:
+        pytest.skip(f"needs nvcc and CUTLASS's headers: {why or 'no nvcc'}")
     cases = [(200, 256, 384), (1, 128, 128), (129, 384, 7168)]  # (M, N, K)
     src = tmp_path / "layout.cu"
     src.write_text(f"""
@@ -177,7 +172,7 @@ int main() {{
 }}
 """)
     exe = tmp_path / "layout"
-    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", os.path.join(root, "include"), str(src),
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", includes[0], str(src),
                     "-o", str(exe)], check=True, capture_output=True)
     lines = iter(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines())
     for m, n, k in cases:
