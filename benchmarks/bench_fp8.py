@@ -6,7 +6,8 @@ the left operand (for quantization, the rows of the matrix quantized):
               (2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048) at M 64,
               128 and 4096; groups "dense N4096 K7168 block";
 - contiguous: fp8_grouped_mm over E experts of equal segments, DeepGEMM's grouped contiguous
-              cases (4 x 8192 and 8 x 4096 rows, N 4096 K 7168 and N 7168 K 2048); groups
+              cases (4 x 8192 and 8 x 4096 rows, N 4096 K 7168 and N 7168 K 2048) and DeepSeek-V3's
+              prefill on 32 local experts (32 x 512 rows, N 4096 K 7168; full suite); groups
               "contiguous 8x4096 N4096 K7168 block";
 - quant:      quantize_fp8 of bf16 activations [M, K] per (1, 128) and of weights [N, K] per
               (128, 128); groups "quant 1x128 act K7168", "quant 128x128 weight K7168" (x = N).
@@ -42,8 +43,8 @@ Implementations timed:
 On the CPU: naive and torch only, at an eighth of the shapes (a dry run of the code, seconds).
 The quick GPU suite: dense N4096 K7168 at M 128 and 4096 in all three modes, the contiguous
 8 x 4096 N4096 K7168 case in block mode, and three quantizations (10 cases, 32 timings, ~30-40 s
-on an H200 with ~5 Triton compiles, estimated: no GPU has run it yet); the full one 67 cases
-(235 timings, ~3-5 minutes, estimated).
+on an H200 with ~5 Triton compiles, estimated: no GPU has run it yet); the full one 70 cases
+(~245 timings with the CUTLASS and torch._scaled_grouped_mm rows, ~3-5 minutes, estimated).
 
 Counted: 2*M*K*N FLOPs; bytes are a and the weights in fp8, their float32 scales, the bf16 output
 and (grouped) the int32 offs, each once: the fp8 problem's, also for the bf16 and naive rows
@@ -87,8 +88,10 @@ M_QUICK = [128, 4096]
 # An eighth of (2112, 7168): N 264 leaves a partial 128-column block of the weight's scales.
 CPU_DENSE_NK = [(264, 896)]
 M_CPU = [16, 64]
-# DeepGEMM's grouped contiguous cases: (experts, rows per expert, N, K).
-CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
+# DeepGEMM's grouped contiguous cases: (experts, rows per expert, N, K); then DeepSeek-V3's prefill on one
+# GPU of an 8-way expert-parallel group (32 local experts, 512 rows each: issue 23's target shape).
+CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048),
+              (32, 512, 4096, 7168)]
 # E 8, N 4096, K 7168 at >= 128 rows per expert is the tile config and BLOCK_E the GPU tests
 # (test_fp8.py::test_gpu_deepseek_shapes) compile for fp8 and bf16: the device check runs them
 # first, so this case's kernels come from Triton's cache. The E 4 cases compile anew (BLOCK_E 4).
