@@ -42,7 +42,7 @@ Implementations timed:
           no block scales), made with the inputs; checked against those operands' product.
 On the CPU: naive and torch only, at an eighth of the shapes (a dry run of the code, seconds).
 The quick GPU suite: dense N4096 K7168 at M 128 and 4096 in all three modes, the contiguous
-8 x 4096 N4096 K7168 case in block mode, and three quantizations (10 cases, 32 timings, ~30-40 s
+8 x 4096 N4096 K7168 case in block mode, and three quantizations (10 cases, 34 timings, ~30-40 s
 on an H200 with ~5 Triton compiles, estimated: no GPU has run it yet); the full one 70 cases
 (~245 timings with the CUTLASS and torch._scaled_grouped_mm rows, ~3-5 minutes, estimated).
 
