@@ -154,9 +154,18 @@ typename Gemm::Arguments make_args(int groups, uint8_t* buf, int sm_count) {
 
 int64_t fp8_grouped_cutlass_setup_bytes(int groups) { return shapes_bytes(groups) + int64_t(kSetupArrays) * 8 * groups; }
 
+// Also CUTLASS's own check of the arguments (host code, run by the op before each launch, and by the tests
+// without a GPU): the grouped mode, the cluster and the scheduler. The row counts live on the device, so no
+// host check sees them: TMA bounds them.
 int64_t fp8_grouped_cutlass_workspace_bytes(int groups, int sm_count) {
-  uint8_t* fake = nullptr;  // get_workspace_size reads no pointer
-  return static_cast<int64_t>(Gemm::get_workspace_size(make_args(groups, fake, sm_count)));
+  uint8_t* fake = nullptr;  // neither reads a pointer
+  const auto args = make_args(groups, fake, sm_count);
+  const cutlass::Status status = Gemm::can_implement(args);
+  if (status != cutlass::Status::kSuccess) {
+    throw std::invalid_argument(std::string("fp8_grouped_mm_cutlass: CUTLASS cannot implement it: ") +
+                                cutlassGetStatusString(status));
+  }
+  return static_cast<int64_t>(Gemm::get_workspace_size(args));
 }
 
 void fp8_grouped_cutlass_setup(uintptr_t offs, int groups, int64_t n, int64_t k, uintptr_t a, uintptr_t b,

@@ -250,7 +250,8 @@ def test_setup_twin_against_the_reference(counts):
 
 @needs_cutlass
 def test_setup_buffer_and_workspace_sizes_are_the_builds():
-    """Host code, no GPU: the twin's buffer layout has the built kernel's size; CUTLASS's workspace is its TMA
+    """Host code, no GPU: the twin's buffer layout has the built kernel's size; CUTLASS's can_implement accepts the
+    arguments the op makes (workspace_bytes runs it, and raises where it fails); its workspace is its TMA
     descriptors, 128 B each, a set an SM: A and B for the mainloop, D for each of the 2 epilogue warpgroups (no C)."""
     for groups in (1, 3, 32, 257):
         assert _ext.C.fp8_grouped_cutlass_setup_bytes(groups) == _cutlass.setup_bytes(groups)
