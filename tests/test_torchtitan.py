@@ -119,12 +119,14 @@ def _routed_pair(fused=True, dispatcher=td.AllToAllTokenDispatcher, **kwargs):
     return stock, ours
 
 
-def _routed_run(module, x, scores, ids, context=contextlib.nullcontext()):
+def _routed_run(module, x, scores, ids, context=contextlib.nullcontext(), dy=None):
     x, scores = x.clone().requires_grad_(), scores.clone().requires_grad_()
     counts = torch.bincount(ids.flatten(), minlength=E)
     with context:
         y = module(x, scores, ids, counts)
-    return [y.detach().float(), *(t.float() for t in _grads(y, [x, scores, *module.parameters()]))]
+    leaves = [x, scores, *module.parameters()]
+    grads = _grads(y, leaves) if dy is None else torch.autograd.grad(y, leaves, dy.to(y.dtype))
+    return [y.detach().float(), *(t.float() for t in grads)]
 
 
 ROUTED = ("y", "dx", "dscores", "dw1", "dw2", "dw3")
@@ -314,17 +316,37 @@ def test_overrides_by_name():
 EP_DIM = 128  # fp8 dispatch: (1, 128) tiles
 
 
-def _ep_case(rank, world, dtype, **kwargs):
-    """Rank ``rank``'s stock and moekernels routed experts on a 1-D "ep" mesh, its shard of E experts (both read
-    the same local weights), and its own tokens."""
+_MESH = []
+
+
+def _ep_mesh(world):
+    """The 1-D "ep" mesh of the ranks (made once per process)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torchtitan.distributed.utils import set_spmd_backend
 
-    # Stock's dispatcher reads the EP group from spmd_types' current mesh, which only torchtitan's trainer sets up;
-    # partial_dtensor (the trainer's --parallelism.spmd_backend) reads it from the mesh wired below.
-    set_spmd_backend("partial_dtensor")
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
-    inner = tm.GroupedExperts.Config(dim=EP_DIM, hidden_dim=F, num_experts=E // world)
+    if not _MESH:
+        # Stock's dispatcher reads the EP group from spmd_types' current mesh, which only torchtitan's trainer sets
+        # up; partial_dtensor (the trainer's --parallelism.spmd_backend) reads it from the mesh wired here.
+        set_spmd_backend("partial_dtensor")
+        _MESH.append(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)))
+    return _MESH[0]
+
+
+def _ep_tokens(rank, same=False):
+    """Rank ``rank``'s tokens, scores and ids. Ranks have different token counts, except with a capacity (``same``):
+    C derives from T, which must then be the same on every rank (torchtitan pads the sequence before routing so
+    that it is)."""
+    tokens = TOKENS + (0 if same else 3 * rank)
+    ids, scores = _routing(tokens, seed=10 + rank)
+    x = torch.randn(1, tokens, EP_DIM, generator=torch.Generator().manual_seed(20 + rank))
+    return x, scores, ids
+
+
+def _ep_case(rank, world, dtype, hidden=F, **kwargs):
+    """Rank ``rank``'s stock and moekernels routed experts on the "ep" mesh, each with its shard of E experts (the
+    same local weights), and its own tokens."""
+    mesh = _ep_mesh(world)
+    inner = tm.GroupedExperts.Config(dim=EP_DIM, hidden_dim=hidden, num_experts=E // world)
     cfg = tm.RoutedExperts.Config(inner_experts=inner,
                                   token_dispatcher=td.AllToAllTokenDispatcher.Config(num_experts=E, top_k=K))
     stock = _init(cfg.build(), seed=rank)  # the rank's experts
@@ -332,11 +354,7 @@ def _ep_case(rank, world, dtype, **kwargs):
     ours.load_state_dict(stock.state_dict())
     for m in (stock, ours):
         m.token_dispatcher.wire_meshes(ep_mesh=mesh)
-    # Ranks with different token counts, except with a capacity: C derives from T, which must then be the same on
-    # every rank (torchtitan pads the sequence before routing so that it is).
-    tokens = TOKENS + (0 if kwargs.get("capacity_factor") else 3 * rank)
-    ids, scores = _routing(tokens, seed=10 + rank)
-    x = torch.randn(1, tokens, EP_DIM, generator=torch.Generator().manual_seed(20 + rank))
+    x, scores, ids = _ep_tokens(rank, same=bool(kwargs.get("capacity_factor")))
     return stock, ours, x, scores, ids
 
 
@@ -371,8 +389,34 @@ def _ep_fp8(rank, world):
     assert rel_err(got[0], _routed_run(stock, x, scores, ids, stock_fp32())[0]) > 1e-4  # it did quantize
 
 
+def _ep_fp8_recipe(rank, world):
+    """``routed_experts_fp8`` on the EP mesh (fp8 dispatch and e4m3 GEMMs: FP8 with expert parallelism) against the
+    same layer in one process over every rank's tokens: the rank's outputs and its x and score gradients to float
+    rounding (each row meets the same e4m3 products; float32 compute, so that the dispatched e4m3 rows re-quantize to
+    themselves), its experts' gradients within calc_diff 4e-3: the wgrad's 128-token tiles group an expert's rows
+    in another order, so these are two fp8 wgrads, each within DeepGEMM's 1e-3 of the exact one (calc_diff is about
+    ||a - b||^2 / 2||b||^2: 4x by the triangle inequality; measured 6.5e-4 to 8e-4)."""
+    from test_fp8_training import calc_diff
+
+    local = E // world
+    _, ours, _, _, _ = _ep_case(rank, world, "float32", hidden=128, precision="fp8", dispatch_fp8=True)
+    full = tm.RoutedExperts.Config(inner_experts=tm.GroupedExperts.Config(dim=EP_DIM, hidden_dim=128, num_experts=E),
+                                   token_dispatcher=td.AllToAllTokenDispatcher.Config(num_experts=E, top_k=K))
+    one = _init(mt.routed_experts_fp8(full, dtype="float32", fused=False).build(), seed=7)  # every expert, no mesh
+    ours.load_state_dict({k: v[rank * local:(rank + 1) * local] for k, v in one.state_dict().items()})
+    inputs = [_ep_tokens(r) for r in range(world)]
+    dys = [torch.randn(x.shape, generator=torch.Generator().manual_seed(30 + r)) for r, (x, _, _) in enumerate(inputs)]
+    got = _routed_run(ours, *inputs[rank], dy=dys[rank])
+    want = _routed_run(one, *(torch.cat(t, 1) for t in zip(*inputs)), dy=torch.cat(dys, 1))
+    mine = slice(sum(x.shape[1] for x, _, _ in inputs[:rank]), sum(x.shape[1] for x, _, _ in inputs[:rank + 1]))
+    for name, a, b in zip(ROUTED[:3], got, want):
+        assert rel_err(a, b[:, mine]) <= 1e-6, (rank, name)
+    for name, a, b in zip(ROUTED[3:], got[3:], want[3:]):
+        assert calc_diff(a, b[rank * local:(rank + 1) * local]) <= 4e-3, (rank, name)
+
+
 def _ep_all(rank, world):
-    for case in (_ep_exact, _ep_capacity, _ep_fp8):  # one launch of the ranks (their imports take most of it)
+    for case in (_ep_exact, _ep_capacity, _ep_fp8, _ep_fp8_recipe):  # one launch of the ranks (their imports take most of it)
         case(rank, world)
 
 
