@@ -33,9 +33,11 @@ DeepSeek-V3 (D 7168, F 2048, E 256, k 8) at expert parallelism 8, the README's 8
 E_local = 32 experts a rank ("deepseek-v3 E32", ids drawn within the 32), experts group only, on
 R = T*k rows (a balanced all-to-all brings each rank T*k rows); with an EP mesh the `fused`
 override runs stock's dispatcher, so it has no routed group. T = 4096 and 16384 (the issue's). The
-quick GPU suite: Qwen3-30B-A3B experts and routed and DeepSeek-V3 E32 experts, at T 4096 (3 cases,
-13 timings, ~30-45 s estimated: 9 TFLOP for DeepSeek-V3's fwd+bwd, ~15-25 ms a call, >= 160 calls
-an implementation; no GPU has run it). On the CPU: every implementation on the torch backend
+quick GPU suite (last in the device check's stage 2): Qwen3-30B-A3B experts and routed and
+DeepSeek-V3 E32 experts, at T 4096 (3 cases, 10 timings, 11 with fused_fp8; ~20-35 s estimated:
+DeepSeek-V3's fwd+bwd is 8.7 TFLOP, ~12-20 ms a call, ~156 calls an implementation, ~8 s for its 3;
+Qwen3-30B-A3B's 0.9 TFLOP, ~2-3 ms; the Triton kernels compiled by the suite's other rows; no GPU has
+run it). One T a case: no plot. On the CPU: every implementation on the torch backend
 (stock on CPU torch._grouped_mm) at bench_moe's CPU_SHAPE (D 256, F 128, E 16, k 8), T 16 and 64.
 
 Counted: 3 GEMMs forward, 2*R*D*F each, 6*R*D*F; fwd+bwd 3x that, 18*R*D*F (dx and dw, one GEMM each
