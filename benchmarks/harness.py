@@ -9,7 +9,10 @@ writes the JSON, Markdown and plots.
 Conventions a module follows:
 - the implementation named ``naive`` is the plain PyTorch baseline every other
   one is compared with, and comes first in ``Case.impls``;
-- the one named ``native`` is torch's own op for the same job, where one exists.
+- the one named ``native`` is torch's own op for the same job, where one exists;
+- the one named ``stock`` is the library a benchmark integrates with, as it runs unchanged
+  (bench_torchtitan): the baseline of 'x stock'. A case without a naive row has every row
+  checked by its ``compare`` against the case's own reference.
 """
 
 from __future__ import annotations
