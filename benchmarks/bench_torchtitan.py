@@ -80,7 +80,8 @@ IMPLS = {
              "RoutedExperts with LocalTokenDispatcher), reproduced without torchtitan: the baseline of 'x stock'",
     "experts": "the `experts` override: torchtitan's experts on moekernels.grouped_mm (stock dispatch and combine "
                "around them in the routed group)",
-    "experts_fp8": "the `experts` override with precision=\"fp8\": moekernels.fp8.grouped_mm_fp8 (DeepSeek-V3's recipe)",
+    "experts_fp8": "the `experts` override with precision=\"fp8\": moekernels.fp8.grouped_mm_fp8 "
+                   "(DeepSeek-V3's recipe)",
     "fused": "the `fused` override: moekernels.fused_moe(x, (w1, w3), w2, scores, ids), no EP mesh",
     "fused_fp8": "the `fused` override with precision=\"fp8\"",
 }
