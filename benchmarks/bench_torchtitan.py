@@ -156,16 +156,14 @@ def stock_routed(x_TD, topk_scores_TK, topk_expert_ids_TK, num_local_tokens_per_
 
 def moekernels_experts(precision: str | None, backend: str | None, dtype: torch.dtype = DTYPE):
     """The computation of MoekernelsGroupedExperts.forward (the `experts` override): stock's
-    signature, its GEMMs moekernels.grouped_mm, or fp8.grouped_mm_fp8 with precision="fp8" (the
-    weights then quantized from what they are, not cast)."""
+    signature and casts (x and the weights to ``dtype``), its GEMMs moekernels.grouped_mm, or
+    fp8.grouped_mm_fp8 with precision="fp8" (which quantizes the cast weights)."""
+    mm = functools.partial(moekernels.grouped_mm if precision is None else fp8.grouped_mm_fp8, backend=backend)
+
     def forward(x_RD, num_tokens_per_expert_E, w1, w2, w3):
         offs = torch.cumsum(num_tokens_per_expert_E, 0, dtype=torch.int32)
         x = x_RD.to(dtype)
-        if precision is None:
-            w1, w2, w3 = (w.to(dtype) for w in (w1, w2, w3))
-            mm = functools.partial(moekernels.grouped_mm, backend=backend)
-        else:
-            mm = functools.partial(fp8.grouped_mm_fp8, backend=backend)
+        w1, w2, w3 = (w.to(dtype) for w in (w1, w2, w3))
         h = F.silu(mm(x, w1.transpose(-2, -1), offs)) * mm(x, w3.transpose(-2, -1), offs)
         return mm(h, w2.transpose(-2, -1), offs).type_as(x_RD)
     return forward

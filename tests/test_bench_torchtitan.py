@@ -142,3 +142,79 @@ def test_notes_report_the_targets():
         "fwd+bwd T=4096: 1.60"]
     assert bt.notes([{**records[0], "bench": "moe"}]) == []
 
+
+
+def _integration():
+    _titan()
+    from moekernels.integrations import torchtitan as mt  # not skipped: with torchtitan there, it must import
+
+    return mt
+
+
+def _equal_grads(got, want, names, what):
+    for name, a, b in zip(names, got, want):
+        assert torch.equal(a, b), (what, name)
+
+
+ROUTED_GRADS = ("y", "dx", "dscores", "dw1", "dw2", "dw3")
+
+
+def _routed_pair(mt, moe, precision, dtype, fused):
+    """A routed layer of the integration's (stock's RoutedExperts around the `experts` override, or the
+    `routed_experts` override's fused path) and the benchmark's function for it."""
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    experts_cfg = moe.GroupedExperts.Config(dim=D, hidden_dim=F_, num_experts=E)
+    cfg = moe.RoutedExperts.Config(inner_experts=mt.experts(experts_cfg, precision=precision, backend="torch"),
+                                   token_dispatcher=LocalTokenDispatcher.Config(num_experts=E, top_k=K))
+    if fused:
+        cfg = mt.routed_experts(cfg, precision=precision, backend="torch")
+        return _init(cfg.build(), dtype), bt.moekernels_fused(precision, "torch")
+    return _init(cfg.build(), dtype), bt.routed_with(bt.moekernels_experts(precision, "torch"))
+
+
+def _routed_grads(layer, bench, dtype):
+    tokens = 9
+    scores, ids, counts = _routing(tokens)
+    x = torch.randn(tokens, D, dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, D, dtype=dtype)
+    inner = layer.inner_experts
+    leaves = (x, scores, inner.w1_EFD, inner.w2_EDF, inner.w3_EFD)
+    y = layer(x.view(1, tokens, D), scores.view(1, tokens, K), ids.view(1, tokens, K), counts)
+    return _grads(bench(x, scores, ids, counts, *leaves[2:]), leaves, dy), _grads(y.view(tokens, D), leaves, dy)
+
+
+PARAMS = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32_params", "bf16_params"])
+PRECISIONS = pytest.mark.parametrize("precision", [None, "fp8"], ids=["bf16", "fp8"])
+
+
+@PRECISIONS
+@PARAMS
+def test_experts_rows_are_the_integrations_modules(dtype, precision):
+    """The benchmark's `experts` and `experts_fp8` rows compute what the integration's modules do, bit for
+    bit (torch.equal: the same ops on the same backend), forward and every gradient: the `experts`
+    override alone, and stock's RoutedExperts around it."""
+    mt, moe = _integration(), _titan()
+    cfg = moe.GroupedExperts.Config(dim=D, hidden_dim=F_, num_experts=E)
+    ours = _init(mt.experts(cfg, precision=precision, backend="torch").build(), dtype)
+    assert type(ours) is mt.MoekernelsGroupedExperts
+    counts = torch.tensor(COUNTS)
+    x = torch.randn(sum(COUNTS), D, dtype=dtype, requires_grad=True)
+    dy = torch.randn(sum(COUNTS), D, dtype=dtype)
+    leaves = (x, ours.w1_EFD, ours.w2_EDF, ours.w3_EFD)
+    got = _grads(bt.moekernels_experts(precision, "torch")(x, counts, *leaves[1:]), leaves, dy)
+    _equal_grads(got, _grads(ours(x, counts), leaves, dy), ("y", "dx", "dw1", "dw2", "dw3"), "experts")
+    _equal_grads(*_routed_grads(*_routed_pair(mt, moe, precision, dtype, False), dtype), ROUTED_GRADS, "routed")
+
+
+@PRECISIONS
+@PARAMS
+def test_fused_rows_are_the_integrations_fused_path(dtype, precision):
+    """The benchmark's `fused` and `fused_fp8` rows against the `routed_experts` override without an EP
+    mesh (its fused_moe path), bit for bit, forward and every gradient."""
+    mt, moe = _integration(), _titan()
+    if precision == "fp8" and bt.fused_fp8_unsupported():
+        pytest.skip(f"fused_moe(precision='fp8') does not take the (w1, w3) pair yet: {bt.fused_fp8_unsupported()}")
+    layer, bench = _routed_pair(mt, moe, precision, dtype, True)
+    assert type(layer) is mt.MoekernelsRoutedExperts and layer.fusable()
+    _equal_grads(*_routed_grads(layer, bench, dtype), ROUTED_GRADS, "fused")
