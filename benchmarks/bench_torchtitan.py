@@ -21,17 +21,17 @@ Groups, swept over the tokens per rank T:
   the outputs times the scores in float32, cast back to bf16, and torchtitan's
   `deterministic_scatter_add` into zeros (scatter_add with deterministic algorithms on; its
   backward a gather). experts and experts_fp8: the same dispatch and combine around moekernels'
-  experts (the `experts` override inside stock's RoutedExperts). fused: the `fused` override
+  experts (the `experts` override inside stock's RoutedExperts). fused: the `routed_experts` override
   (MoekernelsRoutedExperts): `fused_moe(x, (w1, w3), w2, scores, ids)`, gather, SwiGLU and
   weighted scatter in moekernels' kernels, w1 and w3 read in place. fused_fp8: the same with
   precision="fp8", where `fused_moe` takes the (w1, w3) pair in fp8 (FUSED_FP8, probed once; else
   left out and the notes say why).
 
 Shapes: Qwen3-30B-A3B (D 2048, F 768, E 128, k 8) at expert parallelism 1: one GPU holds all 128
-experts (1.2 GB of bf16 weights), the case the `fused` override runs (without an EP mesh);
+experts (1.2 GB of bf16 weights), the case the `routed_experts` override runs (without an EP mesh);
 DeepSeek-V3 (D 7168, F 2048, E 256, k 8) at expert parallelism 8, the README's 8-GPU command:
 E_local = 32 experts a rank ("deepseek-v3 E32", ids drawn within the 32), experts group only, on
-R = T*k rows (a balanced all-to-all brings each rank T*k rows); with an EP mesh the `fused`
+R = T*k rows (a balanced all-to-all brings each rank T*k rows); with an EP mesh the `routed_experts`
 override runs stock's dispatcher, so it has no routed group. T = 4096 and 16384 (the issue's). The
 quick GPU suite (last in the device check's stage 2): Qwen3-30B-A3B experts and routed and
 DeepSeek-V3 E32 experts, at T 4096 (3 cases, 10 timings, 11 with fused_fp8; ~20-35 s estimated:
@@ -82,8 +82,8 @@ IMPLS = {
                "around them in the routed group)",
     "experts_fp8": "the `experts` override with precision=\"fp8\": moekernels.fp8.grouped_mm_fp8 "
                    "(DeepSeek-V3's recipe)",
-    "fused": "the `fused` override: moekernels.fused_moe(x, (w1, w3), w2, scores, ids), no EP mesh",
-    "fused_fp8": "the `fused` override with precision=\"fp8\"",
+    "fused": "the `routed_experts` override: moekernels.fused_moe(x, (w1, w3), w2, scores, ids), no EP mesh",
+    "fused_fp8": "the `routed_experts` override with precision=\"fp8\"",
 }
 BF16_IMPLS = ("experts", "fused")
 FP8_IMPLS = ("experts_fp8", "fused_fp8")
@@ -170,7 +170,7 @@ def moekernels_experts(precision: str | None, backend: str | None, dtype: torch.
 
 
 def moekernels_fused(precision: str | None, backend: str | None, dtype: torch.dtype = DTYPE):
-    """The computation of MoekernelsRoutedExperts.forward without an EP mesh (the `fused` override)."""
+    """The computation of MoekernelsRoutedExperts.forward without an EP mesh (the `routed_experts` override)."""
     def forward(x_TD, topk_scores_TK, topk_expert_ids_TK, num_local_tokens_per_expert_E, w1, w2, w3):
         return moekernels.fused_moe(x_TD.to(dtype), (w1.to(dtype), w3.to(dtype)), w2.to(dtype), topk_scores_TK,
                                     topk_expert_ids_TK, precision=precision, backend=backend).type_as(x_TD)
