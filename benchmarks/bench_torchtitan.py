@@ -24,15 +24,16 @@ Groups, swept over the tokens per rank T:
   experts (the `experts` override inside stock's RoutedExperts). fused: the `routed_experts` override
   (MoekernelsRoutedExperts): `fused_moe(x, (w1, w3), w2, scores, ids)`, gather, SwiGLU and
   weighted scatter in moekernels' kernels, w1 and w3 read in place. fused_fp8: the same with
-  precision="fp8", where `fused_moe` takes the (w1, w3) pair in fp8 (FUSED_FP8, probed once; else
-  left out and the notes say why).
+  precision="fp8", where `fused_moe` takes the (w1, w3) pair in fp8 (fused_fp8_unsupported probes it
+  once; else the row is left out and the notes say why).
 
 Shapes: Qwen3-30B-A3B (D 2048, F 768, E 128, k 8) at expert parallelism 1: one GPU holds all 128
 experts (1.2 GB of bf16 weights), the case the `routed_experts` override runs (without an EP mesh);
 DeepSeek-V3 (D 7168, F 2048, E 256, k 8) at expert parallelism 8, the README's 8-GPU command:
 E_local = 32 experts a rank ("deepseek-v3 E32", ids drawn within the 32), experts group only, on
-R = T*k rows (a balanced all-to-all brings each rank T*k rows); with an EP mesh the `routed_experts`
-override runs stock's dispatcher, so it has no routed group. T = 4096 and 16384 (the issue's). The
+R = T*k rows (a balanced all-to-all brings each rank T*k rows); with an EP mesh the routed layer is
+an all-to-all around the experts (the integration's dispatcher: moekernels.distributed, timed by
+bench_distributed), not fused_moe, so it has no routed group here. T = 4096 and 16384 (the issue's). The
 quick GPU suite (last in the device check's stage 2): Qwen3-30B-A3B experts and routed and
 DeepSeek-V3 E32 experts, at T 4096 (3 cases, 10 timings, 11 with fused_fp8; ~20-35 s estimated:
 DeepSeek-V3's fwd+bwd is 8.7 TFLOP, ~12-20 ms a call, ~156 calls an implementation, ~8 s for its 3;
