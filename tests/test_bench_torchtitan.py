@@ -38,21 +38,44 @@ def _grads(y, leaves, dy):
     return (y, *torch.autograd.grad(y, leaves, dy))
 
 
+def _equal_grads(got, want, names, what):
+    for name, a, b in zip(names, got, want):
+        assert torch.equal(a, b), (what, name)
+
+
+EXPERTS_GRADS = ("y", "dx", "dw1", "dw2", "dw3")
+ROUTED_GRADS = ("y", "dx", "dscores", "dw1", "dw2", "dw3")
+
+
+def _experts_grads(experts, bench, dtype):
+    """(the benchmark's, the module's) output and gradients on COUNTS' rows."""
+    counts = torch.tensor(COUNTS)
+    x = torch.randn(sum(COUNTS), D, dtype=dtype, requires_grad=True)
+    dy = torch.randn(sum(COUNTS), D, dtype=dtype)
+    leaves = (x, experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
+    want = _grads(experts(x, counts), leaves, dy)
+    assert want[0].dtype == dtype
+    return _grads(bench(x, counts, *leaves[1:]), leaves, dy), want
+
+
+def _routed_grads(layer, bench, dtype):
+    tokens = 9
+    scores, ids, counts = _routing(tokens)
+    x = torch.randn(tokens, D, dtype=dtype, requires_grad=True)
+    dy = torch.randn(tokens, D, dtype=dtype)
+    inner = layer.inner_experts
+    leaves = (x, scores, inner.w1_EFD, inner.w2_EDF, inner.w3_EFD)
+    y = layer(x.view(1, tokens, D), scores.view(1, tokens, K), ids.view(1, tokens, K), counts)
+    return _grads(bench(x, scores, ids, counts, *leaves[2:]), leaves, dy), _grads(y.view(tokens, D), leaves, dy)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_stock_copy_is_torchtitans_grouped_experts(dtype):
     """Bit for bit (torch.equal): the same ops in the same order, forward and every gradient; in fp32
     through stock's .bfloat16() casts and .type_as."""
     moe = _titan()
     experts = _init(moe.GroupedExperts.Config(dim=D, hidden_dim=F_, num_experts=E).build(), dtype)
-    counts = torch.tensor(COUNTS)
-    x = torch.randn(sum(COUNTS), D, dtype=dtype, requires_grad=True)
-    dy = torch.randn(sum(COUNTS), D, dtype=dtype)
-    leaves = (x, experts.w1_EFD, experts.w2_EDF, experts.w3_EFD)
-    want = _grads(experts(x, counts), leaves, dy)
-    got = _grads(bt.stock_experts(x, counts, *leaves[1:]), leaves, dy)
-    assert want[0].dtype == dtype
-    for name, a, b in zip(("y", "dx", "dw1", "dw2", "dw3"), got, want):
-        assert torch.equal(a, b), name
+    _equal_grads(*_experts_grads(experts, bt.stock_experts, dtype), EXPERTS_GRADS, "stock")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -65,17 +88,7 @@ def test_stock_copy_is_torchtitans_routed_experts(dtype):
     layer = _init(moe.RoutedExperts.Config(
         inner_experts=moe.GroupedExperts.Config(dim=D, hidden_dim=F_, num_experts=E),
         token_dispatcher=LocalTokenDispatcher.Config(num_experts=E, top_k=K)).build(), dtype)
-    tokens = 9
-    scores, ids, counts = _routing(tokens)
-    x = torch.randn(tokens, D, dtype=dtype, requires_grad=True)
-    dy = torch.randn(tokens, D, dtype=dtype)
-    inner = layer.inner_experts
-    leaves = (x, scores, inner.w1_EFD, inner.w2_EDF, inner.w3_EFD)
-    y = layer(x.view(1, tokens, D), scores.view(1, tokens, K), ids.view(1, tokens, K), counts)
-    want = _grads(y.view(tokens, D), leaves, dy)
-    got = _grads(bt.stock_routed(x, scores, ids, counts, *leaves[2:]), leaves, dy)
-    for name, a, b in zip(("y", "dx", "dscores", "dw1", "dw2", "dw3"), got, want):
-        assert torch.equal(a, b), name
+    _equal_grads(*_routed_grads(layer, bt.stock_routed, dtype), ROUTED_GRADS, "stock")
 
 
 def test_cpu_dry_run(tmp_path, monkeypatch, capsys):
@@ -151,14 +164,6 @@ def _integration():
     return mt
 
 
-def _equal_grads(got, want, names, what):
-    for name, a, b in zip(names, got, want):
-        assert torch.equal(a, b), (what, name)
-
-
-ROUTED_GRADS = ("y", "dx", "dscores", "dw1", "dw2", "dw3")
-
-
 def _routed_pair(mt, moe, precision, dtype, fused):
     """A routed layer of the integration's (stock's RoutedExperts around the `experts` override, or the
     `routed_experts` override's fused path) and the benchmark's function for it."""
@@ -171,17 +176,6 @@ def _routed_pair(mt, moe, precision, dtype, fused):
         cfg = mt.routed_experts(cfg, precision=precision, backend="torch")
         return _init(cfg.build(), dtype), bt.moekernels_fused(precision, "torch")
     return _init(cfg.build(), dtype), bt.routed_with(bt.moekernels_experts(precision, "torch"))
-
-
-def _routed_grads(layer, bench, dtype):
-    tokens = 9
-    scores, ids, counts = _routing(tokens)
-    x = torch.randn(tokens, D, dtype=dtype, requires_grad=True)
-    dy = torch.randn(tokens, D, dtype=dtype)
-    inner = layer.inner_experts
-    leaves = (x, scores, inner.w1_EFD, inner.w2_EDF, inner.w3_EFD)
-    y = layer(x.view(1, tokens, D), scores.view(1, tokens, K), ids.view(1, tokens, K), counts)
-    return _grads(bench(x, scores, ids, counts, *leaves[2:]), leaves, dy), _grads(y.view(tokens, D), leaves, dy)
 
 
 PARAMS = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32_params", "bf16_params"])
@@ -198,12 +192,7 @@ def test_experts_rows_are_the_integrations_modules(dtype, precision):
     cfg = moe.GroupedExperts.Config(dim=D, hidden_dim=F_, num_experts=E)
     ours = _init(mt.experts(cfg, precision=precision, backend="torch").build(), dtype)
     assert type(ours) is mt.MoekernelsGroupedExperts
-    counts = torch.tensor(COUNTS)
-    x = torch.randn(sum(COUNTS), D, dtype=dtype, requires_grad=True)
-    dy = torch.randn(sum(COUNTS), D, dtype=dtype)
-    leaves = (x, ours.w1_EFD, ours.w2_EDF, ours.w3_EFD)
-    got = _grads(bt.moekernels_experts(precision, "torch")(x, counts, *leaves[1:]), leaves, dy)
-    _equal_grads(got, _grads(ours(x, counts), leaves, dy), ("y", "dx", "dw1", "dw2", "dw3"), "experts")
+    _equal_grads(*_experts_grads(ours, bt.moekernels_experts(precision, "torch"), dtype), EXPERTS_GRADS, "experts")
     _equal_grads(*_routed_grads(*_routed_pair(mt, moe, precision, dtype, False), dtype), ROUTED_GRADS, "routed")
 
 
