@@ -29,7 +29,7 @@ Groups, swept over the tokens per rank T:
 
 Shapes: Qwen3-30B-A3B (D 2048, F 768, E 128, k 8) at expert parallelism 1: one GPU holds all 128
 experts (1.2 GB of bf16 weights), the case the `routed_experts` override runs (without an EP mesh);
-DeepSeek-V3 (D 7168, F 2048, E 256, k 8) at expert parallelism 8, the README's 8-GPU command:
+DeepSeek-V3 (D 7168, F 2048, E 256, k 8) at expert parallelism 8 (issue 20's 8-GPU command):
 E_local = 32 experts a rank ("deepseek-v3 E32", ids drawn within the 32), experts group only, on
 R = T*k rows (a balanced all-to-all brings each rank T*k rows); with an EP mesh the routed layer is
 an all-to-all around the experts (the integration's dispatcher: moekernels.distributed, timed by
