@@ -209,6 +209,15 @@ def test_experts_fp8_within_the_recipes_tolerances(backend):
         assert calc_diff(a, b) <= 3e-3, name
 
 
+def test_import_is_lazy():
+    """Importing moekernels (and its integrations package) never imports torchtitan."""
+    import subprocess
+    import sys
+
+    code = "import sys, moekernels, moekernels.integrations; assert 'torchtitan' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_settings_are_checked():
     cfg = tm.GroupedExperts.Config(dim=D, hidden_dim=F, num_experts=E)
     with pytest.raises(ValueError, match="dim and hidden_dim multiples of 128"):
