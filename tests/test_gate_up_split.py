@@ -179,22 +179,23 @@ def test_opcheck_with_up_weight(backend):
     torch.library.opcheck(torch.ops.moekernels.fused_moe.default, args)
 
 
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_moe_split_trains_like_fused(backend):
-    """MoE(split_gate_up=True): parameters w_gate and w_up, the same initialization and steps."""
-    torch.manual_seed(1)
-    fused = moekernels.MoE(40, 24, 5, 2, backend=backend)
-    torch.manual_seed(1)
-    split = moekernels.MoE(40, 24, 5, 2, backend=backend, split_gate_up=True)
-    names = {n for n, _ in split.named_parameters()}
-    assert {"w_gate", "w_up", "w_down"} <= names and "w_gate_up" not in names
-    assert split.w_gate.shape == split.w_up.shape == (5, 24, 40)
+def _layers(*sizes, seed=1, **kw):
+    """MoE(*sizes, **kw) fused and split (split_gate_up=True), the split one with the fused one's weights."""
+    torch.manual_seed(seed)
+    fused = moekernels.MoE(*sizes, **kw)
+    torch.manual_seed(seed)
+    split = moekernels.MoE(*sizes, split_gate_up=True, **kw)
+    inter = sizes[1]
     with torch.no_grad():
         split.gate.weight.copy_(fused.gate.weight)
         split.w_down.copy_(fused.w_down)
-        split.w_gate.copy_(fused.w_gate_up[:, :24])
-        split.w_up.copy_(fused.w_gate_up[:, 24:])
-    x = torch.randn(7, 40)
+        split.w_gate.copy_(fused.w_gate_up[:, :inter])
+        split.w_up.copy_(fused.w_gate_up[:, inter:])
+    return fused, split
+
+
+def _trains_alike(fused, split, x):
+    """Two SGD steps of each layer on x: the same parameters after them."""
     for layer in (fused, split):
         opt = torch.optim.SGD(layer.parameters(), lr=0.1)
         for _ in range(2):
@@ -202,7 +203,17 @@ def test_moe_split_trains_like_fused(backend):
             layer(x).square().sum().backward()
             opt.step()
     assert torch.equal(torch.cat([split.w_gate, split.w_up], 1), fused.w_gate_up)
-    assert torch.equal(split.w_down, fused.w_down)
+    assert torch.equal(split.w_down, fused.w_down) and torch.equal(split.gate.weight, fused.gate.weight)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_moe_split_trains_like_fused(backend):
+    """MoE(split_gate_up=True): parameters w_gate and w_up, the same initialization and steps."""
+    fused, split = _layers(40, 24, 5, 2, backend=backend)
+    names = {n for n, _ in split.named_parameters()}
+    assert {"w_gate", "w_up", "w_down"} <= names and "w_gate_up" not in names
+    assert split.w_gate.shape == split.w_up.shape == (5, 24, 40)
+    _trains_alike(fused, split, torch.randn(7, 40))
 
 
 def test_moe_split_compiles_fullgraph():
@@ -218,15 +229,7 @@ def test_moe_split_compiles_fullgraph():
 def test_moe_split_quantize_experts_and_errors():
     """quantize_experts gives w_gate and w_up their own scales: the same blocks as the fused
     layer's (I a multiple of 128), so the same output."""
-    torch.manual_seed(2)
-    fused = moekernels.MoE(128, 128, 3, 2, backend="torch")
-    torch.manual_seed(2)
-    split = moekernels.MoE(128, 128, 3, 2, backend="torch", split_gate_up=True)
-    with torch.no_grad():
-        split.gate.weight.copy_(fused.gate.weight)
-        split.w_down.copy_(fused.w_down)
-        split.w_gate.copy_(fused.w_gate_up[:, :128])
-        split.w_up.copy_(fused.w_gate_up[:, 128:])
+    fused, split = _layers(128, 128, 3, 2, seed=2, backend="torch")
     fused.quantize_experts()
     split.quantize_experts()
     assert split.w_gate_scale.shape == split.w_up_scale.shape == (3, 1, 1)
@@ -283,7 +286,7 @@ def test_pair_fp8_training_equals_fused(case, dtype, backend):
         assert grad.dtype == weight.dtype and grad.shape == weight.shape and grad._base is None
     assert pg.grad.untyped_storage().data_ptr() != pu.grad.untyped_storage().data_ptr()
     empty = [e for e in range(w_gate.shape[0]) if not (ids == e).any()]
-    assert all(not pg.grad[e].any() and not pu.grad[e].any() for e in empty)
+    assert empty and all(not pg.grad[e].any() and not pu.grad[e].any() for e in empty)
     # And near the float64 layer (e4m3 everywhere: DeepGEMM's calc_diff, as test_fp8_training's bound).
     rx, rg, ru, rd, rtw = leaves(*(t.double() for t in (x, w_gate, w_up, w_down, tw)))
     want = reference.fused_moe(rx, (rg, ru), rd, rtw, ids)
@@ -358,36 +361,14 @@ def test_pair_fp8_training_opcheck_and_compile():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def _fp8_layers(**kw):
-    """MoE(precision="fp8") fused and split, with the same weights."""
-    torch.manual_seed(3)
-    fused = moekernels.MoE(128, 128, 4, 2, precision="fp8", backend="torch", **kw)
-    split = moekernels.MoE(128, 128, 4, 2, precision="fp8", backend="torch", split_gate_up=True, **kw)
-    with torch.no_grad():
-        split.gate.weight.copy_(fused.gate.weight)
-        split.w_down.copy_(fused.w_down)
-        split.w_gate.copy_(fused.w_gate_up[:, :128])
-        split.w_up.copy_(fused.w_gate_up[:, 128:])
-    return fused, split
-
-
 def test_moe_split_fp8_trains_like_fused():
-    fused, split = _fp8_layers()
-    x = torch.randn(9, 128)
-    for layer in (fused, split):
-        opt = torch.optim.SGD(layer.parameters(), lr=0.1)
-        for _ in range(2):
-            opt.zero_grad()
-            layer(x).square().sum().backward()
-            opt.step()
-    assert torch.equal(torch.cat([split.w_gate, split.w_up], 1), fused.w_gate_up)
-    assert torch.equal(split.w_down, fused.w_down) and torch.equal(split.gate.weight, fused.gate.weight)
+    _trains_alike(*_layers(128, 128, 4, 2, seed=3, precision="fp8", backend="torch"), torch.randn(9, 128))
 
 
 def test_moe_split_fp8_under_autocast():
     """float32 w_gate and w_up under bf16 autocast: both cast (the op's autocast kernel casts w_up
     too), float32 gradients, the fused layer's values."""
-    fused, split = _fp8_layers(dtype=torch.float32)
+    fused, split = _layers(128, 128, 4, 2, seed=3, precision="fp8", backend="torch", dtype=torch.float32)
     x = torch.randn(12, 128)
     outs = []
     for layer in (fused, split):
