@@ -249,28 +249,33 @@ def test_moe_split_quantize_experts_and_errors():
 FP8_CASES = [(11, 128, 256, 5, 2), (1, 256, 128, 3, 2)]
 
 
-def _fp8_training_pair(case, dtype):
-    x, w_gate, w_up, w_down, tw, ids = make_pair(case, dtype, "cpu")
+def _fp8_training_pair(case, dtype, device="cpu"):
+    x, w_gate, w_up, w_down, tw, ids = make_pair(case, dtype, device)
     return x, w_gate, (w_up.float() * 4).to(dtype), w_down, tw, ids  # another range than the gate's
 
 
-def _interpreted(*args):
-    return pytest.param(*args, marks=cpu_backends()[1].marks)
+# The interpreter (about 15 s a T = 11 case) on one case of each dtype; the GPU on both.
+_TRAINING = [("cpu", "torch", 0, torch.bfloat16), ("cpu", "torch", 0, torch.float32),
+             ("cpu", "torch", 1, torch.bfloat16), ("cpu", "triton", 0, torch.bfloat16),
+             ("cpu", "triton", 1, torch.float32), ("cuda", "triton", 0, torch.bfloat16),
+             ("cuda", "triton", 1, torch.float32)]
 
 
-# The interpreter (about 15 s a T = 11 case) on one case of each dtype.
-@pytest.mark.parametrize("backend,case,dtype", [
-    ("torch", FP8_CASES[0], torch.bfloat16), ("torch", FP8_CASES[0], torch.float32),
-    ("torch", FP8_CASES[1], torch.bfloat16), _interpreted("triton", FP8_CASES[0], torch.bfloat16),
-    _interpreted("triton", FP8_CASES[1], torch.float32)],
-    ids=["torch-bf16", "torch-fp32", "torch-T1_bf16", "triton-bf16", "triton-T1_fp32"])
-def test_pair_fp8_training_equals_fused(case, dtype, backend):
+def _training_params():
+    for device, backend, c, dtype in _TRAINING:
+        marks = pytest.mark.gpu if device == "cuda" else cpu_backends()[1].marks if backend == "triton" else ()
+        yield pytest.param(device, backend, FP8_CASES[c], dtype, marks=marks,
+                           id=f"{device}-{backend}-{'T1_' if c else ''}{str(dtype).removeprefix('torch.')}")
+
+
+@pytest.mark.parametrize("device,backend,case,dtype", list(_training_params()))
+def test_pair_fp8_training_equals_fused(device, backend, case, dtype):
     """precision="fp8" with the pair: forward and every gradient as the fused form's on
     torch.cat([w_gate, w_up], 1). I is a multiple of 128, so each half's (128, 128) weight blocks,
     dz's (1, 128) tiles and its 128-token x 1-channel wgrad tiles are the fused tensors' own: the
     same bits, except dx (below)."""
-    x, w_gate, w_up, w_down, tw, ids = _fp8_training_pair(case, dtype)
-    g = torch.randn(x.shape).to(dtype)
+    x, w_gate, w_up, w_down, tw, ids = _fp8_training_pair(case, dtype, device)
+    g = torch.randn(x.shape, device=device).to(dtype)
     px, pg, pu, pd, ptw = leaves(x, w_gate, w_up, w_down, tw)
     y = moekernels.fused_moe(px, (pg, pu), pd, ptw, ids, precision="fp8", backend=backend)
     y.backward(g)
@@ -291,12 +296,12 @@ def test_pair_fp8_training_equals_fused(case, dtype, backend):
     empty = [e for e in range(w_gate.shape[0]) if not (ids == e).any()]
     assert empty and all(not pg.grad[e].any() and not pu.grad[e].any() for e in empty)
     # And near the float64 layer (e4m3 everywhere: DeepGEMM's calc_diff, as test_fp8_training's bound).
-    rx, rg, ru, rd, rtw = leaves(*(t.double() for t in (x, w_gate, w_up, w_down, tw)))
-    want = reference.fused_moe(rx, (rg, ru), rd, rtw, ids)
-    want.backward(g.double())
+    rx, rg, ru, rd, rtw = leaves(*(t.double().cpu() for t in (x, w_gate, w_up, w_down, tw)))
+    want = reference.fused_moe(rx, (rg, ru), rd, rtw, ids.cpu())
+    want.backward(g.double().cpu())
     for got, ref in ((y, want), (px.grad, rx.grad), (pg.grad, rg.grad), (pu.grad, ru.grad), (pd.grad, rd.grad),
                      (ptw.grad, rtw.grad)):
-        assert calc_diff(got.detach(), ref.detach()) <= 6e-3
+        assert calc_diff(got.detach().cpu(), ref.detach()) <= 6e-3
 
 
 class _Inside(TorchDispatchMode):
