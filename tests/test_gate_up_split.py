@@ -245,8 +245,9 @@ def test_moe_split_quantize_experts_and_errors():
 # ----------------------------------------------------------------------------- precision="fp8" (training)
 # (T, H, I, E, k): I = 256, two 128-blocks per half (dx's sums differ in order from the fused
 # form's, see below), an expert of no pair and one of a single pair (make_ids) among uneven
-# segments; and one token.
-FP8_CASES = [(11, 128, 256, 5, 2), (1, 256, 128, 3, 2)]
+# segments; one token; and one expert of 399 pairs beside those two (4 wgrad token tiles, the
+# last partial).
+FP8_CASES = [(11, 128, 256, 5, 2), (1, 256, 128, 3, 2), (400, 128, 256, 3, 1)]
 
 
 def _fp8_training_pair(case, dtype, device="cpu"):
@@ -256,7 +257,8 @@ def _fp8_training_pair(case, dtype, device="cpu"):
 
 # The interpreter (about 15 s a T = 11 case) on one case of each dtype; the GPU on both.
 _TRAINING = [("cpu", "torch", 0, torch.bfloat16), ("cpu", "torch", 0, torch.float32),
-             ("cpu", "torch", 1, torch.bfloat16), ("cpu", "triton", 0, torch.bfloat16),
+             ("cpu", "torch", 1, torch.bfloat16), ("cpu", "torch", 2, torch.bfloat16),
+             ("cpu", "triton", 0, torch.bfloat16),
              ("cpu", "triton", 1, torch.float32), ("cuda", "triton", 0, torch.bfloat16),
              ("cuda", "triton", 1, torch.float32)]
 
@@ -265,7 +267,7 @@ def _training_params():
     for device, backend, c, dtype in _TRAINING:
         marks = pytest.mark.gpu if device == "cuda" else cpu_backends()[1].marks if backend == "triton" else ()
         yield pytest.param(device, backend, FP8_CASES[c], dtype, marks=marks,
-                           id=f"{device}-{backend}-{'T1_' if c else ''}{str(dtype).removeprefix('torch.')}")
+                           id=f"{device}-{backend}-{('', 'T1_', 'T400_')[c]}{str(dtype).removeprefix('torch.')}")
 
 
 @pytest.mark.parametrize("device,backend,case,dtype", list(_training_params()))
