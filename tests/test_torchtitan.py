@@ -209,6 +209,29 @@ def test_experts_fp8_within_the_recipes_tolerances(backend):
         assert calc_diff(a, b) <= 3e-3, name
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_fused_routed_experts_fp8_within_the_recipes_tolerances(backend):
+    """``routed_experts_fp8`` without EP: one ``fused_moe(precision="fp8")`` on the (w1, w3) pair; its output and
+    every gradient (x, scores, w1, w2, w3) within calc_diff 3e-3 of stock fp32, as the experts' three GEMMs."""
+    from test_fp8_training import calc_diff
+
+    inner = tm.GroupedExperts.Config(dim=128, hidden_dim=128, num_experts=E)
+    cfg = tm.RoutedExperts.Config(inner_experts=inner, token_dispatcher=td.AllToAllTokenDispatcher.Config(
+        num_experts=E, top_k=K))
+    stock = _init(cfg.build())
+    ours = mt.routed_experts_fp8(copy.deepcopy(cfg), backend=backend).build()
+    ours.load_state_dict(stock.state_dict())
+    assert ours.fusable() and ours.inner_experts.precision == "fp8"
+    ids, scores = _routing(70)
+    x = torch.randn(1, 70, 128, generator=torch.Generator().manual_seed(6))
+    x[..., ::37] *= 30
+    exact = _routed_run(stock, x, scores, ids, stock_fp32())
+    with mock.patch.object(mt.MoekernelsRoutedExperts.__mro__[1], "forward", side_effect=AssertionError("unfused")):
+        got = _routed_run(ours, x, scores, ids)
+    for name, a, b in zip(ROUTED, got, exact):
+        assert calc_diff(a, b) <= 3e-3, name
+
+
 def test_import_is_lazy():
     """Importing moekernels (and its integrations package) never imports torchtitan."""
     import subprocess
