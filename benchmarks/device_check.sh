@@ -47,9 +47,11 @@
 #   serially at 01310c1) on 8 workers: S2_TESTS 180 s, ~1-1.5 min estimated. Without
 #   pytest-xdist they run serially and are expected to hit the limit (reported as TIMED OUT).
 # - the rest of the quick suite in run.py's order (route, plan, permute, the other grouped GEMM,
-#   FP8, MoE (LoRA too) and decode rows, FP8 training, expert parallelism; 306 timings): S2_BENCH
-#   240 s, ~250 s estimated (the whole suite's ~300-350 s less the headline rows): the last
-#   benchmarks may be cut off, their rows then missing from rows.jsonl.
+#   FP8, MoE (LoRA too) and decode rows, FP8 training, expert parallelism, torchtitan's experts;
+#   316 timings): S2_BENCH 240 s, ~250 s estimated before torchtitan's 10 timings (the whole suite's
+#   ~300-350 s less the headline rows), ~20-35 s more with them (bench_torchtitan's docstring): the
+#   last benchmarks may be cut off, their rows then missing from rows.jsonl; torchtitan's come last,
+#   so they go first. Its quick cases run at one T each: no plot (route.png and permute.png stay).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

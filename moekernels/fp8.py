@@ -264,6 +264,10 @@ SM90_FP8_GEMMS = {
     # GEMM 1 with a rank-16 LoRA segment in bf16 (issue 16), against fp8_block_gather_gated_kmajor.
     "fp8_block_gather_gated_kmajor_lora16": ("gather+gated+colscale+lora16", 512, 2048, 7168, 3),
     "fp8_block_scatter_kmajor": ("scatter+colscale", 512, 7168, 2048, 3),
+    # GEMM 1 with gate and up as two e4m3 weights, each with its own (128, 128) scales (fused_moe's
+    # (w_gate, w_up) pair: e4m3 inference and precision="fp8"), against the two above.
+    "fp8_block_gather_gated_kmajor_split": ("gather+gated+split+colscale", 512, 2048, 7168, 3),
+    "fp8_block_gather_gated_decode_split": ("gather+gated+split+colscale", 4, 2048, 7168, 3),
 }
 
 
