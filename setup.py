@@ -9,6 +9,10 @@ It includes no torch headers, so it needs neither a GPU nor a matching torch to 
 - MOEKERNELS_BUILD_CUDA=1 makes a failed build an error (by default the package installs
   without it and warns, and moekernels.HAS_CUDA_EXT is False).
 - CUDA_HOME points at the toolkit when nvcc is not on the PATH.
+- csrc/fp8_grouped_cutlass.cu (CUTLASS's block-scaled FP8 grouped GEMM) is built, for sm_90a alone,
+  when the list has 9.0 and CUTLASS's headers are found: CUTLASS_PATH (a CUTLASS checkout), else the
+  nvidia-cutlass wheel (a build requirement in pyproject.toml). Otherwise the extension is built
+  without it, says why, and moekernels._C.CUTLASS_ERROR holds the reason.
 """
 
 import os
@@ -24,6 +28,8 @@ from setuptools.command.build_ext import build_ext
 
 CSRC = "csrc"
 CU_SOURCES = ["route.cu", "permute.cu", "plan.cu", "quantize.cu"]
+CUTLASS_SOURCE = "fp8_grouped_cutlass.cu"
+CUTLASS_ARCH = ("compute_90a", "sm_90a")  # its kernel is Hopper's (wgmma, TMA, setmaxnreg)
 # The compute capabilities built when TORCH_CUDA_ARCH_LIST is unset: Ampere (sm_80 SASS runs on 8.0,
 # 8.6, 8.7 and 8.9), Hopper, datacenter and consumer Blackwell, and PTX of the newest for GPUs to come.
 DEFAULT_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
@@ -102,6 +108,35 @@ def nvcc_flags(archs):
     ]
 
 
+def cutlass_flags():
+    """nvcc flags CUTLASS's headers need beyond ours: constexpr calls across host and device (cute), and
+    its device asserts off (NDEBUG), as CUTLASS's own CMake builds them."""
+    return ["--expt-relaxed-constexpr", "-DNDEBUG"]
+
+
+def find_cutlass():
+    """(include dirs, None) of CUTLASS's headers, or (None, why not).
+
+    CUTLASS_PATH (a CUTLASS checkout or install: include/ and tools/util/include/) comes first, then the
+    nvidia-cutlass wheel's copy (cutlass_library/source/). Only its headers are used; nothing is linked.
+    """
+    root = os.environ.get("CUTLASS_PATH")
+    where = "CUTLASS_PATH"
+    if not root:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")  # located, not imported (its generator is large)
+        if spec is None or not spec.origin:
+            return None, ("CUTLASS's headers were not found: install nvidia-cutlass==4.2.0.0 (a build requirement; "
+                          "without build isolation, install it first) or set CUTLASS_PATH")
+        root = os.path.join(os.path.dirname(spec.origin), "source")
+        where = "the nvidia-cutlass wheel"
+    dirs = [os.path.join(root, "include"), os.path.join(root, "tools", "util", "include")]
+    if not os.path.exists(os.path.join(dirs[0], "cutlass", "cutlass.h")):
+        return None, f"{where} ({root}) has no include/cutlass/cutlass.h"
+    return dirs, None
+
+
 def arch_names(archs):
     """The pairs as the build records them (moekernels._C.ARCHS) and cuobjdump names them."""
     return " ".join(real for _, real in archs)
@@ -124,9 +159,9 @@ def find_cuda_home():
 class BuildExt(build_ext):
     """Compiles the .cu files with nvcc, then links them with pybind11's bindings.cpp.
 
-    All of it runs at once: the four nvcc processes (each with its archs on threads) while the C++
-    compiler builds bindings.cpp; the link waits for the objects. Always relinked: setuptools would
-    skip the link when the .so is newer than bindings.cpp, keeping a stale .so after an edit of a
+    All of it runs at once: the four nvcc processes (each with its archs on threads), and a fifth for
+    fp8_grouped_cutlass.cu where CUTLASS is found, while the C++ compiler builds bindings.cpp; the link
+    waits for the objects. Always relinked: setuptools would skip the link when the .so is newer than bindings.cpp, keeping a stale .so after an edit of a
     .cu file or a new TORCH_CUDA_ARCH_LIST (an editable install builds the .so in place).
 
     Measured with nvcc 13.0 on this project's 2-core x86 machine, shared (load 17-22), one build after
@@ -134,12 +169,14 @@ class BuildExt(build_ext):
     45 (197 s). Each virtual arch is one more cicc pass of every file (route.cu: ~5 CPU-s an arch,
     ~3-4 s of host compile once; the sm_120 SASS beside compute_120's PTX adds ~1 s); bindings.cpp
     ~6.5. So, estimated, about 40 s on 2 free cores and 10-15 s on 16; TORCH_CUDA_ARCH_LIST=9.0 builds one arch.
+    fp8_grouped_cutlass.cu (one arch, CUTLASS's templates) is ~47 CPU-s on its own (65 s wall at load ~2), the
+    longest job: pip install -e . went from 60 to 107 CPU-s (134 to 187 s wall at load 5-10).
     """
 
     def build_extensions(self):
         self.force = True
         try:
-            with ThreadPoolExecutor(max_workers=len(CU_SOURCES)) as pool:
+            with ThreadPoolExecutor(max_workers=len(CU_SOURCES) + 1) as pool:
                 pending = [job for ext in self.extensions for job in self._start_nvcc(ext, pool)]
                 link = self.compiler.link
 
@@ -165,6 +202,15 @@ class BuildExt(build_ext):
         announce(f"moekernels: building the CUDA extension moekernels._C with nvcc ({', '.join(ext.cu_sources)} "
                  f"for {archs}; about a minute on 2 cores). MOEKERNELS_BUILD_CUDA=0 skips it.")
         jobs = []
+        if ext.cutlass_includes:  # first: at ~1 min of one core it is the longest
+            announce(f"moekernels: building {CUTLASS_SOURCE} (CUTLASS's FP8 grouped GEMM, sm_90a) against "
+                     f"{ext.cutlass_includes[0]}")
+            src = os.path.join(CSRC, CUTLASS_SOURCE)
+            obj = os.path.join(self.build_temp, CUTLASS_SOURCE + ".o")
+            includes = [flag for d in ext.cutlass_includes for flag in ("-I", d)]
+            cmd = [nvcc, *nvcc_flags([CUTLASS_ARCH]), *cutlass_flags(), "-I", CSRC, *includes, "-c", src, "-o", obj]
+            jobs.append(pool.submit(run_nvcc, cmd))
+            ext.extra_objects.append(obj)
         for src in ext.cu_sources:
             obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
             jobs.append(pool.submit(run_nvcc, [nvcc, *nvcc_flags(ext.archs), "-I", CSRC, "-c", src, "-o", obj]))
@@ -219,6 +265,16 @@ def extensions():
         d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "targets", "x86_64-linux", "lib"))
         if os.path.exists(os.path.join(d, "libcudart_static.a"))
     )
+    cutlass_includes, cutlass_error = None, "TORCH_CUDA_ARCH_LIST has no 9.0 (its kernel is sm_90a's)"
+    if CUTLASS_ARCH in archs:
+        cutlass_includes, cutlass_error = find_cutlass()
+    if cutlass_error:
+        announce(f"moekernels: building the CUDA extension without the CUTLASS FP8 grouped GEMM "
+                 f"(fp8_grouped_mm's backend='cutlass'): {cutlass_error}")
+    macros = [("MOEKERNELS_ARCHS", f'"{arch_names(archs)}"'),
+              ("MOEKERNELS_CUTLASS_ERROR", '"' + (cutlass_error or "").replace('"', "'") + '"')]
+    if cutlass_includes:
+        macros.append(("MOEKERNELS_WITH_CUTLASS", "1"))
     ext = Extension(
         "moekernels._C",
         sources=[os.path.join(CSRC, "bindings.cpp")],
@@ -228,12 +284,14 @@ def extensions():
         libraries=["cudart_static", "dl", "rt", "pthread"],
         extra_compile_args=["-O3", "-std=c++17"],
         # The list moekernels._C.ARCHS reports, so that an error can name it without a GPU.
-        define_macros=[("MOEKERNELS_ARCHS", f'"{arch_names(archs)}"')],
+        # and whether the CUTLASS kernel is in (MOEKERNELS_CUTLASS_ERROR: "" where it is, else why not).
+        define_macros=macros,
         language="c++",
     )
     ext.cuda_home = cuda_home
     ext.archs = archs
     ext.cu_sources = [os.path.join(CSRC, s) for s in CU_SOURCES]
+    ext.cutlass_includes = cutlass_includes
     return [ext]
 
 

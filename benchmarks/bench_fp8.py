@@ -6,7 +6,8 @@ the left operand (for quantization, the rows of the matrix quantized):
               (2112, 7168), (24576, 1536), (7168, 16384), (4096, 7168), (7168, 2048) at M 64,
               128 and 4096; groups "dense N4096 K7168 block";
 - contiguous: fp8_grouped_mm over E experts of equal segments, DeepGEMM's grouped contiguous
-              cases (4 x 8192 and 8 x 4096 rows, N 4096 K 7168 and N 7168 K 2048); groups
+              cases (4 x 8192 and 8 x 4096 rows, N 4096 K 7168 and N 7168 K 2048) and DeepSeek-V3's
+              prefill on 32 local experts (32 x 512 rows, N 4096 K 7168; full suite); groups
               "contiguous 8x4096 N4096 K7168 block";
 - quant:      quantize_fp8 of bf16 activations [M, K] per (1, 128) and of weights [N, K] per
               (128, 128); groups "quant 1x128 act K7168", "quant 128x128 weight K7168" (x = N).
@@ -33,12 +34,17 @@ Implementations timed:
           GEMMs on a GPU only in the full suite up to TORCH_MAX_FLOPS (float32 on CUDA cores);
 - triton: fp8_mm / fp8_grouped_mm / quantize_fp8 with backend="triton", on a GPU;
 - cuda:   quantize_fp8(backend="cuda") (csrc/quantize.cu), activations per (1, 128) only (the
-          one granularity it takes), where the extension is built.
+          one granularity it takes), where the extension is built;
+- cutlass: fp8_grouped_mm(backend="cutlass"), CUTLASS's Hopper block-scaled grouped kernel
+          (csrc/fp8_grouped_cutlass.cu), contiguous block cases on an sm_90 GPU where it is built;
+- scaled_grouped: torch._scaled_grouped_mm, contiguous block cases on a GPU where torch has it, on
+          the same bf16 operands quantized per row and per output column (its sm_90 recipe: it takes
+          no block scales), made with the inputs; checked against those operands' product.
 On the CPU: naive and torch only, at an eighth of the shapes (a dry run of the code, seconds).
 The quick GPU suite: dense N4096 K7168 at M 128 and 4096 in all three modes, the contiguous
-8 x 4096 N4096 K7168 case in block mode, and three quantizations (10 cases, 32 timings, ~30-40 s
-on an H200 with ~5 Triton compiles, estimated: no GPU has run it yet); the full one 67 cases
-(235 timings, ~3-5 minutes, estimated).
+8 x 4096 N4096 K7168 case in block mode, and three quantizations (10 cases, 34 timings, ~30-40 s
+on an H200 with ~5 Triton compiles, estimated: no GPU has run it yet); the full one 70 cases
+(~245 timings with the CUTLASS and torch._scaled_grouped_mm rows, ~3-5 minutes, estimated).
 
 Counted: 2*M*K*N FLOPs; bytes are a and the weights in fp8, their float32 scales, the bf16 output
 and (grouped) the int32 offs, each once: the fp8 problem's, also for the bf16 and naive rows
@@ -53,6 +59,7 @@ the unquantized bf16 operands is recorded beside it (rel_err_unquantized: what f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass
@@ -81,8 +88,10 @@ M_QUICK = [128, 4096]
 # An eighth of (2112, 7168): N 264 leaves a partial 128-column block of the weight's scales.
 CPU_DENSE_NK = [(264, 896)]
 M_CPU = [16, 64]
-# DeepGEMM's grouped contiguous cases: (experts, rows per expert, N, K).
-CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048)]
+# DeepGEMM's grouped contiguous cases: (experts, rows per expert, N, K); then DeepSeek-V3's prefill on one
+# GPU of an 8-way expert-parallel group (32 local experts, 512 rows each: issue 23's target shape).
+CONTIGUOUS = [(4, 8192, 4096, 7168), (4, 8192, 7168, 2048), (8, 4096, 4096, 7168), (8, 4096, 7168, 2048),
+              (32, 512, 4096, 7168)]
 # E 8, N 4096, K 7168 at >= 128 rows per expert is the tile config and BLOCK_E the GPU tests
 # (test_fp8.py::test_gpu_deepseek_shapes) compile for fp8 and bf16: the device check runs them
 # first, so this case's kernels come from Triton's cache. The E 4 cases compile anew (BLOCK_E 4).
@@ -107,9 +116,11 @@ MEMORY_ROWS = 128
 # As in bench_grouped_gemm: the float32 reference on CUDA cores (~60 TFLOP/s on an H200): 2^37
 # FLOPs is ~2.5 ms a call, ~0.4 s a timing; past it the reference would take minutes.
 TORCH_MAX_FLOPS = 2**37
-KERNELS = ("triton", "cuda")
+KERNELS = ("triton", "cuda", "cutlass")
 # The legend under the table (harness.IMPLS has the common names): see the docstring.
-IMPLS = {"bf16": "moekernels.grouped_mm (Triton) on the bf16 operands: the baseline of the 1.6x target"}
+IMPLS = {"bf16": "moekernels.grouped_mm (Triton) on the bf16 operands: the baseline of the 1.6x target",
+         "cutlass": "fp8_grouped_mm(backend=\"cutlass\"): CUTLASS's Hopper block-scaled grouped kernel (opt-in)",
+         "scaled_grouped": "torch._scaled_grouped_mm, rowwise scales (its sm_90 recipe), the same bf16 operands"}
 
 # The issue's targets, printed as information and never asserted.
 TARGET_VS_BF16 = 1.6  # block-wise fp8 over our bf16 grouped_mm on the same shapes
@@ -140,6 +151,7 @@ class Fp8Inputs:
     a_block: tuple[int, int]  # the (rows, cols) one scale of a covers
     w_block: tuple[int, int]  # likewise over the [N, K] storage
     dense: bool  # fp8_mm (E 1) rather than fp8_grouped_mm
+    rowwise: Fp8Inputs | None = None  # the same x and weights quantized per row / column (scaled_grouped)
 
     @property
     def b(self) -> torch.Tensor:
@@ -151,7 +163,7 @@ class Fp8Inputs:
         return self.sw_store.transpose(1, 2)
 
 
-def _gemm_inputs(sizes: list[int], n: int, k: int, mode: str, device: str, dense: bool):
+def _gemm_inputs(sizes: list[int], n: int, k: int, mode: str, device: str, dense: bool, rowwise: bool = False):
     ga, gw = GRANULARITY[mode]
 
     def make():
@@ -163,8 +175,14 @@ def _gemm_inputs(sizes: list[int], n: int, k: int, mode: str, device: str, dense
         qa, sa = moekernels.quantize_fp8(x, ga, backend="torch")
         qw, sw = moekernels.quantize_fp8(w_store, gw, backend="torch")
         offs = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=device)
-        return (Fp8Inputs(x, w_store, qa, sa, qw, sw, offs, sizes, fp8.block_shape(ga, m, k),
-                          fp8.block_shape(gw, n, k), dense),)
+        inp = Fp8Inputs(x, w_store, qa, sa, qw, sw, offs, sizes, fp8.block_shape(ga, m, k), fp8.block_shape(gw, n, k),
+                        dense)
+        if rowwise:
+            qa_r, sa_r = moekernels.quantize_fp8(x, "row", backend="torch")
+            qw_r, sw_r = moekernels.quantize_fp8(w_store, "row", backend="torch")
+            inp.rowwise = dataclasses.replace(inp, qa=qa_r, sa=sa_r, qw_store=qw_r, sw_store=sw_r,
+                                              a_block=(1, k), w_block=(1, k))
+        return (inp,)
     return make
 
 
@@ -200,6 +218,21 @@ def naive(inp: Fp8Inputs) -> torch.Tensor:
 def native(inp: Fp8Inputs) -> torch.Tensor:
     """torch._scaled_mm: b column-major (the storage's transposed view), scales as quantized."""
     return torch._scaled_mm(inp.qa, inp.b[0], scale_a=inp.sa, scale_b=inp.b_scale[0], out_dtype=DTYPE)
+
+
+def scaled_grouped(inp: Fp8Inputs):
+    """torch._scaled_grouped_mm on the rowwise operands: scales [M] and [E, N], b the [E, K, N] view."""
+    r = inp.rowwise
+    y = torch._scaled_grouped_mm(r.qa, r.b, r.sa.reshape(-1), r.sw_store.reshape(r.sw_store.shape[0], -1), offs=r.offs,
+                                 out_dtype=DTYPE)
+    return y, r, "fp8"
+
+
+def cutlass_usable(device: str) -> bool:
+    """fp8_grouped_mm(backend="cutlass") can run here: built, and an sm_90 GPU."""
+    from moekernels import _cutlass
+
+    return device == "cuda" and _cutlass.unavailable(torch.device("cuda")) is None
 
 
 def bf16(inp: Fp8Inputs) -> torch.Tensor:
@@ -334,11 +367,17 @@ def _gemm_case(kind: str, sizes: list[int], n: int, k: int, mode: str, device: s
         impls["torch"] = timed(library("torch"))
     if gpu:
         impls["triton"] = timed(library("triton"))
+    grouped_block = gpu and not dense and mode == "block"
+    if grouped_block and cutlass_usable(device):
+        impls["cutlass"] = timed(library("cutlass"))
+    rowwise = grouped_block and hasattr(torch, "_scaled_grouped_mm")
+    if rowwise:
+        impls["scaled_grouped"] = scaled_grouped
     name = f"N{n} K{k} {mode}" if dense else f"{experts}x{sizes[0]} N{n} K{k} {mode}"
     ga, gw = GRANULARITY[mode]
     return Case(
         bench=BENCH, group=f"{kind} {name}", x=m, x_name="M",
-        make_inputs=_gemm_inputs(sizes, n, k, mode, device, dense), impls=impls, flops=flops,
+        make_inputs=_gemm_inputs(sizes, n, k, mode, device, dense, rowwise), impls=impls, flops=flops,
         bytes=fp8_mm_bytes(m, k, n, experts, mode, grouped=not dense),
         bound="memory" if m <= MEMORY_ROWS * experts else "compute", compare=compare,
         eager=("torch",),  # the reference reads offs on the host

@@ -21,14 +21,21 @@
 # Stage 1's limits add up to 300 s (tests/test_benchmarks.py checks it), none of them measured on
 # the lent GPUs yet; each is ~1.5-2x its estimate:
 # - S1_INFO 20 s: nvidia-smi, nvcc and Python's imports of torch and triton (~5-10 s).
-# - S1_BUILD 75 s: pip install -e ., the nvcc build for sm_80, sm_90a, sm_100a, sm_120 and PTX
+# - S1_BUILD 80 s: pip install -e ., the nvcc build for sm_80, sm_90a, sm_100a, sm_120 and PTX
 #   (setup.py: 76 CPU-s measured on 2 cores; ~10-15 s estimated on the machine's 16, ~20-30 s
-#   with pip's own work).
-# - S1_SMOKE 70 s: tests/test_gpu_smoke.py (13 tests, one small call of each public op and
-#   backend, ~30 Triton compiles) and the extension's GPU test, on 8 pytest-xdist workers:
-#   ~30-45 s estimated, most of it the workers' imports and the compiles.
-# - S1_BENCH 125 s: run.py --part headline, 37 timings: bf16 grouped GEMM against
-#   torch._grouped_mm, FP8 block against bf16, DeepSeek-V3 routing at 40k tokens (cuda, triton),
+#   with pip's own work), and csrc/fp8_grouped_cutlass.cu (CUTLASS's FP8 grouped GEMM, sm_90a
+#   alone; ~40 CPU-s, in parallel with the others: ~25-35 s its own, the build's longest). The
+#   image has no nvidia-cutlass and no network: its wheel (6.4 MB, only its headers are used) is
+#   carried in the checkout's ignored .whl/ folder and installed first (pip download
+#   nvidia-cutlass==4.2.0.0 --no-deps -d .whl; the run tool's carry: [".whl"]). Without it the
+#   extension builds without the CUTLASS kernel and its tests skip, saying why.
+# - S1_SMOKE 80 s: tests/test_gpu_smoke.py (13 tests, one small call of each public op and
+#   backend, ~30 Triton compiles), the extension's GPU test and tests/test_cutlass.py (the
+#   CUTLASS kernel against the Triton FP8 path and the reference at E 32, N 4096, K 7168: one
+#   Triton compile, ~11k rows), on 8 pytest-xdist workers: ~40-55 s estimated, most of it the
+#   workers' imports and the compiles.
+# - S1_BENCH 110 s: run.py --part headline, 39 timings: bf16 grouped GEMM against
+#   torch._grouped_mm, FP8 block against bf16 (contiguous: also CUTLASS and torch._scaled_grouped_mm), DeepSeek-V3 routing at 40k tokens (cuda, triton),
 #   the fused MoE prefill against transformers' grouped_mm experts, the decode step. ~60-90 s
 #   estimated: the roofline (~5 s), imports with transformers (~10 s), ~25 Triton compiles
 #   (~40 s) and the timings (15 graph replays of >= 0.5 ms each, ~1 s a timing).
@@ -40,17 +47,19 @@
 #   serially at 01310c1) on 8 workers: S2_TESTS 180 s, ~1-1.5 min estimated. Without
 #   pytest-xdist they run serially and are expected to hit the limit (reported as TIMED OUT).
 # - the rest of the quick suite in run.py's order (route, plan, permute, the other grouped GEMM,
-#   FP8, MoE (LoRA too) and decode rows, FP8 training, expert parallelism; 306 timings): S2_BENCH
-#   240 s, ~250 s estimated (the whole suite's ~300-350 s less the headline rows): the last
-#   benchmarks may be cut off, their rows then missing from rows.jsonl.
+#   FP8, MoE (LoRA too) and decode rows, FP8 training, expert parallelism, torchtitan's experts;
+#   316 timings): S2_BENCH 240 s, ~250 s estimated before torchtitan's 10 timings (the whole suite's
+#   ~300-350 s less the headline rows), ~20-35 s more with them (bench_torchtitan's docstring): the
+#   last benchmarks may be cut off, their rows then missing from rows.jsonl; torchtitan's come last,
+#   so they go first. Its quick cases run at one T each: no plot (route.png and permute.png stay).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 
 S1_INFO=20
-S1_BUILD=75
-S1_SMOKE=70
-S1_BENCH=125
+S1_BUILD=80
+S1_SMOKE=80
+S1_BENCH=110
 S1_REPORT=10
 S2_INFO=20
 S2_BUILD=75
@@ -101,11 +110,18 @@ print(\"python\", sys.version.split()[0], \"| torch\", torch.__version__, \"CUDA
 }
 
 build() {  # pip install -e . (the nvcc build); fails unless the extension then loads, and says its archs
-    step build "$1" build.log bash -c 'python3 -m pip install --no-build-isolation --no-deps -e . && python3 -c "
+    # The carried nvidia-cutlass wheel first (headers for csrc/fp8_grouped_cutlass.cu), where there is one.
+    step build "$1" build.log bash -c 'for whl in .whl/nvidia_cutlass-*.whl; do
+    [ -f "$whl" ] && python3 -m pip install --no-deps "$whl"
+done
+python3 -m pip install --no-build-isolation --no-deps -e . && python3 -c "
 import sys, moekernels._ext as e
 print(\"moekernels._C:\", \"built for \" + \" \".join(e.BUILD_ARCHS) if e.HAS_CUDA_EXT else \"NOT loaded: \" + str(e.LOAD_ERROR))
+print(\"cutlass:\", e.CUTLASS_ERROR or \"fp8_grouped_mm(backend=cutlass) built (sm_90a)\")
 sys.exit(not e.HAS_CUDA_EXT)"'
     SUMMARY+=("extension: $(grep -a '^moekernels._C:' "$OUT_DIR/build.log" | tail -n 1)")
+    echo "${SUMMARY[-1]}"
+    SUMMARY+=("$(grep -a '^cutlass:' "$OUT_DIR/build.log" | tail -n 1)")
     echo "${SUMMARY[-1]}"
 }
 
@@ -134,7 +150,7 @@ if [ "$STAGE" = 1 ]; then
     build "$S1_BUILD"
     # $workers unquoted: nothing, or the two words "-n 8".
     step smoke "$S1_SMOKE" smoke.log python3 -m pytest -m gpu -q -p no:cacheprovider $workers \
-        tests/test_gpu_smoke.py tests/test_cuda_ext.py
+        tests/test_gpu_smoke.py tests/test_cuda_ext.py tests/test_cutlass.py
     step headline "$S1_BENCH" bench.log python3 -m benchmarks.run --quick --part headline \
         --rows "$OUT_DIR/rows.jsonl" --out "$OUT_DIR"
     rm -f "$OUT_DIR"/*.png  # 6 files without them

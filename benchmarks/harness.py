@@ -9,7 +9,10 @@ writes the JSON, Markdown and plots.
 Conventions a module follows:
 - the implementation named ``naive`` is the plain PyTorch baseline every other
   one is compared with, and comes first in ``Case.impls``;
-- the one named ``native`` is torch's own op for the same job, where one exists.
+- the one named ``native`` is torch's own op for the same job, where one exists;
+- the one named ``stock`` is the library a benchmark integrates with, as it runs unchanged
+  (bench_torchtitan): the baseline of 'x stock'. A case without a naive row has every row
+  checked by its ``compare`` against the case's own reference.
 """
 
 from __future__ import annotations
@@ -383,7 +386,9 @@ def run_cases(cases: list[Case], timer, on_record: Callable[[dict], None] | None
                 out = fn(*sets[0])
                 if impl == "naive":
                     naive_out = out
-                elif case.compare is not None and naive_out is not None:
+                elif case.compare is not None and (naive_out is not None or "naive" not in case.impls):
+                    # Without a naive row (bench_torchtitan: stock is the baseline) compare checks
+                    # every row against its own reference.
                     rec["check"] = case.compare(out, naive_out)
                 del out
                 timing = timer.time(fn, sets, graph=impl not in case.eager)
@@ -418,7 +423,7 @@ def derive(records: list[dict], roofline: dict | None) -> None:
                 r["roofline_fraction"] = r["gbps"] / roofline["copy_gbps"]
             elif r["bound"] == "compute" and r["tflops"] is not None:
                 r["roofline_fraction"] = r["tflops"] / roofline["mm_bf16_tflops"]
-        for other in ("naive", "native"):
+        for other in ("naive", "native", "stock"):  # stock: an integration's stock library (bench_torchtitan)
             base = medians.get((r["bench"], r["group"], r["x"], other))
             r[f"speedup_vs_{other}"] = base / r["time_us"]["median"] if base else None
 
@@ -446,7 +451,8 @@ def _fmt(value, kind: str) -> str:
 COLUMNS = [  # (key, header)
     ("group", "case"), ("x", "T"), ("impl", "impl"), ("us", "median us"), ("spread", "p20-p80 us"),
     ("gbps", "GB/s"), ("tflops", "TFLOP/s"), ("roof", "of roofline"),
-    ("vs_naive", "x naive"), ("vs_native", "x native"), ("check", "check"), ("timing", "timing"),
+    ("vs_naive", "x naive"), ("vs_native", "x native"), ("vs_stock", "x stock"), ("check", "check"),
+    ("timing", "timing"),
 ]
 
 
@@ -465,6 +471,7 @@ def table_rows(records: list[dict]) -> list[dict[str, str]]:
                 gbps=_fmt(r["gbps"], "rate"), tflops=_fmt(r["tflops"], "rate"),
                 roof=_fmt(r["roofline_fraction"], "pct"),
                 vs_naive=_fmt(r["speedup_vs_naive"], "x"), vs_native=_fmt(r["speedup_vs_native"], "x"),
+                vs_stock=_fmt(r.get("speedup_vs_stock"), "x"),
                 check="-" if check is None else ("ok" if check["ok"] else "DIFFERS"),
                 timing=f"{r['method']}/{r['l2']}",
             )
@@ -577,7 +584,9 @@ COLUMN_LEGEND = {
     "roof": "GB/s of the device copy's, or TFLOP/s of bf16 torch.mm's, both measured in this run",
     "vs_naive": "naive's median / this row's: above 1x is faster than naive",
     "vs_native": "torch's native op's median / this row's",
-    "check": "output against naive's, once, outside the timing: ok, DIFFERS, or - (naive itself, or unchecked)",
+    "vs_stock": "stock's median / this row's (the library integrated with, unchanged): above 1x is faster",
+    "check": "output against naive's (without a naive row, against the case's float32 reference), once, outside "
+             "the timing: ok, DIFFERS, or - (naive itself, or unchecked)",
     "timing": "graph: a CUDA graph of N calls; events: N eager calls between CUDA events (it syncs with "
               "the host); wall: the CPU's clock / cold: the input sets together pass 2x L2; warm: they fit",
 }

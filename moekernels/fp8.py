@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from . import _autocast, _backend, _checks, _sm90_registry, configs, reference
+from . import _autocast, _backend, _checks, _cutlass, _sm90_registry, configs, reference
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -264,6 +264,10 @@ SM90_FP8_GEMMS = {
     # GEMM 1 with a rank-16 LoRA segment in bf16 (issue 16), against fp8_block_gather_gated_kmajor.
     "fp8_block_gather_gated_kmajor_lora16": ("gather+gated+colscale+lora16", 512, 2048, 7168, 3),
     "fp8_block_scatter_kmajor": ("scatter+colscale", 512, 7168, 2048, 3),
+    # GEMM 1 with gate and up as two e4m3 weights, each with its own (128, 128) scales (fused_moe's
+    # (w_gate, w_up) pair: e4m3 inference and precision="fp8"), against the two above.
+    "fp8_block_gather_gated_kmajor_split": ("gather+gated+split+colscale", 512, 2048, 7168, 3),
+    "fp8_block_gather_gated_decode_split": ("gather+gated+split+colscale", 4, 2048, 7168, 3),
 }
 
 
@@ -362,12 +366,18 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
             ((128, 128), or the transposed (128, 128) scales of the storage).
         offs: [E] int32 cumulative segment ends, as in :func:`moekernels.grouped_mm`.
         out_dtype: bfloat16 (default), float16 or float32.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, None (automatic), or ``"cutlass"``: CUTLASS's Hopper
+            block-scaled grouped kernel (csrc/fp8_grouped_cutlass.cu; sm_90 GPUs, (1, 128) x (128, 128)
+            scales, bfloat16 out, K and N multiples of 128). Opt-in only, until a GPU validates it: the
+            automatic choice and MOEKERNELS_BACKEND never take it; it raises naming why where it cannot run.
 
     Scaling pairs: tensor x tensor, row x col, and (1, 128) x (128, 128) (K % 128 == 0), where
     every 128-wide K step's partial product is promoted to float32 with its scales. No padding
     of M per expert; rows at or after offs[-1] are zero. Not differentiable (inference).
     """
     _check_scaled(a, a_scale, b, b_scale, out_dtype, 3)
+    if backend == "cutlass":
+        return _cutlass.fp8_grouped_mm(a, a_scale, b, b_scale, offs, out_dtype)
     from .grouped_gemm import grouped_mm_fused
 
     return grouped_mm_fused(a, b, offs, a_scale=a_scale, b_scale=b_scale, out_dtype=out_dtype, backend=backend)
@@ -448,7 +458,8 @@ def fp8_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: tor
     """Scaled fp8 GEMM ``(a * sa) @ (b * sb)``: a [M, K], b [K, N] K-major (the transposed view of
     a contiguous [N, K] weight, or :func:`prepare_weight`'s output; an N-major b raises
     ValueError), scales as in :func:`fp8_grouped_mm` without the expert dim ([1, 1], [1, N] or
-    [K / 128, N / 128] for b). The grouped kernel with one group."""
+    [K / 128, N / 128] for b). The grouped kernel with one group; ``backend`` as there (``"cutlass"``
+    included: CUTLASS's grouped kernel with one group)."""
     _check_scaled(a, a_scale, b, b_scale, out_dtype, 2)
     _check_mm_scales(a, a_scale, b, b_scale)
     offs = torch.full((1,), a.shape[0], dtype=torch.int32, device=a.device)

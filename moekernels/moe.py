@@ -298,56 +298,78 @@ def _fp8_weights(w: torch.Tensor, backend: str, dgrad: bool = True):
     return _fp8_weight_operands(w.transpose(1, 2), "block", backend, dgrad=dgrad)
 
 
+def _fp8_gate_up(w_gate_up, w_up, backend, dgrad=True):
+    """GEMM 1's weights as _fp8_weights' operands: [those of w_gate_up], or [the gate's, the up
+    weight's], each from its own (128, 128) quantization (the pair is never concatenated: with I a
+    multiple of 128 the blocks are the fused tensor's, so are the bits)."""
+    return [_fp8_weights(w, backend, dgrad=dgrad) for w in (w_gate_up, w_up) if w is not None]
+
+
+def _gate_up_fprop(ops):
+    """_fp8_experts' / fused_op's GEMM 1 operands of _fp8_gate_up's list: (b, scale) of the fused
+    weight, or (b_gate, scale, b_up, up_scale), read in one launch (SPLIT_UP)."""
+    return tuple(t for op in ops for t in op[:2])
+
+
 @torch.library.custom_op("moekernels::fused_moe_fp8", mutates_args=())
 def _fused_moe_fp8_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                       topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str,
-                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      backend: str, w_up: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
     """fused_moe on e4m3 with high-precision weights; also returns the tokens' e4m3 bytes and their
-    (1, 128) scales, which its backward keeps."""
+    (1, 128) scales, which its backward keeps. With ``w_up`` [E, I, H], ``w_gate_up`` is the gate
+    alone, [E, I, H]: each quantized in its own blocks, both read in place."""
     qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, False, backend)  # an output: row-major scales
     if topk_ids.shape[0] == 0:
         return hidden.new_zeros(0, hidden.shape[1]), qx.view(torch.uint8), sx
     offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
     # Power-of-two scales for h, before the down GEMM (DeepSeek-V3).
-    y = _fp8_experts(qx, sx, _fp8_weights(w_gate_up, backend, dgrad=False)[:2],
+    y = _fp8_experts(qx, sx, _gate_up_fprop(_fp8_gate_up(w_gate_up, w_up, backend, dgrad=False)),
                      _fp8_weights(w_down, backend, dgrad=False)[:2], topk_weights, offsets, source, activation,
                      hidden.dtype, True, backend)
     return y, qx.view(torch.uint8), sx
 
 
 @_fused_moe_fp8_op.register_fake
-def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend):
+def _(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend, w_up=None):
     num_tokens, hid = hidden.shape
     return (hidden.new_empty(topk_ids.shape[0], hid), hidden.new_empty(num_tokens, hid, dtype=torch.uint8),
             hidden.new_empty(num_tokens, -(-hid // 128), dtype=torch.float32))
 
 
 def _fp8_setup(ctx, inputs, output):
-    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend = inputs
+    hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend, *up = inputs  # w_up: dropped if None
     _, qx, sx = output
-    ctx.save_for_backward(qx, sx, w_gate_up, w_down, topk_weights, topk_ids)
+    ctx.save_for_backward(qx, sx, w_gate_up, w_down, topk_weights, topk_ids, up[0] if up else None)
     ctx.mark_non_differentiable(sx)
     ctx.activation, ctx.backend, ctx.dtype = activation, backend, hidden.dtype
 
 
 def _fp8_backward(ctx, grad_y, *_):
-    qx, sx, w_gate_up, w_down, topk_weights, topk_ids = ctx.saved_tensors
+    qx, sx, w_gate_up, w_down, topk_weights, topk_ids, w_up = ctx.saved_tensors
     qx = qx.view(FP8)
     act, backend, dtype = ctx.activation, ctx.backend, ctx.dtype
     num_tokens, top_k = topk_ids.shape
-    need_x, need_w1, need_w2, need_tw = ctx.needs_input_grad[:4]
-    grads = [None] * 7
+    need = list(ctx.needs_input_grad) + [False]  # [7]: w_up's, False where the call had none
+    need_x, need_w2, need_tw = need[0], need[2], need[3]
+    # GEMM 1's weights, each with its input's index (its gradient reads its own columns of dz).
+    weights = [(1, w_gate_up)] if w_up is None else [(1, w_gate_up), (7, w_up)]
+    grads = [None] * len(ctx.needs_input_grad)
     if num_tokens == 0:
         grads[:4] = [torch.zeros(qx.shape, dtype=dtype, device=qx.device), torch.zeros_like(w_gate_up),
                      torch.zeros_like(w_down), torch.zeros_like(topk_weights)]
+        if w_up is not None:
+            grads[7] = torch.zeros_like(w_up)
         return tuple(grads)
     offsets, source, dest = _plan(topk_ids, w_gate_up.shape[0], backend)
     src = source.long()
     rows = src.shape[0]
-    b1, s1, b1_t, s1_t = _fp8_weights(w_gate_up, backend)
+    gate_up = _fp8_gate_up(w_gate_up, w_up, backend)
     _, _, b2_t, s2_t = _fp8_weights(w_down, backend)
-    # The gate/up product, recomputed on e4m3 from the saved tokens: [T*k, 2I].
-    z = fused_op(qx, b1, offsets, source, top_k, True, "", None, sx, s1, dtype, backend)
+    # The gate/up product, recomputed on e4m3 from the saved tokens: [T*k, 2I] (the pair's two
+    # products into its halves).
+    b1, s1, *up = _gate_up_fprop(gate_up)
+    z = fused_op(qx, b1, offsets, source, top_k, True, "", None, sx, s1, dtype, backend, None, None, *up)
     h = reference.gated_activation(z, act)
     # The tokens' gradient in (1, 128) tiles with power-of-two scales, gathered per pair by the
     # GEMM as GEMM 1 gathers the tokens; the router weight multiplies afterwards, in float32.
@@ -361,23 +383,35 @@ def _fp8_backward(ctx, grad_y, *_):
         hq_t, hs_t = segments_op(h, offsets, True, backend)
         gq_t, gs_t = segments_op(gw, offsets, False, backend)
         grads[2] = dw_fp8_op(hq_t, hs_t, gq_t, gs_t, offsets, rows, True, w_down.dtype, backend).transpose(1, 2)
-    if need_x or need_w1:
-        dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
-        if need_x:
-            qz, sz = quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
-            dx = fused_op(qz, b1_t, offsets, source, top_k, False, "", None, sz, s1_t, dtype, backend)
-            grads[0] = permute_backward_op(dx, dest, top_k, backend)
-        if need_w1:  # the tokens' e4m3 copy, gathered and re-quantized along the tokens (DeepSeek-V3 does too)
-            x_rows = reference.dequantize_fp8(qx, sx).to(dtype).index_select(0, src // top_k)
-            xq_t, xs_t = segments_op(x_rows, offsets, False, backend)
-            zq_t, zs_t = segments_op(dz, offsets, False, backend)
-            grads[1] = dw_fp8_op(xq_t, xs_t, zq_t, zs_t, offsets, rows, True, w_gate_up.dtype,
-                                  backend).transpose(1, 2)
+    need_w1 = any(need[i] for i, _ in weights)
+    if not (need_x or need_w1):
+        return tuple(grads)
+    dz = reference.gated_activation_backward((dh_unweighted.float() * w).to(h.dtype), z, act)
+    cols = w_gate_up.shape[1]  # dz's columns of each weight: all 2I, or I each for the pair
+    if need_x:
+        # dz in (1, 128) tiles once: I is a multiple of 128, so each half's tiles and scales are
+        # its columns of them. The pair: dz_gate W_gate + dz_up W_up, two launches in float32
+        # rounded once (the fused form's one K loop over 2I sums the same block products).
+        qz, sz = quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
+        out_dtype = dtype if w_up is None else torch.float32
+        parts = [fused_op(qz[:, j * cols:(j + 1) * cols], op[2], offsets, source, top_k, False, "", None,
+                          sz[:, j * cols // 128:(j + 1) * cols // 128], op[3], out_dtype, backend)
+                 for j, op in enumerate(gate_up)]
+        dx = parts[0] if w_up is None else (parts[0] + parts[1]).to(dtype)
+        grads[0] = permute_backward_op(dx, dest, top_k, backend)
+    if need_w1:  # the tokens' e4m3 copy, gathered and re-quantized along the tokens (DeepSeek-V3 does too)
+        x_rows = reference.dequantize_fp8(qx, sx).to(dtype).index_select(0, src // top_k)
+        xq_t, xs_t = segments_op(x_rows, offsets, False, backend)
+        for j, (i, weight) in enumerate(weights):  # each weight's gradient from its own columns of dz
+            if need[i]:
+                zq_t, zs_t = segments_op(dz[:, j * cols:(j + 1) * cols], offsets, False, backend)
+                grads[i] = dw_fp8_op(xq_t, xs_t, zq_t, zs_t, offsets, rows, True, weight.dtype,
+                                     backend).transpose(1, 2)
     return tuple(grads)
 
 
 _fused_moe_fp8_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
-_autocast.register("fused_moe_fp8", (0, 1, 2))  # the operands it quantizes; router weights stay float32
+_autocast.register("fused_moe_fp8", (0, 1, 2, 7))  # the operands it quantizes; router weights stay float32
 
 
 def _split_pair(name, value, scale_name, scale):
@@ -491,7 +525,9 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor | tuple[torch.Tensor
             (128, 128) weight blocks, 128-token x 1-channel wgrad tiles within each expert,
             power-of-two scales around the down projection); the router weights, the combine and
             the activation's backward stay in float32. Saves the tokens in e4m3 for backward.
-            H and I multiples of 128.
+            H and I multiples of 128. The pair (w_gate, w_up) too: each quantized in its own
+            (128, 128) blocks (the fused tensor's blocks, I being a multiple of 128), never
+            concatenated, each with its own gradient.
         lora: :class:`moekernels.ExpertsLoRA`, LoRA adapters on the experts (fine-tuning):
             ``gate_up = x W1_e^T + s1 (x A1_e^T) B1_e^T`` and ``y = h W2_e^T + s2 (h A2_e^T) B2_e^T``,
             computed without ever forming ``W + s B A``; adapters in hidden's dtype. The base
@@ -531,9 +567,6 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor | tuple[torch.Tensor
         return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
                              w_down_scale, backend or "", *lora.tensors(), *lora.scales, *split[2:])[0]
     if precision == "fp8":
-        if w_up is not None:
-            raise ValueError("precision='fp8' takes w_gate_up as one [E, 2I, H] tensor for now, not the pair "
-                             "(w_gate, w_up)")
         if w_gate_up.dtype == FP8:
             raise ValueError("precision='fp8' quantizes high-precision weights on the fly; float8_e4m3fn weights "
                              "already run the fp8 inference path (leave precision=None)")
@@ -541,7 +574,8 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor | tuple[torch.Tensor
         if hid % 128 or inter % 128:
             raise ValueError(f"precision='fp8' needs H and I multiples of 128 (its 128-wide tiles and blocks), got "
                              f"H={hid}, I={inter}")
-        return _fused_moe_fp8_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend or "")[0]
+        return _fused_moe_fp8_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, backend or "",
+                                 *(() if w_up is None else (w_up,)))[0]
     return _fused_moe_op(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale,
                          w_down_scale, backend or "", *((None,) * 4 if split else ()), *split)[0]
 
@@ -608,7 +642,8 @@ class MoE(nn.Module):
         split_gate_up: keep the gate and up projections as two parameters ``w_gate`` and ``w_up``
             [E, I, H] (torchtitan's w1 and w3, Megatron's checkpoints; tensor parallelism shards
             each on I) instead of one ``w_gate_up``; fused_moe reads the pair in place, with the
-            same math and initialization. Not with expert_parallel_group or precision='fp8'.
+            same math and initialization; with precision='fp8' each is quantized in its own
+            (128, 128) blocks and gets its own gradient. Not with expert_parallel_group.
 
     Parameters: ``gate`` (nn.Linear H -> E, no bias), ``w_gate_up`` [E, 2I, H], ``w_down``
     [E, H, I], ``shared_experts``, and the adapters. In training mode the forward sets ``aux_loss`` (the
@@ -646,9 +681,9 @@ class MoE(nn.Module):
         if lora_rank and (precision is not None or expert_parallel_group is not None):
             raise ValueError("lora_rank > 0 trains adapters on frozen experts: not with precision='fp8' (which trains "
                              "the experts themselves) or expert_parallel_group")
-        if split_gate_up and (precision is not None or expert_parallel_group is not None):
-            raise ValueError("split_gate_up keeps w_gate and w_up apart: not with precision='fp8' or "
-                             "expert_parallel_group yet (they read one w_gate_up)")
+        if split_gate_up and expert_parallel_group is not None:
+            raise ValueError("split_gate_up keeps w_gate and w_up apart: not with expert_parallel_group yet (its "
+                             "local experts read one w_gate_up)")
         if precision == "fp8" and (hidden_size % 128 or intermediate_size % 128):
             raise ValueError(f"precision='fp8' needs hidden_size and intermediate_size multiples of 128, got "
                              f"{hidden_size} and {intermediate_size}")

@@ -69,9 +69,11 @@ _PTXAS_BW = ("ptxas-blackwell (CUDA 12.9) gives this 4-warp row kernel 48-64 reg
 # (capability, variant) -> why it spills today: strict xfails, so a fix must remove its entry.
 KNOWN_SPILLS = {
     **{(89, f"fp8_grouped_mm/{n}"): _BLOCK_FP8 for n in (
-        "fp8_block_gather_gated_kmajor", "fp8_block_gather_gated_kmajor_lora16", "fp8_block_scatter_kmajor")},
+        "fp8_block_gather_gated_kmajor", "fp8_block_gather_gated_kmajor_lora16", "fp8_block_scatter_kmajor",
+        "fp8_block_gather_gated_kmajor_split")},
     **{(120, f"fp8_grouped_mm/{n}"): _BLOCK_FP8 for n in (
-        "fp8_block_gather_gated_kmajor", "fp8_block_gather_gated_kmajor_lora16")},
+        "fp8_block_gather_gated_kmajor", "fp8_block_gather_gated_kmajor_lora16",
+        "fp8_block_gather_gated_kmajor_split")},
     (100, "fp8_grouped_mm/fp8_block_gather_gated_kmajor_lora16"): "8 B at 255 registers: the LoRA segment after "
                                                                   "the block-scaled loop",
     (89, "fp8_grouped_mm/wgrad_segments"): "the fp8 weight gradient reads its segment copies by descriptors only: "
@@ -87,6 +89,7 @@ KNOWN_SPILLS = {
                     ("fp8_rowcol_prefill_kmajor", 724), ("fp8_tensor_prefill_kmajor", 580),
                     ("fp8_block_gather_gated_kmajor", 24), ("fp8_block_gather_gated_decode", 24),
                     ("fp8_block_gather_gated_kmajor_lora16", 16), ("fp8_block_scatter_kmajor", 156),
+                    ("fp8_block_gather_gated_kmajor_split", 28), ("fp8_block_gather_gated_decode_split", 8),
                     ("w8a16_block_gather_gated_kmajor", 92), ("w8a16_block_gather_gated_decode", 100),
                     ("w8a16_block_scatter_kmajor", 96))},
     (80, "fp8_grouped_mm/wgrad_segments"): "14,168 B of stack at 32 registers: the fp8 weight gradient's byte route "

@@ -38,7 +38,7 @@ def _worker(rank, world, init_file, scenario, results, collective_timeout, backe
             DEV = f"cuda:{rank}"
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=collective_timeout))
-        SCENARIOS[scenario](rank, world)
+        (SCENARIOS[scenario] if isinstance(scenario, str) else scenario)(rank, world)
         results.put((rank, None))
     except BaseException:  # noqa: BLE001 (every failure goes back to the test)
         results.put((rank, traceback.format_exc()))
@@ -55,7 +55,8 @@ def run_ranks(world, scenario, tmp_path, *, timeout=RUN_TIMEOUT_S, collective_ti
               backend="gloo"):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / f"store_{scenario}_{world}"), scenario,
+    name = getattr(scenario, "__name__", scenario)  # a scenario's name here, or a function of another test module
+    procs = [ctx.Process(target=_worker, args=(r, world, str(tmp_path / f"store_{name}_{world}"), scenario,
                                                results, collective_timeout, backend), daemon=True)
              for r in range(world)]
     for p in procs:
@@ -66,7 +67,7 @@ def run_ranks(world, scenario, tmp_path, *, timeout=RUN_TIMEOUT_S, collective_ti
             try:
                 rank, err = results.get(timeout=timeout)
             except queue.Empty:
-                raise RankFailed(f"{scenario}: no result from {world - seen} rank(s) in {timeout} s") from None
+                raise RankFailed(f"{name}: no result from {world - seen} rank(s) in {timeout} s") from None
             seen += 1
             if err is not None:
                 errors.append(f"rank {rank}:\n{err}")
@@ -76,10 +77,10 @@ def run_ranks(world, scenario, tmp_path, *, timeout=RUN_TIMEOUT_S, collective_ti
             if p.is_alive():
                 p.kill()
     if errors:
-        raise RankFailed(f"{scenario}:\n" + "\n".join(errors))
+        raise RankFailed(f"{name}:\n" + "\n".join(errors))
     bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     if bad:
-        raise RankFailed(f"{scenario}: exit codes {bad}")
+        raise RankFailed(f"{name}: exit codes {bad}")
 
 
 # ----------------------------------------------------------------------------- scenarios (run in each rank)

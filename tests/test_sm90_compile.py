@@ -68,6 +68,8 @@ KNOWN_STALLS_BY_TRITON = {
             ("fp8_grouped_mm/fp8_block_gather_gated_kmajor", 4, 6, 2),
             ("fp8_grouped_mm/fp8_block_gather_gated_kmajor_lora16", 4, 6, 2),
             ("fp8_grouped_mm/fp8_block_gather_gated_decode", 4, 5, 2),
+            ("fp8_grouped_mm/fp8_block_gather_gated_kmajor_split", 4, 6, 2),
+            ("fp8_grouped_mm/fp8_block_gather_gated_decode_split", 4, 5, 2),
             ("fp8_grouped_mm/wgrad_segments", 4, 5, 2),
             ("grouped_mm/plain_prefill_fp32_ekn", 3, 5, 2),
             ("grouped_mm/gather_prefill_bf16_kmajor", 3, 4, 1),

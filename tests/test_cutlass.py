@@ -1,0 +1,396 @@
+"""The opt-in CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass.cu, moekernels/_cutlass.py), issue 23.
+
+Without a GPU: its static contract read from the built .so (sm_90a SASS and resources), the device set-up's CPU
+twin and CUTLASS's scale layouts emulated against our tensors' strides and the reference, and the op's errors.
+With one (``gpu``, benchmarks/device_check.sh): the set-up kernel against its twin, bit for bit, and the op
+against the Triton FP8 path and the reference at DeepSeek-V3's shapes.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import moekernels
+from moekernels import _cutlass, _ext
+from moekernels.fp8 import fp8_grouped_mm, prepare_weight, quantize_fp8
+from tests.conftest import rel_err
+from tests.test_cuda_ext import _cuobjdump, load_setup
+
+needs_cutlass = pytest.mark.skipif(bool(_ext.CUTLASS_ERROR),
+                                   reason=f"the CUTLASS kernel is not built: {_ext.CUTLASS_ERROR}")
+
+
+def operands(counts, n, k, *, col_major=False, device="cpu", seed=0):
+    """DeepSeek-V3's operands: a [M, K] with (1, 128) scales, the weight [E, K, N] with (128, 128) ones."""
+    g = torch.Generator(device).manual_seed(seed)  # on the GPU there: E 32 x 7168 x 4096 is 3.7 GB in float32
+    x = torch.randn(sum(counts), k, generator=g, device=device).to(torch.bfloat16)
+    w = (torch.randn(len(counts), k, n, generator=g, device=device) / k ** 0.5).to(torch.bfloat16)
+    a, sa = quantize_fp8(x, (1, 128), scale_layout="col_major" if col_major else "row_major")
+    b, sb = prepare_weight(w, (128, 128))
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    return a, sa, b, sb, offs
+
+
+# ----------------------------------------------------------------------------- the static contract
+
+
+@pytest.fixture(scope="module")
+def gemm_sass():
+    """(resources, SASS) of the CUTLASS kernel's sm_90a image."""
+    usage = _cuobjdump("-res-usage", "-arch", "sm_90a")
+    found = re.findall(r"Function (\S*GemmUniversal\S*):\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+[^\n]*)", usage)
+    assert len(found) == 1, "one CUTLASS GEMM instantiation in moekernels._C (build time: ~1 min of nvcc each)"
+    name, resources = found[0]
+    sass = _cuobjdump("-sass", "-arch", "sm_90a", "-fun", name)
+    return name, resources, sass
+
+
+@needs_cutlass
+def test_contract_is_the_fp8_blockwise_cooperative_kernel(gemm_sass):
+    name, _, _ = gemm_sass
+    assert "KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise" in name
+    assert "MMA_64x128x32_F32E4M3E4M3" in name  # 2 consumer warpgroups x 64 rows of the 128x128 tile
+
+
+def _ops(sass):
+    """(address, instruction) of each SASS line."""
+    return [(int(addr, 16), text.strip()) for addr, text in re.findall(r"/\*([0-9a-f]+)\*/\s+([^;]*);", sass)]
+
+
+def main_loop(ops):
+    """The (start, end) addresses of the innermost loop (a branch back to an earlier address) that issues QGMMA.
+    The others: the persistent loop over tiles around it, and the barrier waits' retry paths past the kernel's
+    end that branch back into it."""
+    loops = []
+    for addr, text in ops:
+        m = re.search(r"\bBRA(?:\.\w+)?\s+(?:\S+,\s*)?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            start = int(m.group(1), 16)
+            if any(start <= a <= addr and "QGMMA" in t for a, t in ops):
+                loops.append((start, addr))
+    return min(loops, key=lambda loop: loop[1] - loop[0])
+
+
+@needs_cutlass
+def test_contract_instructions(gemm_sass):
+    """QGMMA e4m3 (Hopper's fp8 wgmma) in the main loop, TMA loads (A multicast to the cluster), setmaxnreg
+    (warp specialization: the producer warpgroup gives registers to the two consumers), the TMA store of D."""
+    _, _, sass = gemm_sass
+    ops = _ops(sass)
+    qgmma = [a for a, t in ops if re.search(r"\bQGMMA\.64x128x32\.F32\.E4M3\.E4M3\b", t)]
+    # A 128-deep K tile is 4 k-steps of 32 for each consumer warpgroup's 64x128: 4 in the main loop, 4 in the
+    # first K tile peeled before it and 4 in a second peeled copy. Counted so that a change of schedule or
+    # tile shows here (the issue's ping-pong trial had 24: 128 rows a warpgroup).
+    assert len(qgmma) == 12, len(qgmma)
+    start, end = main_loop(ops)
+    body = [t for a, t in ops if start <= a <= end]
+    assert sum("QGMMA" in t for t in body) == 4
+    # The block-scale promotion: each K tile's partial (64 fp32 a thread) times its scales into the accumulator.
+    assert sum(bool(re.match(r"(@!?P\d )?FFMA\b", t)) for t in body) == 64
+    assert not any(re.search(r"\b(LDL|STL)\b", t) for t in body)
+    loads = re.findall(r"\bUTMALDG\.2D(\.MULTICAST)?\b", sass)
+    assert sorted(loads) == ["", ".MULTICAST"], loads  # B per CTA; A multicast across the 1x2 cluster
+    assert re.findall(r"\bUSETMAXREG\.(\S+) (?:UP0, )?(0x[0-9a-f]+)", sass) == [
+        ("TRY_ALLOC.CTAPOOL", "0xe8"), ("DEALLOC.CTAPOOL", "0x28")]  # consumers 232 registers, producer 40
+    assert re.search(r"\bUTMASTG\.2D\b", sass)  # the epilogue's TMA store of D
+
+
+@needs_cutlass
+def test_contract_registers_no_spills(gemm_sass):
+    """ptxas -v at build: 168 registers, 0 bytes stack frame, 0 bytes spill stores/loads, 2 barriers. The
+    issue's ping-pong 128x128x128 trial spilled 704 bytes (each warpgroup held the whole 128x128 accumulator and
+    its promotion temporaries, 256 registers over setmaxnreg's 240); cooperative halves it."""
+    _, resources, sass = gemm_sass
+    fields = dict(re.findall(r"(\w+):(\d+)", resources))
+    assert int(fields["REG"]) == 168, resources  # 65536 / 384 threads, rounded down to 8; setmaxnreg then moves them
+    assert fields["STACK"] == "0" and fields["LOCAL"] == "0", resources
+    assert not re.search(r"\b(LDL|STL)\b", sass), "local memory (spills) in the CUTLASS kernel"
+    assert set(re.findall(r"\bBAR\.\w+(?:\.\w+)* (0x[0-9a-f]+)", sass)) == {"0x0", "0x1"}  # ptxas: 2 barriers
+
+
+@needs_cutlass
+def test_only_sm90a_has_the_cutlass_kernel():
+    for arch in (a for a in _ext.BUILD_ARCHS if a.startswith("sm_") and a != "sm_90a"):
+        assert "GemmUniversal" not in _cuobjdump("-res-usage", "-arch", arch), arch
+
+
+# ----------------------------------------------------------------------------- CUTLASS's scale layouts
+
+
+def test_cute_offset_splits_coordinates_colexicographically():
+    # ((2, 3), 4):((1, 8), 2) at 7 = (7 % 6, 7 // 6) = ((1, 0), 1): 1 + 2; at (4, 3) = ((0, 2), 3): 16 + 6
+    assert _cutlass.cute_offset(((2, 3), 4), ((1, 8), 2), 7) == 3
+    assert _cutlass.cute_offset(((2, 3), 4), ((1, 8), 2), (4, 3)) == 22
+
+
+@needs_cutlass
+@pytest.mark.parametrize("mnk", [(200, 256, 384), (1, 128, 128), (129, 384, 7168), (0, 128, 256)], ids=str)
+def test_scale_layout_is_the_built_kernels(mnk):
+    """The emulation and our tensors' layouts against the ScaleConfig the kernel was built with (host code)."""
+    m, n, k = mnk
+    sfa = torch.full((m, k // 128), -1, dtype=torch.int64)
+    sfb = torch.full((n // 128, k // 128), -1, dtype=torch.int64)
+    _ext.C.fp8_grouped_cutlass_scale_offsets(m, n, k, sfa.data_ptr(), sfb.data_ptr())
+    assert torch.equal(_cutlass.scale_offsets(m, k, 1, 128, _cutlass.SFA_MAJOR), sfa)
+    assert torch.equal(_cutlass.scale_offsets(n, k, 128, 128, _cutlass.SFB_MAJOR), sfb)
+    # quantize_fp8's row-major scales and prepare_weight's [E, K/128, N/128] (its storage's transposed view), by
+    # their strides: the same offsets from an expert's first element
+    _, sa, _, sb, _ = operands([m, 1], n, k)
+    assert torch.equal(_strided_offsets(sa[:m]), sfa)
+    assert torch.equal(_strided_offsets(sb[1].transpose(0, 1)), sfb)
+
+
+def test_scale_layout_matches_cutlass_compiled(tmp_path):
+    """The emulated tile_atom_to_shape_SFA/SFB, K- and MN-major (the default, which the kernel does not use),
+    against CUTLASS's own compiled on the host (nvcc, no GPU; ~15 s, one compile), where its headers are."""
+    nvcc = shutil.which("nvcc")
+    includes, why = load_setup().find_cutlass()  # where the build finds them
+    if not nvcc or not includes:
+        pytest.skip(f"needs nvcc and CUTLASS's headers: {why or 'no nvcc'}")
+    cases = [(200, 256, 384), (1, 128, 128), (129, 384, 7168)]  # (M, N, K)
+    src = tmp_path / "layout.cu"
+    src.write_text(f"""
+#include <cstdio>
+#include "cutlass/detail/blockwise_scale_layout.hpp"
+template <class C> void print(int m, int n, int k) {{
+  auto la = C::tile_atom_to_shape_SFA(cute::make_shape(m, n, k, 1));
+  auto lb = C::tile_atom_to_shape_SFB(cute::make_shape(m, n, k, 1));
+  for (int i = 0; i < m; ++i) for (int j = 0; j < k; j += 128) printf("%d ", int(la(i, j, 0)));
+  printf("\\n");
+  for (int i = 0; i < n; i += 128) for (int j = 0; j < k; j += 128) printf("%d ", int(lb(i, j, 0)));
+  printf("\\n");
+}}
+using K = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128, cute::GMMA::Major::K, cute::GMMA::Major::K>;
+using MN = cutlass::detail::Sm90BlockwiseScaleConfig<1, 128, 128>;  // the default: MN-major
+int main() {{
+  int cases[][3] = {{{', '.join('{%d, %d, %d}' % c for c in cases)}}};
+  for (auto& c : cases) {{ print<K>(c[0], c[1], c[2]); print<MN>(c[0], c[1], c[2]); }}
+}}
+""")
+    exe = tmp_path / "layout"
+    subprocess.run([nvcc, "-std=c++17", "--expt-relaxed-constexpr", "-I", includes[0], str(src),
+                    "-o", str(exe)], check=True, capture_output=True)
+    lines = iter(subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines())
+    for m, n, k in cases:
+        for major in ("K", "MN"):
+            for rows, vec in ((m, 1), (n, 128)):  # SFA, then SFB
+                want = [int(v) for v in next(lines).split()]
+                assert _cutlass.scale_offsets(rows, k, vec, 128, major).reshape(-1).tolist() == want, (m, n, k, major)
+
+
+def _strided_offsets(t: torch.Tensor) -> torch.Tensor:
+    """Each element's offset from t's first, by its strides."""
+    rows, cols = t.shape
+    return torch.arange(rows)[:, None] * t.stride(0) + torch.arange(cols)[None, :] * t.stride(1)
+
+
+def test_scale_layouts_match_ours_without_a_copy():
+    """K-major SFA is quantize_fp8's row-major scales from each expert's first row on; K-major SFB is
+    prepare_weight's [E, N/128, K/128] storage from each expert's on: no copy. MN-major SFA would be [K/128, M_e]
+    packed per expert, which the col_major scales ([K/128, M] with stride M) are not: they are copied."""
+    counts, n, k = [3, 0, 130, 1], 256, 384
+    _, sa, _, sb, _ = operands(counts, n, k)
+    _, sa_col, _, _, _ = operands(counts, n, k, col_major=True)
+    start = 0
+    for e, rows in enumerate(counts):
+        ours = _strided_offsets(sa[start:start + rows]) if rows else torch.empty(0, k // 128, dtype=torch.int64)
+        assert torch.equal(_cutlass.scale_offsets(rows, k, 1, 128, _cutlass.SFA_MAJOR), ours)
+        if rows > 1:  # the column-major scales' M stride is M, not M_e: CUTLASS's MN-major map differs
+            col = _strided_offsets(sa_col[start:start + rows])
+            assert not torch.equal(_cutlass.scale_offsets(rows, k, 1, 128, "MN"), col)
+        storage = sb[e].transpose(0, 1)  # the [N/128, K/128] view CUTLASS reads
+        assert torch.equal(_cutlass.scale_offsets(n, k, 128, 128, _cutlass.SFB_MAJOR), _strided_offsets(storage))
+        start += rows
+
+
+# ----------------------------------------------------------------------------- the device set-up's twin
+
+
+BASES = dict(a=0x7F0000000000, b=0x7F1000000000, d=0x7F2000000000, sfa=0x7F3000000000, sfb=0x7F4000000000)
+
+
+def emulate(a, sa, b, sb, offs):
+    """What the kernel computes, from the twin's set-up alone: each expert's (M, N, K), pointers and strides
+    into flat copies of the operands' storage, and its scales through CUTLASS's (emulated) K-major layouts."""
+    groups, k, n = b.shape
+    flat = dict(a=a.float().reshape(-1), b=b.transpose(1, 2).contiguous().float().reshape(-1),
+                sfa=sa.contiguous().reshape(-1), sfb=sb.transpose(1, 2).contiguous().reshape(-1))
+    setup = _cutlass.read_setup(_cutlass.setup_twin(offs, n, k, **BASES), groups)
+    out = torch.zeros(a.shape[0] * n)
+    for e in range(groups):
+        m, n_e, k_e = setup["shapes"][e].tolist()
+        assert (n_e, k_e) == (n, k)
+        if not m:
+            continue
+        at = lambda name, size: (int(setup[name][e]) - BASES[name.lower()]) // size  # noqa: E731
+        a_e = flat["a"].as_strided((m, k), (int(setup["stride_A"][e]), 1), at("A", 1))
+        b_e = flat["b"].as_strided((n, k), (int(setup["stride_B"][e]), 1), at("B", 1))
+        sfa = flat["sfa"][at("SFA", 4) + _cutlass.scale_offsets(m, k, 1, 128, "K")]
+        sfb = flat["sfb"][at("SFB", 4) + _cutlass.scale_offsets(n, k, 128, 128, "K")]
+        a_deq = a_e * sfa.repeat_interleave(128, 1)
+        b_deq = b_e * sfb.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        d = (int(setup["D"][e]) - BASES["d"]) // 2
+        out.as_strided((m, n), (int(setup["stride_D"][e]), 1), d).copy_(a_deq @ b_deq.T)
+    return out.reshape(a.shape[0], n)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 130, 1], [0, 0, 5], [256, 128], [0]], ids=str)
+def test_setup_twin_against_the_reference(counts):
+    """Zero-row experts, M % 128 != 0, one row: the twin's shapes, offsets and scale index maps give the
+    reference's product (fp8_grouped_mm's torch backend), with no padding."""
+    a, sa, b, sb, offs = operands(counts, 256, 384)
+    want = fp8_grouped_mm(a, sa, b, sb, offs, backend="torch").float()
+    got = emulate(a, sa, b, sb, offs).bfloat16()  # the reference rounds its float32 product to bfloat16 too
+    assert rel_err(got, want) < 1e-4  # a bfloat16 ulp here and there (float32 sums in another order)
+
+
+@needs_cutlass
+def test_setup_buffer_and_workspace_sizes_are_the_builds():
+    """Host code, no GPU: the twin's buffer layout has the built kernel's size; CUTLASS's can_implement accepts the
+    arguments the op makes (workspace_bytes runs it, and raises where it fails); its workspace is its TMA
+    descriptors, 128 B each, a set an SM: A and B for the mainloop, D for each of the 2 epilogue warpgroups (no C)."""
+    for groups in (1, 3, 32, 257):
+        assert _ext.C.fp8_grouped_cutlass_setup_bytes(groups) == _cutlass.setup_bytes(groups)
+    assert _ext.C.fp8_grouped_cutlass_workspace_bytes(32, 132) == _ext.C.fp8_grouped_cutlass_workspace_bytes(8, 132)
+    assert _ext.C.fp8_grouped_cutlass_workspace_bytes(32, 132) == 4 * 128 * 132
+
+
+def test_setup_twin_fields():
+    offs = torch.tensor([3, 3, 133, 140], dtype=torch.int32)
+    s = _cutlass.read_setup(_cutlass.setup_twin(offs, 256, 384, **BASES), 4)
+    assert s["shapes"].tolist() == [[3, 256, 384], [0, 256, 384], [130, 256, 384], [7, 256, 384]]
+    assert (s["A"] - BASES["a"]).tolist() == [0, 3 * 384, 3 * 384, 133 * 384]
+    assert (s["B"] - BASES["b"]).tolist() == [e * 256 * 384 for e in range(4)]
+    assert (s["D"] - BASES["d"]).tolist() == [0, 3 * 512, 3 * 512, 133 * 512]
+    assert (s["SFA"] - BASES["sfa"]).tolist() == [0, 3 * 12, 3 * 12, 133 * 12]
+    assert (s["SFB"] - BASES["sfb"]).tolist() == [e * 2 * 3 * 4 for e in range(4)]
+    assert s["stride_A"].tolist() == [384] * 4 and s["stride_D"].tolist() == [256] * 4
+    # a decreasing offs: an empty expert, not a negative M
+    bad = _cutlass.read_setup(_cutlass.setup_twin(torch.tensor([5, 2], dtype=torch.int32), 256, 384, **BASES), 2)
+    assert bad["shapes"][:, 0].tolist() == [5, 0]
+
+
+# ----------------------------------------------------------------------------- the op's errors
+
+
+def test_cutlass_backend_says_why_it_cannot_run():
+    a, sa, b, sb, offs = operands([3, 5], 256, 384)
+    with pytest.raises(RuntimeError, match="backend='cutlass' cannot run this call: .*(not built|built without|"
+                                           "needs CUDA tensors)"):
+        fp8_grouped_mm(a, sa, b, sb, offs, backend="cutlass")
+    with pytest.raises(RuntimeError, match="backend='cutlass' cannot run this call"):  # fp8_mm: one group
+        moekernels.fp8_mm(a, sa, b[0], sb[0], backend="cutlass")
+    with pytest.raises(ValueError, match="backend must be one of"):  # a name of the fp8 GEMMs' alone
+        moekernels.grouped_mm(a.float(), b.float(), offs, backend="cutlass")
+
+
+def test_operand_problems_name_the_argument():
+    a, sa, b, sb, offs = operands([3, 5], 256, 384)
+    ok = _cutlass.operand_problem
+    assert ok(a, sa, b, sb, offs, torch.bfloat16) is None
+    assert "out_dtype" in ok(a, sa, b, sb, offs, torch.float32)
+    assert "b must be the transposed view" in ok(a, sa, b.contiguous(), sb, offs, torch.bfloat16)
+    assert "a_scale" in ok(a, sa[:, :1], b, sb, offs, torch.bfloat16)
+    assert "offs" in ok(a, sa, b, sb, offs.long(), torch.bfloat16)
+    a2, sa2, b2, sb2, offs2 = operands([3, 5], 200, 384)
+    assert "multiples of 128" in ok(a2, sa2, b2, sb2, offs2, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- on a Hopper GPU
+
+
+needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                  reason="needs an sm_90 GPU")
+
+
+@pytest.mark.gpu
+@needs_cutlass
+@needs_hopper
+def test_setup_kernel_matches_its_twin():
+    counts = [3, 0, 130, 1, 0]
+    a, sa, b, sb, offs = operands(counts, 256, 384, device="cuda")
+    out = torch.empty(a.shape[0], 256, dtype=torch.bfloat16, device="cuda")
+    buf = torch.zeros(_cutlass.setup_bytes(len(counts)), dtype=torch.uint8, device="cuda")
+    assert _ext.C.fp8_grouped_cutlass_setup_bytes(len(counts)) == buf.numel()
+    _ext.C.fp8_grouped_cutlass_setup(offs.data_ptr(), len(counts), 256, 384, a.data_ptr(), b.data_ptr(),
+                                     out.data_ptr(), sa.data_ptr(), sb.data_ptr(), buf.data_ptr(), _ext.stream(a))
+    want = _cutlass.setup_twin(offs, 256, 384, a.data_ptr(), b.data_ptr(), out.data_ptr(), sa.data_ptr(),
+                               sb.data_ptr())
+    assert torch.equal(buf.cpu(), want)
+
+
+@pytest.mark.gpu
+@needs_cutlass
+@needs_hopper
+@pytest.mark.parametrize("col_major", [False, True], ids=["row_major", "col_major"])
+def test_parity_deepseek_v3_shapes(col_major):
+    """E 32 local experts, N 4096, K 7168; uneven rows with empty experts and M % 128 != 0 (no padding)."""
+    g = torch.Generator().manual_seed(1)
+    counts = torch.randint(0, 700, (32,), generator=g)
+    counts[[3, 17]] = 0
+    counts[5], counts[6] = 1, 129
+    a, sa, b, sb, offs = operands(counts.tolist(), 4096, 7168, col_major=col_major, device="cuda")
+    got = fp8_grouped_mm(a, sa, b, sb, offs, backend="cutlass")
+    triton = fp8_grouped_mm(a, sa, b, sb, offs, backend="triton")
+    want = fp8_grouped_mm(a, sa, b, sb, offs, backend="torch")
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert rel_err(got, want) < 1e-2 and rel_err(got, triton) < 1e-2
+    tail = a.new_zeros(a.shape[0] + 7, a.shape[1])  # rows past offs[-1] are zero
+    tail[:a.shape[0]] = a
+    sa_tail = torch.ones(tail.shape[0], sa.shape[1], device="cuda")
+    sa_tail[:a.shape[0]] = sa
+    out = fp8_grouped_mm(tail, sa_tail, b, sb, offs, backend="cutlass")
+    assert torch.equal(out[a.shape[0]:], torch.zeros_like(out[a.shape[0]:]))
+    assert torch.equal(out[:a.shape[0]], got)
+
+
+@pytest.mark.gpu
+@needs_cutlass
+@needs_hopper
+def test_fp8_mm_is_one_group():
+    a, sa, b, sb, _ = operands([1000], 4096, 7168, device="cuda")
+    got = moekernels.fp8_mm(a, sa, b[0], sb[0], backend="cutlass")
+    assert rel_err(got, moekernels.fp8_mm(a, sa, b[0], sb[0], backend="torch")) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_cutlass
+@needs_hopper
+def test_cuda_graph_capture():
+    """No host sync: the op captures in a CUDA graph and replays with new offs."""
+    a, sa, b, sb, offs = operands([100, 0, 300], 256, 384, device="cuda")
+    fp8_grouped_mm(a, sa, b, sb, offs, backend="cutlass")  # warm: the module's load
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_grouped_mm(a, sa, b, sb, offs, backend="cutlass")
+    offs.copy_(torch.tensor([0, 250, 400], dtype=torch.int32))
+    graph.replay()
+    assert rel_err(out, fp8_grouped_mm(a, sa, b, sb, offs, backend="torch")) < 1e-2
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+def test_setup_finds_cutlass_or_says_why(monkeypatch, tmp_path):
+    setup = load_setup()
+    monkeypatch.setenv("CUTLASS_PATH", str(tmp_path))  # the override comes first, and is checked
+    includes, error = setup.find_cutlass()
+    assert includes is None and "CUTLASS_PATH" in error and "include/cutlass/cutlass.h" in error
+    (tmp_path / "include" / "cutlass").mkdir(parents=True)
+    (tmp_path / "include" / "cutlass" / "cutlass.h").touch()
+    includes, error = setup.find_cutlass()
+    assert error is None and includes == [str(tmp_path / "include"), str(tmp_path / "tools" / "util" / "include")]
+    monkeypatch.delenv("CUTLASS_PATH")
+    monkeypatch.setitem(__import__("sys").modules, "cutlass_library", None)  # not installed
+    includes, error = setup.find_cutlass()
+    assert includes is None and "nvidia-cutlass==4.2.0.0" in error
+
+
+def test_build_requires_the_pinned_wheel():
+    text = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
+    requires = re.search(r"^requires = \[(.*)\]", text, re.M).group(1)
+    assert '"nvidia-cutlass==4.2.0.0"' in requires
