@@ -57,6 +57,7 @@ RUNS = {  # (processes, model, --override.imports)
     # C = ceil(2.0 * T * top_k / 2) = T * top_k rows for each pair of ranks, as many as a rank can send: nothing
     # is dropped, so the losses must be stock's.
     "dsv3 EP2 experts+dispatcher capacity 2.0": (2, DSV3, (M + "experts", M + 'dispatcher={"capacity_factor": 2.0}')),
+    "dsv3 EP2 routed_experts": (2, DSV3, (M + "routed_experts",)),  # the README's command, at EP 2
     "dsv3 EP2 routed_experts_fp8": (2, DSV3, (M + "routed_experts_fp8",)),  # e4m3 GEMMs and e4m3 dispatch
 }
 COMPARISONS = [  # (run, reference run, relative tolerance)
@@ -67,7 +68,8 @@ COMPARISONS = [  # (run, reference run, relative tolerance)
     ("dsv3 EP2 experts+dispatcher", "dsv3 EP2 stock", BF16),
     ("dsv3 EP2 experts+dispatcher fp8", "dsv3 EP2 stock", FP8_WIRE),
     ("dsv3 EP2 experts+dispatcher capacity 2.0", "dsv3 EP2 stock", BF16),
-    ("dsv3 EP2 routed_experts_fp8", "dsv3 EP2 experts+dispatcher", FP8),
+    ("dsv3 EP2 routed_experts", "dsv3 EP2 stock", BF16),
+    ("dsv3 EP2 routed_experts_fp8", "dsv3 EP2 routed_experts", FP8),
 ]
 # The classes each run's model must hold (fully_shard's FSDP<name> classes count by their MRO): a test that
 # compared stock with stock would pass.
