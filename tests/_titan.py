@@ -202,6 +202,8 @@ def child(spec_path: str) -> None:
         except Exception:
             traceback.print_exc()
             results.append({"error": f"rank {rank}: " + traceback.format_exc()})
+            if torch.distributed.is_initialized():  # main() tears it down only after a run that succeeded
+                torch.distributed.destroy_process_group()
         out.write_text(json.dumps(results))
         if "error" in results[-1] and world_size > 1:
             sys.stdout.flush()
