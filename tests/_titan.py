@@ -2,12 +2,14 @@
 
 The pytest side calls :func:`train`: it writes a tiny tokenizer and data set into a temporary folder, starts
 ``world_size`` processes (each ``python -c "import _titan; _titan.child(spec)"``, with the env:// variables that
-torchrun would set), and reads back the losses rank 0 recorded. One start of a process costs ~6 s of imports on
-this machine, so each process runs several trainings in a row (``runs``: one argument list each); every run
-builds its own config, process group and model from scratch, so runs do not share state.
+torchrun would set), and reads back what rank 0 recorded: each step's loss and gradient norm, the model's classes
+and step 1's expert gradients. One start of a process costs ~6 s of imports on this machine, so each process runs
+several trainings in a row (``runs``: one argument list each); every run builds its own config, process group and
+model from scratch, so runs do not share state.
 
 Everything here that torchtitan 0.3.0 needs to run on a CPU is a test workaround, not moekernels' code: each
-says why. None of them changes what the model computes, so stock and moekernels runs see the same workarounds.
+says why. Stock and moekernels runs take the same ones; only causal SDPA changes what the model computes (the
+documents packed in a sequence attend to each other), for both alike.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import types
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
-OVERRIDES = "moekernels.integrations.torchtitan"
 
 # 2 sequences of 64 tokens: a step of the debug model takes ~0.5 s on one core. (With 32 tokens a sequence,
 # the noisier steps let bf16 rounding move step 4 by 8e-4 relative between two correct runs; with 64, by 3e-4.)
@@ -115,7 +116,8 @@ def _register_causal_sdpa():
     from torchtitan.config.override import override
     from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 
-    # CPU: FlexAttention runs compiled and has no CPU backward. Causal SDPA is the same attention without the
+    # CPU: "NotImplementedError: FlexAttention does not support backward on CPU" (measured, torch 2.13). Causal
+    # SDPA is the same attention without the
     # per-document mask (documents packed in a sequence then see each other), the same for stock and
     # moekernels runs. With SDPA the trainer builds no masks (it builds them for Flex and Varlen only).
     @override(target=FlexAttention.Config, exact=True, description="CPU test: causal SDPA for FlexAttention")
@@ -257,7 +259,8 @@ def train(runs: list[list[str]], folder: pathlib.Path, *, world_size: int = 1, t
     spec = folder / f"spec{world_size}.json"
     out = folder / f"losses{world_size}.json"
     spec.write_text(json.dumps({"runs": runs, "out": str(out), "ports": _free_ports(len(runs))}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(HERE), os.environ.get("PYTHONPATH")]))}
+    path = [str(ROOT), str(HERE), os.environ.get("PYTHONPATH")]  # this checkout's moekernels, and _titan
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, path))}
     # The trainer's CPU tensors take moekernels' torch backend, as a user's would; interpreting Triton in a
     # training run would take minutes.
     env.pop("TRITON_INTERPRET", None)
