@@ -117,9 +117,9 @@ def _register_causal_sdpa():
     from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAttention
 
     # CPU: "NotImplementedError: FlexAttention does not support backward on CPU" (measured, torch 2.13). Causal
-    # SDPA is the same attention without the
-    # per-document mask (documents packed in a sequence then see each other), the same for stock and
-    # moekernels runs. With SDPA the trainer builds no masks (it builds them for Flex and Varlen only).
+    # SDPA is the same attention without the per-document mask (documents packed in a sequence then see each
+    # other), the same for stock and moekernels runs. With SDPA the trainer builds no masks (it builds them for
+    # Flex and Varlen only).
     @override(target=FlexAttention.Config, exact=True, description="CPU test: causal SDPA for FlexAttention")
     def causal_sdpa(cfg):
         return ScaledDotProductAttention.Config()
