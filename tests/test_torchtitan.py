@@ -169,6 +169,11 @@ def test_unfused_routed_experts_are_the_experts_path():
     got = _routed_run(ours, x, scores, ids)
     for name, a, b in zip(ROUTED, got, want):
         assert rel_err(a, b) <= 1e-6, name
+    # A dispatcher that scores the tokens before the experts (other torchtitan releases' score_before_experts):
+    # fused_moe scores after them, so that one takes torchtitan's path too.
+    _, before = _routed_pair(dtype="float32")
+    before.token_dispatcher.score_before_experts = True
+    assert not before.fusable()
     padding = td.TorchAOTokenDispatcher.Config(num_experts=E, top_k=K, pad_multiple=16)
     inner = tm.GroupedExperts.Config(dim=D, hidden_dim=F, num_experts=E)
     padded = mt.routed_experts(tm.RoutedExperts.Config(inner_experts=inner, token_dispatcher=padding)).build()
