@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import moekernels
-from moekernels import _cutlass, _ext, reference
+from moekernels import _cutlass, _ext, fp8, reference
 from moekernels.fp8 import fp8_grouped_mm, prepare_weight, quantize_fp8
 from tests.conftest import rel_err
 from tests.test_cuda_ext import _cuobjdump, load_setup
@@ -446,7 +446,7 @@ def training_problem(counts, k, n, *, device="cpu", kmajor=True, seed=0):
 def grouped_mm_fp8_step(x, w, offs, kmajor, backend, dy):
     """y and (dx, dw) of grouped_mm_fp8 on fresh leaves (dw in w's own layout)."""
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = moekernels.grouped_mm_fp8(x, w.transpose(1, 2) if kmajor else w, offs, backend=backend)
+    y = fp8.grouped_mm_fp8(x, w.transpose(1, 2) if kmajor else w, offs, backend=backend)
     return (y, *torch.autograd.grad(y, (x, w), dy))
 
 
@@ -455,8 +455,8 @@ def grouped_mm_fp8_step(x, w, offs, kmajor, backend, dy):
 def test_grouped_mm_fp8_cutlass_fprop_and_dgrad(stand_in, counts, kmajor):
     """fprop and dgrad reach the kernel (2 calls: wgrad, a K-grouped GEMM, does not), each with its K-major
     weight (dgrad: the forward's blocks transposed, K-major [E, N, K] storage) and row-major activation scales;
-    against the torch fp8 path: y and dx within a bf16 rounding (the same dequantized products), dw the same
-    bits (both run the same wgrad on the same x and dy)."""
+    y, dx and dw the torch fp8 path's bits: the stand-in's product is the torch backend's, on the same e4m3
+    operands and scales, and both run the same wgrad on the same x and dy."""
     k, n = 256, 384
     x, w, offs = training_problem(counts, k, n, kmajor=kmajor)
     dy = torch.randn(x.shape[0], n, generator=torch.Generator().manual_seed(1)).bfloat16()
@@ -464,11 +464,9 @@ def test_grouped_mm_fp8_cutlass_fprop_and_dgrad(stand_in, counts, kmajor):
     want = grouped_mm_fp8_step(x, w, offs, kmajor, "torch", dy)
     m, groups = x.shape[0], len(counts)
     assert stand_in == [((m, k), (groups, k, n), True), ((m, n), (groups, n, k), True)]
-    for name, a, b in zip(("y", "dx"), got, want):
-        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
-        assert rel_err(a, b) < 1e-3, name
-    assert torch.equal(got[2], want[2])
-    assert got[1][m - counts[-1]:].any() or not counts[-1]  # not a zero stand-in
+    for name, a, b in zip(("y", "dx", "dw"), got, want):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+    assert got[0].any() and got[1].any()  # not a zero stand-in
 
 
 def moe_training_problem(device="cpu", *, pair=False, seed=3):
@@ -497,11 +495,14 @@ def fused_moe_fp8_step(x, gate_up, w2, tw, ids, backend, dy):
 def test_fused_moe_fp8_cutlass_matches_the_fp8_path(stand_in, pair):
     """Both GEMMs and their dgrads reach the kernel (the fused form: forward 2 calls, backward 3: GEMM 1
     recomputed, GEMM 2's dgrad, GEMM 1's; the pair: one a weight, 3 + 5), with row-major activation scales
-    (gathered rows, h and dz quantized row-major: no copy); never a wgrad. Against the torch fp8 path the
-    output and every gradient are within what the bf16 roundings the CUTLASS path adds (GEMM 1's z and GEMM 2's
-    rows, rounded before SwiGLU and the combine) make of them after h's e4m3 quantize: a bf16 ulp of z moves
-    an h value across an e4m3 rounding boundary now and then (measured: y 3e-3, the weights' grads up to 5e-3),
-    far under the fp8 path's own error (~3e-2 against bf16)."""
+    (gathered rows, h and dz quantized row-major: no copy); never a wgrad.
+
+    Against the torch fp8 path: the backward the same bits (both recompute z rounded to bf16 from the same
+    operands), but for the pair's hidden gradient (its two products each rounded to bf16 before their sum:
+    3e-3). The output differs by 1.2-1.6e-2 (3 seeds): SwiGLU reads z rounded to bf16 (the Triton path, the
+    float32 accumulator), so a third of h's bf16 values move by an ulp and 2% of its e4m3 values by a step
+    (~6%); the combine of bf16 rows adds 3e-3. Its error against the float32 layer is the fp8 path's (6.6e-2
+    both): the roundings move it, they do not grow it."""
     x, gate_up, w2, tw, ids = moe_training_problem(pair=pair)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
     got = fused_moe_fp8_step(x, gate_up, w2, tw, ids, "cutlass", dy)
@@ -513,9 +514,15 @@ def test_fused_moe_fp8_cutlass_matches_the_fp8_path(stand_in, pair):
     names = ("y", "hidden", *(f"w_gate_up[{j}]" for j in range(len(gate_up))), "w_down", "topk_weights")
     for name, a, b in zip(names, got, want):
         assert a.dtype == b.dtype and a.shape == b.shape, name
-        assert rel_err(a, b) < 2e-2, (name, rel_err(a, b))
+        if name == "y" or (name == "hidden" and pair):
+            assert rel_err(a, b) < (3e-2 if name == "y" else 1e-2), name
+        else:
+            assert torch.equal(a, b), name
+    with torch.no_grad():
+        exact = moekernels.fused_moe(x.float(), torch.cat(gate_up, 1).float(), w2.float(), tw, ids, backend="torch")
+    assert rel_err(got[0], exact) < 1.05 * rel_err(want[0], exact)
     for g in got[2:-1]:  # expert 0 has no rows: no weight gradient
-        assert not g[0].any()
+        assert not g[0].any() and g[1].any()
 
 
 def test_training_paths_say_why_cutlass_cannot_run(monkeypatch):
@@ -525,13 +532,13 @@ def test_training_paths_say_why_cutlass_cannot_run(monkeypatch):
     wt = w.transpose(1, 2)
     with pytest.raises(RuntimeError, match="grouped_mm_fp8: backend='cutlass' cannot run this call: .*(not built|"
                                            "built without|needs CUDA tensors)"):
-        moekernels.grouped_mm_fp8(x, wt, offs, backend="cutlass")
+        fp8.grouped_mm_fp8(x, wt, offs, backend="cutlass")
     with pytest.raises(TypeError, match="x must be torch.bfloat16"):
-        moekernels.grouped_mm_fp8(x.float(), wt.float(), offs, backend="cutlass")
+        fp8.grouped_mm_fp8(x.float(), wt.float(), offs, backend="cutlass")
     with pytest.raises(ValueError, match="recipe='block' alone"):
-        moekernels.grouped_mm_fp8(x, wt, offs, recipe="row", backend="cutlass")
+        fp8.grouped_mm_fp8(x, wt, offs, recipe="row", backend="cutlass")
     with pytest.raises(ValueError, match="2D x 3D form alone"):
-        moekernels.grouped_mm_fp8(x.view(2, 4, 256), wt[:2], None, backend="cutlass")
+        fp8.grouped_mm_fp8(x.view(2, 4, 256), wt[:2], None, backend="cutlass")
     hidden, gate_up, w2, tw, ids = moe_training_problem()
     with pytest.raises(RuntimeError, match="fused_moe: backend='cutlass' cannot run this call"):
         moekernels.fused_moe(hidden, gate_up[0], w2, tw, ids, precision="fp8", backend="cutlass")
@@ -547,7 +554,7 @@ def test_training_paths_say_why_cutlass_cannot_run(monkeypatch):
     monkeypatch.setattr(_cutlass, "unavailable", lambda device: None)
     monkeypatch.setenv("MOEKERNELS_BACKEND", "cutlass")
     with pytest.raises(ValueError, match="MOEKERNELS_BACKEND .*must be one of"):
-        moekernels.grouped_mm_fp8(x, wt, offs)
+        fp8.grouped_mm_fp8(x, wt, offs)
     monkeypatch.delenv("MOEKERNELS_BACKEND")
     moekernels.fused_moe(hidden, gate_up[0], w2, tw, ids, precision="fp8")  # the automatic choice: not CUTLASS
     assert calls == []
@@ -575,10 +582,15 @@ def test_grouped_mm_fp8_cutlass_on_the_gpu(kmajor):
 @needs_hopper
 @pytest.mark.parametrize("pair", [False, True], ids=["w_gate_up", "w_gate_w_up"])
 def test_fused_moe_fp8_cutlass_on_the_gpu(pair):
-    """fused_moe(precision="fp8") with both GEMMs and their dgrads on the kernel against the Triton path."""
+    """fused_moe(precision="fp8") with both GEMMs and their dgrads on the kernel against the Triton path: within
+    the 3e-2 that the bf16 roundings of z (before SwiGLU, then h's e4m3 quantize) allow (the CPU test's 1.6e-2,
+    and here z's accumulation order too), and the output as far from the float32 layer as the Triton path's."""
     x, gate_up, w2, tw, ids = moe_training_problem("cuda", pair=pair)
     dy = torch.randn(x.shape, device="cuda").bfloat16()
     got = fused_moe_fp8_step(x, gate_up, w2, tw, ids, "cutlass", dy)
     want = fused_moe_fp8_step(x, gate_up, w2, tw, ids, "triton", dy)
     for j, (a, b) in enumerate(zip(got, want)):
-        assert a.dtype == b.dtype and rel_err(a, b) < 2e-2, j
+        assert a.dtype == b.dtype and rel_err(a, b) < 3e-2, j
+    with torch.no_grad():
+        exact = moekernels.fused_moe(x.float(), torch.cat(gate_up, 1).float(), w2.float(), tw, ids, backend="torch")
+    assert rel_err(got[0], exact) < 1.1 * rel_err(want[0], exact)
