@@ -199,3 +199,36 @@ def fp8_grouped_mm(a, a_scale, b, b_scale, offs, out_dtype) -> torch.Tensor:
     if reason:
         raise RuntimeError(f"fp8_grouped_mm: backend='cutlass' cannot run this call: {reason}")
     return grouped_mm(a, a_scale, b, b_scale, offs)
+
+
+# ----------------------------------------------------------------------------- the training paths
+# grouped_mm_fp8(backend="cutlass") and fused_moe(precision="fp8", backend="cutlass"): fprop and dgrad on this
+# kernel, everything around them (quantizes, gathers, SwiGLU, the combine, the fp8 wgrad: a K-grouped GEMM this
+# kernel is not) on the automatic choice.
+
+
+def others(backend: str) -> str:
+    """The backend of the ops around the CUTLASS GEMMs: the automatic choice where the GEMMs are CUTLASS's."""
+    return "" if backend == "cutlass" else backend
+
+
+def check_training(op: str, x: torch.Tensor, name: str) -> None:
+    """backend='cutlass' in ``op``'s training path: its bf16 epilogue needs a bf16 ``x`` (named ``name``), and
+    the kernel a Hopper GPU it is built for; raises naming why not."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"{op}: backend='cutlass' writes bfloat16 (its epilogue's): {name} must be "
+                        f"torch.bfloat16, got {x.dtype}")
+    reason = unavailable(x.device)
+    if reason:
+        raise RuntimeError(f"{op}: backend='cutlass' cannot run this call: {reason}")
+
+
+def product(a, a_scale, b, b_scale, offs) -> torch.Tensor:
+    """bf16 (a * a_scale) @ (b * b_scale) per expert for the training paths (their operands checked there).
+
+    b_scale in either layout: the forward's (the transposed view of [E, N/128, K/128], read in place) or the
+    dgrad's (the forward's blocks transposed: [E, K/128, N/128] contiguous, MN-major for this product), which is
+    copied to the kernel's K-major SFB: E N K / 16384 floats, 0.23 MB for E 32 x 4096 x 7168 (a second
+    instantiation with MN-major SFB would cost ~1 min of nvcc for 2 us of copy)."""
+    return fp8_grouped_mm(a, a_scale, b, b_scale.transpose(1, 2).contiguous().transpose(1, 2), offs,
+                          torch.bfloat16)

@@ -608,10 +608,12 @@ def _act_block(recipe: str, cols: int) -> tuple[int, int]:
 
 
 def _fp8_forward(x, w, offs, recipe, keep, backend):
+    gemm, backend = backend, _cutlass.others(backend)
     bx = _act_block(recipe, x.shape[1])
-    xq, xs = quantize_op(x, *bx, False, None, None, 1, recipe == "block", backend)  # K-block-major scales
+    # K-block-major scales for the Triton GEMM; row-major for CUTLASS's K-major SFA (no copy there)
+    xq, xs = quantize_op(x, *bx, False, None, None, 1, recipe == "block" and gemm != "cutlass", backend)
     b, bs, b_t, bs_t = weight_operands(w, recipe, backend, dgrad=keep)
-    y = grouped_mm_fp8_product(xq, xs, b, bs, offs, x.dtype, backend)
+    y = grouped_mm_fp8_product(xq, xs, b, bs, offs, x.dtype, gemm)
     if not keep:  # no backward will run: neither the wgrad copy of x nor w^T's
         return (y, *_nothing(x))
     xq_t, xs_t = segments_op(x, offs, False, backend)
@@ -621,6 +623,8 @@ def _fp8_forward(x, w, offs, recipe, keep, backend):
 
 
 def grouped_mm_fp8_product(a, a_scale, b, b_scale, offs, out_dtype, backend):
+    if backend == "cutlass":  # fprop and dgrad of grouped_mm_fp8(backend="cutlass"): bf16 out
+        return _cutlass.product(a, a_scale, b, b_scale, offs)
     from .grouped_gemm import fused_op
 
     return fused_op(a, b, offs, offs, 1, False, "", None, a_scale, b_scale, out_dtype, backend)
@@ -673,13 +677,14 @@ def _fp8_backward(ctx, grad, *_):
     xq_t, wq_t = xq_t.view(FP8), wq_t.view(FP8)
     dx = dw = None
     grad = grad.contiguous()
-    if ctx.needs_input_grad[0]:  # dgrad: dy (1, 128) along N times w^T's blocks
+    gemm, backend = ctx.backend, _cutlass.others(ctx.backend)  # wgrad stays on Triton: a K-grouped GEMM
+    if ctx.needs_input_grad[0]:  # dgrad: dy (1, 128) along N times w^T's blocks (K-major: wq_t's storage)
         gq, gs = quantize_op(grad, *_act_block(ctx.recipe, grad.shape[1]), False, None, None, 1,
-                              ctx.recipe == "block", ctx.backend)
-        dx = grouped_mm_fp8_product(gq, gs, wq_t.transpose(1, 2), ws_t, offs, ctx.dtype, ctx.backend)
+                              ctx.recipe == "block" and gemm != "cutlass", backend)
+        dx = grouped_mm_fp8_product(gq, gs, wq_t.transpose(1, 2), ws_t, offs, ctx.dtype, gemm)
     if ctx.needs_input_grad[1]:  # wgrad: x and dy in (128 tokens x 1 channel) tiles within segments
-        gq_t, gs_t = segments_op(grad, offs, False, ctx.backend)
-        dw = dw_fp8_op(xq_t, xs_t, gq_t, gs_t, offs, ctx.rows, ctx.kmajor, ctx.w_dtype, ctx.backend)
+        gq_t, gs_t = segments_op(grad, offs, False, backend)
+        dw = dw_fp8_op(xq_t, xs_t, gq_t, gs_t, offs, ctx.rows, ctx.kmajor, ctx.w_dtype, backend)
     return dx, dw, None, None, None, None
 
 
@@ -752,6 +757,10 @@ def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None =
         offs: [E] int32 cumulative segment ends.
         recipe: ``"block"`` (DeepSeek-V3: x, dy in (1, 128) tiles, w in (128, 128) blocks; needs
             K % 128 == 0 and N % 128 == 0) or ``"row"`` (torchao's: per row x per column).
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, None (automatic), or ``"cutlass"``: fprop and
+            dgrad on :func:`fp8_grouped_mm`'s CUTLASS kernel (opt-in, as there: bfloat16 x, recipe
+            "block", the 2D x 3D form, sm_90), the quantizes and the wgrad (a K-grouped GEMM) on the
+            automatic choice; raises naming why where it cannot run.
 
     fprop ``y = x @ w``, dgrad ``dx = dy @ w^T`` (w^T reuses the forward's fp8 blocks, transposed
     with their scales: no second quantization), wgrad ``dw[e] = x_e^T @ dy_e`` from
@@ -781,6 +790,9 @@ def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None =
     backend = backend or ""
     if isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and (x.dim() == 3 or w.dim() == 2):
         check_form(x, w, offs)
+        if backend == "cutlass":
+            raise ValueError(f"grouped_mm_fp8: backend='cutlass' runs the 2D x 3D form alone (x [M, K], w [E, K, N]), "
+                             f"got x {list(x.shape)} and w {list(w.shape)}")
         _checks.choice("recipe", recipe, RECIPES)
         if x.dim() == 3 and w.dim() == 3:
             _check_block(recipe, x.shape[2], w.shape[2])
@@ -791,4 +803,9 @@ def grouped_mm_fp8(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None =
     check_operands(x, w, offs, dtypes=QUANT_INPUTS)
     _checks.choice("recipe", recipe, RECIPES)
     _check_block(recipe, w.shape[1], w.shape[2])
+    if backend == "cutlass":
+        if recipe != "block":
+            raise ValueError(f"grouped_mm_fp8: backend='cutlass' runs recipe='block' alone (its (1, 128) x (128, 128) "
+                             f"scales), got recipe={recipe!r}")
+        _cutlass.check_training("grouped_mm_fp8", x, "x")
     return _grouped_mm_fp8_op(x, w, offs, recipe, _keep(x, w), backend)[0]

@@ -32,13 +32,13 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from . import _autocast, _checks, reference
+from . import _autocast, _checks, _cutlass, reference
 from .fp8 import FP8, activation_operand, dw_fp8_op, prepare_weight, quantize_op, segments_op
 from .fp8 import weight_operands as _fp8_weight_operands
 from .grouped_gemm import ACTIVATIONS, fused_op, grouped_mm_dw_op, grouped_mm_op
 from .lora import ExpertsLoRA
 from .lora import check as check_lora
-from .permute import permute_backward_op
+from .permute import _permute_op, _unpermute_op, permute_backward_op
 from .plan import plan_routing_op
 from .route import (
     check_arguments, load_balancing_loss, router_z_loss, sequence_balance_loss, topk_routing, update_correction_bias,
@@ -318,16 +318,42 @@ def _fused_moe_fp8_op(hidden: torch.Tensor, w_gate_up: torch.Tensor, w_down: tor
                                                                                torch.Tensor]:
     """fused_moe on e4m3 with high-precision weights; also returns the tokens' e4m3 bytes and their
     (1, 128) scales, which its backward keeps. With ``w_up`` [E, I, H], ``w_gate_up`` is the gate
-    alone, [E, I, H]: each quantized in its own blocks, both read in place."""
+    alone, [E, I, H]: each quantized in its own blocks, both read in place. ``backend="cutlass"``: both
+    GEMMs (and their dgrads) on CUTLASS's kernel, the rest on the automatic choice (_cutlass_experts)."""
+    gemm, backend = backend, _cutlass.others(backend)
     qx, sx = quantize_op(hidden, 1, 128, False, None, None, 1, False, backend)  # an output: row-major scales
     if topk_ids.shape[0] == 0:
         return hidden.new_zeros(0, hidden.shape[1]), qx.view(torch.uint8), sx
-    offsets, source, _ = _plan(topk_ids, w_gate_up.shape[0], backend)
-    # Power-of-two scales for h, before the down GEMM (DeepSeek-V3).
-    y = _fp8_experts(qx, sx, _gate_up_fprop(_fp8_gate_up(w_gate_up, w_up, backend, dgrad=False)),
-                     _fp8_weights(w_down, backend, dgrad=False)[:2], topk_weights, offsets, source, activation,
-                     hidden.dtype, True, backend)
+    offsets, source, dest = _plan(topk_ids, w_gate_up.shape[0], backend)
+    gate_up = _gate_up_fprop(_fp8_gate_up(w_gate_up, w_up, backend, dgrad=False))
+    down = _fp8_weights(w_down, backend, dgrad=False)[:2]
+    if gemm == "cutlass":
+        y = _cutlass_experts(qx, sx, gate_up, down, topk_weights, offsets, source, dest, activation, backend)
+    else:  # power-of-two scales for h, before the down GEMM (DeepSeek-V3)
+        y = _fp8_experts(qx, sx, gate_up, down, topk_weights, offsets, source, activation, hidden.dtype, True,
+                         backend)
     return y, qx.view(torch.uint8), sx
+
+
+def _cutlass_gathered(q, s, weights, offsets, source, dest, top_k, backend):
+    """CUTLASS's GEMMs on (1, 128)-quantized tokens gathered into expert order (permute moves the e4m3 rows and
+    their scales, row-major: the operands the Triton GEMM's gathering prologue reads, at T*k*H + T*k*H/32 bytes
+    written and read back), one product for each (b, scale) pair in ``weights``, side by side in bf16."""
+    rows = _permute_op(q, source, dest, top_k, backend)
+    scales = _permute_op(s, source, dest, top_k, backend)
+    out = [_cutlass.product(rows, scales, b, bs, offsets) for b, bs in zip(weights[::2], weights[1::2])]
+    return out[0] if len(out) == 1 else torch.cat(out, 1)
+
+
+def _cutlass_experts(qx, sx, gate_up, down, topk_weights, offsets, source, dest, activation, backend):
+    """_fp8_experts with CUTLASS's GEMMs (its epilogue writes plain bf16, so nothing is fused into them): GEMM 1
+    on the gathered tokens -> z = [gate | up] bf16 [T*k, 2I] -> act(gate) * up and h's (1, 128) quantize
+    (power-of-two scales) -> GEMM 2 -> bf16 [T*k, H] sorted rows -> the weighted combine (unpermute). Against
+    the Triton path, z and the sorted rows are each rounded to bf16 once more (its SwiGLU reads the float32
+    accumulator, and its scatter rounds acc * weight): within a bf16 rounding."""
+    z = _cutlass_gathered(qx, sx, gate_up, offsets, source, dest, topk_weights.shape[1], backend)
+    qh, sh = quantize_op(reference.gated_activation(z, activation), 1, 128, True, None, None, 1, False, backend)
+    return _unpermute_op(_cutlass.product(qh, sh, *down, offsets), dest, offsets, topk_weights, backend)
 
 
 @_fused_moe_fp8_op.register_fake
@@ -348,7 +374,9 @@ def _fp8_setup(ctx, inputs, output):
 def _fp8_backward(ctx, grad_y, *_):
     qx, sx, w_gate_up, w_down, topk_weights, topk_ids, w_up = ctx.saved_tensors
     qx = qx.view(FP8)
-    act, backend, dtype = ctx.activation, ctx.backend, ctx.dtype
+    act, dtype = ctx.activation, ctx.dtype
+    gemm, backend = ctx.backend, _cutlass.others(ctx.backend)  # the wgrads stay on Triton: K-grouped GEMMs
+    cutlass = gemm == "cutlass"
     num_tokens, top_k = topk_ids.shape
     need = list(ctx.needs_input_grad) + [False]  # [7]: w_up's, False where the call had none
     need_x, need_w2, need_tw = need[0], need[2], need[3]
@@ -369,12 +397,18 @@ def _fp8_backward(ctx, grad_y, *_):
     # The gate/up product, recomputed on e4m3 from the saved tokens: [T*k, 2I] (the pair's two
     # products into its halves).
     b1, s1, *up = _gate_up_fprop(gate_up)
-    z = fused_op(qx, b1, offsets, source, top_k, True, "", None, sx, s1, dtype, backend, None, None, *up)
+    if cutlass:
+        z = _cutlass_gathered(qx, sx, (b1, s1, *up), offsets, source, dest, top_k, backend)
+    else:
+        z = fused_op(qx, b1, offsets, source, top_k, True, "", None, sx, s1, dtype, backend, None, None, *up)
     h = reference.gated_activation(z, act)
     # The tokens' gradient in (1, 128) tiles with power-of-two scales, gathered per pair by the
     # GEMM as GEMM 1 gathers the tokens; the router weight multiplies afterwards, in float32.
-    qg, sg = quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, True, backend)
-    dh_unweighted = fused_op(qg, b2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend)
+    qg, sg = quantize_op(grad_y.contiguous(), 1, 128, True, None, None, 1, not cutlass, backend)
+    if cutlass:  # dgrad of GEMM 2 on the forward's blocks transposed (b2_t: K-major for it)
+        dh_unweighted = _cutlass_gathered(qg, sg, (b2_t, s2_t), offsets, source, dest, top_k, backend)
+    else:
+        dh_unweighted = fused_op(qg, b2_t, offsets, source, top_k, True, "", None, sg, s2_t, dtype, backend)
     w = topk_weights.reshape(-1).index_select(0, src).float().unsqueeze(-1)
     if need_tw:
         grads[3] = _router_weight_grad(dh_unweighted, h, src, topk_weights)
@@ -392,12 +426,19 @@ def _fp8_backward(ctx, grad_y, *_):
         # dz in (1, 128) tiles once: I is a multiple of 128, so each half's tiles and scales are
         # its columns of them. The pair: dz_gate W_gate + dz_up W_up, two launches in float32
         # rounded once (the fused form's one K loop over 2I sums the same block products).
-        qz, sz = quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
-        out_dtype = dtype if w_up is None else torch.float32
-        parts = [fused_op(qz[:, j * cols:(j + 1) * cols], op[2], offsets, source, top_k, False, "", None,
-                          sz[:, j * cols // 128:(j + 1) * cols // 128], op[3], out_dtype, backend)
-                 for j, op in enumerate(gate_up)]
-        dx = parts[0] if w_up is None else (parts[0] + parts[1]).to(dtype)
+        # CUTLASS: each weight's columns quantized apart (its a: contiguous rows, row-major scales; the same
+        # bits), each product in bf16, their sum in float32 rounded once more.
+        if cutlass:
+            parts = [_cutlass.product(*quantize_op(dz[:, j * cols:(j + 1) * cols], 1, 128, False, None, None, 1,
+                                                   False, backend), op[2], op[3], offsets)
+                     for j, op in enumerate(gate_up)]
+        else:
+            qz, sz = quantize_op(dz, 1, 128, False, None, None, 1, True, backend)
+            out_dtype = dtype if w_up is None else torch.float32
+            parts = [fused_op(qz[:, j * cols:(j + 1) * cols], op[2], offsets, source, top_k, False, "", None,
+                              sz[:, j * cols // 128:(j + 1) * cols // 128], op[3], out_dtype, backend)
+                     for j, op in enumerate(gate_up)]
+        dx = parts[0] if w_up is None else (parts[0].float() + parts[1]).to(dtype)
         grads[0] = permute_backward_op(dx, dest, top_k, backend)
     if need_w1:  # the tokens' e4m3 copy, gathered and re-quantized along the tokens (DeepSeek-V3 does too)
         x_rows = reference.dequantize_fp8(qx, sx).to(dtype).index_select(0, src // top_k)
@@ -533,7 +574,11 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor | tuple[torch.Tensor
             computed without ever forming ``W + s B A``; adapters in hidden's dtype. The base
             weights (bf16, fp16, fp32, or float8_e4m3fn with their scales) are then frozen: they
             get no gradient even where they require one; hidden, topk_weights and the adapters do.
-        backend: ``"torch"``, ``"triton"`` or None (automatic).
+        backend: ``"torch"``, ``"triton"`` or None (automatic); with ``precision="fp8"`` also
+            ``"cutlass"``: both GEMMs and their dgrads on :func:`moekernels.fp8_grouped_mm`'s CUTLASS
+            kernel (opt-in, as there: bfloat16 hidden, sm_90), the gather, SwiGLU, h's quantize, the
+            combine and the wgrads around them on the automatic choice; raises naming why where it
+            cannot run.
 
     Returns:
         [T, H] in hidden's dtype. Differentiable with respect to hidden, w_gate_up, w_down and
@@ -553,6 +598,11 @@ def fused_moe(hidden: torch.Tensor, w_gate_up: torch.Tensor | tuple[torch.Tensor
     _check(hidden, w_gate_up, w_down, topk_weights, topk_ids, activation, w_gate_up_scale, w_down_scale, w_up,
            w_up_scale)
     _checks.choice("precision", precision, PRECISIONS)
+    if backend == "cutlass":
+        if precision != "fp8" or lora is not None:
+            raise ValueError("backend='cutlass' runs the GEMMs of fused_moe(precision='fp8') alone (CUTLASS's FP8 "
+                             "grouped GEMM, opt-in); the other paths take 'torch', 'triton', 'cuda' or None")
+        _cutlass.check_training("fused_moe", hidden, "hidden")
     # The separate up weight (and its scales) after the op's other inputs: none for the fused form.
     split = (1.0, 1.0, w_up, w_up_scale) if w_up is not None else ()
     if lora is not None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import moekernels
-from moekernels import _cutlass, _ext
+from moekernels import _cutlass, _ext, fp8, reference
 from moekernels.fp8 import fp8_grouped_mm, prepare_weight, quantize_fp8
 from tests.conftest import rel_err
 from tests.test_cuda_ext import _cuobjdump, load_setup
@@ -394,3 +394,203 @@ def test_build_requires_the_pinned_wheel():
     text = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
     requires = re.search(r"^requires = \[(.*)\]", text, re.M).group(1)
     assert '"nvidia-cutlass==4.2.0.0"' in requires
+
+
+# ----------------------------------------------------------------------------- the training paths
+# grouped_mm_fp8(backend="cutlass") and fused_moe(precision="fp8", backend="cutlass"): fprop and dgrad on the
+# CUTLASS kernel, the rest (quantizes, gathers, SwiGLU, the combine, the wgrad) on the automatic choice. On the CPU
+# the launch is stood in by its contract (``contract``: no kernel built from csrc/ runs here), so these check
+# the wiring: which GEMMs reach the kernel, with operands its layout checks accept (_cutlass.operand_problem runs
+# on them), against the torch fp8 path. The ``gpu`` ones run the kernel itself against the Triton path.
+
+
+def contract(a, a_scale, b, b_scale, offs):
+    """What the kernel computes, in torch: the float32 product of the dequantized operands per expert (rows
+    [offs[e-1], offs[e]), a count clamped at 0), rounded to bf16; rows at or after offs[-1] zero."""
+    x = reference.dequantize_fp8(a, a_scale)
+    out = torch.zeros(a.shape[0], b.shape[2])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ reference.dequantize_fp8(b[e], b_scale[e])
+        start = max(start, end)
+    return out.bfloat16()
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The launch (_cutlass.grouped_mm, the one caller of _C.fp8_grouped_mm_cutlass) replaced by ``contract``,
+    and _cutlass.unavailable told the kernel runs here. Returns the calls: (a's shape, b's shape, whether
+    a_scale reached the launch row-major, i.e. without the copy the launch makes of any other layout)."""
+    calls = []
+
+    def launch(a, a_scale, b, b_scale, offs):
+        calls.append((tuple(a.shape), tuple(b.shape), a_scale.is_contiguous()))
+        return contract(a, a_scale, b, b_scale, offs)
+
+    monkeypatch.setattr(_cutlass, "grouped_mm", launch)
+    monkeypatch.setattr(_cutlass, "unavailable", lambda device: None)
+    return calls
+
+
+def training_problem(counts, k, n, *, device="cpu", kmajor=True, seed=0):
+    """x [M, K] bf16, w [E, K, N] bf16 (the transposed view of an [E, N, K] leaf where kmajor), offs."""
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(sum(counts), k, generator=g, device=device).bfloat16()
+    w = (torch.randn(len(counts), n, k, generator=g, device=device) / k ** 0.5).bfloat16()
+    w = w if kmajor else w.transpose(1, 2).contiguous()
+    offs = torch.tensor(counts, device=device).cumsum(0).int()
+    return x, w, offs
+
+
+def grouped_mm_fp8_step(x, w, offs, kmajor, backend, dy):
+    """y and (dx, dw) of grouped_mm_fp8 on fresh leaves (dw in w's own layout)."""
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8.grouped_mm_fp8(x, w.transpose(1, 2) if kmajor else w, offs, backend=backend)
+    return (y, *torch.autograd.grad(y, (x, w), dy))
+
+
+@pytest.mark.parametrize("kmajor", [True, False], ids=["w_kmajor", "w_nmajor"])
+@pytest.mark.parametrize("counts", [[3, 0, 130, 1], [0, 0, 5]], ids=str)
+def test_grouped_mm_fp8_cutlass_fprop_and_dgrad(stand_in, counts, kmajor):
+    """fprop and dgrad reach the kernel (2 calls: wgrad, a K-grouped GEMM, does not), each with its K-major
+    weight (dgrad: the forward's blocks transposed, K-major [E, N, K] storage) and row-major activation scales;
+    y, dx and dw the torch fp8 path's bits: the stand-in's product is the torch backend's, on the same e4m3
+    operands and scales, and both run the same wgrad on the same x and dy."""
+    k, n = 256, 384
+    x, w, offs = training_problem(counts, k, n, kmajor=kmajor)
+    dy = torch.randn(x.shape[0], n, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = grouped_mm_fp8_step(x, w, offs, kmajor, "cutlass", dy)
+    want = grouped_mm_fp8_step(x, w, offs, kmajor, "torch", dy)
+    m, groups = x.shape[0], len(counts)
+    assert stand_in == [((m, k), (groups, k, n), True), ((m, n), (groups, n, k), True)]
+    for name, a, b in zip(("y", "dx", "dw"), got, want):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+    assert got[0].any() and got[1].any()  # not a zero stand-in
+
+
+def moe_training_problem(device="cpu", *, pair=False, seed=3):
+    """T 40, k 2, E 4, H 256, I 128 in bf16; expert 0 gets no row, expert 1 one, experts 2 and 3 40 and 39 (M %
+    128 != 0)."""
+    g = torch.Generator(device).manual_seed(seed)
+    t, h, i, e = 40, 256, 128, 4
+    x = torch.randn(t, h, generator=g, device=device).bfloat16()
+    w1 = (torch.randn(e, 2 * i, h, generator=g, device=device) / h ** 0.5).bfloat16()
+    w2 = (torch.randn(e, h, i, generator=g, device=device) / i ** 0.5).bfloat16()
+    ids = torch.tensor([[1, 2]] + [[2, 3], [3, 2]] * 19 + [[2, 3]], dtype=torch.int32, device=device)
+    tw = torch.rand(t, 2, generator=g, device=device).softmax(-1)
+    gate_up = w1.chunk(2, 1) if pair else (w1,)
+    return x, gate_up, w2, tw, ids
+
+
+def fused_moe_fp8_step(x, gate_up, w2, tw, ids, backend, dy):
+    """y and the gradients of hidden, the gate/up weight(s), w_down and topk_weights, on fresh leaves."""
+    leaves = [t.clone().requires_grad_() for t in (x, *gate_up, w2, tw)]
+    x, *gu, w2, tw = leaves
+    y = moekernels.fused_moe(x, gu[0] if len(gu) == 1 else tuple(gu), w2, tw, ids, precision="fp8", backend=backend)
+    return (y, *torch.autograd.grad(y, leaves, dy))
+
+
+@pytest.mark.parametrize("pair", [False, True], ids=["w_gate_up", "w_gate_w_up"])
+def test_fused_moe_fp8_cutlass_matches_the_fp8_path(stand_in, pair):
+    """Both GEMMs and their dgrads reach the kernel (the fused form: forward 2 calls, backward 3: GEMM 1
+    recomputed, GEMM 2's dgrad, GEMM 1's; the pair: one a weight, 3 + 5), with row-major activation scales
+    (gathered rows, h and dz quantized row-major: no copy); never a wgrad.
+
+    Against the torch fp8 path: the backward the same bits (both recompute z rounded to bf16 from the same
+    operands), but for the pair's hidden gradient (its two products each rounded to bf16 before their sum:
+    3e-3). The output differs by 1.2-1.6e-2 (3 seeds): SwiGLU reads z rounded to bf16 (the Triton path, the
+    float32 accumulator), so a third of h's bf16 values move by an ulp and 2% of its e4m3 values by a step
+    (~6%); the combine of bf16 rows adds 3e-3. Its error against the float32 layer is the fp8 path's (6.6e-2
+    both): the roundings move it, they do not grow it."""
+    x, gate_up, w2, tw, ids = moe_training_problem(pair=pair)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).bfloat16()
+    got = fused_moe_fp8_step(x, gate_up, w2, tw, ids, "cutlass", dy)
+    want = fused_moe_fp8_step(x, gate_up, w2, tw, ids, "torch", dy)
+    rows, (h, i) = ids.numel(), w2.shape[1:]
+    gemm1 = [((rows, h), (4, h, gate_up[0].shape[1]), True)] * len(gate_up)
+    dgrad1 = [((rows, gate_up[0].shape[1]), (4, gate_up[0].shape[1], h), True)] * len(gate_up)
+    assert stand_in == gemm1 + [((rows, i), (4, i, h), True)] + gemm1 + [((rows, h), (4, h, i), True)] + dgrad1
+    names = ("y", "hidden", *(f"w_gate_up[{j}]" for j in range(len(gate_up))), "w_down", "topk_weights")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        if name == "y" or (name == "hidden" and pair):
+            assert rel_err(a, b) < (3e-2 if name == "y" else 1e-2), name
+        else:
+            assert torch.equal(a, b), name
+    with torch.no_grad():
+        exact = moekernels.fused_moe(x.float(), torch.cat(gate_up, 1).float(), w2.float(), tw, ids, backend="torch")
+    assert rel_err(got[0], exact) < 1.05 * rel_err(want[0], exact)
+    for g in got[2:-1]:  # expert 0 has no rows: no weight gradient
+        assert not g[0].any() and g[1].any()
+
+
+def test_training_paths_say_why_cutlass_cannot_run(monkeypatch):
+    """Without the stand-in: the kernel cannot run on CPU tensors, and the ops say so by name; bad arguments
+    are named before that; 'cutlass' is an argument of these ops alone, never MOEKERNELS_BACKEND's."""
+    x, w, offs = training_problem([3, 5], 256, 384)
+    wt = w.transpose(1, 2)
+    with pytest.raises(RuntimeError, match="grouped_mm_fp8: backend='cutlass' cannot run this call: .*(not built|"
+                                           "built without|needs CUDA tensors)"):
+        fp8.grouped_mm_fp8(x, wt, offs, backend="cutlass")
+    with pytest.raises(TypeError, match="x must be torch.bfloat16"):
+        fp8.grouped_mm_fp8(x.float(), wt.float(), offs, backend="cutlass")
+    with pytest.raises(ValueError, match="recipe='block' alone"):
+        fp8.grouped_mm_fp8(x, wt, offs, recipe="row", backend="cutlass")
+    with pytest.raises(ValueError, match="2D x 3D form alone"):
+        fp8.grouped_mm_fp8(x.view(2, 4, 256), wt[:2], None, backend="cutlass")
+    hidden, gate_up, w2, tw, ids = moe_training_problem()
+    with pytest.raises(RuntimeError, match="fused_moe: backend='cutlass' cannot run this call"):
+        moekernels.fused_moe(hidden, gate_up[0], w2, tw, ids, precision="fp8", backend="cutlass")
+    with pytest.raises(TypeError, match="hidden must be torch.bfloat16"):
+        moekernels.fused_moe(hidden.float(), gate_up[0].float(), w2.float(), tw, ids, precision="fp8",
+                             backend="cutlass")
+    with pytest.raises(ValueError, match="precision='fp8'"):  # the bf16 path has no CUTLASS GEMM
+        moekernels.fused_moe(hidden, gate_up[0], w2, tw, ids, backend="cutlass")
+    with pytest.raises(ValueError, match="backend must be one of"):  # nor has the layer's quantize
+        moekernels.quantize_fp8(hidden, (1, 128), backend="cutlass")
+    calls = []
+    monkeypatch.setattr(_cutlass, "grouped_mm", lambda *args: calls.append(args))
+    monkeypatch.setattr(_cutlass, "unavailable", lambda device: None)
+    monkeypatch.setenv("MOEKERNELS_BACKEND", "cutlass")
+    with pytest.raises(ValueError, match="MOEKERNELS_BACKEND .*must be one of"):
+        fp8.grouped_mm_fp8(x, wt, offs)
+    monkeypatch.delenv("MOEKERNELS_BACKEND")
+    moekernels.fused_moe(hidden, gate_up[0], w2, tw, ids, precision="fp8")  # the automatic choice: not CUTLASS
+    assert calls == []
+
+
+@pytest.mark.gpu
+@needs_cutlass
+@needs_hopper
+@pytest.mark.parametrize("kmajor", [True, False], ids=["w_kmajor", "w_nmajor"])
+def test_grouped_mm_fp8_cutlass_on_the_gpu(kmajor):
+    """The kernel's fprop and dgrad against the Triton fp8 path (E 8, K 1024, N 2048, uneven rows with an empty
+    expert, one row, M % 128 != 0); dw the same bits (the same Triton wgrad on the same x and dy)."""
+    counts = [300, 0, 1, 129, 700, 64, 0, 333]
+    x, w, offs = training_problem(counts, 1024, 2048, device="cuda", kmajor=kmajor)
+    dy = torch.randn(x.shape[0], 2048, device="cuda").bfloat16()
+    got = grouped_mm_fp8_step(x, w, offs, kmajor, "cutlass", dy)
+    want = grouped_mm_fp8_step(x, w, offs, kmajor, "triton", dy)
+    for name, a, b in zip(("y", "dx"), got, want):
+        assert a.dtype == b.dtype and rel_err(a, b) < 1e-2, name
+    assert torch.equal(got[2], want[2])
+
+
+@pytest.mark.gpu
+@needs_cutlass
+@needs_hopper
+@pytest.mark.parametrize("pair", [False, True], ids=["w_gate_up", "w_gate_w_up"])
+def test_fused_moe_fp8_cutlass_on_the_gpu(pair):
+    """fused_moe(precision="fp8") with both GEMMs and their dgrads on the kernel against the Triton path: within
+    the 3e-2 that the bf16 roundings of z (before SwiGLU, then h's e4m3 quantize) allow (the CPU test's 1.6e-2,
+    and here z's accumulation order too), and the output as far from the float32 layer as the Triton path's."""
+    x, gate_up, w2, tw, ids = moe_training_problem("cuda", pair=pair)
+    dy = torch.randn(x.shape, device="cuda").bfloat16()
+    got = fused_moe_fp8_step(x, gate_up, w2, tw, ids, "cutlass", dy)
+    want = fused_moe_fp8_step(x, gate_up, w2, tw, ids, "triton", dy)
+    for j, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and rel_err(a, b) < 3e-2, j
+    with torch.no_grad():
+        exact = moekernels.fused_moe(x.float(), torch.cat(gate_up, 1).float(), w2.float(), tw, ids, backend="torch")
+    assert rel_err(got[0], exact) < 1.1 * rel_err(want[0], exact)
