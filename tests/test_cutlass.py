@@ -1,9 +1,12 @@
-"""The opt-in CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass.cu, moekernels/_cutlass.py), issue 23.
+"""The opt-in CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass*.cu, moekernels/_cutlass.py), issue 23.
 
-Without a GPU: its static contract read from the built .so (sm_90a SASS and resources), the device set-up's CPU
-twin and CUTLASS's scale layouts emulated against our tensors' strides and the reference, and the op's errors.
-With one (``gpu``, benchmarks/device_check.sh): the set-up kernel against its twin, bit for bit, and the op
-against the Triton FP8 path and the reference at DeepSeek-V3's shapes.
+Two kernels: Hopper's (sm_90a, fp8_grouped_cutlass.cu) and datacenter Blackwell's (sm_100a,
+fp8_grouped_cutlass_sm100.cu), chosen by the GPU's capability. Without a GPU: their static contracts read from the
+built .so (each arch's SASS and resources), the device set-up's CPU twin (against the set-up's own code run on the
+host, for sm_100a's scale layouts) and CUTLASS's scale layouts emulated against our tensors' strides and the
+reference, and the op's errors. With one (``gpu``, benchmarks/device_check.sh; an sm_90 or sm_100 GPU): the set-up
+kernel against its twin, bit for bit, and the op against the Triton FP8 path and the reference at DeepSeek-V3's
+shapes.
 """
 
 import os
@@ -22,6 +25,11 @@ from tests.test_cuda_ext import _cuobjdump, load_setup
 
 needs_cutlass = pytest.mark.skipif(bool(_ext.CUTLASS_ERROR),
                                    reason=f"the CUTLASS kernel is not built: {_ext.CUTLASS_ERROR}")
+_WHY = _ext.CUTLASS_ERROR or "not in its arch list"
+needs_sm90a = pytest.mark.skipif("sm_90a" not in _cutlass.BUILT_ARCHS, reason=f"no sm_90a CUTLASS kernel built: {_WHY}")
+needs_sm100a = pytest.mark.skipif("sm_100a" not in _cutlass.BUILT_ARCHS,
+                                  reason=f"no sm_100a CUTLASS kernel built: {_WHY}")
+SUFFIX = {arch: suffix for arch, suffix in _cutlass.KERNEL_ARCHS.values()}  # "sm_100a" -> "_sm100"
 
 
 def operands(counts, n, k, *, col_major=False, device="cpu", seed=0):
@@ -49,7 +57,7 @@ def gemm_sass():
     return name, resources, sass
 
 
-@needs_cutlass
+@needs_sm90a
 def test_contract_is_the_fp8_blockwise_cooperative_kernel(gemm_sass):
     name, _, _ = gemm_sass
     assert "KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise" in name
@@ -75,7 +83,7 @@ def main_loop(ops):
     return min(loops, key=lambda loop: loop[1] - loop[0])
 
 
-@needs_cutlass
+@needs_sm90a
 def test_contract_instructions(gemm_sass):
     """QGMMA e4m3 (Hopper's fp8 wgmma) in the main loop, TMA loads (A multicast to the cluster), setmaxnreg
     (warp specialization: the producer warpgroup gives registers to the two consumers), the TMA store of D."""
@@ -99,7 +107,7 @@ def test_contract_instructions(gemm_sass):
     assert re.search(r"\bUTMASTG\.2D\b", sass)  # the epilogue's TMA store of D
 
 
-@needs_cutlass
+@needs_sm90a
 def test_contract_registers_no_spills(gemm_sass):
     """ptxas -v at build: 168 registers, 0 bytes stack frame, 0 bytes spill stores/loads, 2 barriers. The
     issue's ping-pong 128x128x128 trial spilled 704 bytes (each warpgroup held the whole 128x128 accumulator and
@@ -113,9 +121,15 @@ def test_contract_registers_no_spills(gemm_sass):
 
 
 @needs_cutlass
-def test_only_sm90a_has_the_cutlass_kernel():
-    for arch in (a for a in _ext.BUILD_ARCHS if a.startswith("sm_") and a != "sm_90a"):
-        assert "GemmUniversal" not in _cuobjdump("-res-usage", "-arch", arch), arch
+def test_each_cutlass_kernel_is_in_its_arch_image_alone():
+    """Hopper's kernel in the sm_90a image, Blackwell's in the sm_100a image, neither anywhere else."""
+    for arch in (a for a in _ext.BUILD_ARCHS if a.startswith("sm_")):
+        names = re.findall(r"Function (\S*GemmUniversal\S*):", _cuobjdump("-res-usage", "-arch", arch))
+        hopper = [n for n in names if "KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise" in n]
+        blackwell = [n for n in names if "MainloopSm100ArrayTmaUmmaWarpSpecializedBlockwiseScaling" in n]
+        assert len(names) == len(hopper) + len(blackwell), arch
+        assert (len(hopper), len(blackwell)) == ((arch == "sm_90a") * (arch in _cutlass.BUILT_ARCHS),
+                                                 (arch == "sm_100a") * (arch in _cutlass.BUILT_ARCHS)), arch
 
 
 # ----------------------------------------------------------------------------- CUTLASS's scale layouts
@@ -127,14 +141,16 @@ def test_cute_offset_splits_coordinates_colexicographically():
     assert _cutlass.cute_offset(((2, 3), 4), ((1, 8), 2), (4, 3)) == 22
 
 
-@needs_cutlass
+@pytest.mark.parametrize("arch", [pytest.param("sm_90a", marks=needs_sm90a),
+                                  pytest.param("sm_100a", marks=needs_sm100a)])
 @pytest.mark.parametrize("mnk", [(200, 256, 384), (1, 128, 128), (129, 384, 7168), (0, 128, 256)], ids=str)
-def test_scale_layout_is_the_built_kernels(mnk):
-    """The emulation and our tensors' layouts against the ScaleConfig the kernel was built with (host code)."""
+def test_scale_layout_is_the_built_kernels(mnk, arch):
+    """The emulation and our tensors' layouts against the ScaleConfig each kernel was built with (host code):
+    Sm90BlockwiseScaleConfig and Sm100BlockwiseScaleConfig, both <1, 128, 128, K, K>."""
     m, n, k = mnk
     sfa = torch.full((m, k // 128), -1, dtype=torch.int64)
     sfb = torch.full((n // 128, k // 128), -1, dtype=torch.int64)
-    _ext.C.fp8_grouped_cutlass_scale_offsets(m, n, k, sfa.data_ptr(), sfb.data_ptr())
+    getattr(_ext.C, "fp8_grouped_cutlass_scale_offsets" + SUFFIX[arch])(m, n, k, sfa.data_ptr(), sfb.data_ptr())
     assert torch.equal(_cutlass.scale_offsets(m, k, 1, 128, _cutlass.SFA_MAJOR), sfa)
     assert torch.equal(_cutlass.scale_offsets(n, k, 128, 128, _cutlass.SFB_MAJOR), sfb)
     # quantize_fp8's row-major scales and prepare_weight's [E, K/128, N/128] (its storage's transposed view), by
@@ -248,7 +264,7 @@ def test_setup_twin_against_the_reference(counts):
     assert rel_err(got, want) < 1e-4  # a bfloat16 ulp here and there (float32 sums in another order)
 
 
-@needs_cutlass
+@needs_sm90a
 def test_setup_buffer_and_workspace_sizes_are_the_builds():
     """Host code, no GPU: the twin's buffer layout has the built kernel's size; CUTLASS's can_implement accepts the
     arguments the op makes (workspace_bytes runs it, and raises where it fails); its workspace is its TMA
@@ -257,6 +273,38 @@ def test_setup_buffer_and_workspace_sizes_are_the_builds():
         assert _ext.C.fp8_grouped_cutlass_setup_bytes(groups) == _cutlass.setup_bytes(groups)
     assert _ext.C.fp8_grouped_cutlass_workspace_bytes(32, 132) == _ext.C.fp8_grouped_cutlass_workspace_bytes(8, 132)
     assert _ext.C.fp8_grouped_cutlass_workspace_bytes(32, 132) == 4 * 128 * 132
+
+
+@needs_sm100a
+@pytest.mark.parametrize("counts", [[3, 0, 130, 1], [0, 0, 5], [0]], ids=str)
+def test_sm100_setup_twin_is_the_setup_code(counts):
+    """sm_100a's set-up (csrc/fp8_grouped_cutlass_setup.cuh's write_entry, the code its kernel runs) executed on the
+    host, byte for byte against the twin: shapes, pointers, strides, and each expert's SFA and SFB layouts as
+    CUTLASS's own tile_atom_to_shape_SFA/SFB build them (so the twin's field order is the compiled Layout's)."""
+    n, k = 384, 7168
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    groups = len(counts)
+    buf = torch.full((_ext.C.fp8_grouped_cutlass_setup_bytes_sm100(groups),), 0xAB, dtype=torch.uint8)
+    assert buf.numel() == _cutlass.setup_bytes(groups, "sm_100a")
+    _ext.C.fp8_grouped_cutlass_setup_host_sm100(offs.data_ptr(), groups, n, k, *BASES.values(), buf.data_ptr())
+    want = _cutlass.setup_twin(offs, n, k, **BASES, arch="sm_100a")
+    assert torch.equal(buf, want)
+    fields = _cutlass.read_setup(buf, groups, "sm_100a")
+    rows = torch.tensor(counts, dtype=torch.int32)
+    assert torch.equal(fields["layout_SFA"][:, 0], rows) and torch.equal(fields["layout_SFA"][:, 4], rows * 56)
+    assert fields["layout_SFB"].tolist() == [[3, 56, 1, 56, 168]] * groups
+    # and the set-up's first part is the Hopper kernel's
+    assert torch.equal(buf[:_cutlass.setup_bytes(groups)], _cutlass.setup_twin(offs, n, k, **BASES))
+
+
+@needs_sm100a
+def test_sm100_setup_buffer_and_workspace_sizes():
+    """Host code, no GPU: CUTLASS's can_implement accepts the sm_100a kernel's arguments (workspace_bytes runs it);
+    its workspace: WORKSPACE_SM100 below."""
+    for groups in (1, 3, 32, 257):
+        assert _ext.C.fp8_grouped_cutlass_setup_bytes_sm100(groups) == _cutlass.setup_bytes(groups, "sm_100a")
+    assert (_ext.C.fp8_grouped_cutlass_workspace_bytes_sm100(32, 148)
+            == _ext.C.fp8_grouped_cutlass_workspace_bytes_sm100(8, 148))
 
 
 def test_setup_twin_fields():
@@ -288,6 +336,26 @@ def test_cutlass_backend_says_why_it_cannot_run():
         moekernels.grouped_mm(a.float(), b.float(), offs, backend="cutlass")
 
 
+@needs_cutlass
+def test_dispatch_by_capability_names_why(monkeypatch):
+    """sm_90 -> the Hopper kernel, sm_100 -> the Blackwell one (their arch-specific code runs on that capability
+    alone); any other GPU is refused naming its capability, and a kernel missing from the build names the list.
+    The GPU is faked: these reasons come before any CUDA call."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    for capability, words in [((8, 0), "8.0"), ((10, 3), "10.3"), ((12, 0), "sm_120a"), ((9, 0), "including 9.0")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(_cutlass, "BUILT_ARCHS", ("sm_100a",))  # 9.0's kernel "not built" for the last case
+        reason = _cutlass.unavailable(cuda)
+        assert words in reason, reason
+        if capability != (9, 0):
+            assert "sm_90a (Hopper, 9.0) and sm_100a (B200/GB200, 10.0)" in reason
+    for capability, name in [((10, 0), "fp8_grouped_mm_cutlass_sm100"), ((9, 0), "fp8_grouped_mm_cutlass")]:
+        if hasattr(_ext.C, name):  # built
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+            assert _cutlass.binding(_cutlass.KERNEL, cuda) is getattr(_ext.C, name)
+
+
 def test_operand_problems_name_the_argument():
     a, sa, b, sb, offs = operands([3, 5], 256, 384)
     ok = _cutlass.operand_problem
@@ -300,32 +368,41 @@ def test_operand_problems_name_the_argument():
     assert "multiples of 128" in ok(a2, sa2, b2, sb2, offs2, torch.bfloat16)
 
 
-# ----------------------------------------------------------------------------- on a Hopper GPU
+# ----------------------------------------------------------------------------- on an sm_90 or sm_100 GPU
 
 
-needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                                  reason="needs an sm_90 GPU")
+def _gpu_arch():
+    """The CUTLASS kernel's arch for this machine's GPU where the build holds it, else None."""
+    if not torch.cuda.is_available():
+        return None
+    arch, _ = _cutlass.KERNEL_ARCHS.get(torch.cuda.get_device_capability(), (None, None))
+    return arch if arch in _cutlass.BUILT_ARCHS else None
+
+
+GPU_ARCH = _gpu_arch()
+# sm_90 runs the Hopper kernel, sm_100 (B200/GB200) the Blackwell one: the same tests, the kernel the op picks.
+needs_cutlass_gpu = pytest.mark.skipif(GPU_ARCH is None, reason="needs an sm_90 or sm_100 GPU and its kernel built")
 
 
 @pytest.mark.gpu
-@needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 def test_setup_kernel_matches_its_twin():
     counts = [3, 0, 130, 1, 0]
     a, sa, b, sb, offs = operands(counts, 256, 384, device="cuda")
     out = torch.empty(a.shape[0], 256, dtype=torch.bfloat16, device="cuda")
-    buf = torch.zeros(_cutlass.setup_bytes(len(counts)), dtype=torch.uint8, device="cuda")
-    assert _ext.C.fp8_grouped_cutlass_setup_bytes(len(counts)) == buf.numel()
-    _ext.C.fp8_grouped_cutlass_setup(offs.data_ptr(), len(counts), 256, 384, a.data_ptr(), b.data_ptr(),
-                                     out.data_ptr(), sa.data_ptr(), sb.data_ptr(), buf.data_ptr(), _ext.stream(a))
+    suffix = SUFFIX[GPU_ARCH]
+    buf = torch.zeros(_cutlass.setup_bytes(len(counts), GPU_ARCH), dtype=torch.uint8, device="cuda")
+    assert getattr(_ext.C, "fp8_grouped_cutlass_setup_bytes" + suffix)(len(counts)) == buf.numel()
+    getattr(_ext.C, "fp8_grouped_cutlass_setup" + suffix)(
+        offs.data_ptr(), len(counts), 256, 384, a.data_ptr(), b.data_ptr(), out.data_ptr(), sa.data_ptr(),
+        sb.data_ptr(), buf.data_ptr(), _ext.stream(a))
     want = _cutlass.setup_twin(offs, 256, 384, a.data_ptr(), b.data_ptr(), out.data_ptr(), sa.data_ptr(),
-                               sb.data_ptr())
+                               sb.data_ptr(), arch=GPU_ARCH)
     assert torch.equal(buf.cpu(), want)
 
 
 @pytest.mark.gpu
-@needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 @pytest.mark.parametrize("col_major", [False, True], ids=["row_major", "col_major"])
 def test_parity_deepseek_v3_shapes(col_major):
     """E 32 local experts, N 4096, K 7168; uneven rows with empty experts and M % 128 != 0 (no padding)."""
@@ -334,6 +411,7 @@ def test_parity_deepseek_v3_shapes(col_major):
     counts[[3, 17]] = 0
     counts[5], counts[6] = 1, 129
     a, sa, b, sb, offs = operands(counts.tolist(), 4096, 7168, col_major=col_major, device="cuda")
+    assert _cutlass.binding(_cutlass.KERNEL, a.device).__name__ == _cutlass.KERNEL + SUFFIX[GPU_ARCH]
     got = fp8_grouped_mm(a, sa, b, sb, offs, backend="cutlass")
     triton = fp8_grouped_mm(a, sa, b, sb, offs, backend="triton")
     want = fp8_grouped_mm(a, sa, b, sb, offs, backend="torch")
@@ -349,8 +427,7 @@ def test_parity_deepseek_v3_shapes(col_major):
 
 
 @pytest.mark.gpu
-@needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 def test_fp8_mm_is_one_group():
     a, sa, b, sb, _ = operands([1000], 4096, 7168, device="cuda")
     got = moekernels.fp8_mm(a, sa, b[0], sb[0], backend="cutlass")
@@ -358,8 +435,7 @@ def test_fp8_mm_is_one_group():
 
 
 @pytest.mark.gpu
-@needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 def test_cuda_graph_capture():
     """No host sync: the op captures in a CUDA graph and replays with new offs."""
     a, sa, b, sb, offs = operands([100, 0, 300], 256, 384, device="cuda")
