@@ -5,13 +5,19 @@
 // float32 [E, N/128, K/128] scales, offs int32 cumulative row ends. Built only for sm_100a (setup.py compiles this
 // file for that one arch, where CUTLASS's headers are found and the list has 10.0).
 //
-// Configuration (one instantiation):
-// - KernelPtrArrayTmaWarpSpecializedBlockwise1SmSm100: tcgen05 MMA (UTCQMMA, e4m3 x e4m3 -> f32) into TMEM, one
-//   warp each for the TMA loads of A and B, the MMA issue, the scale loads (cp.async) and the scheduler, and 4
-//   epilogue warps that promote each K tile's partial from TMEM (acc += partial * sfa * sfb in registers: 128
-//   fp32 a thread for the 128x128 tile) and store D. MMA tile 128x128x128 on 1 SM, cluster 1x1x1.
-//   Block scaling is this software promotion (the partial leaves TMEM every K tile), not tcgen05's block-scaled
-//   MMA: that one takes ue8m0/ue4m3 scales of 16/32-element vectors (MXFP8/NVFP4), not float32 (1, 128)/(128, 128).
+// Configuration (one instantiation: 40-46 s of nvcc on 2 cores):
+// - KernelPtrArrayTmaWarpSpecializedBlockwise2SmSm100: tcgen05 MMA (kind::f8f6f4, e4m3 x e4m3 -> f32; SASS
+//   UTCQMMA.2CTA) into TMEM, the 256x128x128 MMA tile across the 2 SMs of a 2x1x1 cluster (each holds 128 rows
+//   of A and 64 of B's 128 columns in smem: 24 KB a stage instead of 1-SM's 32 KB, so 8 stages instead of 6,
+//   and a quarter less smem read by the MMA for the same 128x128 of work an SM). One warp each for the TMA loads
+//   of A and B, the MMA issue, the scale loads (cp.async) and the scheduler; 4 epilogue warps promote each K
+//   tile's partial from TMEM (acc += partial * sfa * sfb: 4 LDTM.x32 and 128 FFMA a thread for its row of 128
+//   fp32) and store D.
+//   Block scaling is this software promotion (a partial in TMEM a K tile, 4 accumulator stages), not tcgen05's
+//   block-scaled MMA, which takes ue8m0/ue4m3 scales of 16/32-element vectors (MXFP8/NVFP4), not float32
+//   (1, 128)/(128, 128). The 1-SM schedule (128x128x128, cluster 1x1x1) builds too: the same 168 registers
+//   and no spills, 6 stages. 2-SM's cost: an expert's M is tiled by 256, so its tail wastes up to 255 rows of
+//   MMA (1-SM: 127). tests/test_cutlass.py checks the build's instructions, registers and spills.
 // - Scales K-major for both operands (Sm100BlockwiseScaleConfig<1, 128, 128, K, K>), as for Hopper: the layout is
 //   an argument an expert here (the set-up kernel writes it), and K-major is our row-major activation scales from
 //   the expert's first row and prepare_weight's [N/128, K/128] storage, so neither is copied. MN-major SFA (16-byte
@@ -48,17 +54,10 @@ using LayoutD = cutlass::layout::RowMajor;
 constexpr int kAlignAB = 16;  // elements: TMA's 16 bytes
 constexpr int kAlignD = 8;
 
-#ifndef MOEKERNELS_SM100_2SM
-using MmaTileShape = Shape<_128, _128, _128>;
-using ClusterShape = Shape<_1, _1, _1>;
-using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecialized1Sm;
-using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedBlockwise1SmSm100;
-#else
-using MmaTileShape = Shape<_256, _128, _128>;
+using MmaTileShape = Shape<_256, _128, _128>;  // one MMA across the 2 SMs of a cluster: 128 rows each
 using ClusterShape = Shape<_2, _1, _1>;
 using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecialized2Sm;
 using MainloopSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedBlockwise2SmSm100;
-#endif
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) a group
 
 using ScaleConfig = cutlass::detail::Sm100BlockwiseScaleConfig<1, 128, 128, UMMA::Major::K, UMMA::Major::K>;

@@ -73,12 +73,17 @@ def main_loop(ops):
     """The (start, end) addresses of the innermost loop (a branch back to an earlier address) that issues QGMMA.
     The others: the persistent loop over tiles around it, and the barrier waits' retry paths past the kernel's
     end that branch back into it."""
+    return _loop_with(ops, "QGMMA")
+
+
+def _loop_with(ops, pattern):
+    """The innermost loop (start, end) whose body has an instruction matching pattern."""
     loops = []
     for addr, text in ops:
         m = re.search(r"\bBRA(?:\.\w+)?\s+(?:\S+,\s*)?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             start = int(m.group(1), 16)
-            if any(start <= a <= addr and "QGMMA" in t for a, t in ops):
+            if any(start <= a <= addr and re.search(pattern, t) for a, t in ops):
                 loops.append((start, addr))
     return min(loops, key=lambda loop: loop[1] - loop[0])
 
@@ -118,6 +123,78 @@ def test_contract_registers_no_spills(gemm_sass):
     assert fields["STACK"] == "0" and fields["LOCAL"] == "0", resources
     assert not re.search(r"\b(LDL|STL)\b", sass), "local memory (spills) in the CUTLASS kernel"
     assert set(re.findall(r"\bBAR\.\w+(?:\.\w+)* (0x[0-9a-f]+)", sass)) == {"0x0", "0x1"}  # ptxas: 2 barriers
+
+
+# ----------------------------------------------------------------------------- sm_100a's static contract
+
+
+@pytest.fixture(scope="module")
+def sm100_sass():
+    """(name, resources, SASS) of the CUTLASS kernel's sm_100a image (triton 3.6's cuobjdump, CUDA 12.8, reads it)."""
+    usage = _cuobjdump("-res-usage", "-arch", "sm_100a")
+    found = re.findall(r"Function (\S*GemmUniversal\S*):\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+[^\n]*)", usage)
+    assert len(found) == 1, "one CUTLASS GEMM instantiation in the sm_100a image (~45 s of nvcc each)"
+    name, resources = found[0]
+    return name, resources, _cuobjdump("-sass", "-arch", "sm_100a", "-fun", name)
+
+
+def _body(ops, loop):
+    return [t for a, t in ops if loop[0] <= a <= loop[1]]
+
+
+@needs_sm100a
+def test_sm100_contract_is_example_81s_2sm_kernel(sm100_sass):
+    """Example 81's grouped blockwise kernel on 2 SMs: the mainloop with 8 smem stages, 1 scheduler stage and 4 TMEM
+    accumulator stages, tcgen05's f8f6f4 MMA across a 2x1 cluster, its TMA loads, and the ptr-array epilogue."""
+    name, _, _ = sm100_sass
+    assert "MainloopSm100ArrayTmaUmmaWarpSpecializedBlockwiseScalingILi8ELi1ELi4E" in name
+    assert "SM100_MMA_F8F6F4_2x1SM_SS" in name and "SM100_TMA_2SM_LOAD" in name
+    assert "Sm100PtrArrayTmaWarpSpecialized" in name and "SM100_TMEM_LOAD_32dp32b32x" in name
+
+
+@needs_sm100a
+def test_sm100_contract_instructions(sm100_sass):
+    """The warps' loops, each its own (warp specialization, no setmaxnreg-starved warp doing two jobs):
+    - MMA warp: 4 UTCQMMA.2CTA (tcgen05.mma kind::f8f6f4 over the pair's 256x128, K 32 each: a 128-deep K tile)
+      and 2 UTCBAR.2CTA.MULTICAST (the commits that free the smem stage and hand the partial to the epilogue);
+    - TMA warp: UTMALDG.2D.2CTA of A and B (a copy of the loop for a group's first tile, 2 in each);
+    - scale warp: LDGSTS (cp.async) of the K tile's scales, 4 for A's 128 rows (32 lanes x 4 B) and 1 for B's;
+    - epilogue warps: 4 LDTM.x32 (the partial's 128 fp32 of a thread's row from TMEM) then 1 FMUL (sfa * sfb) and
+      128 FFMA (acc += partial * scale) a K tile, no local memory; setmaxnreg gives them 256 registers (0x100),
+      the other warps keep 48 (0x30); the tile leaves by 4 UTMASTG.2D."""
+    _, _, sass = sm100_sass
+    ops = _ops(sass)
+    assert len([t for _, t in ops if re.search(r"\bUTCQMMA\b", t)]) == 4  # the main loop's alone: nothing peeled
+    mma = _body(ops, _loop_with(ops, r"\bUTCQMMA\b"))
+    assert [re.match(r"\S+", t).group() for t in mma if "UTCQMMA" in t or "UTCBAR" in t] == \
+        ["UTCQMMA.2CTA"] * 4 + ["UTCBAR.2CTA.MULTICAST"] * 2
+    tma = _body(ops, _loop_with(ops, r"\bUTMALDG\b"))
+    assert [t.split()[0] for t in tma if "UTMALDG" in t] == ["UTMALDG.2D.2CTA"] * 2
+    assert len(re.findall(r"\bUTMALDG\.2D\.2CTA\b", sass)) == 4
+    scales = _body(ops, _loop_with(ops, r"\bLDGSTS\b"))
+    assert sum(bool(re.match(r"(@!?P\d )?LDGSTS\.E\b", t)) for t in scales) == 5
+    assert sum(t.startswith("ARRIVES.LDGSTSBAR") for t in scales) == 1  # the cp.asyncs' arrival on the stage's barrier
+    promote = _body(ops, _loop_with(ops, r"\bLDTM\b"))
+    assert sum(bool(re.match(r"LDTM\.x32\b", t)) for t in promote) == 4
+    assert sum(bool(re.match(r"(@!?P\d )?FFMA\b", t)) for t in promote) == 128
+    assert sum(bool(re.match(r"(@!?P\d )?FMUL\b", t)) for t in promote) == 1
+    assert not any(re.search(r"\b(LDL|STL)\b", t) for t in promote + mma + tma + scales)
+    assert sorted(set(re.findall(r"\bUSETMAXREG\.(\S+) (?:UP0, )?(0x[0-9a-f]+)", sass))) == [
+        ("DEALLOC.CTAPOOL", "0x30"), ("TRY_ALLOC.CTAPOOL", "0x100")]
+    assert len(re.findall(r"\bUTMASTG\.2D\b", sass)) == 4
+
+
+@needs_sm100a
+def test_sm100_contract_registers_no_spills(sm100_sass):
+    """ptxas -v at build: 168 registers (65536 / 384 threads: 12 warps, rounded down to 8), 0 bytes stack, no
+    spill stores or loads anywhere in the kernel (the 1-SM schedule measured the same), named barriers 0, 1 and 6
+    (ptxas: 7 barriers, the highest id + 1)."""
+    _, resources, sass = sm100_sass
+    fields = dict(re.findall(r"(\w+):(\d+)", resources))
+    assert int(fields["REG"]) == 168, resources
+    assert fields["STACK"] == "0" and fields["LOCAL"] == "0", resources
+    assert not re.search(r"\b(LDL|STL)\b", sass), "local memory (spills) in the sm_100a CUTLASS kernel"
+    assert set(re.findall(r"\bBAR\.\w+(?:\.\w+)* (0x[0-9a-f]+)", sass)) == {"0x0", "0x1", "0x6"}
 
 
 @needs_cutlass
@@ -288,13 +365,15 @@ def test_sm100_setup_twin_is_the_setup_code(counts):
     assert buf.numel() == _cutlass.setup_bytes(groups, "sm_100a")
     _ext.C.fp8_grouped_cutlass_setup_host_sm100(offs.data_ptr(), groups, n, k, *BASES.values(), buf.data_ptr())
     want = _cutlass.setup_twin(offs, n, k, **BASES, arch="sm_100a")
-    assert torch.equal(buf, want)
+    want[groups * 12:(groups * 12 + 15) // 16 * 16] = 0xAB  # the shapes' padding to 16 bytes, written by neither
+    assert torch.equal(buf, want)  # every other byte written, and as the twin writes it
     fields = _cutlass.read_setup(buf, groups, "sm_100a")
     rows = torch.tensor(counts, dtype=torch.int32)
     assert torch.equal(fields["layout_SFA"][:, 0], rows) and torch.equal(fields["layout_SFA"][:, 4], rows * 56)
     assert fields["layout_SFB"].tolist() == [[3, 56, 1, 56, 168]] * groups
-    # and the set-up's first part is the Hopper kernel's
-    assert torch.equal(buf[:_cutlass.setup_bytes(groups)], _cutlass.setup_twin(offs, n, k, **BASES))
+    # and the set-up's first part is the Hopper kernel's (one Setup template in C++, one twin here)
+    hopper = _cutlass.setup_twin(offs, n, k, **BASES)
+    assert torch.equal(_cutlass.setup_twin(offs, n, k, **BASES, arch="sm_100a")[:hopper.numel()], hopper)
 
 
 @needs_sm100a
