@@ -371,6 +371,14 @@ def test_sm100_setup_twin_is_the_setup_code(counts):
     rows = torch.tensor(counts, dtype=torch.int32)
     assert torch.equal(fields["layout_SFA"][:, 0], rows) and torch.equal(fields["layout_SFA"][:, 4], rows * 56)
     assert fields["layout_SFB"].tolist() == [[3, 56, 1, 56, 168]] * groups
+    # The layouts as the kernel reads them (K-major: ((vec, blocks), (128, K/128), L):((0, stride), (0, 1), L's)):
+    # the same index map as the emulation's, which test_scale_layout_is_the_built_kernels ties to our strides.
+    for e, rows_e in enumerate(counts):
+        for name, vec, count in (("layout_SFA", 1, rows_e), ("layout_SFB", 128, n)):
+            blocks, kb, one, stride, l_stride = fields[name][e].tolist()
+            layout = (((vec, blocks), (128, kb), one), ((0, stride), (0, 1), l_stride))
+            offsets = [[_cutlass.cute_offset(*layout, (r * vec, c * 128, 0)) for c in range(kb)] for r in range(blocks)]
+            assert offsets == _cutlass.scale_offsets(count, k, vec, 128, "K").tolist()
     # and the set-up's first part is the Hopper kernel's (one Setup template in C++, one twin here)
     hopper = _cutlass.setup_twin(offs, n, k, **BASES)
     assert torch.equal(_cutlass.setup_twin(offs, n, k, **BASES, arch="sm_100a")[:hopper.numel()], hopper)
@@ -379,11 +387,11 @@ def test_sm100_setup_twin_is_the_setup_code(counts):
 @needs_sm100a
 def test_sm100_setup_buffer_and_workspace_sizes():
     """Host code, no GPU: CUTLASS's can_implement accepts the sm_100a kernel's arguments (workspace_bytes runs it);
-    its workspace: WORKSPACE_SM100 below."""
+    its workspace is its TMA descriptors, 128 B each, a set an SM (B200: 148): A and B for the mainloop, D for the
+    epilogue (one epilogue warpgroup here, Hopper's kernel has two), whatever the number of experts."""
     for groups in (1, 3, 32, 257):
         assert _ext.C.fp8_grouped_cutlass_setup_bytes_sm100(groups) == _cutlass.setup_bytes(groups, "sm_100a")
-    assert (_ext.C.fp8_grouped_cutlass_workspace_bytes_sm100(32, 148)
-            == _ext.C.fp8_grouped_cutlass_workspace_bytes_sm100(8, 148))
+        assert _ext.C.fp8_grouped_cutlass_workspace_bytes_sm100(groups, 148) == 3 * 128 * 148
 
 
 def test_setup_twin_fields():
