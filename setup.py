@@ -176,6 +176,8 @@ class BuildExt(build_ext):
     ~6.5. So, estimated, about 40 s on 2 free cores and 10-15 s on 16; TORCH_CUDA_ARCH_LIST=9.0 builds one arch.
     fp8_grouped_cutlass.cu (one arch, CUTLASS's templates) is ~47 CPU-s on its own (65 s wall at load ~2), the
     longest job: pip install -e . went from 60 to 107 CPU-s (134 to 187 s wall at load 5-10).
+    fp8_grouped_cutlass_sm100.cu is ~47 CPU-s more (46 s wall alone): build_ext --inplace went from 99-105
+    to 149-157 CPU-s (64 to 76 s wall at load ~2-3, 95 to 132 s at load ~5).
     """
 
     def build_extensions(self):

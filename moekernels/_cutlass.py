@@ -27,7 +27,7 @@ KERNEL_ARCHS = {(9, 0): ("sm_90a", ""), (10, 0): ("sm_100a", "_sm100")}
 # The archs whose kernel moekernels._C holds (setup.py: CUTLASS found, and the arch in TORCH_CUDA_ARCH_LIST)
 BUILT_ARCHS: tuple[str, ...] = tuple(getattr(_ext.C, "CUTLASS_ARCHS", "").split()) if _ext.HAS_CUDA_EXT else ()
 BLOCK = 128  # the scale blocks: (1, 128) for a, (128, 128) for b
-# Scale-factor majorness the kernel is built with (Sm90BlockwiseScaleConfig<1, 128, 128, K, K>): K-major.
+# Scale-factor majorness both kernels are built with (Sm90/Sm100BlockwiseScaleConfig<1, 128, 128, K, K>): K-major.
 SFA_MAJOR = SFB_MAJOR = "K"
 SETUP_ARRAYS = ("A", "B", "D", "SFA", "SFB", "stride_A", "stride_B", "stride_D")  # the 8-byte arrays, in order
 # sm_100a's set-up also writes each expert's SFA and SFB layouts (its collective takes one an expert): a cute
