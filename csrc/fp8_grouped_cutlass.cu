@@ -86,75 +86,28 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
 using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
-using StrideA = typename GemmKernel::InternalStrideA;
-using StrideB = typename GemmKernel::InternalStrideB;
-using StrideD = typename GemmKernel::InternalStrideD;
-using Shape3 = typename ProblemShape::UnderlyingProblemShape;
-
 // The set-up buffer (fp8_grouped_cutlass_setup.cuh): shapes, then the 8-byte arrays; no scale layouts (the
 // grouped Sm90 collective derives them from each expert's shape).
-using Setup = cutlass_setup::Setup<Shape3, StrideA, StrideB, StrideD, void>;
-
-typename Gemm::Arguments make_args(int groups, uint8_t* buf, int sm_count) {
-  auto* arr = reinterpret_cast<uint64_t*>(buf + cutlass_setup::shapes_bytes(groups));
-  typename Gemm::Arguments args{
-      cutlass::gemm::GemmUniversalMode::kGrouped,
-      {groups, reinterpret_cast<Shape3*>(buf), nullptr},  // no host shapes: the device's alone
-      {reinterpret_cast<const ElementA**>(arr + 0 * groups), reinterpret_cast<StrideA*>(arr + 5 * groups),
-       reinterpret_cast<const ElementB**>(arr + 1 * groups), reinterpret_cast<StrideB*>(arr + 6 * groups),
-       reinterpret_cast<const float**>(arr + 3 * groups), nullptr,  // layouts unused: see the header
-       reinterpret_cast<const float**>(arr + 4 * groups), nullptr},
-      {{}, nullptr, nullptr, reinterpret_cast<ElementD**>(arr + 2 * groups),
-       reinterpret_cast<StrideD*>(arr + 7 * groups)},
-      cutlass::KernelHardwareInfo{0, sm_count}};
-  auto& fusion = args.epilogue.thread;
-  fusion.alpha = 1.0f;
-  fusion.beta = 0.0f;
-  return args;
-}
+using Run = cutlass_setup::Grouped<Gemm, void>;
+constexpr const char* kName = "fp8_grouped_mm_cutlass";
 
 }  // namespace
 
-int64_t fp8_grouped_cutlass_setup_bytes(int groups) { return Setup::bytes(groups); }
+int64_t fp8_grouped_cutlass_setup_bytes(int groups) { return Run::S::bytes(groups); }
 
-// Also CUTLASS's own check of the arguments (host code, run by the op before each launch, and by the tests
-// without a GPU): the grouped mode, the cluster and the scheduler. The row counts live on the device, so no
-// host check sees them: TMA bounds them.
 int64_t fp8_grouped_cutlass_workspace_bytes(int groups, int sm_count) {
-  uint8_t* fake = nullptr;  // neither reads a pointer
-  const auto args = make_args(groups, fake, sm_count);
-  const cutlass::Status status = Gemm::can_implement(args);
-  if (status != cutlass::Status::kSuccess) {
-    throw std::invalid_argument(std::string("fp8_grouped_mm_cutlass: CUTLASS cannot implement it: ") +
-                                cutlassGetStatusString(status));
-  }
-  return static_cast<int64_t>(Gemm::get_workspace_size(args));
+  return Run::workspace_bytes(kName, groups, sm_count);
 }
 
 void fp8_grouped_cutlass_setup(uintptr_t offs, int groups, int64_t n, int64_t k, uintptr_t a, uintptr_t b,
                                uintptr_t d, uintptr_t sfa, uintptr_t sfb, uintptr_t buf, uintptr_t stream) {
-  Setup::launch(offs, groups, n, k, a, b, d, sfa, sfb, buf, stream);
+  Run::S::launch(offs, groups, n, k, a, b, d, sfa, sfb, buf, stream);
 }
 
-// d: bf16 [m, n]; buf: fp8_grouped_cutlass_setup_bytes(groups) bytes, 16-aligned; workspace: ..._workspace_bytes.
 void fp8_grouped_mm_cutlass(uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t sfb, uintptr_t offs, uintptr_t d,
                             int groups, int64_t m, int64_t n, int64_t k, uintptr_t buf, uintptr_t workspace,
                             int sm_count, uintptr_t stream) {
-  if (groups <= 0 || m <= 0) return;
-  Setup::launch(offs, groups, n, k, a, b, d, sfa, sfb, buf, stream);
-  cutlass_setup::launch_zero_tail(offs, groups, m, n, d, sm_count, stream);
-  Gemm gemm;
-  auto args = make_args(groups, reinterpret_cast<uint8_t*>(buf), sm_count);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  cutlass::Status status = gemm.initialize(args, reinterpret_cast<void*>(workspace), s);
-  if (status != cutlass::Status::kSuccess) {
-    throw std::runtime_error(std::string("fp8_grouped_mm_cutlass: initialize: ") + cutlassGetStatusString(status));
-  }
-  status = gemm.run(s);
-  if (status != cutlass::Status::kSuccess) {
-    throw std::runtime_error(std::string("fp8_grouped_mm_cutlass: run: ") + cutlassGetStatusString(status));
-  }
-  check_launch("fp8_grouped_mm_cutlass");
+  Run::run(kName, a, sfa, b, sfb, offs, d, groups, m, n, k, buf, workspace, sm_count, stream);
 }
 
 // Where the built kernel reads each scale block, in elements from the expert's scale pointer: its ScaleConfig's

@@ -1,6 +1,7 @@
 // The device-side problem set-up of the CUTLASS FP8 grouped GEMMs (fp8_grouped_cutlass.cu, sm_90a, and
-// fp8_grouped_cutlass_sm100.cu, sm_100a), and the kernel that zeroes the rows past offs[-1]. Included by both
-// files, so each arch's image has its own copy (each file is built for its one arch).
+// fp8_grouped_cutlass_sm100.cu, sm_100a), the kernel that zeroes the rows past offs[-1], and the launch of a
+// grouped kernel from the set-up (Grouped). Included by both files, so each arch's image has its own copy (each
+// file is built for its one arch).
 //
 // The buffer, E experts (moekernels/_cutlass.py's setup_twin lays out and fills the same bytes):
 //   shapes (M, N, K) int32 [E], padded to 16 bytes;
@@ -15,6 +16,9 @@
 
 #include "common.cuh"
 #include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/gemm/gemm.h"
+#include "cutlass/kernel_hardware_info.h"
 #include "cutlass/util/packed_stride.hpp"
 
 namespace moekernels {
@@ -120,6 +124,77 @@ inline void launch_zero_tail(uintptr_t offs, int groups, int64_t m, int64_t n, u
       reinterpret_cast<const int32_t*>(offs), groups, m, n, reinterpret_cast<uint4*>(d));
   check_launch("fp8_grouped_mm_cutlass zero tail");
 }
+
+// One grouped kernel (Gemm: CUTLASS's GemmUniversalAdapter) with its arguments read from the set-up buffer, and
+// its launch after the set-up and tail kernels. ScaleConfig: as Setup's (void: no per-expert scale layouts).
+template <class Gemm, class ScaleConfig>
+struct Grouped {
+  using Kernel = typename Gemm::GemmKernel;
+  using Shape3 = typename Kernel::ProblemShape::UnderlyingProblemShape;
+  using S = Setup<Shape3, typename Kernel::InternalStrideA, typename Kernel::InternalStrideB,
+                  typename Kernel::InternalStrideD, ScaleConfig>;
+
+  static typename Gemm::Arguments arguments(int groups, uint8_t* buf, int sm_count) {
+    auto* arr = reinterpret_cast<uint64_t*>(buf + shapes_bytes(groups));
+    using Mainloop = typename Kernel::MainloopArguments;
+    using Epilogue = typename Kernel::EpilogueArguments;
+    Mainloop mainloop{};
+    mainloop.ptr_A = reinterpret_cast<decltype(Mainloop::ptr_A)>(arr + 0 * groups);
+    mainloop.ptr_B = reinterpret_cast<decltype(Mainloop::ptr_B)>(arr + 1 * groups);
+    mainloop.ptr_SFA = reinterpret_cast<decltype(Mainloop::ptr_SFA)>(arr + 3 * groups);
+    mainloop.ptr_SFB = reinterpret_cast<decltype(Mainloop::ptr_SFB)>(arr + 4 * groups);
+    mainloop.dA = reinterpret_cast<decltype(Mainloop::dA)>(arr + 5 * groups);
+    mainloop.dB = reinterpret_cast<decltype(Mainloop::dB)>(arr + 6 * groups);
+    if constexpr (!std::is_void_v<ScaleConfig>) {  // else null: Sm90's collective derives them from the shapes
+      uint8_t* layouts = buf + arrays_end(groups);
+      mainloop.layout_SFA = reinterpret_cast<decltype(Mainloop::layout_SFA)>(layouts);
+      mainloop.layout_SFB = reinterpret_cast<decltype(Mainloop::layout_SFB)>(
+          layouts + int64_t(groups) * sizeof(decltype(ScaleConfig::deduce_layoutSFA())));
+    }
+    Epilogue epilogue{};  // no C: out = acc, and no source read
+    epilogue.thread.alpha = 1.0f;
+    epilogue.thread.beta = 0.0f;
+    epilogue.ptr_D = reinterpret_cast<decltype(Epilogue::ptr_D)>(arr + 2 * groups);
+    epilogue.dD = reinterpret_cast<decltype(Epilogue::dD)>(arr + 7 * groups);
+    return {cutlass::gemm::GemmUniversalMode::kGrouped,
+            {groups, reinterpret_cast<Shape3*>(buf), nullptr},  // no host shapes: the device's alone
+            mainloop, epilogue, cutlass::KernelHardwareInfo{0, sm_count}};
+  }
+
+  // CUTLASS's own check of the arguments (host code: the op runs it before each launch, the tests without a
+  // GPU): the grouped mode, the cluster and the scheduler. The row counts live on the device, so no host check
+  // sees them: TMA bounds them. Returns the workspace's size.
+  static int64_t workspace_bytes(const char* name, int groups, int sm_count) {
+    const auto args = arguments(groups, nullptr, sm_count);  // no pointer is read
+    const cutlass::Status status = Gemm::can_implement(args);
+    if (status != cutlass::Status::kSuccess) {
+      throw std::invalid_argument(std::string(name) + ": CUTLASS cannot implement it: " +
+                                  cutlassGetStatusString(status));
+    }
+    return static_cast<int64_t>(Gemm::get_workspace_size(args));
+  }
+
+  // d: bf16 [m, n]; buf: S::bytes(groups) bytes, 16-aligned; workspace: workspace_bytes(groups, sm_count).
+  static void run(const char* name, uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t sfb, uintptr_t offs,
+                  uintptr_t d, int groups, int64_t m, int64_t n, int64_t k, uintptr_t buf, uintptr_t workspace,
+                  int sm_count, uintptr_t stream) {
+    if (groups <= 0 || m <= 0) return;
+    S::launch(offs, groups, n, k, a, b, d, sfa, sfb, buf, stream);
+    launch_zero_tail(offs, groups, m, n, d, sm_count, stream);
+    Gemm gemm;
+    auto args = arguments(groups, reinterpret_cast<uint8_t*>(buf), sm_count);
+    const auto s = reinterpret_cast<cudaStream_t>(stream);
+    cutlass::Status status = gemm.initialize(args, reinterpret_cast<void*>(workspace), s);
+    if (status != cutlass::Status::kSuccess) {
+      throw std::runtime_error(std::string(name) + ": initialize: " + cutlassGetStatusString(status));
+    }
+    status = gemm.run(s);
+    if (status != cutlass::Status::kSuccess) {
+      throw std::runtime_error(std::string(name) + ": run: " + cutlassGetStatusString(status));
+    }
+    check_launch(name);
+  }
+};
 
 // Where a kernel built with ScaleConfig reads each scale block, in elements from the expert's scale pointer: the
 // config's layouts for an (m, n, k) problem (the same tile_atom_to_shape_SFA/SFB the collectives and the set-up

@@ -83,86 +83,38 @@ using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder
 using GemmKernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop, CollectiveEpilogue, void>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
 
-using StrideA = typename GemmKernel::InternalStrideA;
-using StrideB = typename GemmKernel::InternalStrideB;
-using StrideD = typename GemmKernel::InternalStrideD;
-using Shape3 = typename ProblemShape::UnderlyingProblemShape;
 static_assert(std::is_same_v<typename CollectiveMainloop::InternalLayoutSFA, LayoutSFA> &&
               std::is_same_v<typename CollectiveMainloop::InternalLayoutSFB, LayoutSFB>,
               "the set-up writes the collective's own scale layout types");
 
 // The set-up buffer (fp8_grouped_cutlass_setup.cuh): the Hopper kernel's, then each expert's SFA and SFB layouts.
-using Setup = cutlass_setup::Setup<Shape3, StrideA, StrideB, StrideD, ScaleConfig>;
-
-typename Gemm::Arguments make_args(int groups, uint8_t* buf, int sm_count) {
-  auto* arr = reinterpret_cast<uint64_t*>(buf + cutlass_setup::shapes_bytes(groups));
-  auto* layout_sfa = reinterpret_cast<LayoutSFA*>(buf + cutlass_setup::arrays_end(groups));
-  auto* layout_sfb = reinterpret_cast<LayoutSFB*>(layout_sfa + groups);
-  typename Gemm::Arguments args{
-      cutlass::gemm::GemmUniversalMode::kGrouped,
-      {groups, reinterpret_cast<Shape3*>(buf), nullptr},  // no host shapes: the device's alone
-      {reinterpret_cast<const ElementA**>(arr + 0 * groups), reinterpret_cast<StrideA*>(arr + 5 * groups),
-       reinterpret_cast<const ElementB**>(arr + 1 * groups), reinterpret_cast<StrideB*>(arr + 6 * groups),
-       reinterpret_cast<const float**>(arr + 3 * groups), layout_sfa,
-       reinterpret_cast<const float**>(arr + 4 * groups), layout_sfb},
-      {{}, nullptr, nullptr, reinterpret_cast<ElementD**>(arr + 2 * groups),
-       reinterpret_cast<StrideD*>(arr + 7 * groups)},
-      cutlass::KernelHardwareInfo{0, sm_count}};
-  auto& fusion = args.epilogue.thread;
-  fusion.alpha = 1.0f;
-  fusion.beta = 0.0f;
-  return args;
-}
+using Run = cutlass_setup::Grouped<Gemm, ScaleConfig>;
+constexpr const char* kName = "fp8_grouped_mm_cutlass (sm_100a)";
 
 }  // namespace
 
-int64_t fp8_grouped_cutlass_setup_bytes_sm100(int groups) { return Setup::bytes(groups); }
+int64_t fp8_grouped_cutlass_setup_bytes_sm100(int groups) { return Run::S::bytes(groups); }
 
-// CUTLASS's own check of the arguments (host code: the op runs it before each launch, the tests without a GPU).
 int64_t fp8_grouped_cutlass_workspace_bytes_sm100(int groups, int sm_count) {
-  uint8_t* fake = nullptr;  // neither reads a pointer
-  const auto args = make_args(groups, fake, sm_count);
-  const cutlass::Status status = Gemm::can_implement(args);
-  if (status != cutlass::Status::kSuccess) {
-    throw std::invalid_argument(std::string("fp8_grouped_mm_cutlass (sm_100a): CUTLASS cannot implement it: ") +
-                                cutlassGetStatusString(status));
-  }
-  return static_cast<int64_t>(Gemm::get_workspace_size(args));
+  return Run::workspace_bytes(kName, groups, sm_count);
 }
 
 void fp8_grouped_cutlass_setup_sm100(uintptr_t offs, int groups, int64_t n, int64_t k, uintptr_t a, uintptr_t b,
                                      uintptr_t d, uintptr_t sfa, uintptr_t sfb, uintptr_t buf, uintptr_t stream) {
-  Setup::launch(offs, groups, n, k, a, b, d, sfa, sfb, buf, stream);
+  Run::S::launch(offs, groups, n, k, a, b, d, sfa, sfb, buf, stream);
 }
 
 // The set-up's bytes written on the host (offs and buf host memory): tests/test_cutlass.py checks the twin
 // against them, scale layouts included, without a GPU.
 void fp8_grouped_cutlass_setup_host_sm100(uintptr_t offs, int groups, int64_t n, int64_t k, uintptr_t a, uintptr_t b,
                                           uintptr_t d, uintptr_t sfa, uintptr_t sfb, uintptr_t buf) {
-  Setup::on_host(offs, groups, n, k, a, b, d, sfa, sfb, buf);
+  Run::S::on_host(offs, groups, n, k, a, b, d, sfa, sfb, buf);
 }
 
-// d: bf16 [m, n]; buf: fp8_grouped_cutlass_setup_bytes_sm100(groups) bytes, 16-aligned; workspace: its
-// fp8_grouped_cutlass_workspace_bytes_sm100.
 void fp8_grouped_mm_cutlass_sm100(uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t sfb, uintptr_t offs, uintptr_t d,
                                   int groups, int64_t m, int64_t n, int64_t k, uintptr_t buf, uintptr_t workspace,
                                   int sm_count, uintptr_t stream) {
-  if (groups <= 0 || m <= 0) return;
-  Setup::launch(offs, groups, n, k, a, b, d, sfa, sfb, buf, stream);
-  cutlass_setup::launch_zero_tail(offs, groups, m, n, d, sm_count, stream);
-  Gemm gemm;
-  auto args = make_args(groups, reinterpret_cast<uint8_t*>(buf), sm_count);
-  const auto s = reinterpret_cast<cudaStream_t>(stream);
-  cutlass::Status status = gemm.initialize(args, reinterpret_cast<void*>(workspace), s);
-  if (status != cutlass::Status::kSuccess) {
-    throw std::runtime_error(std::string("fp8_grouped_mm_cutlass (sm_100a): initialize: ") +
-                             cutlassGetStatusString(status));
-  }
-  status = gemm.run(s);
-  if (status != cutlass::Status::kSuccess) {
-    throw std::runtime_error(std::string("fp8_grouped_mm_cutlass (sm_100a): run: ") + cutlassGetStatusString(status));
-  }
-  check_launch("fp8_grouped_mm_cutlass (sm_100a)");
+  Run::run(kName, a, sfa, b, sfb, offs, d, groups, m, n, k, buf, workspace, sm_count, stream);
 }
 
 // The built ScaleConfig's offsets (fp8_grouped_cutlass_setup.cuh's scale_offsets), for the tests.

@@ -46,15 +46,19 @@ def operands(counts, n, k, *, col_major=False, device="cpu", seed=0):
 # ----------------------------------------------------------------------------- the static contract
 
 
+def _gemm_image(arch):
+    """(name, resources, SASS) of the one CUTLASS GEMM in the .so's image for arch."""
+    usage = _cuobjdump("-res-usage", "-arch", arch)
+    found = re.findall(r"Function (\S*GemmUniversal\S*):\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+[^\n]*)", usage)
+    assert len(found) == 1, f"one CUTLASS GEMM instantiation in the {arch} image (build time: ~45 s of nvcc each)"
+    name, resources = found[0]
+    return name, resources, _cuobjdump("-sass", "-arch", arch, "-fun", name)
+
+
 @pytest.fixture(scope="module")
 def gemm_sass():
-    """(resources, SASS) of the CUTLASS kernel's sm_90a image."""
-    usage = _cuobjdump("-res-usage", "-arch", "sm_90a")
-    found = re.findall(r"Function (\S*GemmUniversal\S*):\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+[^\n]*)", usage)
-    assert len(found) == 1, "one CUTLASS GEMM instantiation in moekernels._C (build time: ~1 min of nvcc each)"
-    name, resources = found[0]
-    sass = _cuobjdump("-sass", "-arch", "sm_90a", "-fun", name)
-    return name, resources, sass
+    """(name, resources, SASS) of the CUTLASS kernel's sm_90a image."""
+    return _gemm_image("sm_90a")
 
 
 @needs_sm90a
@@ -131,11 +135,7 @@ def test_contract_registers_no_spills(gemm_sass):
 @pytest.fixture(scope="module")
 def sm100_sass():
     """(name, resources, SASS) of the CUTLASS kernel's sm_100a image (triton 3.6's cuobjdump, CUDA 12.8, reads it)."""
-    usage = _cuobjdump("-res-usage", "-arch", "sm_100a")
-    found = re.findall(r"Function (\S*GemmUniversal\S*):\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+[^\n]*)", usage)
-    assert len(found) == 1, "one CUTLASS GEMM instantiation in the sm_100a image (~45 s of nvcc each)"
-    name, resources = found[0]
-    return name, resources, _cuobjdump("-sass", "-arch", "sm_100a", "-fun", name)
+    return _gemm_image("sm_100a")
 
 
 def _body(ops, loop):
