@@ -553,6 +553,28 @@ def test_setup_finds_cutlass_or_says_why(monkeypatch, tmp_path):
     assert includes is None and "nvidia-cutlass==4.2.0.0" in error
 
 
+@pytest.mark.parametrize("arch_list, built", [("9.0", ["sm_90a"]), ("10.0", ["sm_100a"]), ("8.0;9.0;10.0;12.0+PTX",
+                                                ["sm_90a", "sm_100a"]), ("8.0;12.0", [])], ids=str)
+def test_setup_builds_each_cutlass_file_for_its_arch(monkeypatch, arch_list, built):
+    """setup.py (no compile): each CUTLASS file where the list has its arch, for that arch alone, and the macros
+    that bind it; with neither 9.0 nor 10.0, none, and the reason."""
+    monkeypatch.delenv("MOEKERNELS_BUILD_CUDA", raising=False)  # read as setup.py loads
+    monkeypatch.delenv("CUTLASS_PATH", raising=False)
+    setup = load_setup()
+    if setup.find_cuda_home() is None or setup.find_cutlass()[0] is None:
+        pytest.skip("needs nvcc and CUTLASS's headers")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    [ext] = setup.extensions()
+    assert [real for _, real in ext.cutlass_archs] == built
+    macros = dict(ext.define_macros)
+    assert macros["MOEKERNELS_CUTLASS_ARCHS"] == f'"{" ".join(built)}"'
+    assert ("MOEKERNELS_WITH_CUTLASS_SM90" in macros, "MOEKERNELS_WITH_CUTLASS_SM100" in macros) == (
+        "sm_90a" in built, "sm_100a" in built)
+    assert (macros["MOEKERNELS_CUTLASS_ERROR"] == '""') == bool(built)
+    if not built:
+        assert "neither 9.0 nor 10.0" in macros["MOEKERNELS_CUTLASS_ERROR"]
+
+
 def test_build_requires_the_pinned_wheel():
     text = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
     requires = re.search(r"^requires = \[(.*)\]", text, re.M).group(1)
