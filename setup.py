@@ -9,10 +9,11 @@ It includes no torch headers, so it needs neither a GPU nor a matching torch to 
 - MOEKERNELS_BUILD_CUDA=1 makes a failed build an error (by default the package installs
   without it and warns, and moekernels.HAS_CUDA_EXT is False).
 - CUDA_HOME points at the toolkit when nvcc is not on the PATH.
-- csrc/fp8_grouped_cutlass.cu (CUTLASS's block-scaled FP8 grouped GEMM) is built, for sm_90a alone,
-  when the list has 9.0 and CUTLASS's headers are found: CUTLASS_PATH (a CUTLASS checkout), else the
-  nvidia-cutlass wheel (a build requirement in pyproject.toml). Otherwise the extension is built
-  without it, says why, and moekernels._C.CUTLASS_ERROR holds the reason.
+- CUTLASS's block-scaled FP8 grouped GEMMs are built where CUTLASS's headers are found: CUTLASS_PATH
+  (a CUTLASS checkout), else the nvidia-cutlass wheel (a build requirement in pyproject.toml).
+  csrc/fp8_grouped_cutlass.cu for sm_90a alone when the list has 9.0, csrc/fp8_grouped_cutlass_sm100.cu
+  for sm_100a alone when it has 10.0 (moekernels._C.CUTLASS_ARCHS lists those built). Otherwise the
+  extension is built without them, says why, and moekernels._C.CUTLASS_ERROR holds the reason.
 """
 
 import os
@@ -28,8 +29,11 @@ from setuptools.command.build_ext import build_ext
 
 CSRC = "csrc"
 CU_SOURCES = ["route.cu", "permute.cu", "plan.cu", "quantize.cu"]
-CUTLASS_SOURCE = "fp8_grouped_cutlass.cu"
-CUTLASS_ARCH = ("compute_90a", "sm_90a")  # its kernel is Hopper's (wgmma, TMA, setmaxnreg)
+# CUTLASS's kernels, each built for its one arch alone: Hopper's (wgmma, TMA, setmaxnreg) and datacenter
+# Blackwell's (tcgen05 MMA into TMEM). Not sm_120a (GeForce/RTX Blackwell, example 87's kernel): the list builds
+# sm_120 + PTX, which arch-specific code cannot use.
+CUTLASS_SOURCES = {("compute_90a", "sm_90a"): "fp8_grouped_cutlass.cu",
+                   ("compute_100a", "sm_100a"): "fp8_grouped_cutlass_sm100.cu"}
 # The compute capabilities built when TORCH_CUDA_ARCH_LIST is unset: Ampere (sm_80 SASS runs on 8.0,
 # 8.6, 8.7 and 8.9), Hopper, datacenter and consumer Blackwell, and PTX of the newest for GPUs to come.
 DEFAULT_ARCH_LIST = "8.0;9.0;10.0;12.0+PTX"
@@ -159,10 +163,11 @@ def find_cuda_home():
 class BuildExt(build_ext):
     """Compiles the .cu files with nvcc, then links them with pybind11's bindings.cpp.
 
-    All of it runs at once: the four nvcc processes (each with its archs on threads), and a fifth for
-    fp8_grouped_cutlass.cu where CUTLASS is found, while the C++ compiler builds bindings.cpp; the link
-    waits for the objects. Always relinked: setuptools would skip the link when the .so is newer than bindings.cpp, keeping a stale .so after an edit of a
-    .cu file or a new TORCH_CUDA_ARCH_LIST (an editable install builds the .so in place).
+    All of it runs at once: the four nvcc processes (each with its archs on threads), and one more for
+    each CUTLASS file built (fp8_grouped_cutlass.cu, fp8_grouped_cutlass_sm100.cu), while the C++
+    compiler builds bindings.cpp; the link waits for the objects. Always relinked: setuptools would skip
+    the link when the .so is newer than bindings.cpp, keeping a stale .so after an edit of a .cu file or
+    a new TORCH_CUDA_ARCH_LIST (an editable install builds the .so in place).
 
     Measured with nvcc 13.0 on this project's 2-core x86 machine, shared (load 17-22), one build after
     the other: the default 4 archs + PTX take 76 CPU-seconds (360 s wall there), sm_90a + sm_80 took
@@ -171,12 +176,14 @@ class BuildExt(build_ext):
     ~6.5. So, estimated, about 40 s on 2 free cores and 10-15 s on 16; TORCH_CUDA_ARCH_LIST=9.0 builds one arch.
     fp8_grouped_cutlass.cu (one arch, CUTLASS's templates) is ~47 CPU-s on its own (65 s wall at load ~2), the
     longest job: pip install -e . went from 60 to 107 CPU-s (134 to 187 s wall at load 5-10).
+    fp8_grouped_cutlass_sm100.cu is ~47 CPU-s more (46 s wall alone): build_ext --inplace went from 99-105
+    to 149-157 CPU-s (64 to 76 s wall at load ~2-3, 95 to 132 s at load ~5).
     """
 
     def build_extensions(self):
         self.force = True
         try:
-            with ThreadPoolExecutor(max_workers=len(CU_SOURCES) + 1) as pool:
+            with ThreadPoolExecutor(max_workers=len(CU_SOURCES) + len(CUTLASS_SOURCES)) as pool:
                 pending = [job for ext in self.extensions for job in self._start_nvcc(ext, pool)]
                 link = self.compiler.link
 
@@ -202,13 +209,14 @@ class BuildExt(build_ext):
         announce(f"moekernels: building the CUDA extension moekernels._C with nvcc ({', '.join(ext.cu_sources)} "
                  f"for {archs}; about a minute on 2 cores). MOEKERNELS_BUILD_CUDA=0 skips it.")
         jobs = []
-        if ext.cutlass_includes:  # first: at ~1 min of one core it is the longest
-            announce(f"moekernels: building {CUTLASS_SOURCE} (CUTLASS's FP8 grouped GEMM, sm_90a) against "
+        for arch in ext.cutlass_archs:  # first: at ~1 min of one core each they are the longest
+            source = CUTLASS_SOURCES[arch]
+            announce(f"moekernels: building {source} (CUTLASS's FP8 grouped GEMM, {arch[1]}) against "
                      f"{ext.cutlass_includes[0]}")
-            src = os.path.join(CSRC, CUTLASS_SOURCE)
-            obj = os.path.join(self.build_temp, CUTLASS_SOURCE + ".o")
+            src = os.path.join(CSRC, source)
+            obj = os.path.join(self.build_temp, source + ".o")
             includes = [flag for d in ext.cutlass_includes for flag in ("-I", d)]
-            cmd = [nvcc, *nvcc_flags([CUTLASS_ARCH]), *cutlass_flags(), "-I", CSRC, *includes, "-c", src, "-o", obj]
+            cmd = [nvcc, *nvcc_flags([arch]), *cutlass_flags(), "-I", CSRC, *includes, "-c", src, "-o", obj]
             jobs.append(pool.submit(run_nvcc, cmd))
             ext.extra_objects.append(obj)
         for src in ext.cu_sources:
@@ -265,16 +273,20 @@ def extensions():
         d for d in (os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "targets", "x86_64-linux", "lib"))
         if os.path.exists(os.path.join(d, "libcudart_static.a"))
     )
-    cutlass_includes, cutlass_error = None, "TORCH_CUDA_ARCH_LIST has no 9.0 (its kernel is sm_90a's)"
-    if CUTLASS_ARCH in archs:
+    cutlass_archs = [arch for arch in CUTLASS_SOURCES if arch in archs]
+    cutlass_includes = None
+    cutlass_error = "TORCH_CUDA_ARCH_LIST has neither 9.0 nor 10.0 (its kernels are sm_90a's and sm_100a's)"
+    if cutlass_archs:
         cutlass_includes, cutlass_error = find_cutlass()
     if cutlass_error:
         announce(f"moekernels: building the CUDA extension without the CUTLASS FP8 grouped GEMM "
                  f"(fp8_grouped_mm's backend='cutlass'): {cutlass_error}")
+        cutlass_archs = []
     macros = [("MOEKERNELS_ARCHS", f'"{arch_names(archs)}"'),
-              ("MOEKERNELS_CUTLASS_ERROR", '"' + (cutlass_error or "").replace('"', "'") + '"')]
-    if cutlass_includes:
-        macros.append(("MOEKERNELS_WITH_CUTLASS", "1"))
+              ("MOEKERNELS_CUTLASS_ERROR", '"' + (cutlass_error or "").replace('"', "'") + '"'),
+              ("MOEKERNELS_CUTLASS_ARCHS", f'"{arch_names(cutlass_archs)}"')]
+    # bindings.cpp binds each built kernel: MOEKERNELS_WITH_CUTLASS_SM90, MOEKERNELS_WITH_CUTLASS_SM100.
+    macros += [(f"MOEKERNELS_WITH_CUTLASS_SM{real[3:-1]}", "1") for _, real in cutlass_archs]
     ext = Extension(
         "moekernels._C",
         sources=[os.path.join(CSRC, "bindings.cpp")],
@@ -284,7 +296,7 @@ def extensions():
         libraries=["cudart_static", "dl", "rt", "pthread"],
         extra_compile_args=["-O3", "-std=c++17"],
         # The list moekernels._C.ARCHS reports, so that an error can name it without a GPU.
-        # and whether the CUTLASS kernel is in (MOEKERNELS_CUTLASS_ERROR: "" where it is, else why not).
+        # and whether the CUTLASS kernels are in (MOEKERNELS_CUTLASS_ERROR: "" where they are, else why not).
         define_macros=macros,
         language="c++",
     )
@@ -292,6 +304,7 @@ def extensions():
     ext.archs = archs
     ext.cu_sources = [os.path.join(CSRC, s) for s in CU_SOURCES]
     ext.cutlass_includes = cutlass_includes
+    ext.cutlass_archs = cutlass_archs
     return [ext]
 
 

@@ -11,7 +11,10 @@
 #error "MOEKERNELS_ARCHS (the -gencode list, e.g. \"sm_80 sm_90a compute_120\") is defined by setup.py"
 #endif
 #ifndef MOEKERNELS_CUTLASS_ERROR
-#error "MOEKERNELS_CUTLASS_ERROR (\"\" where csrc/fp8_grouped_cutlass.cu is built, else why not) is defined by setup.py"
+#error "MOEKERNELS_CUTLASS_ERROR (\"\" where csrc/fp8_grouped_cutlass*.cu are built, else why not): setup.py's"
+#endif
+#ifndef MOEKERNELS_CUTLASS_ARCHS
+#error "MOEKERNELS_CUTLASS_ARCHS (the archs of the CUTLASS kernels built, e.g. \"sm_90a sm_100a\"): setup.py's"
 #endif
 
 namespace moekernels {
@@ -35,7 +38,7 @@ void plan_routing(uintptr_t ids, int id_itemsize, int64_t num_pairs, int num_exp
 void quantize_fp8_1x128(uintptr_t x, int dtype, uintptr_t dest, uintptr_t q, uintptr_t scale,
                         int64_t scale_row_stride, int64_t scale_col_stride, int64_t num_rows, int top_k,
                         int64_t hidden, int64_t x_stride, bool pow2, bool vec, uintptr_t stream);
-#ifdef MOEKERNELS_WITH_CUTLASS
+#ifdef MOEKERNELS_WITH_CUTLASS_SM90
 int64_t fp8_grouped_cutlass_setup_bytes(int groups);
 int64_t fp8_grouped_cutlass_workspace_bytes(int groups, int sm_count);
 void fp8_grouped_cutlass_setup(uintptr_t offs, int groups, int64_t n, int64_t k, uintptr_t a, uintptr_t b,
@@ -45,6 +48,19 @@ void fp8_grouped_mm_cutlass(uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t s
                             int sm_count, uintptr_t stream);
 void fp8_grouped_cutlass_scale_offsets(int m, int n, int k, uintptr_t sfa, uintptr_t sfb);
 const void* fp8_grouped_cutlass_kernel_address();
+#endif
+#ifdef MOEKERNELS_WITH_CUTLASS_SM100
+int64_t fp8_grouped_cutlass_setup_bytes_sm100(int groups);
+int64_t fp8_grouped_cutlass_workspace_bytes_sm100(int groups, int sm_count);
+void fp8_grouped_cutlass_setup_sm100(uintptr_t offs, int groups, int64_t n, int64_t k, uintptr_t a, uintptr_t b,
+                                     uintptr_t d, uintptr_t sfa, uintptr_t sfb, uintptr_t buf, uintptr_t stream);
+void fp8_grouped_cutlass_setup_host_sm100(uintptr_t offs, int groups, int64_t n, int64_t k, uintptr_t a, uintptr_t b,
+                                          uintptr_t d, uintptr_t sfa, uintptr_t sfb, uintptr_t buf);
+void fp8_grouped_mm_cutlass_sm100(uintptr_t a, uintptr_t sfa, uintptr_t b, uintptr_t sfb, uintptr_t offs, uintptr_t d,
+                                  int groups, int64_t m, int64_t n, int64_t k, uintptr_t buf, uintptr_t workspace,
+                                  int sm_count, uintptr_t stream);
+void fp8_grouped_cutlass_scale_offsets_sm100(int m, int n, int k, uintptr_t sfa, uintptr_t sfb);
+const void* fp8_grouped_cutlass_kernel_address_sm100();
 #endif
 const void* topk_routing_kernel_address();
 const void* permute_kernel_address();
@@ -70,8 +86,11 @@ constexpr Kernel kKernels[] = {
     {"unpermute_backward", moekernels::unpermute_backward_kernel_address},
     {"plan_routing", moekernels::plan_routing_kernel_address},
     {"quantize_fp8_1x128", moekernels::quantize_fp8_1x128_kernel_address},
-#ifdef MOEKERNELS_WITH_CUTLASS
+#ifdef MOEKERNELS_WITH_CUTLASS_SM90
     {"fp8_grouped_mm_cutlass", moekernels::fp8_grouped_cutlass_kernel_address},  // sm_90a alone
+#endif
+#ifdef MOEKERNELS_WITH_CUTLASS_SM100
+    {"fp8_grouped_mm_cutlass_sm100", moekernels::fp8_grouped_cutlass_kernel_address_sm100},  // sm_100a alone
 #endif
 };
 
@@ -110,7 +129,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("kernel_image", &kernel_image, pybind11::arg("name"),
         "(error name, binaryVersion, ptxVersion) of the named binding's kernel on the current CUDA device: "
         "'cudaSuccess' where it can run there (moekernels/_ext.py caches it per device)");
-#ifdef MOEKERNELS_WITH_CUTLASS
+#ifdef MOEKERNELS_WITH_CUTLASS_SM90
   m.def("fp8_grouped_mm_cutlass", &moekernels::fp8_grouped_mm_cutlass,
         "FP8 grouped GEMM, (1, 128) x (128, 128) block scales, bf16 out: CUTLASS's Hopper kernel, its problem "
         "set-up written on the device from offs (csrc/fp8_grouped_cutlass.cu)");
@@ -122,8 +141,26 @@ PYBIND11_MODULE(_C, m) {
   m.def("fp8_grouped_cutlass_scale_offsets", &moekernels::fp8_grouped_cutlass_scale_offsets,
         "The built kernel's scale layouts for (m, n, k): offsets into host int64 [m, k/128] and [n/128, k/128]");
 #endif
-  // "" where the CUTLASS FP8 grouped GEMM is built in, else why not (setup.py).
+#ifdef MOEKERNELS_WITH_CUTLASS_SM100
+  // The same functions for the sm_100a kernel (csrc/fp8_grouped_cutlass_sm100.cu): its set-up buffer also holds
+  // each expert's scale layouts, which the host variant writes for the tests.
+  m.def("fp8_grouped_mm_cutlass_sm100", &moekernels::fp8_grouped_mm_cutlass_sm100,
+        "FP8 grouped GEMM, (1, 128) x (128, 128) block scales, bf16 out: CUTLASS's sm_100a kernel (tcgen05), its "
+        "problem set-up written on the device from offs (csrc/fp8_grouped_cutlass_sm100.cu)");
+  m.def("fp8_grouped_cutlass_setup_sm100", &moekernels::fp8_grouped_cutlass_setup_sm100,
+        "The set-up kernel alone: each expert's (M, N, K), pointers, strides and scale layouts into buf");
+  m.def("fp8_grouped_cutlass_setup_host_sm100", &moekernels::fp8_grouped_cutlass_setup_host_sm100,
+        "The set-up's bytes written on the host: offs and buf host memory, the rest base addresses");
+  m.def("fp8_grouped_cutlass_setup_bytes_sm100", &moekernels::fp8_grouped_cutlass_setup_bytes_sm100,
+        "buf's size for E experts");
+  m.def("fp8_grouped_cutlass_workspace_bytes_sm100", &moekernels::fp8_grouped_cutlass_workspace_bytes_sm100,
+        "CUTLASS's workspace for E experts on sm_count SMs (its TMA descriptors)");
+  m.def("fp8_grouped_cutlass_scale_offsets_sm100", &moekernels::fp8_grouped_cutlass_scale_offsets_sm100,
+        "The built kernel's scale layouts for (m, n, k): offsets into host int64 [m, k/128] and [n/128, k/128]");
+#endif
+  // "" where the CUTLASS FP8 grouped GEMMs are built in, else why not (setup.py); the archs of those built.
   m.attr("CUTLASS_ERROR") = MOEKERNELS_CUTLASS_ERROR;
+  m.attr("CUTLASS_ARCHS") = MOEKERNELS_CUTLASS_ARCHS;
   m.attr("PLAN_CHUNK") = moekernels::plan_chunk();
   // Names of the ops with a CUDA kernel; tests assert each is exposed.
   pybind11::tuple names(sizeof(kKernels) / sizeof(kKernels[0]));

@@ -1,13 +1,16 @@
-"""The opt-in CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass.cu): ``fp8_grouped_mm(..., backend="cutlass")``.
+"""The opt-in CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass*.cu): ``fp8_grouped_mm(..., backend="cutlass")``.
 
-CUTLASS's Hopper block-scaled ptr-array kernel (example 68's), for DeepSeek-V3's recipe: e4m3 a [M, K] with
-(1, 128) scales, e4m3 b [E, N, K] (K-major) with (128, 128) scales, bf16 out. Built for sm_90a alone, and only
-where setup.py found CUTLASS's headers (``moekernels._ext.CUTLASS_ERROR`` says why not). Opt-in until a GPU run
-of benchmarks/device_check.sh validates it: neither the automatic choice nor ``MOEKERNELS_BACKEND=cuda`` takes it.
+CUTLASS's block-scaled ptr-array kernels, for DeepSeek-V3's recipe: e4m3 a [M, K] with (1, 128) scales, e4m3
+b [E, N, K] (K-major) with (128, 128) scales, bf16 out. Two builds of it, chosen by the GPU's compute capability:
+Hopper's (example 68's, sm_90a: 9.0) and datacenter Blackwell's (example 81's, sm_100a: 10.0), each arch-specific
+code that runs on its one capability. Built only where setup.py found CUTLASS's headers
+(``moekernels._ext.CUTLASS_ERROR`` says why not) and the arch list has the capability (:data:`BUILT_ARCHS`).
+Opt-in until a GPU run of benchmarks/device_check.sh validates it: neither the automatic choice nor
+``MOEKERNELS_BACKEND=cuda`` takes it.
 
 Also the CPU twins the tests check it by (no GPU needed):
 - :func:`setup_twin`: the bytes the device set-up kernel writes from ``offs`` (each expert's problem shape,
-  the pointers to its A, B, D and scales, and the strides), in the same layout;
+  the pointers to its A, B, D and scales, and the strides; on sm_100a its scale layouts too), in the same layout;
 - :func:`scale_layout`: CUTLASS's scale-factor layouts (``Sm1xxBlockwiseScaleConfig::tile_atom_to_shape_SFA/SFB``
   in cutlass/detail/blockwise_scale_layout.hpp) as (shape, stride) and :func:`cute_offset` their index map.
 """
@@ -18,11 +21,19 @@ import torch
 
 from . import _backend, _ext
 
-KERNEL = "fp8_grouped_mm_cutlass"  # the binding, and its name in moekernels._C.KERNELS
+KERNEL = "fp8_grouped_mm_cutlass"  # the binding, and its name in moekernels._C.KERNELS (+ the arch's suffix)
+# Compute capability -> (the arch its kernel is built for, the suffix of that kernel's bindings in moekernels._C)
+KERNEL_ARCHS = {(9, 0): ("sm_90a", ""), (10, 0): ("sm_100a", "_sm100")}
+# The archs whose kernel moekernels._C holds (setup.py: CUTLASS found, and the arch in TORCH_CUDA_ARCH_LIST)
+BUILT_ARCHS: tuple[str, ...] = tuple(getattr(_ext.C, "CUTLASS_ARCHS", "").split()) if _ext.HAS_CUDA_EXT else ()
 BLOCK = 128  # the scale blocks: (1, 128) for a, (128, 128) for b
-# Scale-factor majorness the kernel is built with (Sm90BlockwiseScaleConfig<1, 128, 128, K, K>): K-major.
+# Scale-factor majorness both kernels are built with (Sm90/Sm100BlockwiseScaleConfig<1, 128, 128, K, K>): K-major.
 SFA_MAJOR = SFB_MAJOR = "K"
 SETUP_ARRAYS = ("A", "B", "D", "SFA", "SFB", "stride_A", "stride_B", "stride_D")  # the 8-byte arrays, in order
+# sm_100a's set-up also writes each expert's SFA and SFB layouts (its collective takes one an expert): a cute
+# Layout of K-major shape ((vec, blocks_MN), (128, K/128), L) and stride ((0, K/128), (0, 1), L's), stored as its
+# non-static int32s in order: blocks_MN, K/128, L = 1, K/128, blocks_MN * K/128.
+LAYOUT_INTS = 5
 
 
 # ----------------------------------------------------------------------------- CUTLASS's layouts, emulated
@@ -73,13 +84,17 @@ def scale_offsets(rows: int, cols: int, vec_rows: int, vec_cols: int, major: str
 # ----------------------------------------------------------------------------- the device set-up's twin
 
 
-def setup_bytes(groups: int) -> int:
-    """The set-up buffer's size: E (M, N, K) int32 triples padded to 16 bytes, then 8 arrays of E 8-byte entries."""
-    return (groups * 12 + 15) // 16 * 16 + len(SETUP_ARRAYS) * 8 * groups
+def setup_bytes(groups: int, arch: str = "sm_90a") -> int:
+    """The set-up buffer's size: E (M, N, K) int32 triples padded to 16 bytes, then 8 arrays of E 8-byte entries;
+    on sm_100a then E SFA and E SFB layouts."""
+    layouts = 2 * LAYOUT_INTS * 4 * groups if arch == "sm_100a" else 0
+    return (groups * 12 + 15) // 16 * 16 + len(SETUP_ARRAYS) * 8 * groups + layouts
 
 
-def setup_twin(offs: torch.Tensor, n: int, k: int, a: int, b: int, d: int, sfa: int, sfb: int) -> torch.Tensor:
-    """The bytes csrc/fp8_grouped_cutlass.cu's setup_kernel writes (uint8 [setup_bytes(E)]), in pure torch.
+def setup_twin(offs: torch.Tensor, n: int, k: int, a: int, b: int, d: int, sfa: int, sfb: int,
+               arch: str = "sm_90a") -> torch.Tensor:
+    """The bytes csrc/fp8_grouped_cutlass_setup.cuh's set-up writes for ``arch``'s kernel (uint8
+    [setup_bytes(E, arch)]), in pure torch.
 
     ``a``, ``b``, ``d``, ``sfa``, ``sfb``: the base addresses (data_ptr) of e4m3 a [M, K], e4m3 b [E, N, K],
     bf16 out [M, N], float32 a scales [M, K / 128] and b scales [E, N / 128, K / 128], all row-major. Expert
@@ -103,19 +118,33 @@ def setup_twin(offs: torch.Tensor, n: int, k: int, a: int, b: int, d: int, sfa: 
         torch.full_like(rows, k),  # B [N, K] K-major (CUTLASS's column-major): its N stride
         torch.full_like(rows, n),  # D [M_e, N] row-major
     ])
-    out = torch.zeros(setup_bytes(groups), dtype=torch.uint8)
+    out = torch.zeros(setup_bytes(groups, arch), dtype=torch.uint8)
     head = shapes.reshape(-1).view(torch.uint8)
     out[:head.numel()] = head
-    out[(groups * 12 + 15) // 16 * 16:] = arrays.reshape(-1).view(torch.uint8)
+    start_arrays = (groups * 12 + 15) // 16 * 16
+    end_arrays = start_arrays + arrays.numel() * 8
+    out[start_arrays:end_arrays] = arrays.reshape(-1).view(torch.uint8)
+    if arch == "sm_100a":  # Sm1xxBlockwiseScaleConfig<1, 128, 128, K, K>::tile_atom_to_shape_SFA/SFB's fields
+        ones = torch.ones_like(rows)
+        layout_a = torch.stack([rows, ones * kb, ones, ones * kb, rows * kb], 1)
+        layout_b = torch.stack([ones * nb, ones * kb, ones, ones * kb, ones * nb * kb], 1)
+        out[end_arrays:] = torch.cat([layout_a, layout_b]).to(torch.int32).reshape(-1).view(torch.uint8)
     return out
 
 
-def read_setup(buf: torch.Tensor, groups: int) -> dict[str, torch.Tensor]:
-    """The set-up buffer's arrays by name: "shapes" [E, 3] int32, and the SETUP_ARRAYS [E] int64."""
+def read_setup(buf: torch.Tensor, groups: int, arch: str = "sm_90a") -> dict[str, torch.Tensor]:
+    """The set-up buffer's arrays by name: "shapes" [E, 3] int32, the SETUP_ARRAYS [E] int64; on sm_100a
+    "layout_SFA" and "layout_SFB" [E, LAYOUT_INTS] int32."""
     buf = buf.cpu()
     shapes = buf[:groups * 12].view(torch.int32).reshape(groups, 3)
-    arrays = buf[(groups * 12 + 15) // 16 * 16:].view(torch.int64).reshape(len(SETUP_ARRAYS), groups)
-    return {"shapes": shapes, **dict(zip(SETUP_ARRAYS, arrays))}
+    start_arrays = (groups * 12 + 15) // 16 * 16
+    end_arrays = start_arrays + len(SETUP_ARRAYS) * 8 * groups
+    arrays = buf[start_arrays:end_arrays].view(torch.int64).reshape(len(SETUP_ARRAYS), groups)
+    out = {"shapes": shapes, **dict(zip(SETUP_ARRAYS, arrays))}
+    if arch == "sm_100a":
+        layouts = buf[end_arrays:].view(torch.int32).reshape(2, groups, LAYOUT_INTS)
+        out.update(layout_SFA=layouts[0], layout_SFB=layouts[1])
+    return out
 
 
 # ----------------------------------------------------------------------------- the op
@@ -131,10 +160,22 @@ def unavailable(device: torch.device) -> str | None:
         return f"it needs CUDA tensors, got {device.type} tensors"
     if not torch.cuda.is_available():
         return "no CUDA GPU here"
-    capability = torch.cuda.get_device_capability(device)
-    if capability != (9, 0):
-        return f"it is built for sm_90a (Hopper) alone; {device} has compute capability {capability[0]}.{capability[1]}"
-    return _ext.no_image(KERNEL, device)
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) not in KERNEL_ARCHS:
+        return (f"its kernels are arch-specific code for sm_90a (Hopper, 9.0) and sm_100a (B200/GB200, 10.0) alone; "
+                f"{device} has compute capability {major}.{minor}"
+                + (" (GeForce/RTX Blackwell would need CUTLASS's sm_120a kernel, which is not built)"
+                   if major == 12 else ""))
+    arch, suffix = KERNEL_ARCHS[major, minor]
+    if arch not in BUILT_ARCHS:
+        return (f"moekernels._C has its kernel for {', '.join(BUILT_ARCHS)} only, not {arch} ({device}'s): reinstall "
+                f"with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+    return _ext.no_image(KERNEL + suffix, device)
+
+
+def binding(name: str, device: torch.device):
+    """moekernels._C's function ``name`` for the CUTLASS kernel of ``device``'s capability (unavailable() passed)."""
+    return getattr(_ext.C, name + KERNEL_ARCHS[torch.cuda.get_device_capability(device)][1])
 
 
 def operand_problem(a, a_scale, b, b_scale, offs, out_dtype) -> str | None:
@@ -178,13 +219,14 @@ def grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale:
     out = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     a_scale = a_scale.contiguous()
     sm_count = torch.cuda.get_device_properties(a.device).multi_processor_count
-    buf = torch.empty(_ext.C.fp8_grouped_cutlass_setup_bytes(groups), dtype=torch.uint8, device=a.device)
-    workspace = torch.empty(max(_ext.C.fp8_grouped_cutlass_workspace_bytes(groups, sm_count), 1), dtype=torch.uint8,
-                            device=a.device)
+    buf = torch.empty(binding("fp8_grouped_cutlass_setup_bytes", a.device)(groups), dtype=torch.uint8,
+                      device=a.device)
+    workspace = torch.empty(max(binding("fp8_grouped_cutlass_workspace_bytes", a.device)(groups, sm_count), 1),
+                            dtype=torch.uint8, device=a.device)
     with _backend.device_guard(a):
-        _ext.C.fp8_grouped_mm_cutlass(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(),
-                                      offs.data_ptr(), out.data_ptr(), groups, m, n, k, buf.data_ptr(),
-                                      workspace.data_ptr(), sm_count, _ext.stream(a))
+        binding(KERNEL, a.device)(a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr(),
+                                  offs.data_ptr(), out.data_ptr(), groups, m, n, k, buf.data_ptr(),
+                                  workspace.data_ptr(), sm_count, _ext.stream(a))
     return out
 
 

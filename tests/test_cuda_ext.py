@@ -22,9 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 BUILD_EXPECTED = shutil.which("nvcc") is not None and os.environ.get("MOEKERNELS_BUILD_CUDA", "auto") != "0"
 CUDA_OPS = {"topk_routing", "permute", "unpermute", "permute_backward", "unpermute_backward", "plan_routing",
             "quantize_fp8_1x128"}  # csrc/ kernels
-# csrc/fp8_grouped_cutlass.cu, built for sm_90a alone where setup.py finds CUTLASS (tests/test_cutlass.py tests it).
+# csrc/fp8_grouped_cutlass.cu (sm_90a alone) and fp8_grouped_cutlass_sm100.cu (sm_100a alone), each built where
+# setup.py finds CUTLASS and the arch list has its arch (tests/test_cutlass.py tests them): binding -> its one arch.
 CUTLASS_BUILT = moekernels.HAS_CUDA_EXT and not _ext.CUTLASS_ERROR
-CUTLASS_KERNELS = {"fp8_grouped_mm_cutlass"} if CUTLASS_BUILT else set()
+CUTLASS_ARCHS = tuple(_ext.C.CUTLASS_ARCHS.split()) if CUTLASS_BUILT else ()
+CUTLASS_KERNELS = {name: arch for name, arch in (("fp8_grouped_mm_cutlass", "sm_90a"),
+                                                 ("fp8_grouped_mm_cutlass_sm100", "sm_100a")) if arch in CUTLASS_ARCHS}
 needs_ext = pytest.mark.skipif(not moekernels.HAS_CUDA_EXT, reason="moekernels._C not built")
 
 
@@ -35,8 +38,8 @@ def test_extension_was_built():
 
 @needs_ext
 def test_extension_exposes_every_kernel():
-    assert set(_ext.C.KERNELS) == CUDA_OPS | CUTLASS_KERNELS
-    for name in CUDA_OPS | CUTLASS_KERNELS:
+    assert set(_ext.C.KERNELS) == CUDA_OPS | set(CUTLASS_KERNELS)
+    for name in CUDA_OPS | set(CUTLASS_KERNELS):
         assert callable(getattr(_ext.C, name))
 
 
@@ -62,8 +65,8 @@ def test_no_local_memory_in_any_kernel():
         # combine 3 dtypes x 2 widths x weighted or not; unpermute_backward 3 dtypes x 2 widths; the
         # plan: count and scatter (one block or many) per id width, scan, pad; quantize 3 dtypes x
         # vector or not x fused with permute or not.
-        # sm_90a: and the CUTLASS GEMM, its set-up and tail-zeroing kernels where it is built.
-        cutlass = 3 if CUTLASS_BUILT and arch == "sm_90a" else 0
+        # sm_90a, sm_100a: and the CUTLASS GEMM, its set-up and tail-zeroing kernels where it is built.
+        cutlass = 3 if arch in CUTLASS_ARCHS else 0
         assert len(kernels) == 7 * 3 + 5 + 3 * 2 * 2 + 3 * 2 + (2 + 1 + 2 * 2 + 1) + 3 * 2 * 2 + cutlass, arch
         spills = [(name, int(stack)) for name, _reg, stack, _shared, local in kernels if stack != "0" or local != "0"]
         if arch in OCCUPANCY_SPILLS:
@@ -95,8 +98,10 @@ def test_built_for_the_requested_archs():
     images = re.findall(r"Fatbin (elf|ptx) code:\n=+\narch = (\w+)", _cuobjdump())
     built = collections.Counter(arch if kind == "elf" else "compute_" + arch.removeprefix("sm_")
                                 for kind, arch in images)
-    # csrc/fp8_grouped_cutlass.cu: one more sm_90a image where it is built.
-    assert built == {arch: len(setup.CU_SOURCES) + (CUTLASS_BUILT and arch == "sm_90a") for arch in requested}
+    # The CUTLASS files: one more image of their arch each (sm_90a, sm_100a) where built.
+    assert built == {arch: len(setup.CU_SOURCES) + (arch in CUTLASS_ARCHS) for arch in requested}
+    if CUTLASS_BUILT and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        assert CUTLASS_ARCHS == ("sm_90a", "sm_100a")
 
 
 @needs_ext
@@ -120,7 +125,7 @@ def test_kernel_image_runs_every_kernel_on_this_gpu():
     sass = [(int(re.sub(r"\D", "", arch)), arch.endswith("a")) for arch in _ext.BUILD_ARCHS if arch.startswith("sm_")]
     expected = max((v for v, specific in sass if v // 10 == major and (v == cap if specific else v <= cap)), default=cap)
     for name in _ext.C.KERNELS:
-        if name in CUTLASS_KERNELS and cap != 90:  # sm_90a alone: no image elsewhere, by design
+        if name in CUTLASS_KERNELS and CUTLASS_KERNELS[name] != f"sm_{cap}a":  # built for its arch alone
             assert _ext.C.kernel_image(name)[0] == "cudaErrorNoKernelImageForDevice"
             continue
         error, binary_version, ptx_version = _ext.C.kernel_image(name)

@@ -1,9 +1,12 @@
-"""The opt-in CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass.cu, moekernels/_cutlass.py), issue 23.
+"""The opt-in CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass*.cu, moekernels/_cutlass.py), issue 23.
 
-Without a GPU: its static contract read from the built .so (sm_90a SASS and resources), the device set-up's CPU
-twin and CUTLASS's scale layouts emulated against our tensors' strides and the reference, and the op's errors.
-With one (``gpu``, benchmarks/device_check.sh): the set-up kernel against its twin, bit for bit, and the op
-against the Triton FP8 path and the reference at DeepSeek-V3's shapes.
+Two kernels: Hopper's (sm_90a, fp8_grouped_cutlass.cu) and datacenter Blackwell's (sm_100a,
+fp8_grouped_cutlass_sm100.cu), chosen by the GPU's capability. Without a GPU: their static contracts read from the
+built .so (each arch's SASS and resources), the device set-up's CPU twin (against the set-up's own code run on the
+host, for sm_100a's scale layouts) and CUTLASS's scale layouts emulated against our tensors' strides and the
+reference, and the op's errors. With one (``gpu``, benchmarks/device_check.sh; an sm_90 or sm_100 GPU): the set-up
+kernel against its twin, bit for bit, and the op against the Triton FP8 path and the reference at DeepSeek-V3's
+shapes.
 """
 
 import os
@@ -22,6 +25,11 @@ from tests.test_cuda_ext import _cuobjdump, load_setup
 
 needs_cutlass = pytest.mark.skipif(bool(_ext.CUTLASS_ERROR),
                                    reason=f"the CUTLASS kernel is not built: {_ext.CUTLASS_ERROR}")
+_WHY = _ext.CUTLASS_ERROR or "not in its arch list"
+needs_sm90a = pytest.mark.skipif("sm_90a" not in _cutlass.BUILT_ARCHS, reason=f"no sm_90a CUTLASS kernel built: {_WHY}")
+needs_sm100a = pytest.mark.skipif("sm_100a" not in _cutlass.BUILT_ARCHS,
+                                  reason=f"no sm_100a CUTLASS kernel built: {_WHY}")
+SUFFIX = {arch: suffix for arch, suffix in _cutlass.KERNEL_ARCHS.values()}  # "sm_100a" -> "_sm100"
 
 
 def operands(counts, n, k, *, col_major=False, device="cpu", seed=0):
@@ -38,18 +46,22 @@ def operands(counts, n, k, *, col_major=False, device="cpu", seed=0):
 # ----------------------------------------------------------------------------- the static contract
 
 
+def _gemm_image(arch):
+    """(name, resources, SASS) of the one CUTLASS GEMM in the .so's image for arch."""
+    usage = _cuobjdump("-res-usage", "-arch", arch)
+    found = re.findall(r"Function (\S*GemmUniversal\S*):\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+[^\n]*)", usage)
+    assert len(found) == 1, f"one CUTLASS GEMM instantiation in the {arch} image (build time: ~45 s of nvcc each)"
+    name, resources = found[0]
+    return name, resources, _cuobjdump("-sass", "-arch", arch, "-fun", name)
+
+
 @pytest.fixture(scope="module")
 def gemm_sass():
-    """(resources, SASS) of the CUTLASS kernel's sm_90a image."""
-    usage = _cuobjdump("-res-usage", "-arch", "sm_90a")
-    found = re.findall(r"Function (\S*GemmUniversal\S*):\s*(REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+[^\n]*)", usage)
-    assert len(found) == 1, "one CUTLASS GEMM instantiation in moekernels._C (build time: ~1 min of nvcc each)"
-    name, resources = found[0]
-    sass = _cuobjdump("-sass", "-arch", "sm_90a", "-fun", name)
-    return name, resources, sass
+    """(name, resources, SASS) of the CUTLASS kernel's sm_90a image."""
+    return _gemm_image("sm_90a")
 
 
-@needs_cutlass
+@needs_sm90a
 def test_contract_is_the_fp8_blockwise_cooperative_kernel(gemm_sass):
     name, _, _ = gemm_sass
     assert "KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise" in name
@@ -65,17 +77,22 @@ def main_loop(ops):
     """The (start, end) addresses of the innermost loop (a branch back to an earlier address) that issues QGMMA.
     The others: the persistent loop over tiles around it, and the barrier waits' retry paths past the kernel's
     end that branch back into it."""
+    return _loop_with(ops, "QGMMA")
+
+
+def _loop_with(ops, pattern):
+    """The innermost loop (start, end) whose body has an instruction matching pattern."""
     loops = []
     for addr, text in ops:
         m = re.search(r"\bBRA(?:\.\w+)?\s+(?:\S+,\s*)?0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             start = int(m.group(1), 16)
-            if any(start <= a <= addr and "QGMMA" in t for a, t in ops):
+            if any(start <= a <= addr and re.search(pattern, t) for a, t in ops):
                 loops.append((start, addr))
     return min(loops, key=lambda loop: loop[1] - loop[0])
 
 
-@needs_cutlass
+@needs_sm90a
 def test_contract_instructions(gemm_sass):
     """QGMMA e4m3 (Hopper's fp8 wgmma) in the main loop, TMA loads (A multicast to the cluster), setmaxnreg
     (warp specialization: the producer warpgroup gives registers to the two consumers), the TMA store of D."""
@@ -99,7 +116,7 @@ def test_contract_instructions(gemm_sass):
     assert re.search(r"\bUTMASTG\.2D\b", sass)  # the epilogue's TMA store of D
 
 
-@needs_cutlass
+@needs_sm90a
 def test_contract_registers_no_spills(gemm_sass):
     """ptxas -v at build: 168 registers, 0 bytes stack frame, 0 bytes spill stores/loads, 2 barriers. The
     issue's ping-pong 128x128x128 trial spilled 704 bytes (each warpgroup held the whole 128x128 accumulator and
@@ -112,10 +129,84 @@ def test_contract_registers_no_spills(gemm_sass):
     assert set(re.findall(r"\bBAR\.\w+(?:\.\w+)* (0x[0-9a-f]+)", sass)) == {"0x0", "0x1"}  # ptxas: 2 barriers
 
 
+# ----------------------------------------------------------------------------- sm_100a's static contract
+
+
+@pytest.fixture(scope="module")
+def sm100_sass():
+    """(name, resources, SASS) of the CUTLASS kernel's sm_100a image (triton 3.6's cuobjdump, CUDA 12.8, reads it)."""
+    return _gemm_image("sm_100a")
+
+
+def _body(ops, loop):
+    return [t for a, t in ops if loop[0] <= a <= loop[1]]
+
+
+@needs_sm100a
+def test_sm100_contract_is_example_81s_2sm_kernel(sm100_sass):
+    """Example 81's grouped blockwise kernel on 2 SMs: the mainloop with 8 smem stages, 1 scheduler stage and 4 TMEM
+    accumulator stages, tcgen05's f8f6f4 MMA across a 2x1 cluster, its TMA loads, and the ptr-array epilogue."""
+    name, _, _ = sm100_sass
+    assert "MainloopSm100ArrayTmaUmmaWarpSpecializedBlockwiseScalingILi8ELi1ELi4E" in name
+    assert "SM100_MMA_F8F6F4_2x1SM_SS" in name and "SM100_TMA_2SM_LOAD" in name
+    assert "Sm100PtrArrayTmaWarpSpecialized" in name and "SM100_TMEM_LOAD_32dp32b32x" in name
+
+
+@needs_sm100a
+def test_sm100_contract_instructions(sm100_sass):
+    """The warps' loops, each its own (warp specialization, no setmaxnreg-starved warp doing two jobs):
+    - MMA warp: 4 UTCQMMA.2CTA (tcgen05.mma kind::f8f6f4 over the pair's 256x128, K 32 each: a 128-deep K tile)
+      and 2 UTCBAR.2CTA.MULTICAST (the commits that free the smem stage and hand the partial to the epilogue);
+    - TMA warp: UTMALDG.2D.2CTA of A and B (a copy of the loop for a group's first tile, 2 in each);
+    - scale warp: LDGSTS (cp.async) of the K tile's scales, 4 for A's 128 rows (32 lanes x 4 B) and 1 for B's;
+    - epilogue warps: 4 LDTM.x32 (the partial's 128 fp32 of a thread's row from TMEM) then 1 FMUL (sfa * sfb) and
+      128 FFMA (acc += partial * scale) a K tile, no local memory; setmaxnreg gives them 256 registers (0x100),
+      the other warps keep 48 (0x30); the tile leaves by 4 UTMASTG.2D."""
+    _, _, sass = sm100_sass
+    ops = _ops(sass)
+    assert len([t for _, t in ops if re.search(r"\bUTCQMMA\b", t)]) == 4  # the main loop's alone: nothing peeled
+    mma = _body(ops, _loop_with(ops, r"\bUTCQMMA\b"))
+    assert [re.match(r"\S+", t).group() for t in mma if "UTCQMMA" in t or "UTCBAR" in t] == \
+        ["UTCQMMA.2CTA"] * 4 + ["UTCBAR.2CTA.MULTICAST"] * 2
+    tma = _body(ops, _loop_with(ops, r"\bUTMALDG\b"))
+    assert [t.split()[0] for t in tma if "UTMALDG" in t] == ["UTMALDG.2D.2CTA"] * 2
+    assert len(re.findall(r"\bUTMALDG\.2D\.2CTA\b", sass)) == 4
+    scales = _body(ops, _loop_with(ops, r"\bLDGSTS\b"))
+    assert sum(bool(re.match(r"(@!?P\d )?LDGSTS\.E\b", t)) for t in scales) == 5
+    assert sum(t.startswith("ARRIVES.LDGSTSBAR") for t in scales) == 1  # the cp.asyncs' arrival on the stage's barrier
+    promote = _body(ops, _loop_with(ops, r"\bLDTM\b"))
+    assert sum(bool(re.match(r"LDTM\.x32\b", t)) for t in promote) == 4
+    assert sum(bool(re.match(r"(@!?P\d )?FFMA\b", t)) for t in promote) == 128
+    assert sum(bool(re.match(r"(@!?P\d )?FMUL\b", t)) for t in promote) == 1
+    assert not any(re.search(r"\b(LDL|STL)\b", t) for t in promote + mma + tma + scales)
+    assert sorted(set(re.findall(r"\bUSETMAXREG\.(\S+) (?:UP0, )?(0x[0-9a-f]+)", sass))) == [
+        ("DEALLOC.CTAPOOL", "0x30"), ("TRY_ALLOC.CTAPOOL", "0x100")]
+    assert len(re.findall(r"\bUTMASTG\.2D\b", sass)) == 4
+
+
+@needs_sm100a
+def test_sm100_contract_registers_no_spills(sm100_sass):
+    """ptxas -v at build: 168 registers (65536 / 384 threads: 12 warps, rounded down to 8), 0 bytes stack, no
+    spill stores or loads anywhere in the kernel (the 1-SM schedule measured the same), named barriers 0, 1 and 6
+    (ptxas: 7 barriers, the highest id + 1)."""
+    _, resources, sass = sm100_sass
+    fields = dict(re.findall(r"(\w+):(\d+)", resources))
+    assert int(fields["REG"]) == 168, resources
+    assert fields["STACK"] == "0" and fields["LOCAL"] == "0", resources
+    assert not re.search(r"\b(LDL|STL)\b", sass), "local memory (spills) in the sm_100a CUTLASS kernel"
+    assert set(re.findall(r"\bBAR\.\w+(?:\.\w+)* (0x[0-9a-f]+)", sass)) == {"0x0", "0x1", "0x6"}
+
+
 @needs_cutlass
-def test_only_sm90a_has_the_cutlass_kernel():
-    for arch in (a for a in _ext.BUILD_ARCHS if a.startswith("sm_") and a != "sm_90a"):
-        assert "GemmUniversal" not in _cuobjdump("-res-usage", "-arch", arch), arch
+def test_each_cutlass_kernel_is_in_its_arch_image_alone():
+    """Hopper's kernel in the sm_90a image, Blackwell's in the sm_100a image, neither anywhere else."""
+    for arch in (a for a in _ext.BUILD_ARCHS if a.startswith("sm_")):
+        names = re.findall(r"Function (\S*GemmUniversal\S*):", _cuobjdump("-res-usage", "-arch", arch))
+        hopper = [n for n in names if "KernelPtrArrayTmaWarpSpecializedCooperativeFP8Blockwise" in n]
+        blackwell = [n for n in names if "MainloopSm100ArrayTmaUmmaWarpSpecializedBlockwiseScaling" in n]
+        assert len(names) == len(hopper) + len(blackwell), arch
+        assert (len(hopper), len(blackwell)) == ((arch == "sm_90a") * (arch in _cutlass.BUILT_ARCHS),
+                                                 (arch == "sm_100a") * (arch in _cutlass.BUILT_ARCHS)), arch
 
 
 # ----------------------------------------------------------------------------- CUTLASS's scale layouts
@@ -127,14 +218,16 @@ def test_cute_offset_splits_coordinates_colexicographically():
     assert _cutlass.cute_offset(((2, 3), 4), ((1, 8), 2), (4, 3)) == 22
 
 
-@needs_cutlass
+@pytest.mark.parametrize("arch", [pytest.param("sm_90a", marks=needs_sm90a),
+                                  pytest.param("sm_100a", marks=needs_sm100a)])
 @pytest.mark.parametrize("mnk", [(200, 256, 384), (1, 128, 128), (129, 384, 7168), (0, 128, 256)], ids=str)
-def test_scale_layout_is_the_built_kernels(mnk):
-    """The emulation and our tensors' layouts against the ScaleConfig the kernel was built with (host code)."""
+def test_scale_layout_is_the_built_kernels(mnk, arch):
+    """The emulation and our tensors' layouts against the ScaleConfig each kernel was built with (host code):
+    Sm90BlockwiseScaleConfig and Sm100BlockwiseScaleConfig, both <1, 128, 128, K, K>."""
     m, n, k = mnk
     sfa = torch.full((m, k // 128), -1, dtype=torch.int64)
     sfb = torch.full((n // 128, k // 128), -1, dtype=torch.int64)
-    _ext.C.fp8_grouped_cutlass_scale_offsets(m, n, k, sfa.data_ptr(), sfb.data_ptr())
+    getattr(_ext.C, "fp8_grouped_cutlass_scale_offsets" + SUFFIX[arch])(m, n, k, sfa.data_ptr(), sfb.data_ptr())
     assert torch.equal(_cutlass.scale_offsets(m, k, 1, 128, _cutlass.SFA_MAJOR), sfa)
     assert torch.equal(_cutlass.scale_offsets(n, k, 128, 128, _cutlass.SFB_MAJOR), sfb)
     # quantize_fp8's row-major scales and prepare_weight's [E, K/128, N/128] (its storage's transposed view), by
@@ -248,7 +341,7 @@ def test_setup_twin_against_the_reference(counts):
     assert rel_err(got, want) < 1e-4  # a bfloat16 ulp here and there (float32 sums in another order)
 
 
-@needs_cutlass
+@needs_sm90a
 def test_setup_buffer_and_workspace_sizes_are_the_builds():
     """Host code, no GPU: the twin's buffer layout has the built kernel's size; CUTLASS's can_implement accepts the
     arguments the op makes (workspace_bytes runs it, and raises where it fails); its workspace is its TMA
@@ -257,6 +350,48 @@ def test_setup_buffer_and_workspace_sizes_are_the_builds():
         assert _ext.C.fp8_grouped_cutlass_setup_bytes(groups) == _cutlass.setup_bytes(groups)
     assert _ext.C.fp8_grouped_cutlass_workspace_bytes(32, 132) == _ext.C.fp8_grouped_cutlass_workspace_bytes(8, 132)
     assert _ext.C.fp8_grouped_cutlass_workspace_bytes(32, 132) == 4 * 128 * 132
+
+
+@needs_sm100a
+@pytest.mark.parametrize("counts", [[3, 0, 130, 1], [0, 0, 5], [0]], ids=str)
+def test_sm100_setup_twin_is_the_setup_code(counts):
+    """sm_100a's set-up (csrc/fp8_grouped_cutlass_setup.cuh's write_entry, the code its kernel runs) executed on the
+    host, byte for byte against the twin: shapes, pointers, strides, and each expert's SFA and SFB layouts as
+    CUTLASS's own tile_atom_to_shape_SFA/SFB build them (so the twin's field order is the compiled Layout's)."""
+    n, k = 384, 7168
+    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    groups = len(counts)
+    buf = torch.full((_ext.C.fp8_grouped_cutlass_setup_bytes_sm100(groups),), 0xAB, dtype=torch.uint8)
+    assert buf.numel() == _cutlass.setup_bytes(groups, "sm_100a")
+    _ext.C.fp8_grouped_cutlass_setup_host_sm100(offs.data_ptr(), groups, n, k, *BASES.values(), buf.data_ptr())
+    want = _cutlass.setup_twin(offs, n, k, **BASES, arch="sm_100a")
+    want[groups * 12:(groups * 12 + 15) // 16 * 16] = 0xAB  # the shapes' padding to 16 bytes, written by neither
+    assert torch.equal(buf, want)  # every other byte written, and as the twin writes it
+    fields = _cutlass.read_setup(buf, groups, "sm_100a")
+    rows = torch.tensor(counts, dtype=torch.int32)
+    assert torch.equal(fields["layout_SFA"][:, 0], rows) and torch.equal(fields["layout_SFA"][:, 4], rows * 56)
+    assert fields["layout_SFB"].tolist() == [[3, 56, 1, 56, 168]] * groups
+    # The layouts as the kernel reads them (K-major: ((vec, blocks), (128, K/128), L):((0, stride), (0, 1), L's)):
+    # the same index map as the emulation's, which test_scale_layout_is_the_built_kernels ties to our strides.
+    for e, rows_e in enumerate(counts):
+        for name, vec, count in (("layout_SFA", 1, rows_e), ("layout_SFB", 128, n)):
+            blocks, kb, one, stride, l_stride = fields[name][e].tolist()
+            layout = (((vec, blocks), (128, kb), one), ((0, stride), (0, 1), l_stride))
+            offsets = [[_cutlass.cute_offset(*layout, (r * vec, c * 128, 0)) for c in range(kb)] for r in range(blocks)]
+            assert offsets == _cutlass.scale_offsets(count, k, vec, 128, "K").tolist()
+    # and the set-up's first part is the Hopper kernel's (one Setup template in C++, one twin here)
+    hopper = _cutlass.setup_twin(offs, n, k, **BASES)
+    assert torch.equal(_cutlass.setup_twin(offs, n, k, **BASES, arch="sm_100a")[:hopper.numel()], hopper)
+
+
+@needs_sm100a
+def test_sm100_setup_buffer_and_workspace_sizes():
+    """Host code, no GPU: CUTLASS's can_implement accepts the sm_100a kernel's arguments (workspace_bytes runs it);
+    its workspace is its TMA descriptors, 128 B each, a set an SM (B200: 148): A and B for the mainloop, D for the
+    epilogue (one epilogue warpgroup here, Hopper's kernel has two), whatever the number of experts."""
+    for groups in (1, 3, 32, 257):
+        assert _ext.C.fp8_grouped_cutlass_setup_bytes_sm100(groups) == _cutlass.setup_bytes(groups, "sm_100a")
+        assert _ext.C.fp8_grouped_cutlass_workspace_bytes_sm100(groups, 148) == 3 * 128 * 148
 
 
 def test_setup_twin_fields():
@@ -288,6 +423,26 @@ def test_cutlass_backend_says_why_it_cannot_run():
         moekernels.grouped_mm(a.float(), b.float(), offs, backend="cutlass")
 
 
+@needs_cutlass
+def test_dispatch_by_capability_names_why(monkeypatch):
+    """sm_90 -> the Hopper kernel, sm_100 -> the Blackwell one (their arch-specific code runs on that capability
+    alone); any other GPU is refused naming its capability, and a kernel missing from the build names the list.
+    The GPU is faked: these reasons come before any CUDA call."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    for capability, words in [((8, 0), "8.0"), ((10, 3), "10.3"), ((12, 0), "sm_120a"), ((9, 0), "including 9.0")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        monkeypatch.setattr(_cutlass, "BUILT_ARCHS", ("sm_100a",))  # 9.0's kernel "not built" for the last case
+        reason = _cutlass.unavailable(cuda)
+        assert words in reason, reason
+        if capability != (9, 0):
+            assert "sm_90a (Hopper, 9.0) and sm_100a (B200/GB200, 10.0)" in reason
+    for capability, name in [((10, 0), "fp8_grouped_mm_cutlass_sm100"), ((9, 0), "fp8_grouped_mm_cutlass")]:
+        if hasattr(_ext.C, name):  # built
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+            assert _cutlass.binding(_cutlass.KERNEL, cuda) is getattr(_ext.C, name)
+
+
 def test_operand_problems_name_the_argument():
     a, sa, b, sb, offs = operands([3, 5], 256, 384)
     ok = _cutlass.operand_problem
@@ -300,32 +455,41 @@ def test_operand_problems_name_the_argument():
     assert "multiples of 128" in ok(a2, sa2, b2, sb2, offs2, torch.bfloat16)
 
 
-# ----------------------------------------------------------------------------- on a Hopper GPU
+# ----------------------------------------------------------------------------- on an sm_90 or sm_100 GPU
 
 
-needs_hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-                                  reason="needs an sm_90 GPU")
+def _gpu_arch():
+    """The CUTLASS kernel's arch for this machine's GPU where the build holds it, else None."""
+    if not torch.cuda.is_available():
+        return None
+    arch, _ = _cutlass.KERNEL_ARCHS.get(torch.cuda.get_device_capability(), (None, None))
+    return arch if arch in _cutlass.BUILT_ARCHS else None
+
+
+GPU_ARCH = _gpu_arch()
+# sm_90 runs the Hopper kernel, sm_100 (B200/GB200) the Blackwell one: the same tests, the kernel the op picks.
+needs_cutlass_gpu = pytest.mark.skipif(GPU_ARCH is None, reason="needs an sm_90 or sm_100 GPU and its kernel built")
 
 
 @pytest.mark.gpu
-@needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 def test_setup_kernel_matches_its_twin():
     counts = [3, 0, 130, 1, 0]
     a, sa, b, sb, offs = operands(counts, 256, 384, device="cuda")
     out = torch.empty(a.shape[0], 256, dtype=torch.bfloat16, device="cuda")
-    buf = torch.zeros(_cutlass.setup_bytes(len(counts)), dtype=torch.uint8, device="cuda")
-    assert _ext.C.fp8_grouped_cutlass_setup_bytes(len(counts)) == buf.numel()
-    _ext.C.fp8_grouped_cutlass_setup(offs.data_ptr(), len(counts), 256, 384, a.data_ptr(), b.data_ptr(),
-                                     out.data_ptr(), sa.data_ptr(), sb.data_ptr(), buf.data_ptr(), _ext.stream(a))
+    suffix = SUFFIX[GPU_ARCH]
+    buf = torch.zeros(_cutlass.setup_bytes(len(counts), GPU_ARCH), dtype=torch.uint8, device="cuda")
+    assert getattr(_ext.C, "fp8_grouped_cutlass_setup_bytes" + suffix)(len(counts)) == buf.numel()
+    getattr(_ext.C, "fp8_grouped_cutlass_setup" + suffix)(
+        offs.data_ptr(), len(counts), 256, 384, a.data_ptr(), b.data_ptr(), out.data_ptr(), sa.data_ptr(),
+        sb.data_ptr(), buf.data_ptr(), _ext.stream(a))
     want = _cutlass.setup_twin(offs, 256, 384, a.data_ptr(), b.data_ptr(), out.data_ptr(), sa.data_ptr(),
-                               sb.data_ptr())
+                               sb.data_ptr(), arch=GPU_ARCH)
     assert torch.equal(buf.cpu(), want)
 
 
 @pytest.mark.gpu
-@needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 @pytest.mark.parametrize("col_major", [False, True], ids=["row_major", "col_major"])
 def test_parity_deepseek_v3_shapes(col_major):
     """E 32 local experts, N 4096, K 7168; uneven rows with empty experts and M % 128 != 0 (no padding)."""
@@ -334,6 +498,7 @@ def test_parity_deepseek_v3_shapes(col_major):
     counts[[3, 17]] = 0
     counts[5], counts[6] = 1, 129
     a, sa, b, sb, offs = operands(counts.tolist(), 4096, 7168, col_major=col_major, device="cuda")
+    assert _cutlass.binding(_cutlass.KERNEL, a.device).__name__ == _cutlass.KERNEL + SUFFIX[GPU_ARCH]
     got = fp8_grouped_mm(a, sa, b, sb, offs, backend="cutlass")
     triton = fp8_grouped_mm(a, sa, b, sb, offs, backend="triton")
     want = fp8_grouped_mm(a, sa, b, sb, offs, backend="torch")
@@ -349,8 +514,7 @@ def test_parity_deepseek_v3_shapes(col_major):
 
 
 @pytest.mark.gpu
-@needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 def test_fp8_mm_is_one_group():
     a, sa, b, sb, _ = operands([1000], 4096, 7168, device="cuda")
     got = moekernels.fp8_mm(a, sa, b[0], sb[0], backend="cutlass")
@@ -358,8 +522,7 @@ def test_fp8_mm_is_one_group():
 
 
 @pytest.mark.gpu
-@needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 def test_cuda_graph_capture():
     """No host sync: the op captures in a CUDA graph and replays with new offs."""
     a, sa, b, sb, offs = operands([100, 0, 300], 256, 384, device="cuda")
@@ -388,6 +551,28 @@ def test_setup_finds_cutlass_or_says_why(monkeypatch, tmp_path):
     monkeypatch.setitem(__import__("sys").modules, "cutlass_library", None)  # not installed
     includes, error = setup.find_cutlass()
     assert includes is None and "nvidia-cutlass==4.2.0.0" in error
+
+
+@pytest.mark.parametrize("arch_list, built", [("9.0", ["sm_90a"]), ("10.0", ["sm_100a"]), ("8.0;9.0;10.0;12.0+PTX",
+                                                ["sm_90a", "sm_100a"]), ("8.0;12.0", [])], ids=str)
+def test_setup_builds_each_cutlass_file_for_its_arch(monkeypatch, arch_list, built):
+    """setup.py (no compile): each CUTLASS file where the list has its arch, for that arch alone, and the macros
+    that bind it; with neither 9.0 nor 10.0, none, and the reason."""
+    monkeypatch.delenv("MOEKERNELS_BUILD_CUDA", raising=False)  # read as setup.py loads
+    monkeypatch.delenv("CUTLASS_PATH", raising=False)
+    setup = load_setup()
+    if setup.find_cuda_home() is None or setup.find_cutlass()[0] is None:
+        pytest.skip("needs nvcc and CUTLASS's headers")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+    [ext] = setup.extensions()
+    assert [real for _, real in ext.cutlass_archs] == built
+    macros = dict(ext.define_macros)
+    assert macros["MOEKERNELS_CUTLASS_ARCHS"] == f'"{" ".join(built)}"'
+    assert ("MOEKERNELS_WITH_CUTLASS_SM90" in macros, "MOEKERNELS_WITH_CUTLASS_SM100" in macros) == (
+        "sm_90a" in built, "sm_100a" in built)
+    assert (macros["MOEKERNELS_CUTLASS_ERROR"] == '""') == bool(built)
+    if not built:
+        assert "neither 9.0 nor 10.0" in macros["MOEKERNELS_CUTLASS_ERROR"]
 
 
 def test_build_requires_the_pinned_wheel():
