@@ -229,7 +229,7 @@ def scaled_grouped(inp: Fp8Inputs):
 
 
 def cutlass_usable(device: str) -> bool:
-    """fp8_grouped_mm(backend="cutlass") can run here: built, and an sm_90 GPU."""
+    """fp8_grouped_mm(backend="cutlass") can run here: built, and an sm_90 or sm_100 GPU."""
     from moekernels import _cutlass
 
     return device == "cuda" and _cutlass.unavailable(torch.device("cuda")) is None

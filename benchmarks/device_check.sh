@@ -117,7 +117,7 @@ done
 python3 -m pip install --no-build-isolation --no-deps -e . && python3 -c "
 import sys, moekernels._ext as e
 print(\"moekernels._C:\", \"built for \" + \" \".join(e.BUILD_ARCHS) if e.HAS_CUDA_EXT else \"NOT loaded: \" + str(e.LOAD_ERROR))
-print(\"cutlass:\", e.CUTLASS_ERROR or \"fp8_grouped_mm(backend=cutlass) built (sm_90a)\")
+print(\"cutlass:\", e.CUTLASS_ERROR or \"fp8_grouped_mm(backend=cutlass) built for \" + \" \".join(e.C.CUTLASS_ARCHS.split()))
 sys.exit(not e.HAS_CUDA_EXT)"'
     SUMMARY+=("extension: $(grep -a '^moekernels._C:' "$OUT_DIR/build.log" | tail -n 1)")
     echo "${SUMMARY[-1]}"

@@ -1,7 +1,8 @@
 """Loads the optional compiled extension ``moekernels._C`` (see csrc/).
 
 Importing moekernels never needs it, nor a GPU: ``HAS_CUDA_EXT`` says whether it loaded, and
-``LOAD_ERROR`` why not; ``CUTLASS_ERROR`` why its CUTLASS kernel is not built in ("" where it is). ``BUILD_ARCHS`` lists the architectures it was built for, and
+``LOAD_ERROR`` why not; ``CUTLASS_ERROR`` why its CUTLASS kernels are not built in ("" where they are).
+``BUILD_ARCHS`` lists the architectures it was built for, and
 ``no_image(kernel, device)`` says why a kernel cannot run on a GPU (None where it can).
 """
 
@@ -28,8 +29,9 @@ if C is not None and not hasattr(C, "kernel_image"):  # an in-place .so left by 
 # nvcc's code= names (setup.py's TORCH_CUDA_ARCH_LIST): sm_XY is SASS, compute_XY PTX for later GPUs.
 BUILD_ARCHS: tuple[str, ...] = tuple(C.ARCHS.split()) if C is not None else ()
 
-# Why the CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass.cu, fp8_grouped_mm's backend="cutlass") is not in
-# the build, "" where it is: setup.py builds it for sm_90a where it finds CUTLASS's headers.
+# Why the CUTLASS FP8 grouped GEMM (csrc/fp8_grouped_cutlass*.cu, fp8_grouped_mm's backend="cutlass") is not in
+# the build, "" where it is: setup.py builds it for sm_90a and sm_100a where the arch list has them and it finds
+# CUTLASS's headers.
 if C is None:
     CUTLASS_ERROR = f"moekernels._C is not built ({LOAD_ERROR})"
 else:

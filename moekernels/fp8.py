@@ -366,10 +366,11 @@ def fp8_grouped_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
             ((128, 128), or the transposed (128, 128) scales of the storage).
         offs: [E] int32 cumulative segment ends, as in :func:`moekernels.grouped_mm`.
         out_dtype: bfloat16 (default), float16 or float32.
-        backend: ``"torch"``, ``"triton"``, ``"cuda"``, None (automatic), or ``"cutlass"``: CUTLASS's Hopper
-            block-scaled grouped kernel (csrc/fp8_grouped_cutlass.cu; sm_90 GPUs, (1, 128) x (128, 128)
-            scales, bfloat16 out, K and N multiples of 128). Opt-in only, until a GPU validates it: the
-            automatic choice and MOEKERNELS_BACKEND never take it; it raises naming why where it cannot run.
+        backend: ``"torch"``, ``"triton"``, ``"cuda"``, None (automatic), or ``"cutlass"``: CUTLASS's
+            block-scaled grouped kernels (csrc/fp8_grouped_cutlass*.cu: sm_90 and sm_100 GPUs, chosen by
+            capability; (1, 128) x (128, 128) scales, bfloat16 out, K and N multiples of 128). Opt-in only,
+            until a GPU validates it: the automatic choice and MOEKERNELS_BACKEND never take it; it raises
+            naming why where it cannot run.
 
     Scaling pairs: tensor x tensor, row x col, and (1, 128) x (128, 128) (K % 128 == 0), where
     every 128-wide K step's partial product is promoted to float32 with its scales. No padding

@@ -747,7 +747,7 @@ def test_training_paths_say_why_cutlass_cannot_run(monkeypatch):
 
 @pytest.mark.gpu
 @needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 @pytest.mark.parametrize("kmajor", [True, False], ids=["w_kmajor", "w_nmajor"])
 def test_grouped_mm_fp8_cutlass_on_the_gpu(kmajor):
     """The kernel's fprop and dgrad against the Triton fp8 path (E 8, K 1024, N 2048, uneven rows with an empty
@@ -764,7 +764,7 @@ def test_grouped_mm_fp8_cutlass_on_the_gpu(kmajor):
 
 @pytest.mark.gpu
 @needs_cutlass
-@needs_hopper
+@needs_cutlass_gpu
 @pytest.mark.parametrize("pair", [False, True], ids=["w_gate_up", "w_gate_w_up"])
 def test_fused_moe_fp8_cutlass_on_the_gpu(pair):
     """fused_moe(precision="fp8") with both GEMMs and their dgrads on the kernel against the Triton path: within

@@ -453,7 +453,8 @@ def _ep_fp8_recipe(rank, world):
 
 
 def _ep_all(rank, world):
-    for case in (_ep_exact, _ep_capacity, _ep_fp8, _ep_fp8_recipe):  # one launch of the ranks (their imports take most of it)
+    # One launch of the ranks for every case: their imports take most of it.
+    for case in (_ep_exact, _ep_capacity, _ep_fp8, _ep_fp8_recipe):
         case(rank, world)
 
 
