@@ -84,11 +84,16 @@ def scale_offsets(rows: int, cols: int, vec_rows: int, vec_cols: int, major: str
 # ----------------------------------------------------------------------------- the device set-up's twin
 
 
+def _arrays_start(groups: int) -> int:
+    """Where the set-up buffer's 8-byte arrays start: after E (M, N, K) int32 triples, padded to 16 bytes."""
+    return (groups * 12 + 15) // 16 * 16
+
+
 def setup_bytes(groups: int, arch: str = "sm_90a") -> int:
     """The set-up buffer's size: E (M, N, K) int32 triples padded to 16 bytes, then 8 arrays of E 8-byte entries;
     on sm_100a then E SFA and E SFB layouts."""
     layouts = 2 * LAYOUT_INTS * 4 * groups if arch == "sm_100a" else 0
-    return (groups * 12 + 15) // 16 * 16 + len(SETUP_ARRAYS) * 8 * groups + layouts
+    return _arrays_start(groups) + len(SETUP_ARRAYS) * 8 * groups + layouts
 
 
 def setup_twin(offs: torch.Tensor, n: int, k: int, a: int, b: int, d: int, sfa: int, sfb: int,
@@ -121,7 +126,7 @@ def setup_twin(offs: torch.Tensor, n: int, k: int, a: int, b: int, d: int, sfa: 
     out = torch.zeros(setup_bytes(groups, arch), dtype=torch.uint8)
     head = shapes.reshape(-1).view(torch.uint8)
     out[:head.numel()] = head
-    start_arrays = (groups * 12 + 15) // 16 * 16
+    start_arrays = _arrays_start(groups)
     end_arrays = start_arrays + arrays.numel() * 8
     out[start_arrays:end_arrays] = arrays.reshape(-1).view(torch.uint8)
     if arch == "sm_100a":  # Sm1xxBlockwiseScaleConfig<1, 128, 128, K, K>::tile_atom_to_shape_SFA/SFB's fields
@@ -137,7 +142,7 @@ def read_setup(buf: torch.Tensor, groups: int, arch: str = "sm_90a") -> dict[str
     "layout_SFA" and "layout_SFB" [E, LAYOUT_INTS] int32."""
     buf = buf.cpu()
     shapes = buf[:groups * 12].view(torch.int32).reshape(groups, 3)
-    start_arrays = (groups * 12 + 15) // 16 * 16
+    start_arrays = _arrays_start(groups)
     end_arrays = start_arrays + len(SETUP_ARRAYS) * 8 * groups
     arrays = buf[start_arrays:end_arrays].view(torch.int64).reshape(len(SETUP_ARRAYS), groups)
     out = {"shapes": shapes, **dict(zip(SETUP_ARRAYS, arrays))}

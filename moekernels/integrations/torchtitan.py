@@ -168,7 +168,6 @@ class MoekernelsTokenDispatcher(titan_dispatch.AllToAllTokenDispatcher):
 # The dispatchers whose local path (no EP mesh) is torchtitan's LocalTokenDispatcher with the scores applied after
 # the experts: where fused_moe computes the same thing.
 _LOCAL_DISPATCHERS = (titan_dispatch.LocalTokenDispatcher, titan_dispatch.AllToAllTokenDispatcher, MoekernelsTokenDispatcher)
-_PLAIN_EXPERTS = (titan_moe.GroupedExperts, MoekernelsGroupedExperts)
 
 
 class MoekernelsRoutedExperts(titan_moe.RoutedExperts):
@@ -186,29 +185,26 @@ class MoekernelsRoutedExperts(titan_moe.RoutedExperts):
 
     def fusable(self) -> bool:
         """Whether fused_moe computes what torchtitan's path does here: no EP mesh, a local dispatcher that scores
-        after the experts, and SwiGLU experts with w1, w2, w3 and nothing else (not gpt-oss's)."""
+        after the experts, and moekernels' SwiGLU experts (which routed_experts makes of torchtitan's own; not
+        gpt-oss's or fused-w13 ones, which it leaves as they are)."""
         dispatcher = self.token_dispatcher
         return (self.fused and type(dispatcher) in _LOCAL_DISPATCHERS
                 and getattr(dispatcher, "ep_mesh", None) is None
                 and not getattr(dispatcher, "score_before_experts", False)
-                and type(self.inner_experts) in _PLAIN_EXPERTS)
+                and type(self.inner_experts) is MoekernelsGroupedExperts)
 
     def forward(self, x_BLD, topk_scores_BLK, topk_expert_ids_BLK, num_local_tokens_per_expert_E):
         if not self.fusable():
             return super().forward(x_BLD, topk_scores_BLK, topk_expert_ids_BLK, num_local_tokens_per_expert_E)
         experts = self.inner_experts
-        if isinstance(experts, MoekernelsGroupedExperts):
-            w1, w2, w3 = experts.local_weights()
-            precision, dtype, backend = experts.precision, experts.compute_dtype, experts.backend
-        else:  # torchtitan's own experts: its bfloat16 casts
-            w1, w2, w3 = (_local(w).bfloat16() for w in (experts.w1_EFD, experts.w2_EDF, experts.w3_EFD))
-            precision, dtype, backend = None, torch.bfloat16, None
+        w1, w2, w3 = experts.local_weights()
         batch, _, dim = x_BLD.shape
         top_k = topk_scores_BLK.shape[-1]
         x_TD = x_BLD.reshape(-1, dim)
         with maybe_set_sparse_mesh():
-            y_TD = fused_moe(x_TD.to(dtype), (w1, w3), w2, topk_scores_BLK.reshape(-1, top_k),
-                             topk_expert_ids_BLK.reshape(-1, top_k), precision=precision, backend=backend)
+            y_TD = fused_moe(x_TD.to(experts.compute_dtype), (w1, w3), w2, topk_scores_BLK.reshape(-1, top_k),
+                             topk_expert_ids_BLK.reshape(-1, top_k), precision=experts.precision,
+                             backend=experts.backend)
         return y_TD.type_as(x_TD).view(batch, -1, dim)
 
 
